@@ -1,0 +1,665 @@
+"""Kimi-K2 (the DeepSeek-V3 architecture) in one file of plain PyTorch.
+
+What is here, in forward order:
+  Config            Hugging Face config.json field names; presets kimi-k2, deepseek-v3, tiny, small
+  RMSNorm           root-mean-square norm
+  RotaryEmbedding   RoPE with YaRN frequency scaling (SPEC 2; YaRN paper arXiv 2309.00071)
+  MLA               multi-head latent attention: low-rank q and kv, a decoupled rope key shared by
+                    all heads, per-head exact max-logit tracking and qk_clip_ for MuonClip (K2 report
+                    sec. 2.1 / SPEC 5), naive form for training and weight-absorbed form with a
+                    latent KV cache for generation
+  MLP               SwiGLU feed-forward (dense layers and the shared expert)
+  Gate              DeepSeek-V3 router: sigmoid scores, bias-corrected (auxiliary-loss-free) top-k,
+                    group-limited routing, unbiased normalised weights * routed_scaling_factor,
+                    expert-load counting (SPEC 3)
+  Experts           routed experts as stacked (E, ., .) weights, run once per expert on its tokens
+  MoE               gate + routed experts + shared expert
+  Block, Transformer, KimiK2   the decoder stack and the causal-LM head
+  count_params, flops_per_token, kv_cache_bytes_per_token   size arithmetic (SPEC 1)
+  save_pretrained / from_pretrained   the Hugging Face hub layout (SPEC 7)
+
+Papers: Kimi K2 technical report (arXiv 2507.20534), DeepSeek-V3 (arXiv 2412.19437),
+DeepSeek-V2 (MLA, arXiv 2405.04434). Facts used are collected in SPEC.md.
+
+Run:  python kimik2.py                      Kimi-K2 vs DeepSeek-V3 size table
+      python kimik2.py --preset tiny --json one preset (or --config path/to/config.json)
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Shape legend used in comments: B batch, T query tokens, S key tokens, H heads, D hidden size,
+# N tokens (B*T), E routed experts, K experts per token, G expert groups, I expert width,
+# C kv_lora_rank (latent), Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim.
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class Config:
+    # trunk
+    vocab_size: int = 163840                 # tokens in the vocabulary
+    hidden_size: int = 7168                  # residual stream width D
+    intermediate_size: int = 18432           # dense MLP width (layers < first_k_dense_replace)
+    moe_intermediate_size: int = 2048        # width I of one routed / shared expert
+    num_hidden_layers: int = 61              # decoder blocks
+    rms_norm_eps: float = 1e-6               # RMSNorm epsilon
+    tie_word_embeddings: bool = False        # lm_head shares embed_tokens' weight
+    initializer_range: float = 0.02          # std of the normal init
+    # mla
+    num_attention_heads: int = 64            # query heads H
+    num_key_value_heads: int = 64            # MLA: equal to num_attention_heads
+    q_lora_rank: int | None = 1536           # query latent rank (None: direct q_proj, as V2-Lite)
+    kv_lora_rank: int = 512                  # key/value latent rank C (cached when decoding)
+    qk_nope_head_dim: int = 128              # per-head q/k part without rope
+    qk_rope_head_dim: int = 64               # per-head q part (and shared k part) with rope
+    v_head_dim: int = 128                    # per-head value width
+    # moe
+    n_routed_experts: int = 384              # routed experts E
+    num_experts_per_tok: int = 8             # experts per token K
+    n_shared_experts: int = 1                # shared expert width in units of moe_intermediate_size
+    first_k_dense_replace: int = 1           # leading layers with a dense MLP instead of MoE
+    n_group: int = 1                         # expert groups for group-limited routing
+    topk_group: int = 1                      # groups a token may route to
+    routed_scaling_factor: float = 2.827     # multiplies the normalised routing weights
+    norm_topk_prob: bool = True              # normalise the top-k weights to sum 1
+    aux_loss_alpha: float = 0.0              # sequence-wise balance loss coefficient (0: off)
+    # rope / yarn
+    rope_theta: float = 50000.0              # RoPE base
+    rope_scaling: dict | None = None         # YaRN parameters (HF "rope_scaling" dict) or None
+    max_position_embeddings: int = 131072    # longest supported context
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"Config.{name}={getattr(self, name)!r}: {why}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "kv_lora_rank",
+                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+                     "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                bad(name, "must be a positive integer")
+        for name in ("rms_norm_eps", "routed_scaling_factor", "rope_theta", "initializer_range"):
+            if not getattr(self, name) > 0:
+                bad(name, "must be positive")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            bad("q_lora_rank", "must be a positive integer or None")
+        if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
+            bad("n_shared_experts", "must be a non-negative integer")
+        if self.aux_loss_alpha < 0:
+            bad("aux_loss_alpha", "must be >= 0")
+        if self.num_key_value_heads != self.num_attention_heads:
+            bad("num_key_value_heads", "MLA has one latent per token; must equal num_attention_heads")
+        if self.qk_rope_head_dim % 2:
+            bad("qk_rope_head_dim", "RoPE rotates pairs; must be even")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            bad("first_k_dense_replace", "must lie in [0, num_hidden_layers]")
+        if self.n_routed_experts % self.n_group:
+            bad("n_routed_experts", f"must be divisible by n_group={self.n_group}")
+        if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
+            bad("n_group", "group scores sum each group's top-2 experts; groups need >= 2 experts")
+        if self.topk_group > self.n_group:
+            bad("topk_group", f"must be <= n_group={self.n_group}")
+        if self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
+            bad("num_experts_per_tok", "more than the experts in the topk_group allowed groups")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            if kind != "yarn":
+                bad("rope_scaling", "only YaRN scaling ({'type': 'yarn', ...}) is supported")
+            if not self.rope_scaling.get("factor", 0) > 0:
+                bad("rope_scaling", "YaRN needs a positive 'factor'")
+            if "original_max_position_embeddings" not in self.rope_scaling:
+                bad("rope_scaling", "YaRN needs 'original_max_position_embeddings'")
+
+    @classmethod
+    def from_preset(cls, name: str) -> "Config":
+        if name not in PRESETS:
+            raise ValueError(f"preset={name!r}: unknown preset, choose one of {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def from_json(cls, path: str) -> "Config":
+        """Read a Hugging Face config.json (DeepSeek-V3, Kimi-K2 `kimi_k2`, or transformers 5's
+        `rope_parameters` form); fields this model does not use are ignored."""
+        with open(path) as f:
+            d = json.load(f)
+        model_type = d.get("model_type", "deepseek_v3")
+        if model_type not in ("deepseek_v3", "kimi_k2"):
+            raise ValueError(f"model_type={model_type!r}: expected 'deepseek_v3' or 'kimi_k2'")
+        rope = d.get("rope_parameters")
+        if rope is not None:  # transformers 5 folds rope_theta and the scaling into one dict
+            rope = dict(rope)
+            d["rope_theta"] = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+            kind = rope.pop("rope_type", rope.pop("type", "default"))
+            d["rope_scaling"] = None if kind == "default" else {"type": kind, **rope}
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_KIMI_K2 = dict(  # moonshotai/Kimi-K2-Instruct config.json: 1.03T total, 32.9B activated (incl. emb+head)
+    vocab_size=163840, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+    num_hidden_layers=61, num_attention_heads=64, num_key_value_heads=64, q_lora_rank=1536,
+    kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    n_routed_experts=384, num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=1,
+    n_group=1, topk_group=1, routed_scaling_factor=2.827, norm_topk_prob=True, aux_loss_alpha=0.001,
+    rope_theta=50000.0, max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    initializer_range=0.02,
+    rope_scaling=dict(type="yarn", factor=32.0, beta_fast=1.0, beta_slow=1.0, mscale=1.0,
+                      mscale_all_dim=1.0, original_max_position_embeddings=4096),
+)
+PRESETS = {
+    "kimi-k2": _KIMI_K2,
+    # deepseek-ai/DeepSeek-V3 config.json (without the MTP layer): 671B total, 37.6B activated
+    "deepseek-v3": {**_KIMI_K2, "vocab_size": 129280, "num_attention_heads": 128,
+                    "num_key_value_heads": 128, "n_routed_experts": 256, "first_k_dense_replace": 3,
+                    "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "rope_theta": 10000.0,
+                    "max_position_embeddings": 163840,
+                    "rope_scaling": dict(type="yarn", factor=40.0, beta_fast=32.0, beta_slow=1.0,
+                                         mscale=1.0, mscale_all_dim=1.0,
+                                         original_max_position_embeddings=4096)},
+    # K2's shape at CPU scale (train.py's default): 6.0M total, 1.8M activated, byte vocabulary
+    "tiny": dict(vocab_size=256, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
+                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64,
+                 kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                 n_routed_experts=32, num_experts_per_tok=8, n_shared_experts=1,
+                 first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=2.827,
+                 norm_topk_prob=True, aux_loss_alpha=0.0, rope_theta=50000.0, rope_scaling=None,
+                 max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                 initializer_range=0.02),
+    # one-GPU scale: 437M total, 67M activated
+    "small": dict(vocab_size=256, hidden_size=768, intermediate_size=2048, moe_intermediate_size=256,
+                  num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+                  q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+                  v_head_dim=64, n_routed_experts=128, num_experts_per_tok=8, n_shared_experts=1,
+                  first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=2.827,
+                  norm_topk_prob=True, aux_loss_alpha=0.0, rope_theta=50000.0, rope_scaling=None,
+                  max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  initializer_range=0.02),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32, scale in the input dtype (as DeepSeek's and transformers' code do)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN's attention temperature m = 0.1 * mscale * ln(factor) + 1 (1 when not stretched)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE on the qk_rope_head_dim part; with YaRN, frequencies are blended between the original
+    (high frequencies, extrapolated) and divided-by-factor (low frequencies, interpolated) over a
+    linear ramp between the beta_fast and beta_slow correction dimensions."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        dim, base = config.qk_rope_head_dim, config.rope_theta
+        inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (Dr/2,)
+        self.attention_factor = 1.0  # scales cos/sin; YaRN: mscale / mscale_all_dim temperatures
+        ys = config.rope_scaling
+        if ys is not None:
+            factor, orig = ys["factor"], ys["original_max_position_embeddings"]
+            beta_fast, beta_slow = ys.get("beta_fast", 32.0), ys.get("beta_slow", 1.0)  # YaRN defaults
+
+            def correction_dim(rotations):  # dimension whose wavelength fits `rotations` times in orig
+                return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+            low = max(math.floor(correction_dim(beta_fast)), 0)
+            high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+            ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+            inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+            self.attention_factor = (yarn_mscale(factor, ys.get("mscale", 1.0))
+                                     / yarn_mscale(factor, ys.get("mscale_all_dim", 0.0)))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, start: int, length: int):
+        pos = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq)  # (T, Dr/2)
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek's code does.
+    x (B, T, h, Dr); cos, sin (T, Dr/2)."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, T, h, Dr/2)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, Dr/2)
+    return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), -1).flatten(-2).type_as(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-head latent attention
+
+class MLA(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2 sec. 2.1) with K2's QK-Clip surface.
+
+    MuonClip talks to this module through: `num_heads`, `max_logits` (H,) fp32 running max of the
+    scaled causal pre-softmax logits over training forwards since the last reset (-inf when none),
+    `track_max_logits`, `qk_clip_(gamma)` and `reset_max_logits_()`."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.num_heads = H = config.num_attention_heads
+        self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        D, qk = config.hidden_size, config.qk_head_dim
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, config.kv_lora_rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(config.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
+        # softmax_scale = qk_head_dim^-0.5 * m^2 with YaRN's m from mscale_all_dim (SPEC 2)
+        self.softmax_scale = qk ** -0.5
+        if config.rope_scaling is not None:
+            m = yarn_mscale(config.rope_scaling["factor"], config.rope_scaling.get("mscale_all_dim", 0.0))
+            self.softmax_scale *= m * m
+        self.track_max_logits = True
+        self.register_buffer("max_logits", torch.full((H,), float("-inf")), persistent=False)
+
+    # -- projections shared by the naive and absorbed forms --
+    def _query(self, x, cos, sin):
+        q = self.q_proj(x) if self.config.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rope = q.unflatten(-1, (self.num_heads, -1)).split([self.nope, self.rope], -1)  # (B,T,H,Dn),(B,T,H,Dr)
+        return q_nope, apply_rotary(q_rope, cos, sin)
+
+    def _latent(self, x, cos, sin):
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], -1)  # (B,T,C),(B,T,Dr)
+        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, Dr): one key for all heads
+        return self.kv_a_layernorm(c_kv), k_rope
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        if cache is not None:
+            return self._forward_absorbed(x, cos, sin, cache, start_pos)
+        B, T, _ = x.shape
+        H = self.num_heads
+        q_nope, q_rope = self._query(x, cos, sin)
+        c_kv, k_rope = self._latent(x, cos, sin)
+        k_nope, v = self.kv_b_proj(c_kv).unflatten(-1, (H, -1)).split([self.nope, self.v_dim], -1)  # (B,T,H,Dn),(B,T,H,Dv)
+        q = torch.cat([q_nope, q_rope], -1).transpose(1, 2)  # (B, H, T, Dn+Dr)
+        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, H, self.rope)], -1).transpose(1, 2)  # (B, H, T, Dn+Dr)
+        v = v.transpose(1, 2)  # (B, H, T, Dv)
+        if self.track_max_logits and self.training and torch.is_grad_enabled():
+            self._update_max_logits(q.detach(), k.detach())
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)  # (B, H, T, Dv)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+    @torch.no_grad()
+    def _update_max_logits(self, q, k, chunk_elems=1 << 24):
+        """Exact per-head max of the scaled causal logits: a no-grad q.k^T pass in query chunks
+        (fused attention does not expose the row max; its log-sum-exp is only an upper bound)."""
+        B, H, T, _ = q.shape
+        rows = max(1, min(T, chunk_elems // (B * H * T)))  # bound the (B, H, rows, T) chunk's memory
+        m = torch.full((H,), float("-inf"), device=q.device)
+        for i in range(0, T, rows):
+            s = q[:, :, i:i + rows] @ k[:, :, :i + rows].transpose(-2, -1)  # (B, H, rows, S)
+            r = torch.arange(i, i + s.shape[2], device=q.device)[:, None]
+            s = s.masked_fill(torch.arange(s.shape[3], device=q.device) > r, float("-inf"))
+            m = torch.maximum(m, s.amax(dim=(0, 2, 3)).float())
+        torch.maximum(self.max_logits, m * self.softmax_scale, out=self.max_logits)
+
+    def reset_max_logits_(self):
+        self.max_logits.fill_(float("-inf"))
+
+    @torch.no_grad()
+    def qk_clip_(self, gamma: torch.Tensor):
+        """QK-Clip (K2 report sec. 2.1): per head, q_nope and k_nope rows * sqrt(gamma), q_rope rows
+        * gamma, so that head's logits scale by exactly gamma. The shared k_rope and v stay."""
+        H = self.num_heads
+        gamma = gamma.detach().float().reshape(H, 1)
+        root = gamma.sqrt()
+        q_rows = torch.cat([root.expand(H, self.nope), gamma.expand(H, self.rope)], 1)  # (H, Dn+Dr)
+        kv_rows = torch.cat([root.expand(H, self.nope), torch.ones_like(root).expand(H, self.v_dim)], 1)  # (H, Dn+Dv)
+        q_weight = self.q_proj.weight if self.config.q_lora_rank is None else self.q_b_proj.weight
+        _scale_rows_(q_weight, q_rows.flatten())
+        _scale_rows_(self.kv_b_proj.weight, kv_rows.flatten())
+
+    # -- weight-absorbed form with a latent cache (DeepSeek-V3 inference) --
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None):
+        """Per token and layer only C + Dr numbers: the normalised latent and the rotated k_rope."""
+        w = self.kv_a_proj_with_mqa.weight
+        return torch.zeros(batch, max_len, self.kv_lora_rank + self.rope,
+                           device=device or w.device, dtype=dtype or w.dtype)  # (B, S_max, C+Dr)
+
+    def _forward_absorbed(self, x, cos, sin, cache, start_pos):
+        """W_UK folds into the query and W_UV into the output, so attention runs in latent space."""
+        B, T, _ = x.shape
+        H, end = self.num_heads, start_pos + x.shape[1]
+        q_nope, q_rope = self._query(x, cos, sin)
+        c_kv, k_rope = self._latent(x, cos, sin)
+        cache[:, start_pos:end] = torch.cat([c_kv, k_rope], -1)
+        c_kv, k_rope = cache[:, :end].split([self.kv_lora_rank, self.rope], -1)  # (B,S,C),(B,S,Dr)
+        w_uk, w_uv = self.kv_b_proj.weight.unflatten(0, (H, -1)).split([self.nope, self.v_dim], 1)  # (H,Dn,C),(H,Dv,C)
+        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
+        scores = (torch.einsum("bthc,bsc->bhts", q_latent, c_kv)
+                  + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)).float() * self.softmax_scale  # (B, H, T, S)
+        future = torch.arange(end, device=x.device) > torch.arange(start_pos, end, device=x.device)[:, None]  # (T, S)
+        probs = scores.masked_fill(future, float("-inf")).softmax(-1).type_as(x)
+        o_latent = torch.einsum("bhts,bsc->bthc", probs, c_kv)  # (B, T, H, C)
+        y = torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # (B, T, H, Dv)
+        return self.o_proj(y.reshape(B, T, H * self.v_dim))
+
+
+def _scale_rows_(weight: torch.Tensor, row_scale: torch.Tensor):
+    """weight[r] *= row_scale[r] in place. For a DTensor sharded on dim 0 (FSDP2: torch.chunk-style
+    shards, the last possibly shorter or empty), only the local rows are scaled."""
+    local = weight
+    if hasattr(torch.distributed, "tensor") and isinstance(weight, torch.distributed.tensor.DTensor):
+        local = weight.to_local()
+        for mesh_dim, placement in enumerate(weight.placements):
+            if placement.is_shard():
+                if placement.dim != 0:
+                    raise ValueError("qk_clip_ needs weights sharded on dim 0 (rows)")
+                shards = row_scale.chunk(weight.device_mesh.size(mesh_dim))
+                rank = weight.device_mesh.get_local_rank(mesh_dim)
+                row_scale = shards[rank] if rank < len(shards) else row_scale[:0]
+    if local.numel():
+        local.mul_(row_scale.to(local.device, local.dtype)[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Feed-forward and mixture of experts
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Dense layers and the shared expert."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """DeepSeek-V3 router (SPEC 3). Selection uses the biased scores s + b, the weights use the
+    unbiased s. `expert_load` counts training tokens per expert for update_router_bias_."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        E = config.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(E, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+        self.register_buffer("expert_load", torch.zeros(E, dtype=torch.float32), persistent=False)
+
+    def forward(self, x, batch: int):
+        """x (N, D) with N = batch * T. Returns weights (N, K) fp32, experts (N, K) long, and the
+        sequence-wise balance loss (None unless training with aux_loss_alpha > 0)."""
+        c = self.config
+        N, E, K, G = x.shape[0], c.n_routed_experts, c.num_experts_per_tok, c.n_group
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E) fp32
+        biased = scores.detach() + self.e_score_correction_bias  # (N, E): selection only, no gradient
+        if G > 1:
+            group_scores = biased.view(N, G, E // G).topk(2, dim=-1).values.sum(-1)  # (N, G)
+            keep = group_scores.topk(c.topk_group, dim=-1).indices  # (N, topk_group)
+            masked = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)  # (N, G)
+            biased = biased.masked_fill(masked.repeat_interleave(E // G, dim=1), float("-inf"))  # (N, E)
+        experts = biased.topk(K, dim=-1).indices  # (N, K)
+        weights = scores.gather(1, experts)  # (N, K): unbiased scores
+        if c.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights * c.routed_scaling_factor
+        counts = None
+        if self.training and torch.is_grad_enabled():
+            counts = torch.bincount(experts.flatten(), minlength=E)
+            self.expert_load += counts
+        aux = None
+        if self.training and c.aux_loss_alpha > 0:
+            aux = self._sequence_balance_loss(scores, experts, batch)
+        return weights, experts, aux
+
+    def _sequence_balance_loss(self, scores, experts, batch):
+        """sum_i f_i * P_i per sequence, averaged over sequences; f_i = E/(K*T) * tokens routed to
+        i, P_i = mean over tokens of s_i / sum_j s_j (DeepSeek-V3 eq. 17-20)."""
+        E, K = self.config.n_routed_experts, self.config.num_experts_per_tok
+        T = scores.shape[0] // batch
+        routed = torch.zeros(batch, T * K, E, device=scores.device).scatter_(
+            2, experts.view(batch, T * K, 1), 1.0).sum(1)  # (B, E) tokens of each sequence per expert
+        f = routed * E / (K * T)  # (B, E)
+        p = (scores / scores.sum(-1, keepdim=True)).view(batch, T, E).mean(1)  # (B, E)
+        return (f * p).sum(-1).mean()
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts stored stacked: gate_proj/up_proj (E, I, D), down_proj (E, D, I).
+    Token-expert pairs are sorted by expert; each expert runs once on its contiguous slice, and an
+    idle expert costs nothing (CPU grouped_mm has no backward yet, hence the loop over experts)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        E, D, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_proj = nn.Parameter(torch.empty(E, I, D))
+        self.up_proj = nn.Parameter(torch.empty(E, I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x, weights, experts):
+        """x (N, D), weights (N, K), experts (N, K) -> (N, D) = sum_k weights * expert_k(x)."""
+        N, K = experts.shape
+        flat = experts.flatten()  # (N*K,)
+        order = flat.argsort(stable=True)  # pairs grouped by expert
+        token = order // K  # (N*K,) token of each sorted pair
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()  # the one host sync
+        xs = x[token]  # (N*K, D)
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                h = xs[start:start + n]  # (n, D)
+                h = F.silu(h @ self.gate_proj[e].T) * (h @ self.up_proj[e].T)  # (n, I)
+                outs.append(h @ self.down_proj[e].T)  # (n, D)
+                start += n
+        ys = torch.cat(outs) * weights.flatten()[order, None].type_as(x)  # (N*K, D)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.gate = Gate(config)
+        self.experts = Experts(config)
+        self.shared_experts = MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x = x.view(B * T, D)  # (N, D)
+        weights, experts, aux = self.gate(x, batch=B)
+        y = self.experts(x, weights, experts) + self.shared_experts(x)
+        return y.view(B, T, D), aux
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+class Block(nn.Module):
+    def __init__(self, config: Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = layer_idx >= config.first_k_dense_replace
+        self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+        h = self.post_attention_layernorm(x)
+        h, aux = self.mlp(h) if self.is_moe else (self.mlp(h), None)
+        return x + h, aux
+
+
+class Transformer(nn.Module):
+    """The hub's `model.` prefix: embeddings, decoder blocks, final norm."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(self, input_ids, caches=None, start_pos=0):
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        cos, sin = self.rotary_emb(start_pos, input_ids.shape[1])
+        aux_total = None
+        for i, layer in enumerate(self.layers):
+            x, aux = layer(x, cos, sin, None if caches is None else caches[i], start_pos)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        return self.norm(x), aux_total
+
+
+class KimiK2(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.model = Transformer(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        """Every matrix ~ N(0, initializer_range) as in the hub models; norms 1; router bias 0."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding, Gate)):
+            nn.init.normal_(module.weight, 0.0, std)
+        elif isinstance(module, Experts):
+            for p in module.parameters():
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, input_ids, targets=None, caches=None, start_pos=0):
+        """input_ids (B, T) -> logits (B, T, V), loss (fp32 cross entropy, targets -1 ignored, plus
+        aux_loss_alpha * the sequence balance loss while training) or None without targets."""
+        x, aux = self.model(input_ids, caches, start_pos)
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        if aux is not None:
+            loss = loss + self.config.aux_loss_alpha * aux
+        return logits, loss
+
+    # -- auxiliary-loss-free balancing --
+    def moe_gates(self):
+        return (layer.mlp.gate for layer in self.model.layers if layer.is_moe)
+
+    @torch.no_grad()
+    def update_router_bias_(self, gamma: float) -> torch.Tensor:
+        """b_i += gamma * sign(mean_load - load_i) per MoE layer (DeepSeek-V3 sec. 2.1.2), from the
+        counted training tokens, which are then reset. Returns max/mean load per layer before."""
+        imbalance = []
+        for gate in self.moe_gates():
+            load = gate.expert_load
+            mean = load.mean()
+            imbalance.append(load.max() / mean.clamp_min(1e-9))
+            gate.e_score_correction_bias += gamma * torch.sign(mean - load)
+            load.zero_()
+        return torch.stack(imbalance) if imbalance else torch.zeros(0)
+
+    def attention_modules(self):
+        return [layer.self_attn for layer in self.model.layers]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token for MFU, averaged over a causal sequence of seq_len."""
+        return flops_per_token(self.config, (seq_len + 1) / 2, training=True)
+
+    # -- generation with the absorbed latent cache --
+    def new_caches(self, batch: int, max_len: int):
+        return [layer.self_attn.new_cache(batch, max_len) for layer in self.model.layers]
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
+        """Sample max_new_tokens after input_ids (B, T0); temperature 0 is greedy."""
+        B, T0 = input_ids.shape
+        caches = self.new_caches(B, T0 + max_new_tokens)
+        out, pos, step_ids = input_ids, 0, input_ids
+        for _ in range(max_new_tokens):
+            logits = self(step_ids, caches=caches, start_pos=pos)[0][:, -1].float()  # (B, V)
+            pos += step_ids.shape[1]
+            if temperature == 0:
+                step_ids = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                step_ids = torch.multinomial(logits.softmax(-1), 1)  # (B, 1)
+            out = torch.cat([out, step_ids], 1)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Size arithmetic
+
+def count_params(config: Config) -> dict:
+    """Parameter counts of the real modules, built on the meta device (no memory, seconds).
+
+    Convention: `total` counts every parameter plus the router bias buffers (as the published
+    checkpoint does; rotary buffers are not parameters). `activated` counts what one token uses:
+    everything except the routed experts it does not select, embedding and lm_head included;
+    `activated_no_embedding` leaves out embed_tokens and lm_head. `matmul_activated` is the
+    activated weights that multiply (no embedding lookup, no norm weights, no router bias)."""
+    with torch.device("meta"):
+        model = KimiK2(config)
+    gates = list(model.moe_gates())
+    total = model.num_params() + sum(g.e_score_correction_bias.numel() for g in gates)
+    embedding = model.model.embed_tokens.weight.numel()
+    head = 0 if config.tie_word_embeddings else model.lm_head.weight.numel()
+    per_expert = 3 * config.moe_intermediate_size * config.hidden_size
+    idle = len(gates) * (config.n_routed_experts - config.num_experts_per_tok) * per_expert
+    norms = sum(m.weight.numel() for m in model.modules() if isinstance(m, RMSNorm))
+    activated = total - idle
+    return dict(total=total, activated=activated, activated_no_embedding=activated - embedding - head,
+                embedding=embedding, lm_head=head, routed_expert=per_expert, moe_layers=len(gates),
+                matmul_activated=activated - embedding - norms - len(gates) * config.n_routed_experts)
+
+
+def flops_per_token(config: Config, context_len: float, training: bool = False) -> float:
+    """FLOPs for one token that attends to context_len keys, counting 2 FLOPs per multiply-add:
+    2 * matmul_activated (projections, router, selected and shared experts, lm_head) plus the
+    attention scores and weighted values in the naive MLA form, 2 * H * (Dn+Dr + Dv) per key and
+    layer. Elementwise work (norms, softmax, rope) is left out. training=True: forward + backward
+    = 3x forward (the 6N convention). For a whole causal sequence of length L, pass (L+1)/2."""
+    attention = 2 * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * context_len
+    forward = 2 * count_params(config)["matmul_activated"] + config.num_hidden_layers * attention
+    return 3 * forward if training else forward
+
+
+def kv_cache_bytes_per_token(config: Config, bytes_per_number: int = 2) -> dict:
+    """Decoding cache per token over all layers (bf16 by default): the absorbed form keeps
+    C + Dr numbers per layer, the naive form H * (Dn+Dr + Dv)."""
+    L, H = config.num_hidden_layers, config.num_attention_heads
+    return dict(absorbed=L * (config.kv_lora_rank + config.qk_rope_head_dim) * bytes_per_number,
+                full=L * H * (config.qk_head_dim + config.v_head_dim) * bytes_per_number)
