@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -190,6 +191,12 @@ PRESETS = {
                   max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
                   initializer_range=0.02),
 }
+
+
+# fields the hub's DeepseekV3 config.json carries beyond ours (DeepSeek-V3/Kimi-K2 config.json)
+_HUB_CONFIG_EXTRAS = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
+                          hidden_act="silu", attention_bias=False, scoring_func="sigmoid",
+                          topk_method="noaux_tc", num_nextn_predict_layers=0, rope_interleave=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -595,6 +602,72 @@ class KimiK2(nn.Module):
         """Training FLOPs per token for MFU, averaged over a causal sequence of seq_len."""
         return flops_per_token(self.config, (seq_len + 1) / 2, training=True)
 
+    # -- the Hugging Face hub layout --
+    def save_pretrained(self, directory: str):
+        """config.json (model_type deepseek_v3) + model.safetensors with the hub's key names:
+        routed experts unstacked to model.layers.{i}.mlp.experts.{e}.{proj}.weight."""
+        from safetensors.torch import save_file
+        os.makedirs(directory, exist_ok=True)
+        config = {**self.config.to_dict(), **_HUB_CONFIG_EXTRAS,
+                  "torch_dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        tensors = {}
+        for name, tensor in self.state_dict().items():
+            if self.config.tie_word_embeddings and name == "lm_head.weight":
+                continue  # the hub stores a tied head once, as embed_tokens
+            prefix, _, proj = name.rpartition(".")
+            if prefix.endswith("mlp.experts"):
+                for e, w in enumerate(tensor.unbind(0)):
+                    tensors[f"{prefix}.{e}.{proj}.weight"] = w.contiguous()
+            else:
+                tensors[name] = tensor.contiguous()
+        save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "KimiK2":
+        """Load a hub-layout directory (ours or transformers' save_pretrained). Multi-token-prediction
+        layers (index >= num_hidden_layers) and rotary buffers are skipped; any other difference in
+        keys raises ValueError listing the missing and unexpected ones."""
+        from safetensors.torch import load_file
+        config = Config.from_json(os.path.join(directory, "config.json"))
+        model = cls(config)
+        hub = {}
+        for fname in sorted(os.listdir(directory)):
+            if fname.endswith(".safetensors"):
+                hub.update(load_file(os.path.join(directory, fname)))
+        state, experts = {}, {}
+        for name, tensor in hub.items():
+            layer = re.match(r"model\.layers\.(\d+)\.", name)
+            if name.endswith("rotary_emb.inv_freq") or (layer and int(layer[1]) >= config.num_hidden_layers):
+                continue
+            expert = re.fullmatch(r"(.*\.mlp\.experts)\.(\d+)\.(\w+)\.weight", name)
+            if expert:
+                experts.setdefault(f"{expert[1]}.{expert[3]}", {})[int(expert[2])] = tensor
+            else:
+                state[name] = tensor
+        expected = model.state_dict()
+        E, missing, unexpected = config.n_routed_experts, [], []
+        for name, per_expert in experts.items():  # stack experts 0..E-1 into our (E, ., .) tensor
+            prefix, _, proj = name.rpartition(".")
+            absent = [e for e in range(E) if e not in per_expert]
+            missing += [f"{prefix}.{e}.{proj}.weight" for e in absent]
+            unexpected += [f"{prefix}.{e}.{proj}.weight" for e in per_expert if e >= E]
+            state[name] = None if absent else torch.stack([per_expert[e] for e in range(E)])
+        if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
+            state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+        for name in expected:
+            if name not in state:
+                prefix, _, proj = name.rpartition(".")
+                stacked = prefix.endswith("mlp.experts")
+                missing.append(f"{prefix}.[0-{E - 1}].{proj}.weight" if stacked else name)
+        unexpected += [k for k in state if k not in expected]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint layout differs: missing keys {sorted(missing)}, "
+                             f"unexpected keys {sorted(unexpected)}")
+        model.load_state_dict(state)
+        return model
+
     # -- generation with the absorbed latent cache --
     def new_caches(self, batch: int, max_len: int):
         return [layer.self_attn.new_cache(batch, max_len) for layer in self.model.layers]
@@ -663,3 +736,76 @@ def kv_cache_bytes_per_token(config: Config, bytes_per_number: int = 2) -> dict:
     L, H = config.num_hidden_layers, config.num_attention_heads
     return dict(absorbed=L * (config.kv_lora_rank + config.qk_rope_head_dim) * bytes_per_number,
                 full=L * H * (config.qk_head_dim + config.v_head_dim) * bytes_per_number)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: the size table
+
+_CONTEXTS = {"4k": 4096, "128k": 131072}  # K2's pre-training context and its extended context
+
+
+def size_report(config: Config) -> dict:
+    counts = count_params(config)
+    report = dict(counts)
+    report["sparsity"] = config.n_routed_experts / config.num_experts_per_tok
+    report["kv_cache_bytes_per_token_bf16"] = kv_cache_bytes_per_token(config)
+    report["forward_flops_per_token"] = {name: flops_per_token(config, n) for name, n in _CONTEXTS.items()}
+    return report
+
+
+def heads_cost(config: Config, heads: int, context_len: int = _CONTEXTS["128k"]) -> dict:
+    """Relative change in forward FLOPs per token when num_attention_heads becomes `heads`:
+    for the token at the end of the context, and averaged over a causal prefill of that length."""
+    other = Config(**{**config.to_dict(), "num_attention_heads": heads, "num_key_value_heads": heads})
+    end = flops_per_token(other, context_len) / flops_per_token(config, context_len) - 1
+    mean_len = (context_len + 1) / 2
+    prefill = flops_per_token(other, mean_len) / flops_per_token(config, mean_len) - 1
+    return dict(heads=heads, context_len=context_len, end_of_context=end, prefill_average=prefill)
+
+
+def _print_table(columns: dict):
+    reports = {name: size_report(c) for name, c in columns.items()}
+    rows = [("total params", lambda r: f"{r['total'] / 1e9:,.2f}B"),
+            ("activated (incl. embedding + head)", lambda r: f"{r['activated'] / 1e9:,.2f}B"),
+            ("activated (no embedding, no head)", lambda r: f"{r['activated_no_embedding'] / 1e9:,.2f}B"),
+            ("sparsity (routed experts / active)", lambda r: f"{r['sparsity']:.0f}"),
+            ("KV cache bytes/token, absorbed (bf16)", lambda r: f"{r['kv_cache_bytes_per_token_bf16']['absorbed']:,}"),
+            ("KV cache bytes/token, full K/V (bf16)", lambda r: f"{r['kv_cache_bytes_per_token_bf16']['full']:,}")]
+    rows += [(f"forward GFLOPs/token at {name}", lambda r, name=name: f"{r['forward_flops_per_token'][name] / 1e9:,.1f}")
+             for name in _CONTEXTS]
+    print(f"{'':40s}" + "".join(f"{name:>16s}" for name in columns))
+    for label, fmt in rows:
+        print(f"{label:40s}" + "".join(f"{fmt(r):>16s}" for r in reports.values()))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Kimi-K2 / DeepSeek-V3 sizes, activations and FLOPs.")
+    parser.add_argument("--preset", choices=sorted(PRESETS))
+    parser.add_argument("--config", help="path to a Hugging Face config.json")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    if args.preset or args.config:
+        config = Config.from_json(args.config) if args.config else Config.from_preset(args.preset)
+        columns = {args.preset or os.path.basename(args.config): config}
+    else:
+        columns = {"kimi-k2": Config.from_preset("kimi-k2"), "deepseek-v3": Config.from_preset("deepseek-v3")}
+    k2 = columns.get("kimi-k2")
+    if args.json:
+        out = {name: size_report(c) for name, c in columns.items()}
+        if k2 is not None:
+            out["kimi-k2"]["heads_128_cost"] = heads_cost(k2, 128)
+        print(json.dumps(out, indent=2))
+        return
+    _print_table(columns)
+    print("Convention: total counts every parameter plus router biases; activated counts one token's "
+          "path (8 of the routed experts).\nFLOPs: 2 per multiply-add, matmuls plus naive-MLA "
+          "attention over the context, for the token at the end of that context.")
+    if k2 is not None:
+        cost = heads_cost(k2, 128)
+        print(f"Kimi-K2 with 128 instead of 64 heads at 128k context: {cost['end_of_context']:+.0%} "
+              f"FLOPs/token at the end of the context, {cost['prefill_average']:+.0%} averaged over "
+              f"the prefill (report: +83%).")
+
+
+if __name__ == "__main__":
+    main()
