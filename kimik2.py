@@ -612,6 +612,11 @@ class KimiK2(nn.Module):
                   "torch_dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
+        tensors = {name: t.contiguous() for name, t in self.hub_state_dict().items()}
+        save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+    def hub_state_dict(self) -> dict:
+        """state_dict under the hub's names: stacked experts split into experts.{e}.{proj}.weight."""
         tensors = {}
         for name, tensor in self.state_dict().items():
             if self.config.tie_word_embeddings and name == "lm_head.weight":
@@ -619,10 +624,10 @@ class KimiK2(nn.Module):
             prefix, _, proj = name.rpartition(".")
             if prefix.endswith("mlp.experts"):
                 for e, w in enumerate(tensor.unbind(0)):
-                    tensors[f"{prefix}.{e}.{proj}.weight"] = w.contiguous()
+                    tensors[f"{prefix}.{e}.{proj}.weight"] = w
             else:
-                tensors[name] = tensor.contiguous()
-        save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+                tensors[name] = tensor
+        return tensors
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "KimiK2":
