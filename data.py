@@ -540,19 +540,22 @@ def prepare(out_dir="data_cache", sources=None, tokenizer=None, val_fraction=0.0
             seen.add(digest)
             docs.append(doc)
     train, val = split_by_document(docs, val_fraction, seed)
-    available = {}  # natural training tokens per domain, for the "epochs" statistic
+    natural = {}  # training bytes per domain before mixing, for the "epochs" statistic
+    for doc in train:
+        natural[doc.domain] = natural.get(doc.domain, 0) + len(doc.text.encode())
     if weights is not None:
         train = mix_domains(train, weights, seed)
     random.Random(seed).shuffle(train)  # neighbouring documents in a window come from any domain
 
     dtype = _token_dtype(tokenizer.vocab_size)
-    stats = {d.domain: dict(bytes=0, train_docs=0, train_tokens=0, val_docs=0, val_tokens=0)
+    stats = {d.domain: dict(bytes=0, train_docs=0, train_tokens=0, val_docs=0, val_tokens=0, epochs=0.0)
              for d in docs}
     for doc in docs:
         stats[doc.domain]["bytes"] += len(doc.text.encode())
+    for doc in train:
+        stats[doc.domain]["epochs"] += len(doc.text.encode()) / natural[doc.domain]
     tmp = Path(out_dir) / f"tmp-{key}-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
-    counted = set()
     for split, split_docs in (("train", train), ("val", val)):
         with open(tmp / f"{split}.bin", "wb") as f:
             for doc in split_docs:
@@ -560,11 +563,8 @@ def prepare(out_dir="data_cache", sources=None, tokenizer=None, val_fraction=0.0
                 f.write(ids.tobytes())
                 stats[doc.domain][f"{split}_docs"] += 1
                 stats[doc.domain][f"{split}_tokens"] += len(ids)
-                if split == "train" and id(doc) not in counted:
-                    counted.add(id(doc))
-                    available[doc.domain] = available.get(doc.domain, 0) + len(ids)
-    for domain, s in stats.items():
-        s["epochs"] = round(s["train_tokens"] / available[domain], 3) if available.get(domain) else 0.0
+    for s in stats.values():
+        s["epochs"] = round(s["epochs"], 3)
     info = dict(key=key, dtype=np.dtype(dtype).name, vocab_size=tokenizer.vocab_size,
                 eos=tokenizer.eos, sources=sources, settings=settings,
                 tokens={s: sum(v[f"{s}_tokens"] for v in stats.values()) for s in ("train", "val")},
