@@ -266,11 +266,13 @@ def _linear_system(rng):
     b2 = rng.choice([v for v in range(-5, 6) if v != a2 * b1])  # keeps the system solvable
     c1, c2 = x + b1 * y, a2 * x + b2 * y
     k, rhs = b2 - a2 * b1, c2 - a2 * c1
+    substituted = f"{a2} * ({_linear([(c1, ''), (-b1, 'y')])})"
+    if b2:
+        substituted += f" {'+' if b2 > 0 else '-'} {_linear([(abs(b2), 'y')])}"
     return (f"Solve the system {_linear([(1, 'x'), (b1, 'y')])} = {c1} and "
             f"{_linear([(a2, 'x'), (b2, 'y')])} = {c2}.",
             [f"From the first equation, x = {_linear([(c1, ''), (-b1, 'y')])}.",
-             f"Substitute into the second: {a2} * ({_linear([(c1, ''), (-b1, 'y')])})"
-             f"{f' {chr(43) if b2 > 0 else chr(45)} ' + _linear([(abs(b2), 'y')]) if b2 else ''} = {c2}.",
+             f"Substitute into the second: {substituted} = {c2}.",
              f"Expand and collect the y terms: {k}y = {c2} - {_p(a2 * c1)} = {rhs}.",
              f"So y = {rhs} / {_p(k)} = {y}.",
              f"Then x = {c1} - {_p(b1)} * {_p(y)} = {x}.",

@@ -301,7 +301,7 @@ class _DataFakeChat(http.server.BaseHTTPRequestHandler):
             action = script.pop(0) if script else "echo"
         time.sleep(server.delay.get(body["model"], 0.0))
         if action == "hang":
-            time.sleep(1.0)  # well past the client's timeout; the reply goes nowhere
+            time.sleep(1.5)  # well past the client's timeout; the reply goes nowhere
         if action == "drop":
             self.close_connection = True
             return
@@ -339,7 +339,7 @@ def _data_server():
 
 
 def _data_endpoint(server, model, **kw):
-    return data.ChatEndpoint(server.url, model, **{"timeout": 0.3, "retries": 2, "backoff": 0.01, **kw})
+    return data.ChatEndpoint(server.url, model, **{"timeout": 2.0, "retries": 2, "backoff": 0.01, **kw})
 
 
 def _data_requests(server, model):
@@ -383,13 +383,15 @@ def test_failed_fidelity_check_is_retried_with_feedback_then_kept_or_dropped(_da
                                               ("hang", "timed out"), ("badjson", "malformed"),
                                               ("drop", "RemoteDisconnected")])
 def test_server_errors_are_retried_then_reported(_data_server, failure, message):
+    timeout = 0.5 if failure == "hang" else 2.0
     _data_server.scripts[f"flaky-{failure}"] = [failure, failure]
     messages = data.rephrase_messages("One sentence.", "qa")
-    assert _data_endpoint(_data_server, f"flaky-{failure}")(messages) == "In other words: One sentence."
+    reply = _data_endpoint(_data_server, f"flaky-{failure}", timeout=timeout)(messages)
+    assert reply == "In other words: One sentence."
     assert len(_data_requests(_data_server, f"flaky-{failure}")) == 3
     _data_server.scripts[f"down-{failure}"] = [failure] * 3
     with pytest.raises(data.GenerationError, match=f"after 3 attempts.*{message}"):
-        _data_endpoint(_data_server, f"down-{failure}")(messages)
+        _data_endpoint(_data_server, f"down-{failure}", timeout=timeout)(messages)
 
 
 def test_other_client_errors_fail_at_once_with_status_and_body(_data_server):
@@ -449,3 +451,11 @@ def test_checkpoint_backend_prompts_kimik2_generate_and_stops_at_eos(monkeypatch
     generate = data.CheckpointGenerator("some/dir", max_new_tokens=16)
     assert generate(data.rephrase_messages("A source chunk.", "qa")) == "rewritten"
     assert len(seen["prompt"]) == 64 - 16 and seen["prompt"].endswith("</source>\n\nassistant: ")
+
+
+def test_checkpoint_backend_runs_a_real_kimik2_checkpoint(tmp_path):
+    kimik2 = pytest.importorskip("kimik2")
+    torch.manual_seed(0)
+    kimik2.KimiK2(kimik2.Config.from_preset("tiny")).save_pretrained(str(tmp_path))
+    reply = data.CheckpointGenerator(str(tmp_path), max_new_tokens=4)(data.rephrase_messages("Hi.", "qa"))
+    assert isinstance(reply, str) and len(reply) <= 4
