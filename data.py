@@ -722,7 +722,8 @@ def rephrase_messages(source: str, style: str, context: str = "", feedback: str 
     retry what was wrong with the previous attempt."""
     user = ""
     if context:
-        user += f"The rewrite so far (continue it; do not repeat it):\n<rewritten>\n{context}\n</rewritten>\n\n"
+        user += ("The rewrite so far (continue it; do not repeat it):\n"
+                 f"<rewritten>\n{context}\n</rewritten>\n\n")
     user += f"Rewrite this next part of the source:\n<source>\n{source}\n</source>"
     if feedback:
         user += f"\n\nYour previous attempt drifted from the source ({feedback}). Stay faithful to it."
@@ -822,8 +823,9 @@ def rephrase_chunkwise(doc: str, style: str, generate: Callable[[list[dict]], st
             if score["similarity"] >= threshold and score["numbers_kept"] >= min_numbers_kept and rewrite:
                 status = "ok"
                 break
-            feedback = f"similarity {score['similarity']:.2f}" + (
-                f", missing numbers {', '.join(score['missing_numbers'])}" if score["missing_numbers"] else "")
+            feedback = f"similarity {score['similarity']:.2f}"
+            if score["missing_numbers"]:
+                feedback += f", missing numbers {', '.join(score['missing_numbers'])}"
         else:
             status = "kept_original" if on_fail == "keep" else "dropped"
             rewrite = source if on_fail == "keep" else ""
@@ -900,7 +902,8 @@ class CheckpointGenerator:
         import kimik2  # only this backend needs the model code
         self.model = kimik2.KimiK2.from_pretrained(path).to(device).eval()
         self.tokenizer = tokenizer or ByteTokenizer()
-        self.max_new_tokens, self.temperature, self.top_k, self.device = max_new_tokens, temperature, top_k, device
+        self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
+        self.device = device
 
     def __call__(self, messages: list[dict]) -> str:
         prompt = "".join(f"{m['role']}: {m['content']}\n\n" for m in messages) + "assistant: "
@@ -928,7 +931,9 @@ def styles_for(doc: Document, n: int) -> list[str]:
     spread evenly over a corpus and stable across reruns."""
     if n > len(GENERAL_STYLES):
         raise ValueError(f"at most {len(GENERAL_STYLES)} styles per document, asked for {n}")
-    special = ([] if _is_english(doc.text) else ["translate_en"]) + (["learning_note"] if doc.domain == "math" else [])
+    special = [] if _is_english(doc.text) else ["translate_en"]
+    if doc.domain == "math":
+        special.append("learning_note")
     start = int(hashlib.sha1(doc.name.encode()).hexdigest(), 16) % len(GENERAL_STYLES)
     rotation = GENERAL_STYLES[start:] + GENERAL_STYLES[:start]
     return (special + rotation)[:n]
