@@ -1,0 +1,556 @@
+"""Benchmarks of kimik2 against its peers, measured in one run on one machine, reported as ratios.
+
+What it measures (each figure the median over --reps repetitions after --warmup, and every A/B pair
+timed round-robin, A B A B ..., so that load from other processes hits both sides alike):
+  1. training step (forward, backward, optimizer step) tokens/s on `tiny`: kimik2 + MuonClip against
+     transformers' DeepseekV3ForCausalLM built from kimik2's own save_pretrained (same config, same
+     weights, checked to give the same logits) + torch.optim.Muon / torch.optim.AdamW
+  2. optimizer step time: MuonClip against torch.optim.Muon + torch.optim.AdamW on kimik2's parameters
+  3. exact max-logit tracking: training step with MLA.track_max_logits True against False
+  4. bfloat16 autocast against float32 on the CPU (and whether the CPU has bf16 instructions)
+  5. MFU: training FLOPs/s over the float32 (and bfloat16) torch.mm peak measured in this run
+  6. peak memory of a training step (VmHWM of a fresh subprocess, or CUDA max_memory_allocated)
+  7. decoding at a long context: the absorbed latent cache (model.generate's path) against a full
+     per-head K/V cache, tokens/s and cache bytes per token
+  On CUDA also: the `small` preset's bf16 training MFU against the GPU's measured bf16 matmul peak.
+
+The reference optimizer. torch.optim.Muon takes only 2-D parameters; a stack of E expert matrices
+enters it as E leaf 2-D views that share the stack's storage (transformers' fused gate_up_proj
+(E, 2I, D) as 2E views, its gate and up halves, so each matrix is orthogonalised on its own exactly as
+MuonClip does), with gradients that are views of the stack's gradient. Embeddings, the output head and
+vectors go to AdamW (foreach), as in muonclip.split_params. Both sides use the same lr, weight decay,
+momentum 0.95 with Nesterov, and Moonlight's 0.2*sqrt(max(A, B)) update scale.
+
+MFU convention: FLOPs per training token = kimik2.flops_per_token(training=True): 3x the forward's
+2 FLOPs per multiply-add of the activated matmul weights plus naive-MLA attention over the average
+causal context (T+1)/2; elementwise work is not counted. Time is the whole step, optimizer included.
+
+    python bench.py                 the table (about 2-3 minutes on 2 CPU cores)
+    python bench.py --json          one JSON object
+    python bench.py --reps 5 --warmup 1 --decode-context 1024   quicker, noisier
+"""
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kimik2 import Config, KimiK2
+from muonclip import MuonClip, split_params
+
+# Targets from issue 6 (2-core CPU, ratios within one run)
+TARGETS = {
+    "train_speedup_vs_transformers": (">=", 1.5),
+    "optimizer_time_ratio_vs_torch": ("<=", 0.5),
+    "tracking_overhead": ("<=", 0.10),
+    "bf16_speedup": (">=", 1.3),
+    "mfu_fp32_tiny": (">", 0.40),
+}
+LR, WEIGHT_DECAY = 1e-2, 0.1  # train.py's defaults for tiny
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def race(fns: dict, reps: int, warmup: int, device=torch.device("cpu")) -> dict:
+    """Median seconds per call of each fn, timed round-robin (A B A B ...) after `warmup` rounds."""
+    times = {name: [] for name in fns}
+    for i in range(warmup + reps):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def matmul_peak(dtype, device=torch.device("cpu"), n=2048, reps=5) -> float:
+    """FLOP/s of one square n x n torch.mm in `dtype`: the machine's matmul peak as torch reaches it."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    seconds = race({"mm": lambda: torch.mm(a, b)}, reps=reps, warmup=2, device=device)["mm"]
+    return 2 * n ** 3 / seconds
+
+
+def cpu_bf16_flags() -> list:
+    """The bf16 instruction-set flags this CPU reports (AVX512-BF16 dot products, AMX tiles)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(re.search(r"^flags\s*:(.*)$", f.read(), re.M)[1].split())
+    except (OSError, TypeError):
+        return []
+    return sorted(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M)[1]
+    except (OSError, TypeError):
+        return platform.processor() or "unknown CPU"
+
+
+# ----------------------------------------------------------------------------------------------
+# Models, batches, optimizers
+
+def build_kimik2(preset: str, seed: int = 0, device="cpu") -> KimiK2:
+    torch.manual_seed(seed)
+    return KimiK2(Config.from_preset(preset)).to(device)
+
+
+def make_batch(config: Config, batch: int, seq_len: int, device="cpu", seed: int = 1):
+    """Random tokens (B, T+1) split into inputs and next-token targets, each (B, T)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=g)
+    return tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+
+
+def build_transformers_twin(model: KimiK2):
+    """transformers' DeepseekV3ForCausalLM from kimik2's hub export: same config, same weights."""
+    from transformers import DeepseekV3ForCausalLM
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        twin = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32)
+    x, _ = make_batch(model.config, 2, 32)
+    model.eval(), twin.eval()
+    with torch.no_grad():
+        ours, theirs = model(x)[0], twin(x).logits
+    if not torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4):
+        raise RuntimeError(f"transformers twin disagrees: max |dlogits| {(ours - theirs).abs().max():.2e}")
+    model.train(), twin.train()
+    return twin
+
+
+class ReferenceOptimizer:
+    """torch.optim.Muon on the hidden matrices + torch.optim.AdamW (foreach) on the rest.
+
+    matrices: (parameter, row_blocks) pairs; a 3-D (E, A, B) stack enters Muon as E * row_blocks leaf
+    2-D views sharing its storage (row_blocks=2 splits transformers' fused gate_up_proj into gate and
+    up); before each step their .grad are set to the matching views of the stack's gradient."""
+
+    def __init__(self, matrices, others, lr=LR, weight_decay=WEIGHT_DECAY):
+        self.params = [p for p, _ in matrices] + list(others)
+        self.views = []  # (stack, index, row slice, 2-D leaf view)
+        muon_params = []
+        for p, row_blocks in matrices:
+            if p.ndim == 2:
+                muon_params.append(p)
+                continue
+            rows = p.shape[1] // row_blocks
+            for e in range(p.shape[0]):
+                for b in range(row_blocks):
+                    view = p.detach()[e, b * rows:(b + 1) * rows].requires_grad_()
+                    self.views.append((p, e, slice(b * rows, (b + 1) * rows), view))
+                    muon_params.append(view)
+        self.muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=0.95,
+                                     nesterov=True, adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW(others, lr=lr, betas=(0.9, 0.95), eps=1e-8,
+                                       weight_decay=weight_decay, foreach=True)
+
+    def step(self):
+        for p, e, rows, view in self.views:
+            view.grad = p.grad[e, rows]
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+        for *_, view in self.views:
+            view.grad = None
+
+
+def reference_for_kimik2(model: KimiK2) -> ReferenceOptimizer:
+    """The reference on kimik2's parameters, split by the same roles as MuonClip's."""
+    muon, adamw = split_params(model)
+    return ReferenceOptimizer([(p, 1) for p in muon], adamw)
+
+
+def reference_for_transformers(twin) -> ReferenceOptimizer:
+    matrices, others = [], []
+    for name, p in twin.named_parameters():
+        if p.ndim < 2 or "embed_tokens" in name or name.startswith("lm_head"):
+            others.append(p)
+        else:
+            matrices.append((p, 2 if name.endswith("gate_up_proj") else 1))
+    return ReferenceOptimizer(matrices, others)
+
+
+def muonclip_for(model: KimiK2) -> MuonClip:
+    return MuonClip.for_model(model, lr=LR, weight_decay=WEIGHT_DECAY)
+
+
+def train_step_fn(model, opt, x, y, autocast_dtype=None, transformers_model=False):
+    """One forward + backward + optimizer step. The loss is the same fp32 cross entropy on both
+    models (transformers' own labels path would shift the targets a second time)."""
+    device_type = x.device.type
+    autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype
+                else contextlib.nullcontext())
+
+    def step():
+        with autocast:
+            if transformers_model:
+                logits = model(x).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            else:
+                loss = model(x, y)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
+def set_tracking(model: KimiK2, on: bool):
+    for attn in model.attention_modules():
+        attn.track_max_logits = on
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Decoding: absorbed latent cache against a full per-head K/V cache
+
+class FullKVCache:
+    """Baseline decoder (not part of kimik2): the naive MLA form with every head's K and V cached,
+    (B, H, S, Dn+Dr) and (B, H, S, Dv) per layer, running on the model's own modules and weights."""
+
+    def __init__(self, model: KimiK2, batch: int, max_len: int):
+        c = model.config
+        w = model.lm_head.weight
+        self.model = model
+        shape = (batch, c.num_attention_heads, max_len)
+        self.k = [torch.zeros(*shape, c.qk_head_dim, dtype=w.dtype) for _ in range(c.num_hidden_layers)]
+        self.v = [torch.zeros(*shape, c.v_head_dim, dtype=w.dtype) for _ in range(c.num_hidden_layers)]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def _attention(self, i, attn, x, cos, sin, start):
+        B, T, _ = x.shape
+        H, end = attn.num_heads, start + T
+        q_nope, q_rope = attn._query(x, cos, sin)  # (B,T,H,Dn), (B,T,H,Dr)
+        c_kv, k_rope = attn._latent(x, cos, sin)  # (B,T,C), (B,T,Dr)
+        k_nope, v = attn.kv_b_proj(c_kv).unflatten(-1, (H, -1)).split([attn.nope, attn.v_dim], -1)  # (B,T,H,Dn),(B,T,H,Dv)
+        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, H, attn.rope)], -1)  # (B, T, H, Dn+Dr)
+        self.k[i][:, :, start:end] = k.transpose(1, 2)
+        self.v[i][:, :, start:end] = v.transpose(1, 2)
+        q = torch.cat([q_nope, q_rope], -1).transpose(1, 2)  # (B, H, T, Dn+Dr)
+        # causal alignment holds for a prefill from 0 (T == end) and for one new token (T == 1)
+        y = F.scaled_dot_product_attention(q, self.k[i][:, :, :end], self.v[i][:, :, :end],
+                                           is_causal=T > 1, scale=attn.softmax_scale)  # (B, H, T, Dv)
+        return attn.o_proj(y.transpose(1, 2).reshape(B, T, H * attn.v_dim))
+
+    @torch.no_grad()
+    def __call__(self, ids, start: int):
+        """ids (B, T) at positions start.. -> logits of the last position (B, V)."""
+        assert start == 0 or ids.shape[1] == 1, "prefill from 0, then one token at a time"
+        m = self.model.model
+        x = m.embed_tokens(ids)
+        cos, sin = m.rotary_emb(start, ids.shape[1])
+        for i, layer in enumerate(m.layers):
+            x = x + self._attention(i, layer.self_attn, layer.input_layernorm(x), cos, sin, start)
+            h = layer.post_attention_layernorm(x)
+            x = x + (layer.mlp(h)[0] if layer.is_moe else layer.mlp(h))
+        return self.model.lm_head(m.norm(x)[:, -1])
+
+
+class AbsorbedCache:
+    """kimik2's own decode path (what model.generate runs): the latent cache, C + Dr per layer."""
+
+    def __init__(self, model: KimiK2, batch: int, max_len: int):
+        self.model = model
+        self.caches = model.new_caches(batch, max_len)
+
+    def nbytes(self) -> int:
+        return sum(c.numel() * c.element_size() for c in self.caches)
+
+    @torch.no_grad()
+    def __call__(self, ids, start: int):
+        return self.model(ids, caches=self.caches, start_pos=start)[0][:, -1]
+
+
+def bench_decode(model: KimiK2, context: int, new_tokens: int, reps: int) -> dict:
+    """Greedy decoding of new_tokens after a random prompt of `context` tokens, batch 1; the timed
+    part is the decoding (the prefill is not timed). Both caches must produce the same tokens."""
+    model.eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(2))
+    max_len = context + new_tokens
+    out, times = {}, {"absorbed": [], "full": []}
+    for _ in range(reps):
+        for name, cls in (("absorbed", AbsorbedCache), ("full", FullKVCache)):
+            cache = cls(model, 1, max_len)
+            ids, tokens = cache(prompt, 0).argmax(-1, keepdim=True), []
+            t0 = time.perf_counter()
+            for pos in range(context, max_len):
+                tokens.append(ids)
+                ids = cache(ids, pos).argmax(-1, keepdim=True)
+            times[name].append(time.perf_counter() - t0)
+            out[name] = dict(tokens=torch.cat(tokens, 1), cache_bytes_per_token=cache.nbytes() / max_len)
+    generated = model.generate(prompt, new_tokens, temperature=0)[:, context:]
+    if not (torch.equal(out["absorbed"]["tokens"], generated) and torch.equal(out["full"]["tokens"], generated)):
+        raise RuntimeError("decoders disagree with model.generate's greedy tokens")
+    model.train()
+    return {name: dict(tokens_per_s=new_tokens / statistics.median(times[name]),
+                       cache_bytes_per_token=out[name]["cache_bytes_per_token"]) for name in times}
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Peak memory of a training step, in a fresh process
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M)[1])
+
+
+def memory_worker(which: str, preset: str, batch: int, seq_len: int) -> dict:
+    """Run in a subprocess: one warm-up step (allocates optimizer state), then reset the high-water
+    mark (Linux: write 5 to /proc/self/clear_refs) and measure one more step's peak above the
+    resident set before it. On CUDA: torch.cuda.max_memory_allocated the same way."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_kimik2(preset, device=device)
+    x, y = make_batch(model.config, batch, seq_len, device)
+    if which == "transformers":
+        model = build_transformers_twin(model.cpu()).to(device)
+        step = train_step_fn(model, reference_for_transformers(model), x, y, transformers_model=True)
+    else:
+        step = train_step_fn(model, muonclip_for(model), x, y)
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return dict(peak_bytes=torch.cuda.max_memory_allocated(),
+                    step_bytes=torch.cuda.max_memory_allocated() - base, how="torch.cuda.max_memory_allocated")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _proc_status_kib("VmRSS")
+    step()
+    peak = _proc_status_kib("VmHWM")
+    return dict(peak_bytes=peak * 1024, step_bytes=(peak - base) * 1024, how="VmHWM (fresh process)")
+
+
+def bench_memory(which: str, preset: str, batch: int, seq_len: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", which, "--preset", preset,
+           "--batch-size", str(batch), "--seq-len", str(seq_len)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if done.returncode:
+        raise RuntimeError(f"memory worker failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: the small preset in bf16
+
+def bench_cuda_small(args) -> dict:
+    device = torch.device("cuda")
+    model = build_kimik2("small", device=device)
+    x, y = make_batch(model.config, args.cuda_batch_size, args.seq_len_cuda, device)
+    step = train_step_fn(model, muonclip_for(model), x, y, autocast_dtype=torch.bfloat16)
+    seconds = race({"step": step}, reps=args.reps, warmup=args.warmup, device=device)["step"]
+    tokens_per_s = x.numel() / seconds
+    peak = matmul_peak(torch.bfloat16, device, n=8192, reps=10)
+    flops = model.estimate_flops_per_token(x.shape[1])
+    return dict(gpu=torch.cuda.get_device_name(), batch=list(x.shape), tokens_per_s=tokens_per_s,
+                bf16_peak_flops=peak, mfu=tokens_per_s * flops / peak)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    res = dict(machine=dict(cpu=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                            torch=torch.__version__, bf16_cpu_flags=cpu_bf16_flags(),
+                            load_average_at_start=os.getloadavg()[0]),
+               settings=dict(preset=args.preset, batch=args.batch_size, seq_len=args.seq_len,
+                             reps=args.reps, warmup=args.warmup, lr=LR, weight_decay=WEIGHT_DECAY))
+    model = build_kimik2(args.preset)
+    x, y = make_batch(model.config, args.batch_size, args.seq_len)
+    tokens = x.numel()
+
+    # 1. training step against transformers
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+    if transformers is None:
+        res["train_vs_transformers"] = dict(skipped="transformers is not installed")
+    else:
+        twin = build_transformers_twin(model)
+        theirs = train_step_fn(twin, reference_for_transformers(twin), x, y, transformers_model=True)
+        ours = train_step_fn(model, muonclip_for(model), x, y)
+        t = race({"kimik2": ours, "transformers": theirs}, args.reps, args.warmup)
+        res["train_vs_transformers"] = dict(
+            transformers=transformers.__version__,
+            kimik2_tokens_per_s=tokens / t["kimik2"], transformers_tokens_per_s=tokens / t["transformers"],
+            speedup=t["transformers"] / t["kimik2"])
+        del twin, theirs, ours
+
+    # 2. optimizer step on the same parameters and gradients
+    model = build_kimik2(args.preset)
+    model(x, y)[1].backward()
+    grads = {p: p.grad.clone() for p in model.parameters()}
+    muonclip, reference = muonclip_for(model), reference_for_kimik2(model)
+
+    def with_grads(opt):
+        def step():
+            for p, g in grads.items():
+                p.grad = g
+            opt.step()
+        return step
+    t = race({"muonclip": with_grads(muonclip), "torch": with_grads(reference)}, args.reps * 2, args.warmup)
+    res["optimizer"] = dict(muonclip_ms=t["muonclip"] * 1e3, torch_muon_adamw_ms=t["torch"] * 1e3,
+                            ratio=t["muonclip"] / t["torch"])
+    del muonclip, reference, grads
+
+    # 3, 4, 5. tracking, bf16, MFU: kimik2 training steps
+    model = build_kimik2(args.preset)
+    step = train_step_fn(model, muonclip_for(model), x, y)
+    step_bf16 = train_step_fn(model, muonclip_for(model), x, y, autocast_dtype=torch.bfloat16)
+
+    def untracked():
+        set_tracking(model, False)
+        step()
+        set_tracking(model, True)
+    t = race({"tracked": step, "untracked": untracked, "bf16": step_bf16}, args.reps, args.warmup)
+    res["tracking"] = dict(tracked_ms=t["tracked"] * 1e3, untracked_ms=t["untracked"] * 1e3,
+                           overhead=t["tracked"] / t["untracked"] - 1)
+    res["bf16"] = dict(fp32_ms=t["tracked"] * 1e3, bf16_ms=t["bf16"] * 1e3, speedup=t["tracked"] / t["bf16"])
+    flops_per_token = model.estimate_flops_per_token(args.seq_len)
+    peak_fp32, peak_bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    achieved = dict(fp32=tokens / t["tracked"] * flops_per_token, bf16=tokens / t["bf16"] * flops_per_token)
+    res["mfu"] = dict(flops_per_token=flops_per_token, fp32_peak_flops=peak_fp32, bf16_peak_flops=peak_bf16,
+                      fp32_flops=achieved["fp32"], bf16_flops=achieved["bf16"],
+                      fp32=achieved["fp32"] / peak_fp32, bf16=achieved["bf16"] / peak_bf16)
+
+    # 6. peak memory
+    res["memory"] = {"kimik2": bench_memory("kimik2", args.preset, args.batch_size, args.seq_len)}
+    if transformers is not None:
+        res["memory"]["transformers"] = bench_memory("transformers", args.preset, args.batch_size, args.seq_len)
+
+    # 7. decoding
+    res["decode"] = dict(context=args.decode_context, new_tokens=args.decode_tokens,
+                         **bench_decode(model, args.decode_context, args.decode_tokens, max(1, args.reps // 3)))
+
+    # CUDA
+    res["cuda_small"] = bench_cuda_small(args) if torch.cuda.is_available() else dict(skipped="no CUDA device")
+
+    res["machine"]["load_average_at_end"] = os.getloadavg()[0]
+    res["targets"] = targets(res)
+    return res
+
+
+def targets(res) -> dict:
+    bf16_relevant = bool(res["machine"]["bf16_cpu_flags"])
+    values = {
+        "train_speedup_vs_transformers": res["train_vs_transformers"].get("speedup"),
+        "optimizer_time_ratio_vs_torch": res["optimizer"]["ratio"],
+        "tracking_overhead": res["tracking"]["overhead"],
+        "bf16_speedup": res["bf16"]["speedup"] if bf16_relevant else None,
+        "mfu_fp32_tiny": res["mfu"]["fp32"],
+    }
+    out = {}
+    for name, (op, bound) in TARGETS.items():
+        v = values[name]
+        met = None if v is None else (v >= bound if op == ">=" else v <= bound if op == "<=" else v > bound)
+        out[name] = dict(value=v, target=f"{op} {bound}", met=met)
+    return out
+
+
+def print_table(res):
+    m, s = res["machine"], res["settings"]
+    print(f"kimik2 bench: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}; "
+          f"bf16 CPU instructions: {', '.join(m['bf16_cpu_flags']) or 'none'}")
+    print(f"preset {s['preset']}, batch {s['batch']} x {s['seq_len']} tokens, fp32 unless stated; "
+          f"medians of {s['reps']} reps after {s['warmup']} warm-up; 1-min load average "
+          f"{m['load_average_at_start']:.1f} at start, {m['load_average_at_end']:.1f} at end "
+          f"(above the core count, other processes share the CPU and the figures are noisy)\n")
+    tv, o, tr, b, u = (res[k] for k in ("train_vs_transformers", "optimizer", "tracking", "bf16", "mfu"))
+    rows = []
+    if "skipped" in tv:
+        rows.append(("1 train step vs transformers", f"skipped: {tv['skipped']}", "train_speedup_vs_transformers"))
+    else:
+        rows.append(("1 train step vs transformers " + tv["transformers"],
+                     f"{tv['kimik2_tokens_per_s']:,.0f} vs {tv['transformers_tokens_per_s']:,.0f} tok/s "
+                     f"= {tv['speedup']:.2f}x", "train_speedup_vs_transformers"))
+    rows += [
+        ("2 optimizer step MuonClip / torch Muon+AdamW",
+         f"{o['muonclip_ms']:.1f} / {o['torch_muon_adamw_ms']:.1f} ms = {o['ratio']:.2f}x", "optimizer_time_ratio_vs_torch"),
+        ("3 max-logit tracking overhead",
+         f"{tr['tracked_ms']:.1f} vs {tr['untracked_ms']:.1f} ms = {tr['overhead']:+.1%}", "tracking_overhead"),
+        ("4 bf16 autocast vs fp32 step",
+         f"{b['bf16_ms']:.1f} vs {b['fp32_ms']:.1f} ms = {b['speedup']:.2f}x", "bf16_speedup"),
+        ("5 MFU fp32 (of measured fp32 mm peak)",
+         f"{u['fp32_flops'] / 1e9:.1f} / {u['fp32_peak_flops'] / 1e9:.0f} GFLOP/s = {u['fp32']:.1%}", "mfu_fp32_tiny"),
+        ("  MFU bf16 (of measured bf16 mm peak)",
+         f"{u['bf16_flops'] / 1e9:.1f} / {u['bf16_peak_flops'] / 1e9:.0f} GFLOP/s = {u['bf16']:.1%}", None),
+    ]
+    mem = res["memory"]
+    k = mem["kimik2"]
+    line = f"{k['step_bytes'] / 2**20:.0f} MiB above {(k['peak_bytes'] - k['step_bytes']) / 2**20:.0f} MiB"
+    if "transformers" in mem:
+        t = mem["transformers"]
+        line += f"; transformers {t['step_bytes'] / 2**20:.0f} MiB ({k['step_bytes'] / t['step_bytes']:.2f}x)"
+    rows.append((f"6 peak memory of a step [{k['how']}]", line, None))
+    d = res["decode"]
+    a, f = d["absorbed"], d["full"]
+    rows.append((f"7 decode at {d['context']} ctx, absorbed vs full K/V",
+                 f"{a['tokens_per_s']:.0f} vs {f['tokens_per_s']:.0f} tok/s = {a['tokens_per_s'] / f['tokens_per_s']:.2f}x", None))
+    rows.append(("  cache bytes/token (fp32), absorbed vs full",
+                 f"{a['cache_bytes_per_token']:,.0f} vs {f['cache_bytes_per_token']:,.0f} "
+                 f"= 1/{f['cache_bytes_per_token'] / a['cache_bytes_per_token']:.1f}", None))
+    c = res["cuda_small"]
+    rows.append(("CUDA small bf16 MFU", f"skipped: {c['skipped']}" if "skipped" in c else
+                 f"{c['gpu']}: {c['tokens_per_s']:,.0f} tok/s, {c['mfu']:.1%} of {c['bf16_peak_flops'] / 1e12:.0f} TFLOP/s", None))
+    width = max(len(r[0]) for r in rows)
+    for label, value, target in rows:
+        verdict = ""
+        if target:
+            tgt = res["targets"][target]
+            verdict = f"target {tgt['target']}: " + {True: "met", False: "MISSED", None: "n/a"}[tgt["met"]]
+        print(f"{label:{width}s}  {value:46s}  {verdict}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--batch-size", type=int, default=16, help="train.py's default")
+    p.add_argument("--seq-len", type=int, default=128, help="train.py's default")
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions per figure (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--decode-context", type=int, default=2048, help="prompt tokens before decoding")
+    p.add_argument("--decode-tokens", type=int, default=32, help="decoded tokens timed")
+    p.add_argument("--cuda-batch-size", type=int, default=16)
+    p.add_argument("--seq-len-cuda", type=int, default=1024)
+    p.add_argument("--memory-worker", choices=("kimik2", "transformers"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_worker:
+        print(json.dumps(memory_worker(args.memory_worker, args.preset, args.batch_size, args.seq_len)))
+        return
+    res = run(args)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print_table(res)
+
+
+if __name__ == "__main__":
+    main()
