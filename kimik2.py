@@ -379,10 +379,13 @@ def _scale_rows_(weight: torch.Tensor, row_scale: torch.Tensor):
     """weight[r] *= row_scale[r] in place. For a DTensor sharded on dim 0 (FSDP2: torch.chunk-style
     shards, the last possibly shorter or empty), only the local rows are scaled."""
     local = weight
-    if hasattr(torch.distributed, "tensor") and isinstance(weight, torch.distributed.tensor.DTensor):
-        local = weight.to_local()
-        for mesh_dim, placement in enumerate(weight.placements):
-            if placement.is_shard():
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+        if isinstance(weight, DTensor):
+            local = weight.to_local()
+            for mesh_dim, placement in enumerate(weight.placements):
+                if not placement.is_shard():
+                    continue
                 if placement.dim != 0:
                     raise ValueError("qk_clip_ needs weights sharded on dim 0 (rows)")
                 shards = row_scale.chunk(weight.device_mesh.size(mesh_dim))
@@ -437,10 +440,8 @@ class Gate(nn.Module):
         if c.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights * c.routed_scaling_factor
-        counts = None
-        if self.training and torch.is_grad_enabled():
-            counts = torch.bincount(experts.flatten(), minlength=E)
-            self.expert_load += counts
+        if self.training and torch.is_grad_enabled():  # training tokens only (SPEC 3)
+            self.expert_load += torch.bincount(experts.flatten(), minlength=E)
         aux = None
         if self.training and c.aux_loss_alpha > 0:
             aux = self._sequence_balance_loss(scores, experts, batch)
