@@ -767,15 +767,22 @@ def heads_cost(config: Config, heads: int, context_len: int = _CONTEXTS["128k"])
     return dict(heads=heads, context_len=context_len, end_of_context=end, prefill_average=prefill)
 
 
+def _human(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:,.2f}{unit}"
+    return f"{n:,.0f}"
+
+
 def _print_table(columns: dict):
     reports = {name: size_report(c) for name, c in columns.items()}
-    rows = [("total params", lambda r: f"{r['total'] / 1e9:,.2f}B"),
-            ("activated (incl. embedding + head)", lambda r: f"{r['activated'] / 1e9:,.2f}B"),
-            ("activated (no embedding, no head)", lambda r: f"{r['activated_no_embedding'] / 1e9:,.2f}B"),
+    rows = [("total params", lambda r: _human(r["total"])),
+            ("activated (incl. embedding + head)", lambda r: _human(r["activated"])),
+            ("activated (no embedding, no head)", lambda r: _human(r["activated_no_embedding"])),
             ("sparsity (routed experts / active)", lambda r: f"{r['sparsity']:.0f}"),
             ("KV cache bytes/token, absorbed (bf16)", lambda r: f"{r['kv_cache_bytes_per_token_bf16']['absorbed']:,}"),
             ("KV cache bytes/token, full K/V (bf16)", lambda r: f"{r['kv_cache_bytes_per_token_bf16']['full']:,}")]
-    rows += [(f"forward GFLOPs/token at {name}", lambda r, name=name: f"{r['forward_flops_per_token'][name] / 1e9:,.1f}")
+    rows += [(f"forward FLOPs/token at {name}", lambda r, name=name: _human(r["forward_flops_per_token"][name]))
              for name in _CONTEXTS]
     print(f"{'':40s}" + "".join(f"{name:>16s}" for name in columns))
     for label, fmt in rows:
@@ -802,7 +809,7 @@ def main(argv=None):
         return
     _print_table(columns)
     print("Convention: total counts every parameter plus router biases; activated counts one token's "
-          "path (8 of the routed experts).\nFLOPs: 2 per multiply-add, matmuls plus naive-MLA "
+          "path (num_experts_per_tok routed experts).\nFLOPs: 2 per multiply-add, matmuls plus naive-MLA "
           "attention over the context, for the token at the end of that context.")
     if k2 is not None:
         cost = heads_cost(k2, 128)
