@@ -30,8 +30,10 @@ class _MuonAttention(nn.Module):
     def __init__(self, dim, num_heads, num_kv_heads, head_dim):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=True)   # biases: the rule scales them too
-        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=True)
+        # no q/k biases: a key bias only adds q.b_k, constant over keys, so its gradient is pure
+        # rounding noise that AdamW would blow up into rank-dependent steps
+        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=False)
         self.register_buffer("max_logits", torch.full((num_heads,), -math.inf), persistent=False)
@@ -52,7 +54,6 @@ class _MuonAttention(nn.Module):
 
     def qk_clip_(self, gamma):
         qk_clip_mha_(self.q_proj.weight, self.k_proj.weight, gamma, self.num_kv_heads)
-        qk_clip_mha_(self.q_proj.bias, self.k_proj.bias, gamma, self.num_kv_heads)
 
 
 class _MuonBlock(nn.Module):
@@ -307,7 +308,7 @@ def test_split_params_sends_embeddings_head_norms_biases_to_adamw():
     tied = _MuonLM(tie=True)
     muon, adamw = split_params(tied)
     assert any(p is tied.embed.weight for p in adamw) and not any(p is tied.embed.weight for p in muon)
-    assert any(p is tied.layers[0].attn.q_proj.bias for p in adamw)
+    assert any(p is tied.layers[0].mlp[0].bias for p in adamw)
     assert all(p.ndim >= 2 for p in muon) and len(muon) == 2 * 6        # q, k, v, o, mlp in, mlp out
 
 
@@ -396,7 +397,7 @@ def test_post_clip_logits_never_exceed_tau_mha_gqa(seed, kv_heads, group, head_d
     assert torch.allclose(after[~clipped], before[~clipped], rtol=1e-5)
     group_clipped = clipped.view(-1, kv_heads, group).any(-1)              # (L, Hkv)
     for layer, block in enumerate(model.layers):
-        for name in ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"):
+        for name in ("q_proj.weight", "k_proj.weight"):
             full = f"layers.{layer}.attn.{name}"
             rows_per_group = (group if name.startswith("q") else 1) * head_dim
             new = dict(model.named_parameters())[full].view(kv_heads, rows_per_group, -1)
@@ -406,6 +407,32 @@ def test_post_clip_logits_never_exceed_tau_mha_gqa(seed, kv_heads, group, head_d
     for name, p in model.named_parameters():                               # v, o, mlp, norms ...
         if not (".q_proj." in name or ".k_proj." in name):
             assert torch.equal(p, weights[name]), name
+
+
+@given(kv_heads=st.integers(1, 3), group=st.integers(1, 3), seed=st.integers(0, 2 ** 16))
+@settings(deadline=None)
+def test_qk_clip_mha_scales_each_heads_logits_by_its_gamma(kv_heads, group, seed):
+    """The rule on weights and biases directly: head h's logits (x W_q + b_q)_h . (x W_k + b_k)_g(h)
+    become gamma_h times what they were; a key group whose gammas are all 1 is bitwise unchanged."""
+    gen = torch.Generator().manual_seed(seed)
+    H, hd, dim = kv_heads * group, 4, 12
+    w_q, w_k = torch.randn(H * hd, dim, generator=gen), torch.randn(kv_heads * hd, dim, generator=gen)
+    b_q, b_k = torch.randn(H * hd, generator=gen), torch.randn(kv_heads * hd, generator=gen)
+    gamma = torch.where(torch.rand(H, generator=gen) < 0.5, torch.rand(H, generator=gen), torch.ones(H))
+    x = torch.randn(5, dim, generator=gen)
+
+    def logits():                                                           # (H, 5, 5)
+        q = (x @ w_q.T + b_q).view(5, H, hd).transpose(0, 1)                # (H, 5, hd)
+        k = (x @ w_k.T + b_k).view(5, kv_heads, hd).transpose(0, 1)         # (Hkv, 5, hd)
+        return q @ k.repeat_interleave(group, 0).transpose(-2, -1)
+
+    before, old_k = logits(), w_k.clone()
+    qk_clip_mha_(w_q, w_k, gamma, kv_heads)
+    qk_clip_mha_(b_q, b_k, gamma, kv_heads)
+    assert torch.allclose(logits(), before * gamma[:, None, None], rtol=1e-4, atol=1e-4)
+    untouched = (gamma.view(kv_heads, group) == 1).all(1)                  # (Hkv,)
+    for g in range(kv_heads):
+        assert torch.equal(w_k.view(kv_heads, hd, dim)[g], old_k.view(kv_heads, hd, dim)[g]) == bool(untouched[g])
 
 
 def test_clip_acts_after_the_update_and_only_on_heads_above_tau():
@@ -480,7 +507,7 @@ def _muon_train(kind, wrap=None, rank=0, world=1):
         for layer in (raw.model.layers if kind == "mla" else raw.layers):
             fully_shard(layer, mesh=mesh)
         fully_shard(raw, mesh=mesh)
-    tau = {"mha": 2.0, "mla": 0.5}[kind]
+    tau = {"mha": 0.9, "mla": 4.5}[kind]                  # between the heads' initial maxima
     opt = MuonClip.for_model(raw, lr=0.02, weight_decay=0.1, qk_clip_tau=tau, ns_dtype=torch.float32)
     gen = torch.Generator().manual_seed(1234)
     share = _MUON_DIST_BATCH // world
