@@ -451,7 +451,7 @@ def run(args) -> dict:
 
     # 7. decoding
     res["decode"] = dict(context=args.decode_context, new_tokens=args.decode_tokens,
-                         **bench_decode(model, args.decode_context, args.decode_tokens, max(1, args.reps // 3)))
+                         **bench_decode(model, args.decode_context, args.decode_tokens, max(1, args.reps // 4)))
 
     # CUDA
     res["cuda_small"] = bench_cuda_small(args) if torch.cuda.is_available() else dict(skipped="no CUDA device")
@@ -538,10 +538,10 @@ def main(argv=None):
     p.add_argument("--preset", default="tiny")
     p.add_argument("--batch-size", type=int, default=16, help="train.py's default")
     p.add_argument("--seq-len", type=int, default=128, help="train.py's default")
-    p.add_argument("--reps", type=int, default=10, help="timed repetitions per figure (median)")
+    p.add_argument("--reps", type=int, default=8, help="timed repetitions per figure (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--decode-context", type=int, default=2048, help="prompt tokens before decoding")
+    p.add_argument("--decode-context", type=int, default=4000, help="prompt tokens before decoding (tiny: up to 4096 - decode-tokens)")
     p.add_argument("--decode-tokens", type=int, default=32, help="decoded tokens timed")
     p.add_argument("--cuda-batch-size", type=int, default=16)
     p.add_argument("--seq-len-cuda", type=int, default=1024)
