@@ -29,6 +29,9 @@ causal context (T+1)/2; elementwise work is not counted. Time is the whole step,
     python bench.py                 the table (about 2-3 minutes on 2 CPU cores)
     python bench.py --json          one JSON object
     python bench.py --reps 5 --warmup 1 --decode-context 1024   quicker, noisier
+    python bench.py --threads 1     on a machine other processes are loading: torch's OpenMP threads
+                                    spin-wait for a descheduled peer at every op, which slowed tiny
+                                    steps 5-10x here (the table prints the load average)
 """
 import argparse
 import contextlib
@@ -321,10 +324,10 @@ def _proc_status_kib(field: str) -> int:
         return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M)[1])
 
 
-def memory_worker(which: str, preset: str, batch: int, seq_len: int) -> dict:
-    """Run in a subprocess: one warm-up step (allocates optimizer state), then reset the high-water
-    mark (Linux: write 5 to /proc/self/clear_refs) and measure one more step's peak above the
-    resident set before it. On CUDA: torch.cuda.max_memory_allocated the same way."""
+def memory_worker(which: str, preset: str, batch: int, seq_len: int, steps: int = 3) -> dict:
+    """Run in a subprocess: one warm-up step (allocates optimizer state), then per step reset the
+    high-water mark (Linux: write 5 to /proc/self/clear_refs) and take the step's peak above the
+    resident set before it; the median over `steps`. On CUDA: torch.cuda.max_memory_allocated alike."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_kimik2(preset, device=device)
     x, y = make_batch(model.config, batch, seq_len, device)
@@ -334,26 +337,34 @@ def memory_worker(which: str, preset: str, batch: int, seq_len: int) -> dict:
     else:
         step = train_step_fn(model, muonclip_for(model), x, y)
     step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return dict(peak_bytes=torch.cuda.max_memory_allocated(),
-                    step_bytes=torch.cuda.max_memory_allocated() - base, how="torch.cuda.max_memory_allocated")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _proc_status_kib("VmRSS")
-    step()
-    peak = _proc_status_kib("VmHWM")
-    return dict(peak_bytes=peak * 1024, step_bytes=(peak - base) * 1024, how="VmHWM (fresh process)")
+    peaks, bases = [], []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            bases.append(torch.cuda.memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated())
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            bases.append(_proc_status_kib("VmRSS") * 1024)
+            step()
+            peaks.append(_proc_status_kib("VmHWM") * 1024)
+    return dict(peak_bytes=statistics.median(peaks),
+                step_bytes=statistics.median(p - b for p, b in zip(peaks, bases)),
+                how="torch.cuda.max_memory_allocated" if device.type == "cuda" else "VmHWM (fresh process)")
 
 
 def bench_memory(which: str, preset: str, batch: int, seq_len: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", which, "--preset", preset,
            "--batch-size", str(batch), "--seq-len", str(seq_len)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # glibc keeps freed heap memory resident, so VmRSS before a step would depend on what ran
+    # earlier; with every allocation >= 64 KiB served by mmap, a freed tensor leaves the resident
+    # set at once and the step's peak above its start repeats to within a percent
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     if done.returncode:
         raise RuntimeError(f"memory worker failed: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
