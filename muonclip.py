@@ -26,6 +26,10 @@ Features
   collective, so all replicas clip alike. Under FSDP2 (`fully_shard`, DTensor parameters) Muon
   gathers each matrix for Newton-Schulz and keeps its own shard (stacked experts sharded on the expert
   dim need no gather); momentum and AdamW state are local shards. On one process all of it is a no-op.
+  Under DDP pass broadcast_buffers=False, or rank 0's max_logits overwrite every other rank's running
+  max at each forward and micro-batches seen only by other ranks are lost.
+- Updates and clips act in place on the parameters, which should be the fp32 master weights (use
+  autocast for bf16 compute; clipping a bf16 copy while an fp32 master stays would undo the clip).
 
 Where Muon must NOT be used (split_params sends these to AdamW)
 - Embeddings: a lookup table, not a linear map; each step's gradient touches only the rows of the
@@ -125,9 +129,11 @@ def qk_clip_mha_(w_q, w_k, gamma, num_kv_heads):
     sqrt(gamma_h) on both q and k rows. Weights may be DTensors sharded on rows (FSDP2): each rank
     scales the rows it holds.
 
-    To use it, the attention module also keeps the statistic, e.g. after computing the scaled logits
-    (B, H, T, T) with the causal mask at -inf:
-        self.max_logits = torch.maximum(self.max_logits, logits.detach().amax(dim=(0, 2, 3)).float())
+    To use it, the attention module also keeps the statistic: a (num_heads,) fp32 buffer max_logits
+    at -inf, and after computing the scaled logits (B, H, T, T) with the causal mask at -inf:
+        if self.training and torch.is_grad_enabled():    # training forwards only, never eval
+            torch.maximum(self.max_logits, logits.detach().amax(dim=(0, 2, 3)).float(),
+                          out=self.max_logits)
     """
     num_heads = gamma.numel()
     group_min = gamma.view(num_kv_heads, num_heads // num_kv_heads).amin(dim=1)   # (Hkv,)

@@ -6,6 +6,7 @@ Run: python -m pytest test_muonclip.py -q
 The distributed worker lives at the bottom: python test_muonclip.py muonclip-dist OUT_DIR (under torchrun).
 """
 import copy
+import io
 import math
 import os
 import subprocess
@@ -485,6 +486,31 @@ def test_qk_clip_tau_none_turns_clipping_off():
     opt.step()
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     assert opt.clip_stats == {}
+
+
+def test_state_dict_round_trip_resumes_bitwise():
+    model = _muon_model("mha", 5)
+    x = torch.randint(0, 61, (2, 8), generator=torch.Generator().manual_seed(5))
+
+    def train(m, opt, steps):
+        for _ in range(steps):
+            m(x, x)[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    opt = MuonClip.for_model(model, lr=0.02, weight_decay=0.1, qk_clip_tau=0.9)
+    train(model, opt, 2)
+    buffer = io.BytesIO()                              # through bytes, as a checkpoint on disk
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    twin = _muon_model("mha", 6)
+    twin.load_state_dict(checkpoint["model"])
+    twin_opt = MuonClip.for_model(twin, lr=0.02, weight_decay=0.1, qk_clip_tau=0.9)
+    twin_opt.load_state_dict(checkpoint["opt"])
+    train(model, opt, 2)
+    train(twin, twin_opt, 2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
 
 
 # -------------------------------------------------------------------------- 5. DDP and FSDP2
