@@ -433,7 +433,8 @@ def test_qk_clip_mha_scales_each_heads_logits_by_its_gamma(kv_heads, group, seed
     assert torch.allclose(logits(), before * gamma[:, None, None], rtol=1e-4, atol=1e-4)
     untouched = (gamma.view(kv_heads, group) == 1).all(1)                  # (Hkv,)
     for g in range(kv_heads):
-        assert torch.equal(w_k.view(kv_heads, hd, dim)[g], old_k.view(kv_heads, hd, dim)[g]) == bool(untouched[g])
+        same = torch.equal(w_k.view(kv_heads, hd, dim)[g], old_k.view(kv_heads, hd, dim)[g])
+        assert same == bool(untouched[g])
 
 
 def test_clip_acts_after_the_update_and_only_on_heads_above_tau():
@@ -562,7 +563,8 @@ def _muon_dist_worker(out_dir):
     rank, world = dist.get_rank(), dist.get_world_size()
     for kind in ("mha", "mla"):
         for wrap in ("ddp", "fsdp"):
-            torch.save(_muon_train(kind, wrap, rank, world), os.path.join(out_dir, f"{kind}-{wrap}-{rank}.pt"))
+            result = _muon_train(kind, wrap, rank, world)
+            torch.save(result, os.path.join(out_dir, f"{kind}-{wrap}-{rank}.pt"))
     dist.destroy_process_group()
 
 
