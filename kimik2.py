@@ -459,10 +459,17 @@ class Gate(nn.Module):
         return (f * p).sum(-1).mean()
 
 
+def grouped_mm_supported(x) -> bool:
+    """F.grouped_mm has kernels (with backward) on the CPU, and on CUDA for bfloat16 only."""
+    return x.device.type == "cpu" or x.dtype == torch.bfloat16
+
+
 class Experts(nn.Module):
     """E routed SwiGLU experts stored stacked: gate_proj/up_proj (E, I, D), down_proj (E, D, I).
-    Token-expert pairs are sorted by expert; each expert runs once on its contiguous slice, and an
-    idle expert costs nothing (CPU grouped_mm has no backward yet, hence the loop over experts)."""
+    Token-expert pairs are sorted by expert, so each expert's tokens are one contiguous run; an idle
+    expert costs nothing. The runs go through one grouped matmul per projection (forward and
+    backward, no host sync) where PyTorch has the kernel: on the CPU, and on CUDA in bfloat16.
+    Elsewhere (CUDA float32/float16) each expert runs once on its run in a loop."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -477,15 +484,23 @@ class Experts(nn.Module):
         flat = experts.flatten()  # (N*K,)
         order = flat.argsort(stable=True)  # pairs grouped by expert
         token = order // K  # (N*K,) token of each sorted pair
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()  # the one host sync
-        # split/unbind rather than slicing in the loop: their backward is one cat/stack, whereas
-        # each slice's backward would materialise a zero gradient the size of the whole tensor
-        pieces = x[token].split(counts)  # E pieces of (n_e, D)
-        outs = [torch.mm(F.silu(h @ g.T) * (h @ u.T), d.T)  # (n_e, I) -> (n_e, D)
-                for h, g, u, d in zip(pieces, self.gate_proj.unbind(0), self.up_proj.unbind(0),
-                                      self.down_proj.unbind(0)) if h.shape[0]]
-        ys = torch.cat(outs) * weights.flatten()[order, None].type_as(x)  # (N*K, D)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])  # (E,) pairs per expert
+        xs = x[token]  # (N*K, D)
+        w = weights.flatten()[order, None]  # (N*K, 1) routing weight of each sorted pair
+        if grouped_mm_supported(x):
+            offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's run
+            h = F.silu(F.grouped_mm(xs, self.gate_proj.mT, offs=offs)) * F.grouped_mm(xs, self.up_proj.mT, offs=offs)
+            # the routing weight multiplies the I-wide hidden rather than the D-wide output: fewer FLOPs
+            ys = F.grouped_mm(h * w.type_as(h), self.down_proj.mT, offs=offs)  # (N*K, I) -> (N*K, D)
+        else:
+            # split/unbind rather than slicing in the loop: their backward is one cat/stack, whereas
+            # each slice's backward would materialise a zero gradient the size of the whole tensor
+            pieces = xs.split(counts.tolist())  # E pieces of (n_e, D); the one host sync
+            outs = [torch.mm(F.silu(h @ g.T) * (h @ u.T), d.T)  # (n_e, I) -> (n_e, D)
+                    for h, g, u, d in zip(pieces, self.gate_proj.unbind(0), self.up_proj.unbind(0),
+                                          self.down_proj.unbind(0)) if h.shape[0]]
+            ys = torch.cat(outs) * w.type_as(x)  # (N*K, D)
+        return torch.zeros_like(x).index_add_(0, token, ys.type_as(x))
 
 
 class MoE(nn.Module):
@@ -706,7 +721,8 @@ def count_params(config: Config) -> dict:
     Convention: `total` counts every parameter plus the router bias buffers (as the published
     checkpoint does; rotary buffers are not parameters). `activated` counts what one token uses:
     everything except the routed experts it does not select, embedding and lm_head included;
-    `activated_no_embedding` leaves out embed_tokens and lm_head. `matmul_activated` is the
+    `activated_no_input_embedding` leaves out embed_tokens (a lookup, no matmul; the convention of
+    SPEC's 31.7B for K2), `activated_no_embedding` leaves out embed_tokens and lm_head. `matmul_activated` is the
     activated weights that multiply (no embedding lookup, no norm weights, no router bias)."""
     with torch.device("meta"):
         model = KimiK2(config)
@@ -718,7 +734,8 @@ def count_params(config: Config) -> dict:
     idle = len(gates) * (config.n_routed_experts - config.num_experts_per_tok) * per_expert
     norms = sum(m.weight.numel() for m in model.modules() if isinstance(m, RMSNorm))
     activated = total - idle
-    return dict(total=total, activated=activated, activated_no_embedding=activated - embedding - head,
+    return dict(total=total, activated=activated, activated_no_input_embedding=activated - embedding,
+                activated_no_embedding=activated - embedding - head,
                 embedding=embedding, lm_head=head, routed_expert=per_expert, moe_layers=len(gates),
                 matmul_activated=activated - embedding - norms - len(gates) * config.n_routed_experts)
 
@@ -778,6 +795,7 @@ def _print_table(columns: dict):
     reports = {name: size_report(c) for name, c in columns.items()}
     rows = [("total params", lambda r: _human(r["total"])),
             ("activated (incl. embedding + head)", lambda r: _human(r["activated"])),
+            ("activated (no input embedding)", lambda r: _human(r["activated_no_input_embedding"])),
             ("activated (no embedding, no head)", lambda r: _human(r["activated_no_embedding"])),
             ("sparsity (routed experts / active)", lambda r: f"{r['sparsity']:.0f}"),
             ("KV cache bytes/token, absorbed (bf16)", lambda r: f"{r['kv_cache_bytes_per_token_bf16']['absorbed']:,}"),
