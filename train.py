@@ -24,7 +24,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from contextlib import nullcontext
 
@@ -579,7 +578,6 @@ def main(argv=None):
                 f" | imbalance {record['load_imbalance']:.2f} | {now - t_start:.0f}s, ETA {eta:.0f}s")
             window = {"max_logits": torch.full_like(window["max_logits"], -math.inf), "heads_clipped": torch.zeros_like(window["heads_clipped"])}
             t_log, steps_timed = now, 0
-
 
     # -------------------------------------------------------------------------
     # cleanup: export, sample, plot, baseline
