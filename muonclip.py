@@ -121,13 +121,14 @@ def qk_clip_mha_(w_q, w_k, gamma, num_kv_heads):
     each), head-major. w_k: (num_kv_heads * head_dim, ...) key rows, likewise. gamma: (num_heads,).
     Query head h reads key head g = h // (num_heads // num_kv_heads).
 
-    Rule: the shared key head g takes the smallest factor of its query group, k_g *= sqrt(min_g), and
-    each query head takes the rest, q_h *= gamma_h / sqrt(min_g). Every head's logit q_h.k_g is then
-    multiplied by exactly gamma_h: clipped heads land at tau, other heads of a clipped group keep
-    their logits (their q grows by what their shared k lost), and a group with no clipped head is
-    multiplied by exactly 1, i.e. bitwise untouched. Plain MHA (num_kv_heads == num_heads) reduces to
-    sqrt(gamma_h) on both q and k rows. Weights may be DTensors sharded on rows (FSDP2): each rank
-    scales the rows it holds.
+    Rule (SPEC 5): sqrt(gamma_h) on query head h's rows and sqrt(gamma) on its key rows; a key head
+    shared by a group takes the smallest gamma of its query heads, k_g *= sqrt(min_g). Head h's
+    logits are then multiplied by sqrt(gamma_h * min_g) <= gamma_h, so a clipped head ends at or
+    below tau (exactly tau when it has the group's smallest factor), an unclipped head's query rows
+    are bitwise untouched, and a group with no clipped head is not touched at all. The price of the
+    shared key is that unclipped heads of a clipped group lose a factor sqrt(min_g) too. Plain MHA
+    (num_kv_heads == num_heads) is sqrt(gamma_h) on both q and k rows. Weights may be DTensors
+    sharded on rows (FSDP2): each rank scales the rows it holds.
 
     To use it, the attention module also keeps the statistic: a (num_heads,) fp32 buffer max_logits
     at -inf, and after computing the scaled logits (B, H, T, T) with the causal mask at -inf:
@@ -137,10 +138,8 @@ def qk_clip_mha_(w_q, w_k, gamma, num_kv_heads):
     """
     num_heads = gamma.numel()
     group_min = gamma.view(num_kv_heads, num_heads // num_kv_heads).amin(dim=1)   # (Hkv,)
-    k_factor = group_min.sqrt()                                                    # (Hkv,)
-    q_factor = gamma / k_factor.repeat_interleave(num_heads // num_kv_heads)       # (H,)
-    _scale_heads_(w_q, q_factor)
-    _scale_heads_(w_k, k_factor)
+    _scale_heads_(w_q, gamma.sqrt())                                               # (H,)
+    _scale_heads_(w_k, group_min.sqrt())                                           # (Hkv,)
 
 
 def _scale_heads_(w, head_factor):
