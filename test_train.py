@@ -141,10 +141,13 @@ def test_two_processes_with_accumulation_match_one_process(tmp_path, train_setup
     ours, theirs = _train_losses(tmp_path), _train_losses(reference)
     assert [s for s, _ in ours] == [s for s, _ in theirs]
     assert max(abs(a - b) for (_, a), (_, b) in zip(ours, theirs)) < 1e-4
-    # Redo the last two steps from the step-6 checkpoint (FSDP: every rank's optimizer shard).
+    # Redo the last two steps from the step-6 checkpoint (FSDP: every rank's optimizer shard). DDP
+    # repeats them bit for bit; FSDP2 to float32 rounding (2e-7 measured on the last val loss).
     os.remove(tmp_path / "ckpt_0000008.pt")
     _train_run(_train_args(tmp_path, train_setup, "--grad-accum", "2", *mode, "--resume"), nproc=2)
-    assert _train_losses(tmp_path) == ours
+    again = _train_losses(tmp_path)
+    assert [s for s, _ in again] == [s for s, _ in ours]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(again, ours)) < 1e-5
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, train_setup, monkeypatch):
