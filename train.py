@@ -261,7 +261,7 @@ def plot_metrics(records, tau, path):
         ax[0, 1].plot([r["step"] for r in train], per_layer[:, layer], label=f"layer {layer}")
     if tau:
         ax[0, 1].axhline(tau, color="k", linestyle="--", label=f"tau = {tau:g}")
-    ax[0, 1].set(title="max attention logit per layer", xlabel="step")
+    ax[0, 1].set(title="max attention logit per layer (forward pass, before QK-Clip)", xlabel="step")
     ax[0, 1].legend(fontsize=7)
     ax[1, 0].plot([r["step"] for r in train], [r["heads_clipped"] for r in train])
     ax[1, 0].set(title="heads clipped (per log interval)", xlabel="step")
