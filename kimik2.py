@@ -464,12 +464,27 @@ def grouped_mm_supported(x) -> bool:
     return x.device.type == "cpu" or x.dtype == torch.bfloat16
 
 
+def matmul_dtype(x) -> torch.dtype:
+    """The dtype autocast runs a matmul on x in (x's own outside autocast). F.grouped_mm has no
+    autocast rule, so the experts cast for it, as autocast does for nn.Linear and torch.mm."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+# Rows each expert's run is padded to a multiple of in 16-bit matmuls. Routing changes the run
+# lengths every step, and CPU bfloat16 matmuls (oneDNN) build a kernel for each new shape, about
+# 0.6 ms each (measured on Sapphire Rapids, torch 2.13): few distinct lengths keep them cached.
+# float32 (MKL) has no such cost, so there the runs stay unpadded. Zero rows change no result.
+RUN_MULTIPLE = 32
+
+
 class Experts(nn.Module):
     """E routed SwiGLU experts stored stacked: gate_proj/up_proj (E, I, D), down_proj (E, D, I).
-    Token-expert pairs are sorted by expert, so each expert's tokens are one contiguous run; an idle
-    expert costs nothing. The runs go through one grouped matmul per projection (forward and
-    backward, no host sync) where PyTorch has the kernel: on the CPU, and on CUDA in bfloat16.
-    Elsewhere (CUDA float32/float16) each expert runs once on its run in a loop."""
+    Token-expert pairs are sorted by expert, so each expert's tokens are one contiguous run (in
+    16-bit matmuls padded with zero rows to a multiple of RUN_MULTIPLE); an idle expert costs
+    nothing. The runs go through one grouped matmul per projection (forward and backward, no host
+    sync) where PyTorch has the kernel: on the CPU, and on CUDA in bfloat16 (bf16 autocast
+    included). Elsewhere (CUDA float32/float16) each expert runs once on its run in a loop."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -480,29 +495,37 @@ class Experts(nn.Module):
 
     def forward(self, x, weights, experts):
         """x (N, D), weights (N, K), experts (N, K) -> (N, D) = sum_k weights * expert_k(x)."""
-        N, K = experts.shape
-        flat = experts.flatten()  # (N*K,)
-        order = flat.argsort(stable=True)  # pairs grouped by expert
-        token = order // K  # (N*K,) token of each sorted pair
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])  # (E,) pairs per expert
-        # index_select rather than x[token]: the same rows, 2.4x faster on the CPU, and its backward is
+        (N, K), E = experts.shape, self.gate_proj.shape[0]
+        dtype = matmul_dtype(x)
+        R = 1 if dtype == torch.float32 else RUN_MULTIPLE
+        sorted_experts, order = experts.flatten().sort(stable=True)  # (N*K,) pairs grouped by expert
+        counts = torch.bincount(sorted_experts, minlength=E)  # (E,) pairs per expert
+        pad = (-counts) % R  # (E,) zero rows after each run, up to a multiple of R
+        # each pair moves down by the padding of the runs before it
+        row = torch.arange(N * K, device=x.device) + (pad.cumsum(0) - pad)[sorted_experts]  # (N*K,)
+        P = math.ceil((N * K + E * (R - 1)) / R) * R  # rows >= (counts + pad).sum(), fixed: no host sync
+        ends = (counts + pad).cumsum(0)  # (E,) end of each run
+        ends[-1] = P  # the last run takes the slack
+        token = torch.full((P,), N, device=x.device).index_copy_(0, row, order // K)  # (P,); N: padding
+        w = weights.new_zeros(P, 1).index_copy_(0, row, weights.flatten()[order, None])  # (P, 1) routing weights
+        # index_select rather than indexing: the same rows, 2.4x faster on the CPU, and its backward is
         # an index_add_ rather than indexing's accumulating index_put_
-        xs = x.index_select(0, token)  # (N*K, D)
-        w = weights.flatten()[order, None]  # (N*K, 1) routing weight of each sorted pair
-        if grouped_mm_supported(x):
-            offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's run
-            h = F.silu(F.grouped_mm(xs, self.gate_proj.mT, offs=offs)) * F.grouped_mm(xs, self.up_proj.mT, offs=offs)
+        xs = F.pad(x, (0, 0, 0, 1)).index_select(0, token).to(dtype)  # (P, D); x's extra row N is zeros
+        if grouped_mm_supported(xs):
+            offs = ends.to(torch.int32)  # (E,)
+            gate, up, down = (p.to(xs.dtype).mT for p in (self.gate_proj, self.up_proj, self.down_proj))
+            h = F.silu(F.grouped_mm(xs, gate, offs=offs)) * F.grouped_mm(xs, up, offs=offs)  # (P, I)
             # the routing weight multiplies the I-wide hidden rather than the D-wide output: fewer FLOPs
-            ys = F.grouped_mm(h * w.type_as(h), self.down_proj.mT, offs=offs)  # (N*K, I) -> (N*K, D)
+            ys = F.grouped_mm(h * w.type_as(h), down, offs=offs)  # (P, I) -> (P, D)
         else:
             # split/unbind rather than slicing in the loop: their backward is one cat/stack, whereas
             # each slice's backward would materialise a zero gradient the size of the whole tensor
-            pieces = xs.split(counts.tolist())  # E pieces of (n_e, D); the one host sync
+            pieces = xs.split(ends.diff(prepend=ends.new_zeros(1)).tolist())  # E runs (n_e, D); the one host sync
             outs = [torch.mm(F.silu(h @ g.T) * (h @ u.T), d.T)  # (n_e, I) -> (n_e, D)
                     for h, g, u, d in zip(pieces, self.gate_proj.unbind(0), self.up_proj.unbind(0),
                                           self.down_proj.unbind(0)) if h.shape[0]]
-            ys = torch.cat(outs) * w.type_as(x)  # (N*K, D)
-        return torch.zeros_like(x).index_add_(0, token, ys.type_as(x))
+            ys = torch.cat(outs) * w.type_as(x)  # (P, D)
+        return x.new_zeros(N + 1, x.shape[1]).index_add_(0, token, ys.type_as(x))[:N]  # row N: padding
 
 
 class MoE(nn.Module):

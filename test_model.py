@@ -473,6 +473,37 @@ def test_grouped_mm_and_per_expert_loop_dispatch_agree_in_values_and_grads(monke
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_routed_experts_follow_bf16_autocast_and_padding_changes_no_result(monkeypatch):
+    """Under CPU bf16 autocast the grouped matmuls (which have no autocast rule) get bf16 inputs, as
+    nn.Linear does, with runs padded to RUN_MULTIPLE rows; the result stays the float32 one to bf16
+    precision, and without padding (RUN_MULTIPLE=1) it is the same computation."""
+    import kimik2
+    model = _model_random(_model_config())
+    experts = model.model.layers[1].mlp.experts
+    x = torch.randn(40, 32)
+    weights = torch.rand(40, 2)
+    chosen = torch.rand(40, experts.gate_proj.shape[0]).topk(2, -1).indices  # (N, K)
+    seen = []
+    grouped_mm = F.grouped_mm
+
+    def spy(a, b, offs):
+        seen.append((a.dtype, b.dtype, a.shape[0], offs.tolist()))
+        return grouped_mm(a, b, offs=offs)
+    monkeypatch.setattr(F, "grouped_mm", spy)
+    want = experts(x, weights, chosen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = experts(x, weights, chosen)
+        seen_bf16 = seen[-3:]
+        monkeypatch.setattr(kimik2, "RUN_MULTIPLE", 1)
+        unpadded = experts(x, weights, chosen)
+    assert got.dtype == torch.float32
+    assert all(a == b == torch.bfloat16 for a, b, *_ in seen_bf16)
+    rows, offs = seen_bf16[0][2:]
+    assert rows % kimik2.RUN_MULTIPLE == 0 and all(o % kimik2.RUN_MULTIPLE == 0 for o in offs)
+    assert torch.allclose(got, want, rtol=2e-2, atol=2e-3)
+    assert torch.allclose(got, unpadded, atol=1e-6)
+
+
 def test_sequence_balance_loss_adds_to_training_loss_only():
     config = _model_config(aux_loss_alpha=0.1)
     model = _model_random(config)
