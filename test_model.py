@@ -285,6 +285,27 @@ def test_tracked_max_logits_equal_explicit_causal_max(heads, batch, length, seed
     assert torch.allclose(attn.max_logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_written_out_and_sdpa_attention_agree_in_output_grads_and_max_logits(monkeypatch):
+    """The CPU's written-out attention (max read from its logits) and the SDPA path used where a
+    fused kernel exists (max from the separate chunked pass, here forced into small chunks) agree."""
+    import kimik2
+    config = _model_config()
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(kimik2, "fused_attention_available", lambda q, f=fused: f)
+        model, attn, x, cos, sin = _model_attention_input(config, 3, 17, 0, 20.0)
+        attn.train()
+        chunked = attn._update_max_logits
+        monkeypatch.setattr(attn, "_update_max_logits", lambda q, k: chunked(q, k, chunk_elems=3 * 4 * 17 * 5))
+        x.requires_grad_()
+        out = attn(x, cos, sin)
+        out.square().sum().backward()
+        results.append((out.detach(), x.grad, attn.q_b_proj.weight.grad, attn.max_logits.clone()))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(results[0][3]).all()
+
+
 @settings(deadline=None)
 @given(seed=st.integers(0, 2**16), length=st.integers(1, 16))
 def test_eval_and_no_grad_forwards_leave_max_logits_alone(seed, length):
