@@ -328,9 +328,8 @@ class MLA(nn.Module):
                 self._update_max_logits(q.detach(), k.detach())
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         T, S = q.shape[2], k.shape[2]
-        scores = (q @ k.transpose(-2, -1)) * self.softmax_scale  # (B, H, T, S)
         future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)  # (T, S) keys after the query
-        scores = scores.masked_fill(future, float("-inf"))
+        scores = (q @ k.transpose(-2, -1)).mul_(self.softmax_scale).masked_fill_(future, float("-inf"))  # (B, H, T, S)
         if track:
             torch.maximum(self.max_logits, scores.detach().amax(dim=(0, 2, 3)).float(), out=self.max_logits)
         return scores.float().softmax(-1).type_as(v) @ v  # (B, H, T, Dv)
