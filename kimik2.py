@@ -252,9 +252,9 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary(x, cos, sin):
     """Rotate interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek's code does.
     x (B, T, h, Dr); cos, sin (T, Dr/2)."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, h, Dr/2): x0 + i x1
-    rotated = pairs * torch.complex(cos, sin)[:, None, :]  # (x0 cos - x1 sin) + i (x1 cos + x0 sin)
-    return torch.view_as_real(rotated).flatten(-2).type_as(x)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, T, h, Dr/2)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, Dr/2)
+    return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), -1).flatten(-2).type_as(x)
 
 
 # ----------------------------------------------------------------------------------------------
