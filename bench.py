@@ -9,6 +9,9 @@ timed round-robin, A B A B ..., so that load from other processes hits both side
   3. exact max-logit tracking: training step with MLA.track_max_logits True against False
   4. bfloat16 autocast against float32 on the CPU (and whether the CPU has bf16 instructions)
   5. MFU: training FLOPs/s over the float32 (and bfloat16) torch.mm peak measured in this run
+     and what bounds 4 and 5 on tiny, measured: the matmul share of tiny's step (torch.profiler),
+     and the same training step at WIDE (hidden 512, 2 layers), where the matrices are wide enough
+     for the matmul units, fp32 against bf16 and its MFU
   6. peak memory of a training step (VmHWM of a fresh subprocess, or CUDA max_memory_allocated)
   7. decoding at a long context: the absorbed latent cache (model.generate's path) against a full
      per-head K/V cache, tokens/s and cache bytes per token
@@ -205,8 +208,9 @@ def muonclip_for(model: KimiK2) -> MuonClip:
 
 
 def train_step_fn(model, opt, x, y, autocast_dtype=None, transformers_model=False):
-    """One forward + backward + optimizer step. The loss is the same fp32 cross entropy on both
-    models (transformers' own labels path would shift the targets a second time)."""
+    """One forward + backward + optimizer step (opt None: forward + backward only). The loss is the
+    same fp32 cross entropy on both models (transformers' own labels path would shift the targets a
+    second time)."""
     device_type = x.device.type
     autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype
                 else contextlib.nullcontext())
@@ -219,8 +223,11 @@ def train_step_fn(model, opt, x, y, autocast_dtype=None, transformers_model=Fals
             else:
                 loss = model(x, y)[1]
         loss.backward()
-        opt.step()
-        opt.zero_grad()
+        if opt is None:
+            model.zero_grad(set_to_none=True)
+        else:
+            opt.step()
+            opt.zero_grad()
     return step
 
 
@@ -314,6 +321,61 @@ def bench_decode(model: KimiK2, context: int, new_tokens: int, reps: int) -> dic
     model.train()
     return {name: dict(tokens_per_s=new_tokens / statistics.median(times[name]),
                        cache_bytes_per_token=out[name]["cache_bytes_per_token"]) for name in times}
+
+
+# ----------------------------------------------------------------------------------------------
+# What bounds bf16's gain and MFU on tiny: the matmul share of a step, and a wider model
+
+# tiny with hidden 512 (4x) and its attention and expert widths scaled alike, 2 layers (one dense,
+# one MoE), so that one step takes about a second: matrices wide enough for the matmul units
+WIDE = dict(hidden_size=512, intermediate_size=1536, moe_intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=8, num_key_value_heads=8, q_lora_rank=256, kv_lora_rank=128,
+            qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64)
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm"}
+
+
+def matmul_share(step, steps: int = 2) -> float:
+    """Fraction of a step's CPU time spent inside matmul kernels (torch.profiler self time). The
+    profiler's per-op overhead makes the share a slight underestimate for steps of many small ops."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / total
+
+
+def bench_bounds(step_fp32, step_bf16, seconds: dict, flops_per_token, peaks, args) -> dict:
+    """tiny: the matmul share of its fp32 and bf16 steps. With the non-matmul time as it is, bf16
+    can speed a step up by at most fp32 step / fp32 non-matmul time, and MFU is at most MFU / share
+    (MuonClip's Newton-Schulz matmuls count as matmul time but not as model FLOPs, so both bounds
+    are generous); MFU's target needs the non-matmul time down to matmul time * (bound / target - 1).
+    wide: the same training step (and forward + backward alone) at WIDE, fp32 against bf16."""
+    share = dict(fp32=matmul_share(step_fp32), bf16=matmul_share(step_bf16))
+    matmul_s, other_s = seconds["tracked"] * share["fp32"], seconds["tracked"] * (1 - share["fp32"])
+    mfu_bound = flops_per_token * args.batch_size * args.seq_len / matmul_s / peaks["fp32"]
+    tiny = dict(matmul_share_fp32=share["fp32"], matmul_share_bf16=share["bf16"],
+                bf16_speedup_bound=seconds["tracked"] / other_s, mfu_fp32_bound=mfu_bound,
+                non_matmul_ms=other_s * 1e3,
+                non_matmul_ms_for_mfu_target=max(0.0, matmul_s * (mfu_bound / TARGETS["mfu_fp32_tiny"][1] - 1)) * 1e3)
+    config = Config(**{**Config.from_preset(args.preset).to_dict(), **WIDE})
+    torch.manual_seed(0)
+    model = KimiK2(config)
+    x, y = make_batch(config, args.batch_size, args.seq_len)
+    opt = muonclip_for(model)
+    t = race({"fp32": train_step_fn(model, opt, x, y),
+              "bf16": train_step_fn(model, opt, x, y, autocast_dtype=torch.bfloat16),
+              "fp32 fwd+bwd": train_step_fn(model, None, x, y),
+              "bf16 fwd+bwd": train_step_fn(model, None, x, y, autocast_dtype=torch.bfloat16)},
+             reps=max(1, args.reps // 2), warmup=args.warmup)
+    flops = model.estimate_flops_per_token(args.seq_len) * x.numel()
+    wide = dict(config=WIDE, fp32_ms=t["fp32"] * 1e3, bf16_ms=t["bf16"] * 1e3,
+                fwd_bwd_fp32_ms=t["fp32 fwd+bwd"] * 1e3, fwd_bwd_bf16_ms=t["bf16 fwd+bwd"] * 1e3,
+                bf16_speedup=t["fp32"] / t["bf16"], fwd_bwd_bf16_speedup=t["fp32 fwd+bwd"] / t["bf16 fwd+bwd"],
+                mfu_fp32=flops / t["fp32"] / peaks["fp32"], mfu_bf16=flops / t["bf16"] / peaks["bf16"],
+                mfu_fp32_fwd_bwd=flops / t["fp32 fwd+bwd"] / peaks["fp32"])
+    return dict(tiny=tiny, wide=wide)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,6 +516,7 @@ def run(args) -> dict:
     res["mfu"] = dict(flops_per_token=flops_per_token, fp32_peak_flops=peak_fp32, bf16_peak_flops=peak_bf16,
                       fp32_flops=achieved["fp32"], bf16_flops=achieved["bf16"],
                       fp32=achieved["fp32"] / peak_fp32, bf16=achieved["bf16"] / peak_bf16)
+    res["bounds"] = bench_bounds(step, step_bf16, t, flops_per_token, dict(fp32=peak_fp32, bf16=peak_bf16), args)
 
     # 6. peak memory
     res["memory"] = {"kimik2": bench_memory("kimik2", args.preset, args.batch_size, args.seq_len)}
@@ -495,8 +558,9 @@ def print_table(res):
           f"bf16 CPU instructions: {', '.join(m['bf16_cpu_flags']) or 'none'}")
     print(f"preset {s['preset']}, batch {s['batch']} x {s['seq_len']} tokens, fp32 unless stated; "
           f"medians of {s['reps']} reps after {s['warmup']} warm-up; 1-min load average "
-          f"{m['load_average_at_start']:.1f} at start, {m['load_average_at_end']:.1f} at end "
-          f"(above the core count, other processes share the CPU and the figures are noisy)\n")
+          f"{m['load_average_at_start']:.1f} at start, {m['load_average_at_end']:.1f} at end"
+          + (" (above the core count: other processes share the CPU and the figures are noisy)"
+             if max(m["load_average_at_start"], m["load_average_at_end"]) > m["cores"] else "") + "\n")
     tv, o, tr, b, u = (res[k] for k in ("train_vs_transformers", "optimizer", "tracking", "bf16", "mfu"))
     rows = []
     if "skipped" in tv:
@@ -516,6 +580,18 @@ def print_table(res):
          f"{u['fp32_flops'] / 1e9:.1f} / {u['fp32_peak_flops'] / 1e9:.0f} GFLOP/s = {u['fp32']:.1%}", "mfu_fp32_tiny"),
         ("  MFU bf16 (of fastest bf16 torch.mm)",
          f"{u['bf16_flops'] / 1e9:.1f} / {u['bf16_peak_flops'] / 1e9:.0f} GFLOP/s = {u['bf16']:.1%}", None),
+    ]
+    bt, bw = res["bounds"]["tiny"], res["bounds"]["wide"]
+    rows += [
+        ("  what bounds 4, 5: matmul share of the step",
+         f"fp32 {bt['matmul_share_fp32']:.0%}, bf16 {bt['matmul_share_bf16']:.0%} (profiler); with the rest as is, "
+         f"bf16 <= {bt['bf16_speedup_bound']:.2f}x and MFU <= {bt['mfu_fp32_bound']:.0%}; MFU "
+         f"{TARGETS['mfu_fp32_tiny'][1]:.0%} needs the non-matmul {bt['non_matmul_ms']:.0f} ms down to "
+         f"{bt['non_matmul_ms_for_mfu_target']:.0f} ms", None),
+        (f"  same step at hidden {bw['config']['hidden_size']}, {bw['config']['num_hidden_layers']} layers",
+         f"bf16 {bw['bf16_ms']:.0f} vs fp32 {bw['fp32_ms']:.0f} ms = {bw['bf16_speedup']:.2f}x "
+         f"(forward+backward alone {bw['fwd_bwd_bf16_speedup']:.2f}x); MFU fp32 {bw['mfu_fp32']:.0%} "
+         f"(forward+backward {bw['mfu_fp32_fwd_bwd']:.0%}), bf16 {bw['mfu_bf16']:.0%}", None),
     ]
     mem = res["memory"]
     k = mem["kimik2"]
