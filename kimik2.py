@@ -535,8 +535,11 @@ class Experts(nn.Module):
         xs = F.pad(x, (0, 0, 0, 1)).index_select(0, token).to(dtype)  # (P, D); x's extra row N is zeros
         if grouped_mm_supported(xs):
             offs = ends.to(torch.int32)  # (E,)
-            gate, up, down = (p.to(xs.dtype).mT for p in (self.gate_proj, self.up_proj, self.down_proj))
-            h = F.silu(F.grouped_mm(xs, gate, offs=offs)) * F.grouped_mm(xs, up, offs=offs)  # (P, I)
+            # gate and up as one grouped matmul: half the calls, and one input gradient instead of a sum of two
+            gate_up = torch.cat([self.gate_proj, self.up_proj], 1).to(xs.dtype).mT  # (E, D, 2I)
+            down = self.down_proj.to(xs.dtype).mT  # (E, I, D)
+            g, u = F.grouped_mm(xs, gate_up, offs=offs).chunk(2, -1)  # (P, I) each
+            h = F.silu(g) * u  # (P, I)
             # the routing weight multiplies the I-wide hidden rather than the D-wide output: fewer FLOPs
             ys = F.grouped_mm(h * w.type_as(h), down, offs=offs)  # (P, I) -> (P, D)
         else:
