@@ -482,8 +482,11 @@ class Gate(nn.Module):
 
 
 def grouped_mm_supported(x) -> bool:
-    """F.grouped_mm has kernels (with backward) on the CPU, and on CUDA for bfloat16 only."""
-    return x.device.type == "cpu" or x.dtype == torch.bfloat16
+    """F.grouped_mm has kernels (with backward) on the CPU, and on CUDA for bfloat16 only;
+    torch.compile (torch 2.13) accepts it in bfloat16 only."""
+    if x.dtype == torch.bfloat16:
+        return True
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def matmul_dtype(x) -> torch.dtype:
