@@ -596,6 +596,11 @@ def main(argv=None):
         log(f"final val loss {val_loss:.4f} nats/token vs unigram entropy {entropy:.4f} nats/token "
             f"({verdict} the best context-free model); run folder {args.out}")
     if distributed:
+        # Drain gloo's worker threads before the process group goes: destroying it (DDP's reducer
+        # holds it too) while a worker still needs the GIL to free a finished collective's tensors
+        # deadlocks at exit (PyTorch issue 56297; seen here about once in a few dozen runs).
+        dist.barrier()
+        del model
         dist.destroy_process_group()
     return val_loss
 
