@@ -744,11 +744,11 @@ def _muon_replay_max_logits(model, inputs):
 
 
 def _muon_tau_between(max_logits, index):
-    """A tau strictly between two distinct head maxima, so some heads clip and some do not."""
+    """A tau strictly between two distinct positive head maxima, so some heads clip and some do not;
+    None where the index picks no such gap."""
     s = max_logits.flatten().sort().values
     i = index % (s.numel() - 1)
-    assume(bool(s[i] < s[i + 1]) and float(s[i]) > 0)
-    return float((s[i] + s[i + 1]) / 2)
+    return float((s[i] + s[i + 1]) / 2) if s[i] < s[i + 1] and s[i] > 0 else None
 
 
 def _muon_snapshot(model):
@@ -936,6 +936,7 @@ def test_post_clip_logits_never_exceed_tau_mla(seed, heads, q_lora, yarn, T, bat
     idx = torch.randint(0, 61, (batch, T), generator=torch.Generator().manual_seed(seed))
     inputs = _muon_record_attention_inputs(model, idx)
     tau = _muon_tau_between(_muon_replay_max_logits(model, inputs), pick)
+    assume(tau is not None)
     weights = _muon_snapshot(model)
     before, opt = _muon_clip_only_step(model, idx, tau)
     clipped = before > tau                                                 # (L, H)
@@ -976,6 +977,7 @@ def test_post_clip_logits_never_exceed_tau_mha_gqa(seed, kv_heads, group, head_d
     idx = torch.randint(0, 61, (2, T), generator=torch.Generator().manual_seed(seed))
     inputs = _muon_record_attention_inputs(model, idx)
     tau = _muon_tau_between(_muon_replay_max_logits(model, inputs), pick)
+    assume(tau is not None)
     weights = _muon_snapshot(model)
     before, opt = _muon_clip_only_step(model, idx, tau)
     clipped = before > tau                                                 # (L, H)
@@ -1038,6 +1040,7 @@ def test_clip_acts_after_the_update_and_only_on_heads_above_tau():
     twin = copy.deepcopy(model)
     idx = torch.randint(0, 61, (2, 8), generator=torch.Generator().manual_seed(3))
     tau = _muon_tau_between(_muon_forward_max_logits(model, idx), 3)
+    assert tau is not None
     opt = MuonClip.for_model(model, lr=0.05, weight_decay=0.1, qk_clip_tau=tau)
     twin_opt = MuonClip.for_model(twin, lr=0.05, weight_decay=0.1, qk_clip_tau=None)
     for m, o in ((model, opt), (twin, twin_opt)):
