@@ -751,6 +751,17 @@ def _muon_tau_between(max_logits, index):
     return float((s[i] + s[i + 1]) / 2) if s[i] < s[i + 1] and s[i] > 0 else None
 
 
+def _muon_clip_case(model, idx, pick):
+    """Record each attention module's input, choose tau between two head maxima, snapshot the
+    weights, and take one clip-only step: (inputs, tau, weights, max logits before, optimizer)."""
+    inputs = _muon_record_attention_inputs(model, idx)
+    tau = _muon_tau_between(_muon_replay_max_logits(model, inputs), pick)
+    assume(tau is not None)
+    weights = _muon_snapshot(model)
+    before, opt = _muon_clip_only_step(model, idx, tau)
+    return inputs, tau, weights, before, opt
+
+
 def _muon_snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -934,11 +945,7 @@ def test_post_clip_logits_never_exceed_tau_mla(seed, heads, q_lora, yarn, T, bat
                         beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0) if yarn else None
     model = _muon_mla_model(seed, heads=heads, q_lora_rank=q_lora, rope_scaling=rope_scaling)
     idx = torch.randint(0, 61, (batch, T), generator=torch.Generator().manual_seed(seed))
-    inputs = _muon_record_attention_inputs(model, idx)
-    tau = _muon_tau_between(_muon_replay_max_logits(model, inputs), pick)
-    assume(tau is not None)
-    weights = _muon_snapshot(model)
-    before, opt = _muon_clip_only_step(model, idx, tau)
+    inputs, tau, weights, before, opt = _muon_clip_case(model, idx, pick)
     clipped = before > tau                                                 # (L, H)
     assert torch.equal(opt.clip_stats["max_logits"], before)
     assert opt.clip_stats["heads_clipped"].dtype == torch.long
@@ -975,11 +982,7 @@ def test_post_clip_logits_never_exceed_tau_mha_gqa(seed, kv_heads, group, head_d
     torch.manual_seed(seed)
     model = _MuonLM(num_heads=kv_heads * group, num_kv_heads=kv_heads, head_dim=head_dim)
     idx = torch.randint(0, 61, (2, T), generator=torch.Generator().manual_seed(seed))
-    inputs = _muon_record_attention_inputs(model, idx)
-    tau = _muon_tau_between(_muon_replay_max_logits(model, inputs), pick)
-    assume(tau is not None)
-    weights = _muon_snapshot(model)
-    before, opt = _muon_clip_only_step(model, idx, tau)
+    inputs, tau, weights, before, opt = _muon_clip_case(model, idx, pick)
     clipped = before > tau                                                 # (L, H)
 
     after = _muon_replay_max_logits(model, inputs)
