@@ -535,9 +535,11 @@ def main(argv=None):
         if finite:
             scaler.step(optimizer)  # Muon/AdamW update, then QK-Clip on heads whose max logit > tau
             logits, clipped = max_logit_stats()
-            for gate in gates:
-                if distributed:
-                    dist.all_reduce(gate.expert_load, op=dist.ReduceOp.SUM)
+            if distributed and gates:  # every layer's expert loads summed over ranks in one collective
+                loads = torch.stack([gate.expert_load for gate in gates])  # (moe layers, E)
+                dist.all_reduce(loads, op=dist.ReduceOp.SUM)
+                for gate, load in zip(gates, loads):
+                    gate.expert_load.copy_(load)
             imbalance = raw_model.update_router_bias_(args.router_bias_speed)
             window["max_logits"] = torch.maximum(window["max_logits"], logits.amax(dim=1))
             window["heads_clipped"] += clipped
