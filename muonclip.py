@@ -1,35 +1,57 @@
 """MuonClip: Muon for hidden matrices, AdamW for the rest, then per-head QK-Clip (Kimi-K2).
 
-Kimi-K2 (arXiv 2507.20534, section 2.1) trains with MuonClip: the Muon optimizer in Moonlight's form
-("Muon is Scalable for LLM Training", arXiv 2502.16982) followed, after every update, by QK-Clip,
-which rescales the query/key weights of any attention head whose largest pre-softmax logit of the
-step exceeded tau, so that the same input would now give at most tau. This file is the algorithm,
-top to bottom: pure functions first (Newton-Schulz, the RMS-matching scale, the clip factors, the
-clip rule for ordinary attention, the parameter split), then the optimizer class that does the
-bookkeeping. It imports only torch, so it can be copied alone into any project.
+Kimi-K2 (arXiv 2507.20534, sec. 2.1) trains with MuonClip: the Muon optimizer in Moonlight's form
+("Muon is Scalable for LLM Training", arXiv 2502.16982, sec. 2) followed, after every update, by
+QK-Clip (K2 report sec. 2.1, eq. 3-4): each attention head whose largest pre-softmax logit of the step
+S_h exceeded tau gets its query/key weights rescaled by gamma_h = tau / S_h. This file is the
+algorithm, top to bottom: pure functions first (Newton-Schulz, the Muon update, the clip rules, the
+exact max logit), then the parameter split, the Hugging Face adapter, and the optimizer class, which
+only does bookkeeping, shape batching and the distributed parts. It imports only torch (transformers
+only inside `attach_qk_clip`), so it can be copied alone into any project.
 
     opt = MuonClip.for_model(model, lr=2e-4, weight_decay=0.1, qk_clip_tau=100.0)
     loss.backward(); opt.step(); opt.zero_grad()
     opt.clip_stats  # {'max_logits': (L, H) before clipping, 'heads_clipped': scalar} - no host sync
 
 Features
-- Muon: Nesterov momentum 0.95 (M = mu*M + G, input G + mu*M), Newton-Schulz orthogonalisation
-  (5 quintic steps in bf16, on the wide orientation), update scaled by 0.2*sqrt(max(A, B)) so its
-  RMS matches AdamW's and one lr and weight decay serve both halves; decoupled weight decay.
-- Stacked weights (E, A, B), e.g. MoE experts, are E matrices, each orthogonalised on its own; all
-  matrices of the same shape, across parameters, go through one batched Newton-Schulz call.
+- Muon (`muon_update`): momentum M = mu*M + G, Nesterov input G + mu*M (mu 0.95), Newton-Schulz
+  orthogonalisation (5 quintic steps in bf16, on the wide orientation), update scaled by
+  0.2*sqrt(max(A, B)) so its RMS matches AdamW's and one lr and weight decay serve both halves
+  (Moonlight eq. 4); decoupled weight decay.
+- Stacked weights (E, A, B), e.g. MoE experts, are E matrices, each orthogonalised on its own; a
+  fused weight declared with `mark_fused` (a (3D, D) QKV, a fused gate/up) is orthogonalised block by
+  block. All matrices of the same shape, across parameters, go through one batched Newton-Schulz call.
 - AdamW (betas 0.9, 0.95) for everything that is not a hidden matrix; same maths as torch.optim.AdamW.
 - QK-Clip for every module with the attention surface below; per-head factor gamma = tau / S_h only
   for heads with S_h > tau (others are multiplied by exactly 1, so they stay bitwise the same), no
-  per-head host sync. `qk_clip_mha_` is the rule for ordinary multi-head / grouped-query attention.
+  per-head host sync. Rules: `qk_clip_mha_` (multi-head / grouped-query), `qk_clip_fused_mha_` (one
+  fused q|k|v tensor), `qk_clip_mla_` (DeepSeek's multi-head latent attention).
+- `causal_max_logits`: the exact per-head max logit, chunked (memory-bounded), for modules whose
+  attention kernel (SDPA, flash) does not expose its logits; `record_max_logits_` feeds a module's
+  statistic from it on training forwards only. `attach_qk_clip(model)` gives a transformers decoder
+  (Llama, Mistral, Qwen2, DeepseekV3, ...) the whole surface in one call.
+- `clip_stats` is filled after every step, also with qk_clip_tau=None (then nothing is scaled and
+  heads_clipped is 0), whenever attention modules are known: the max logits are reduced and reset
+  by `reduce_max_logits_`, which a trainer with another optimizer can call itself.
 - Distributed (torchrun): under DDP the (L, H) max-logit matrix is all-reduced with MAX in one
-  collective, so all replicas clip alike. Under FSDP2 (`fully_shard`, DTensor parameters) Muon
-  gathers each matrix for Newton-Schulz and keeps its own shard (stacked experts sharded on the expert
-  dim need no gather); momentum and AdamW state are local shards. On one process all of it is a no-op.
-  Under DDP pass broadcast_buffers=False, or rank 0's max_logits overwrite every other rank's running
-  max at each forward and micro-batches seen only by other ranks are lost.
-- Updates and clips act in place on the parameters, which should be the fp32 master weights (use
-  autocast for bf16 compute; clipping a bf16 copy while an fp32 master stays would undo the clip).
+  collective, so all replicas clip alike (K2 report sec. 2.1). Under FSDP2 (`fully_shard`, DTensor
+  parameters) Muon gathers each matrix for Newton-Schulz and keeps its own shard (stacked experts
+  sharded on the expert dim need no gather); momentum and AdamW state are local shards. On one
+  process all of it is a no-op. Under DDP pass broadcast_buffers=False, or rank 0's max_logits
+  overwrite every other rank's running max at each forward and micro-batches seen only by other
+  ranks are lost.
+- Parameters should be fp32 master weights (use autocast for bf16 compute). The optimizer warns on
+  other dtypes rather than keeping fp32 copies itself: a bf16 weight loses every update smaller than
+  half its ulp (2^-9 relative: weight decay at lr*wd = 1e-3 does nothing), and a master copy here
+  would double the memory of callers that keep one already (AMP, FSDP2 mixed precision) and would
+  undo the clip of the copy those callers run.
+
+What post-clip <= tau guarantees (K2 report sec. 2.1): for each layer, on the very input its max was
+measured on, the clipped head's logits are multiplied by gamma_h (MLA, MHA) or by
+sqrt(gamma_h * min gamma of its key group) <= gamma_h (GQA), so they are <= tau, right after the clip.
+It does not promise that a later forward stays below tau: the next update moves the weights again,
+and clipping layer l changes the input of layer l+1, so an end-to-end re-forward may exceed tau; the
+report's claim is that the max logits stay bounded over training.
 
 Where Muon must NOT be used (split_params sends these to AdamW)
 - Embeddings: a lookup table, not a linear map; each step's gradient touches only the rows of the
@@ -37,26 +59,33 @@ Where Muon must NOT be used (split_params sends these to AdamW)
   are independent vectors, so the "steepest descent under the spectral norm" argument behind Muon
   does not apply.
 - The output head: also a table of independent per-token vectors (often tied to the embedding);
-  Keller Jordan's and Moonlight's experiments train it better with AdamW.
+  Keller Jordan's and Moonlight's experiments train it better with AdamW. It is found by structure,
+  not by any name deep in the model: `model.get_output_embeddings()` where the model has it
+  (transformers), else a direct child of the model named lm_head / output / head, or a tied weight.
 - Vectors (norm gains, biases, the router bias): Newton-Schulz needs a matrix; a vector has no
   singular-value structure to whiten. (K2's router bias is a buffer moved by the load rule, not by
   any optimizer.)
-- Several maps stored in one tensor (a fused QKV weight, an expert stack) must not be orthogonalised
-  as one matrix: that couples maps that are independent. Stacks along a leading dim are handled
-  here; a fused QKV must be split into its blocks by the caller.
+- Convolution kernels (nn.Conv1d/2d/3d weights): neither a matrix nor a stack of independent
+  matrices; this file sends them to AdamW, and a Muon group refuses tensors of more than 3 dims.
+- Several maps stored in one tensor (a fused QKV weight, a fused gate/up) must not be orthogonalised
+  as one matrix: that couples maps that are independent. Declare the blocks with `mark_fused`.
 
 The attention surface QK-Clip talks to (duck-typed; the module has it, this file does not import it)
 - `num_heads` int; `max_logits`: (num_heads,) fp32 tensor, the running max over every training
-  forward since the last reset of the head's scaled, causal pre-softmax logits, -inf when reset.
+  forward since the last reset of the head's scaled, masked pre-softmax logits, -inf when reset.
 - `qk_clip_(gamma)`: gamma (num_heads,) tensor; rescale in place, without grad, so that the head's
-  logits on the same input are multiplied by gamma_h (MLA: q_nope and k_nope rows by sqrt(gamma),
-  q_rope rows by gamma, the shared rope key and the values untouched). Must scale only the local rows
-  when its weights are DTensor shards.
+  logits on the same input are multiplied by gamma_h (or at most gamma_h, GQA). Must scale only the
+  local rows when its weights are DTensor shards.
 - optional `reset_max_logits_()`; without it max_logits is filled with -inf here.
+The README's "MuonClip in your model" section shows the surface for an own module, a nanoGPT-style
+fused model and a transformers model with Trainer.
 
-Run the tests: `python -m pytest test_muonclip.py -q`.
+Run the tests: `python -m pytest test_kimik2.py -k "muon or clip or newton"`.
 """
+import functools
 import math
+import sys
+import warnings
 from collections import defaultdict
 
 import torch
@@ -76,10 +105,11 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 # ----------------------------------------------------------------------------------- Muon maths
 
 def newton_schulz(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
-    """Approximate orthogonalisation U V^T of each matrix G = U S V^T.
+    """Approximate orthogonalisation U V^T of each matrix G = U S V^T (Moonlight sec. 2).
 
     G: (..., A, B), leading dims are a batch of independent matrices. Returns (..., A, B) in `dtype`.
-    Works on the wide orientation (A <= B) so X X^T is the small Gram matrix.
+    The one place that handles orientation: a tall G is worked on transposed, so X X^T is always
+    the small Gram matrix.
     """
     a, b, c = NS_COEFFICIENTS
     X = G.to(dtype).reshape(-1, *G.shape[-2:])                  # (N, A, B)
@@ -98,7 +128,7 @@ def newton_schulz(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
 
 
 def rms_matching_scale(shape):
-    """0.2 * sqrt(max(A, B)) for an (..., A, B) weight (Moonlight, eq. 4).
+    """0.2 * sqrt(max(A, B)) for an (..., A, B) weight (Moonlight eq. 4).
 
     An orthogonal A x B update has RMS 1/sqrt(max(A, B)); this scale gives it RMS 0.2, the typical RMS
     of an AdamW update, so Muon can reuse AdamW's learning rate and weight decay.
@@ -106,11 +136,34 @@ def rms_matching_scale(shape):
     return 0.2 * math.sqrt(max(shape[-2], shape[-1]))
 
 
+def muon_momentum_(grad, momentum_buffer, beta=0.95, nesterov=True):
+    """M = beta*M + G in place (Moonlight's sum form); returns the Newton-Schulz input, G + beta*M
+    with Nesterov, else M. torch.optim.Muon keeps an EMA instead, a scale Newton-Schulz removes."""
+    momentum_buffer.mul_(beta).add_(grad)
+    return grad.add(momentum_buffer, alpha=beta) if nesterov else momentum_buffer
+
+
+def muon_update(grad, momentum_buffer, beta=0.95, nesterov=True, ns_steps=5, ns_dtype=torch.bfloat16):
+    """The Muon update of one matrix, or a stack (..., A, B) of independent ones: the step to
+    subtract (times lr) from the weight, before weight decay. Updates momentum_buffer in place.
+    MuonClip.step computes exactly this, batched over every matrix of the same shape."""
+    x = muon_momentum_(grad, momentum_buffer, beta, nesterov)
+    return newton_schulz(x, ns_steps, dtype=ns_dtype).to(grad.dtype) * rms_matching_scale(x.shape)
+
+
 # ------------------------------------------------------------------------------- QK-Clip maths
 
 def qk_clip_gamma(max_logits, tau):
-    """Per-head factors: tau / S_h where S_h > tau, else exactly 1 (also for -inf and NaN)."""
+    """Per-head factors (K2 report eq. 3): tau / S_h where S_h > tau, else exactly 1 (also for -inf
+    and NaN)."""
     return torch.where(max_logits > tau, tau / max_logits, torch.ones_like(max_logits))
+
+
+def _mha_head_factors(gamma, num_kv_heads):
+    """(query head factors (H,), key head factors (Hkv,)) of the MHA/GQA rule in qk_clip_mha_."""
+    num_heads = gamma.numel()
+    group_min = gamma.view(num_kv_heads, num_heads // num_kv_heads).amin(dim=1)   # (Hkv,)
+    return gamma.sqrt(), group_min.sqrt()
 
 
 @torch.no_grad()
@@ -121,55 +174,171 @@ def qk_clip_mha_(w_q, w_k, gamma, num_kv_heads):
     each), head-major. w_k: (num_kv_heads * head_dim, ...) key rows, likewise. gamma: (num_heads,).
     Query head h reads key head g = h // (num_heads // num_kv_heads).
 
-    Rule (SPEC 5): sqrt(gamma_h) on query head h's rows and sqrt(gamma) on its key rows; a key head
-    shared by a group takes the smallest gamma of its query heads, k_g *= sqrt(min_g). Head h's
-    logits are then multiplied by sqrt(gamma_h * min_g) <= gamma_h, so a clipped head ends at or
-    below tau (exactly tau when it has the group's smallest factor), an unclipped head's query rows
-    are bitwise untouched, and a group with no clipped head is not touched at all. The price of the
-    shared key is that unclipped heads of a clipped group lose a factor sqrt(min_g) too. Plain MHA
-    (num_kv_heads == num_heads) is sqrt(gamma_h) on both q and k rows. Weights may be DTensors
-    sharded on rows (FSDP2): each rank scales the rows it holds.
-
-    To use it, the attention module also keeps the statistic: a (num_heads,) fp32 buffer max_logits
-    at -inf, and after computing the scaled logits (B, H, T, T) with the causal mask at -inf:
-        if self.training and torch.is_grad_enabled():    # training forwards only, never eval
-            torch.maximum(self.max_logits, logits.detach().amax(dim=(0, 2, 3)).float(),
-                          out=self.max_logits)
+    Rule (K2 report sec. 2.1, eq. 4 for MHA): sqrt(gamma_h) on query head h's rows and sqrt(gamma) on
+    its key rows; a key head shared by a group (GQA) takes the smallest gamma of its query heads,
+    k_g *= sqrt(min_g). Head h's logits are then multiplied by sqrt(gamma_h * min_g) <= gamma_h, so a
+    clipped head ends at or below tau (exactly tau when it has the group's smallest factor), an
+    unclipped head's query rows are bitwise untouched, and a group with no clipped head is not
+    touched at all. The price of the shared key is that unclipped heads of a clipped group lose a
+    factor sqrt(min_g) too. Plain MHA (num_kv_heads == num_heads) is sqrt(gamma_h) on both q and k
+    rows. Weights may be DTensors sharded on rows (FSDP2): each rank scales the rows it holds.
     """
-    num_heads = gamma.numel()
-    group_min = gamma.view(num_kv_heads, num_heads // num_kv_heads).amin(dim=1)   # (Hkv,)
-    _scale_heads_(w_q, gamma.sqrt())                                               # (H,)
-    _scale_heads_(w_k, group_min.sqrt())                                           # (Hkv,)
+    q_factor, k_factor = _mha_head_factors(gamma, num_kv_heads)
+    _scale_rows_(w_q, q_factor.repeat_interleave(w_q.shape[0] // q_factor.numel()))
+    _scale_rows_(w_k, k_factor.repeat_interleave(w_k.shape[0] // k_factor.numel()))
 
 
-def _scale_heads_(w, head_factor):
-    """w (heads * head_dim, ...) *= head_factor (heads,) repeated over each head's rows."""
-    rows = head_factor.to(w.dtype).repeat_interleave(w.shape[0] // head_factor.numel())  # (rows,)
-    rows = rows.view(-1, *([1] * (w.dim() - 1))).expand(w.shape)                            # like w
-    _local(w).mul_(_local_part(rows, w))
+@torch.no_grad()
+def qk_clip_fused_mha_(w_qkv, gamma, num_kv_heads, sizes):
+    """qk_clip_mha_ on one fused tensor whose rows are [q | k | v] blocks of `sizes` rows (e.g.
+    nanoGPT's c_attn weight (3D, D) or bias (3D,): sizes (D, D, D)); the v block is untouched."""
+    q_rows, k_rows, v_rows = sizes
+    q_factor, k_factor = _mha_head_factors(gamma, num_kv_heads)
+    rows = torch.cat([q_factor.repeat_interleave(q_rows // q_factor.numel()),
+                      k_factor.repeat_interleave(k_rows // k_factor.numel()),
+                      gamma.new_ones(v_rows)])                                      # (q+k+v,)
+    _scale_rows_(w_qkv, rows)
 
 
-# ------------------------------------------------------------------------------ parameter split
+@torch.no_grad()
+def qk_clip_mla_(w_q, w_kv_b, gamma, nope, rope, v_dim):
+    """QK-Clip for multi-head latent attention (K2 report sec. 2.1, eq. 5), in place.
+
+    w_q: (H * (nope + rope), ...) rows of q_b_proj (or q_proj without a q LoRA), per head [nope | rope];
+    w_kv_b: (H * (nope + v_dim), ...) rows of kv_b_proj, per head [k_nope | v]. Head h: q_nope and
+    k_nope rows * sqrt(gamma_h), q_rope rows * gamma_h; the rope key (one vector shared by all heads,
+    from kv_a_proj_with_mqa) and the values stay. The head's logits q_nope.k_nope + q_rope.k_rope are
+    then scaled by exactly gamma_h.
+    """
+    H, root = gamma.numel(), gamma.sqrt()[:, None]                                  # (H, 1)
+    q_rows = torch.cat([root.expand(H, nope), gamma[:, None].expand(H, rope)], 1)   # (H, nope+rope)
+    kv_rows = torch.cat([root.expand(H, nope), torch.ones_like(root).expand(H, v_dim)], 1)  # (H, nope+v)
+    _scale_rows_(w_q, q_rows.flatten())
+    _scale_rows_(w_kv_b, kv_rows.flatten())
+
+
+def _scale_rows_(w, row_factor):
+    """w (rows, ...) *= row_factor (rows,) in place; on a DTensor only the rows this rank holds."""
+    factor = row_factor.to(w.dtype).view(-1, *([1] * (w.dim() - 1))).expand(w.shape)  # like w
+    _local(w).mul_(_local_part(factor, w))
+
+
+# ------------------------------------------------------------------- the exact max logit (S_h)
+
+@torch.no_grad()
+def causal_max_logits(q, k, scale, *, causal=True, attention_mask=None, chunk_size=None):
+    """Per-head max over batch, query and key positions of the pre-softmax logit scale * q.k.
+
+    q (B, H, Tq, D), k (B, Hkv, Tk, D) with H % Hkv == 0 (grouped-query: query head h reads key
+    head h // (H // Hkv)). Returns (H,) float32, -inf for a head that sees no key. The products
+    accumulate in fp32. Visibility: with `causal`, key j is visible to query i iff
+    j <= i + (Tk - Tq) (queries are the last Tq positions); `attention_mask` is either a (B, Tk)
+    key padding mask (bool or 0/1, True/1 = keep), or a mask broadcastable to (B, H or 1, Tq, Tk):
+    bool (True = keep) or additive float (added to the logits, as eager attention does; -inf or the
+    dtype's lowest value = not visible). Memory is bounded by taking queries in chunks of
+    `chunk_size` rows (default: about 2^24 logits per chunk). Fused kernels (SDPA, flash) do not
+    expose this max, and their log-sum-exp is only an upper bound (up to ln Tk too high).
+    """
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"causal_max_logits: {H} query heads do not split into groups of {Hkv} key heads")
+    G = H // Hkv
+    qg = q.reshape(B, Hkv, G, Tq, D)                                          # (B, Hkv, G, Tq, D)
+    kt = k.float()[:, :, None].transpose(-2, -1)                              # (B, Hkv, 1, D, Tk)
+    pad = full = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        pad = attention_mask.bool()[:, None, None, None, :]                   # (B, 1, 1, 1, Tk)
+    elif attention_mask is not None:
+        full = attention_mask.reshape(-1, *attention_mask.shape[-3:])         # (B|1, H|1, Tq|1, Tk)
+        if full.dtype == torch.bool:
+            full = torch.zeros((), device=q.device).masked_fill(~full, -math.inf)
+        else:
+            full = full.float().masked_fill(full <= torch.finfo(full.dtype).min, -math.inf)
+        full = full.reshape(full.shape[0], Hkv if full.shape[1] > 1 else 1, -1, *full.shape[-2:])
+    rows = chunk_size or max(1, (1 << 24) // max(1, B * H * Tk))
+    keys = torch.arange(Tk, device=q.device)
+    out = torch.full((Hkv, G), -math.inf, device=q.device)
+    for i in range(0, Tq, rows):
+        s = (qg[:, :, :, i:i + rows].float() @ kt) * scale                    # (B, Hkv, G, r, Tk)
+        if causal:
+            query_pos = torch.arange(i, i + s.shape[-2], device=q.device)[:, None] + (Tk - Tq)
+            s = s.masked_fill(keys > query_pos, -math.inf)
+        if pad is not None:
+            s = s.masked_fill(~pad, -math.inf)
+        if full is not None:
+            s = s + full[..., i:i + rows, :] if full.shape[-2] > 1 else s + full
+        out = torch.maximum(out, s.amax(dim=(0, 3, 4)))
+    return out.flatten()                                                      # (H,)
+
+
+def record_max_logits_(module, q, k, scale, **visibility):
+    """module.max_logits = max(module.max_logits, causal_max_logits(q, k, scale, **visibility)) on
+    training forwards only (module.training and grad enabled): eval and no-grad forwards never feed
+    the statistic (K2 report sec. 2.1: S is the max of the training step)."""
+    if module.training and torch.is_grad_enabled():
+        s = causal_max_logits(q.detach(), k.detach(), scale, **visibility)
+        torch.maximum(module.max_logits, s.to(module.max_logits.device), out=module.max_logits)
+
+
+def reduce_max_logits_(attention_modules):
+    """The step's (L, H) fp32 max logits of the modules, MAX-reduced across processes in one
+    collective when torch.distributed is initialised, then every module's statistic is reset to
+    -inf. Heads beyond a layer's num_heads (if layers differ) are -inf padding. MuonClip.step calls
+    it; a trainer that steps another optimizer calls it once per step to log the statistic."""
+    max_logits = nn.utils.rnn.pad_sequence(
+        [m.max_logits.detach().float() for m in attention_modules], batch_first=True,
+        padding_value=-math.inf)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(max_logits, op=dist.ReduceOp.MAX)
+    for m in attention_modules:
+        if hasattr(m, "reset_max_logits_"):
+            m.reset_max_logits_()
+        else:
+            m.max_logits.fill_(-math.inf)
+    return max_logits
+
+
+# ------------------------------------------------------------------------------ parameter roles
 
 HEAD_NAMES = ("lm_head", "output", "head")
+
+
+def mark_fused(module, sizes, name="weight"):
+    """Declare that module.<name> (..., sum(sizes), B) holds several maps stacked along its rows, so
+    Muon orthogonalises each block of `sizes` rows on its own (e.g. nanoGPT's c_attn: sizes (D, D, D);
+    a fused gate/up: (I, I)). Stored on the module (it survives deepcopy and FSDP2's parameter
+    swap); the optimizer reads it when given the model (for_model, or model=)."""
+    p = getattr(module, name)
+    if p.dim() < 2 or sum(sizes) != p.shape[-2]:
+        raise ValueError(f"mark_fused: blocks {list(sizes)} must sum to the rows of {name} {tuple(p.shape)}")
+    module.__dict__.setdefault("muon_blocks", {})[name] = tuple(int(s) for s in sizes)
+
+
+def fused_blocks(model):
+    """{id(parameter): row block sizes} for every parameter declared with mark_fused."""
+    return {id(getattr(m, name)): sizes for m in model.modules()
+            for name, sizes in getattr(m, "muon_blocks", {}).items()}
 
 
 def split_params(model):
     """Split the trainable parameters by role: (muon_params, adamw_params).
 
     Muon: every parameter with ndim >= 2 (hidden matrices; (E, A, B) stacks are E matrices), except
-    AdamW: nn.Embedding weights, the output head (a parameter of a module named lm_head / output /
-    head, or any parameter that is also an embedding's weight, i.e. a tied head), and every parameter
-    with ndim < 2 (norm gains, biases). Buffers (e.g. a router bias kept as one) are not parameters.
+    AdamW: nn.Embedding weights, the output head (`model.get_output_embeddings()` where defined, else a
+    direct child of `model` named lm_head / output / head; a deeper module of that name is a hidden
+    layer like any other), any parameter that is also an embedding's weight (a tied head),
+    convolution kernels, and every parameter with ndim < 2 (norm gains, biases). Buffers (e.g. a
+    router bias kept as one) are not parameters.
     """
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    tables = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.modules.conv._ConvNd))]
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    tables += [head] if head is not None else [m for n, m in model.named_children() if n in HEAD_NAMES]
+    not_muon = {id(p) for m in tables for p in m.parameters()}
     muon, adamw = [], []
-    for name, p in model.named_parameters():                     # tied parameters come once
-        if not p.requires_grad:
-            continue
-        module_name = name.rsplit(".", 1)[0].rsplit(".", 1)[-1] if "." in name else ""
-        is_table = id(p) in embeddings or module_name in HEAD_NAMES
-        (muon if p.ndim >= 2 and not is_table else adamw).append(p)
+    for p in model.parameters():                                 # tied parameters come once
+        if p.requires_grad:
+            (muon if p.ndim >= 2 and id(p) not in not_muon else adamw).append(p)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     muon_ids, adamw_ids = {id(p) for p in muon}, {id(p) for p in adamw}
     assert not muon_ids & adamw_ids and muon_ids | adamw_ids == trainable, \
@@ -180,6 +349,150 @@ def split_params(model):
 def find_attention_modules(model):
     """Modules with the QK-Clip surface (`max_logits` and `qk_clip_`), in model order."""
     return [m for m in model.modules() if hasattr(m, "max_logits") and hasattr(m, "qk_clip_")]
+
+
+def _check_attention_module(m):
+    """The surface, checked once at construction rather than failing at the first step."""
+    what = type(m).__name__
+    H = getattr(m, "num_heads", None)
+    if not isinstance(H, int) or H < 1:
+        raise ValueError(f"attention module {what} needs an integer `num_heads` for QK-Clip (got {H!r})")
+    S = getattr(m, "max_logits", None)
+    if not isinstance(S, torch.Tensor) or tuple(S.shape) != (H,):
+        raise ValueError(f"attention module {what}: `max_logits` must be a ({H},) tensor, one per head")
+    if not callable(getattr(m, "qk_clip_", None)):
+        raise ValueError(f"attention module {what} has max_logits but no callable `qk_clip_(gamma)`")
+
+
+# ---------------------------------------------------------------------- transformers models
+
+_HF_ATTENTION = "muonclip_qk_clip"
+
+
+def attach_qk_clip(model):
+    """Give every attention module of a transformers decoder the QK-Clip surface; returns them.
+
+    Llama / Mistral / Qwen2-style attention (separate q_proj and k_proj, GQA, optional biases) gets
+    the qk_clip_mha_ rule on weights and biases; DeepseekV3's MLA (q_b_proj or, with q_lora_rank
+    None, q_proj; kv_b_proj) gets qk_clip_mla_, the rule of kimik2.MLA. DeepseekV3's fused expert
+    gate_up_proj (E, 2I, D) is declared as two blocks (mark_fused), so Muon treats gate and up as
+    the separate maps they are.
+
+    The statistic: each module's config is replaced by a view of the model's config whose attention
+    implementation is a registered wrapper that, on training forwards, takes the exact max
+    (causal_max_logits) of the logits the model's own implementation (eager, sdpa, flash...; read
+    from the model's config at every call) computes on the same q, k, scaling and mask (a 4-D mask
+    as given; flash's 2-D padding mask, causal flag, sliding window and packed position_ids as
+    flash applies them), then calls that implementation unchanged. The model builds its masks with
+    its real config, so nothing else changes. Models with QK-norm (Qwen3, OLMo2, Gemma3: q_norm and
+    k_norm after the projections) raise: the norm divides out any scale on q_proj/k_proj, so QK-Clip
+    cannot act on them. flex_attention is refused (its BlockMask is not a tensor mask).
+    """
+    from transformers import AttentionInterface
+    AttentionInterface.register(_HF_ATTENTION, _hf_attention)
+    if str(model.config._attn_implementation).startswith("flex"):
+        raise ValueError("attach_qk_clip: flex_attention's BlockMask cannot be read; load the model "
+                         "with attn_implementation='sdpa', 'eager' or a flash one")
+    found = []
+    for name, m in model.named_modules():
+        experts = getattr(m, "gate_up_proj", None)
+        if isinstance(experts, nn.Parameter) and experts.dim() == 3:
+            mark_fused(m, [experts.shape[1] // 2] * 2, "gate_up_proj")        # (E, [gate | up], D)
+        if not (type(m).__name__.endswith("Attention") and hasattr(m, "config")):
+            continue
+        if getattr(m, "q_norm", None) is not None or getattr(m, "k_norm", None) is not None:
+            raise ValueError(f"{name} ({type(m).__name__}) normalises q and k per head after the projections "
+                             "(QK-norm): the norm undoes any scaling of q_proj/k_proj, so QK-Clip cannot cap "
+                             "its logits; train it with qk_clip_tau=None")
+        if hasattr(m, "kv_b_proj"):
+            clip = functools.partial(_hf_qk_clip_mla_, m)
+        elif isinstance(getattr(m, "q_proj", None), nn.Linear) and isinstance(getattr(m, "k_proj", None), nn.Linear):
+            clip = functools.partial(_hf_qk_clip_mha_, m)
+        else:
+            raise ValueError(f"{name} ({type(m).__name__}) has neither separate q_proj/k_proj nor MLA's "
+                             "kv_b_proj: give it the QK-Clip surface by hand (see muonclip's docstring)")
+        if not isinstance(m.config, _AttentionConfigView):
+            m.num_heads = m.config.num_attention_heads
+            m.register_buffer("max_logits", torch.full((m.num_heads,), -math.inf,
+                                                       device=m.o_proj.weight.device), persistent=False)
+            m.qk_clip_ = clip
+            m.config = _AttentionConfigView(m.config)
+        found.append(m)
+    if not found:
+        raise ValueError(f"attach_qk_clip: no attention module (class name ending in 'Attention') in "
+                         f"{type(model).__name__}")
+    return found
+
+
+class _AttentionConfigView:
+    """An attention module's view of the model config: every field is the config's own, except the
+    attention implementation, which routes the module's attention call through _hf_attention."""
+    _attn_implementation = _HF_ATTENTION
+
+    def __init__(self, config):
+        object.__setattr__(self, "wrapped", config)
+
+    def __getattr__(self, name):                 # only for names not found on the view itself
+        if name == "wrapped":                    # not yet set (unpickling, deepcopy)
+            raise AttributeError(name)
+        return getattr(self.wrapped, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.wrapped, name, value)
+
+
+def _hf_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    """The registered wrapper: record the exact max logit, then run the model's own attention."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    config = module.config.wrapped
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)
+    if module.training and torch.is_grad_enabled():
+        scale = kwargs.get("scaling")
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        record_max_logits_(module, query, key, scale,
+                           **_hf_visibility(module, query, key, attention_mask, config, kwargs))
+    return attention(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _hf_visibility(module, query, key, mask, config, kwargs):
+    """causal_max_logits' causal/attention_mask for what the model's implementation masks."""
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attach_qk_clip: cannot read an attention mask of type {type(mask).__name__}")
+    if mask is not None and mask.dim() == 4:       # eager/sdpa: causal, padding, windows all in it
+        return dict(causal=False, attention_mask=mask)
+    causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+    if "flash" not in config._attn_implementation:
+        return dict(causal=causal, attention_mask=mask)
+    # flash: the mask is None or (B, Tk) padding; the window and packed sequences come as kwargs
+    Tq, Tk = query.shape[2], key.shape[2]
+    i = torch.arange(Tq, device=query.device)[:, None] + (Tk - Tq)            # (Tq, 1)
+    j = torch.arange(Tk, device=query.device)                                 # (Tk,)
+    keep = (j <= i) if causal else torch.ones(Tq, Tk, dtype=torch.bool, device=query.device)
+    window = kwargs.get("sliding_window")
+    if window is not None and Tk > window:
+        keep = keep & (i - j < window)
+    keep = keep[None]                                                         # (1, Tq, Tk)
+    positions = kwargs.get("position_ids")
+    if mask is None and positions is not None and Tq == Tk:                   # packed documents
+        doc = (positions == 0).cumsum(-1)                                     # (B, T)
+        keep = keep & (doc[:, :, None] == doc[:, None, :])
+    if mask is not None:
+        keep = keep & mask.bool()[:, None, :]
+    return dict(causal=False, attention_mask=keep[:, None])                   # (B|1, 1, Tq, Tk)
+
+
+def _hf_qk_clip_mha_(m, gamma):
+    kv_heads = m.config.num_key_value_heads
+    qk_clip_mha_(m.q_proj.weight, m.k_proj.weight, gamma, kv_heads)
+    if m.q_proj.bias is not None:
+        qk_clip_mha_(m.q_proj.bias, m.k_proj.bias, gamma, kv_heads)
+
+
+def _hf_qk_clip_mla_(m, gamma):
+    w_q = m.q_proj.weight if m.q_proj is not None else m.q_b_proj.weight
+    qk_clip_mla_(w_q, m.kv_b_proj.weight, gamma, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim)
 
 
 # ------------------------------------------------------- distributed: DTensor shards <-> full
@@ -215,38 +528,78 @@ def _local_part(full, p):
 # ---------------------------------------------------------------------------------- the optimizer
 
 class MuonClip(torch.optim.Optimizer):
-    """Muon + AdamW in one optimizer, followed by QK-Clip on the attention modules given.
+    """Muon + AdamW in one optimizer, followed by QK-Clip on the attention modules.
 
-    params: groups (dicts) each with `use_muon` (bool); see split_params / for_model.
+    params: a model (roles from split_params, attention modules and fused blocks found in it: what
+      for_model does, and what transformers' Trainer passes for optimizer_cls_and_kwargs=(MuonClip,
+      {"model": model, ...})), or parameter groups. A group with `use_muon` (bool) keeps it; a group
+      without one (e.g. Trainer's weight-decay groups) is split by role, which needs model=.
     lr: one learning rate for both halves (Muon updates are RMS-matched to AdamW's).
     weight_decay: decoupled, W -= lr * weight_decay * W, both halves.
     momentum, nesterov, ns_steps, ns_dtype: Muon. betas, eps: AdamW.
-    qk_clip_tau: logit cap (K2: 100); None turns QK-Clip off.
-    attention_modules: modules with the surface described in the module docstring.
+    qk_clip_tau: logit cap (K2: 100); None turns the clip off (the statistic is still reduced,
+      reset and reported in clip_stats). With tau set and no attention module it raises.
+    attention_modules: modules with the surface in the module docstring; default: found in model.
+    model: the model the groups come from, for roles, fused blocks and attention modules.
     """
 
     def __init__(self, params, lr=2e-4, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
-                 betas=(0.9, 0.95), eps=1e-8, qk_clip_tau=100.0, attention_modules=(),
-                 ns_dtype=torch.bfloat16):
+                 betas=(0.9, 0.95), eps=1e-8, qk_clip_tau=100.0, attention_modules=None,
+                 ns_dtype=torch.bfloat16, model=None):
+        if isinstance(params, nn.Module):
+            model, params = params, None
+        self._muon_ids = {id(p) for p in split_params(model)[0]} if model is not None else None
+        self._blocks = fused_blocks(model) if model is not None else {}
+        if params is None:
+            params = [{"params": [p for p in model.parameters() if p.requires_grad]}]
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_steps=ns_steps, ns_dtype=ns_dtype, betas=betas, eps=eps)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            if "use_muon" not in group:
-                raise ValueError("every parameter group needs 'use_muon' (True or False)")
-            if group["use_muon"] and any(p.ndim < 2 for p in group["params"]):
-                raise ValueError("Muon groups take matrices (ndim >= 2) only")
-        self.qk_clip_tau = qk_clip_tau
+        if attention_modules is None:
+            attention_modules = find_attention_modules(model) if model is not None else ()
         self.attention_modules = list(attention_modules)
+        for m in self.attention_modules:
+            _check_attention_module(m)
+        if qk_clip_tau is not None and not self.attention_modules:
+            raise ValueError(
+                f"qk_clip_tau={qk_clip_tau} but no attention module has the QK-Clip surface (num_heads, "
+                "max_logits, qk_clip_(gamma)): give your attention modules that surface, call "
+                "muonclip.attach_qk_clip(model) on a transformers model, or pass qk_clip_tau=None")
+        self.qk_clip_tau = qk_clip_tau
         self.clip_stats = {}
+        low = {p.dtype for g in self.param_groups for p in g["params"]
+               if p.is_floating_point() and p.dtype != torch.float32}
+        if low:
+            warnings.warn(f"MuonClip: parameters in {sorted(map(str, low))}, not float32: updates below half "
+                          "an ulp are lost (bf16: weight decay at lr*wd < 4e-3 does nothing); keep fp32 "
+                          "master weights and use autocast", stacklevel=2)
 
     @classmethod
     def for_model(cls, model, lr, weight_decay, qk_clip_tau=100.0, **kw):
-        """The whole recipe for one model: role split plus the attention modules found by surface."""
-        muon, adamw = split_params(model)
-        groups = [{"params": muon, "use_muon": True}, {"params": adamw, "use_muon": False}]
-        return cls([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay,
-                   qk_clip_tau=qk_clip_tau, attention_modules=find_attention_modules(model), **kw)
+        """The whole recipe for one model: role split, fused blocks and the attention modules."""
+        return cls(model, lr=lr, weight_decay=weight_decay, qk_clip_tau=qk_clip_tau, **kw)
+
+    def add_param_group(self, param_group):
+        """Validates `use_muon`; a group without it is split by role (needs the model)."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if "use_muon" not in param_group:
+            if self._muon_ids is None:
+                raise ValueError("every parameter group needs 'use_muon' (True or False), or pass "
+                                 "model= so MuonClip can split the group by role (split_params)")
+            for use_muon in (True, False):
+                part = [p for p in params if (id(p) in self._muon_ids) == use_muon]
+                if part:
+                    self.add_param_group({**param_group, "params": part, "use_muon": use_muon})
+            return
+        if not isinstance(param_group["use_muon"], bool):
+            raise ValueError(f"'use_muon' must be True or False, not {param_group['use_muon']!r}")
+        if param_group["use_muon"]:
+            for p in params:
+                if not 2 <= p.ndim <= 3:
+                    raise ValueError(f"Muon groups take matrices (A, B) or stacks of matrices (E, A, B); "
+                                     f"got a tensor of shape {tuple(p.shape)}: send it to AdamW (use_muon=False)")
+        super().add_param_group({**param_group, "params": params})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -258,45 +611,41 @@ class MuonClip(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if params:
                 (self._muon_step if group["use_muon"] else self._adamw_step)(group, params)
-        if self.qk_clip_tau is not None and self.attention_modules:
+        if self.attention_modules:
             self._qk_clip()
         return loss
 
     def _muon_step(self, group, params):
-        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        """muon_update for every parameter, with the matrices of one shape in one batched
+        Newton-Schulz call; fused parameters contribute one matrix (stack) per declared block."""
+        lr, wd = group["lr"], group["weight_decay"]
         grads = [_local(p.grad) for p in params]
-        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(g))
-                for p, g in zip(params, grads)]
-        torch._foreach_mul_(bufs, mu)
-        torch._foreach_add_(bufs, grads)                          # M = mu*M + G
-        inputs = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
-
+        for p, g in zip(params, grads):
+            if not self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(g)
+        inputs = [muon_momentum_(g, self.state[p]["momentum_buffer"], group["momentum"], group["nesterov"])
+                  for p, g in zip(params, grads)]
         # Newton-Schulz needs whole matrices: gather only where a matrix dim is sharded
         gather = [_matrices_are_split(p) for p in params]
         whole = [_full(x, p) if g else x for x, p, g in zip(inputs, params, gather)]
-        # one batch per matrix shape; a tall (A, B) joins the wide (B, A) batch transposed
-        # (the orientation Newton-Schulz works in anyway), cast to ns_dtype by the same copy
-        by_shape = defaultdict(list)                              # (small, large) -> indices
-        for i, x in enumerate(whole):
-            by_shape[tuple(sorted(x.shape[-2:]))].append(i)
+        blocks = [x.split(self._blocks.get(id(p), x.shape[-2]), dim=-2) for x, p in zip(whole, params)]
+        by_shape = defaultdict(list)                              # (A, B) -> [(param, block)]
+        for i, bs in enumerate(blocks):
+            for j, b in enumerate(bs):
+                by_shape[tuple(b.shape[-2:])].append((i, j))
 
         local_params = [_local(p) for p in params]
         torch._foreach_mul_(local_params, 1 - lr * wd)            # decoupled weight decay
-        for (small, large), idx in by_shape.items():
-            wide = [whole[i].reshape(-1, *whole[i].shape[-2:]) for i in idx]      # (k, A, B)
-            wide = [x.mT if x.size(-2) > x.size(-1) else x for x in wide]         # (k, small, large)
-            stack = torch.empty(sum(x.size(0) for x in wide), small, large,
-                                dtype=group["ns_dtype"], device=wide[0].device)
-            ortho = newton_schulz(torch.cat(wide, out=stack), group["ns_steps"],
-                                  dtype=group["ns_dtype"])            # (N, small, large)
-            updates = []
-            for i, o in zip(idx, ortho.split([x.size(0) for x in wide])):
-                o = o.mT if whole[i].size(-2) > whole[i].size(-1) else o             # (k, A, B)
-                o = o.reshape(whole[i].shape)
-                updates.append(_local_part(o, params[i]) if gather[i] else o)
-            # the bf16 update is added to the fp32 weight exactly as if upcast first
-            torch._foreach_add_([local_params[i] for i in idx], updates,
-                                alpha=-lr * rms_matching_scale((small, large)))
+        ortho = [list(bs) for bs in blocks]
+        for shape, members in by_shape.items():
+            stack = torch.cat([blocks[i][j].reshape(-1, *shape) for i, j in members])   # (N, A, B)
+            out = newton_schulz(stack, group["ns_steps"], dtype=group["ns_dtype"])
+            out = out.to(stack.dtype).mul_(rms_matching_scale(shape))                  # as muon_update
+            for (i, j), o in zip(members, out.split([math.prod(blocks[i][j].shape[:-2]) for i, j in members])):
+                ortho[i][j] = o.reshape(blocks[i][j].shape)
+        for p, local, parts, g in zip(params, local_params, ortho, gather):
+            update = torch.cat(parts, dim=-2)                     # the blocks back in their rows
+            local.add_(_local_part(update, p) if g else update, alpha=-lr)
 
     def _adamw_step(self, group, params):
         lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
@@ -321,20 +670,14 @@ class MuonClip(torch.optim.Optimizer):
         torch._foreach_addcdiv_(local_params, exp_avgs, denom, step_sizes)
 
     def _qk_clip(self):
-        modules = self.attention_modules
-        # (L, H); heads beyond a layer's num_heads (if layers differ) are -inf padding
-        max_logits = nn.utils.rnn.pad_sequence(
-            [m.max_logits.detach().float() for m in modules], batch_first=True,
-            padding_value=-math.inf)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(max_logits, op=dist.ReduceOp.MAX)    # one collective for all layers
-        gamma = qk_clip_gamma(max_logits, self.qk_clip_tau)       # (L, H)
-        for m, g in zip(modules, gamma):
-            # every module is called: unclipped heads get exactly 1, so no host sync is needed
-            m.qk_clip_(g[:m.num_heads])
-            if hasattr(m, "reset_max_logits_"):
-                m.reset_max_logits_()
-            else:
-                m.max_logits.fill_(-math.inf)
-        self.clip_stats = {"max_logits": max_logits,
-                           "heads_clipped": (max_logits > self.qk_clip_tau).sum()}
+        """QK-Clip after the update (K2 report sec. 2.1, Algorithm 1): the step's reduced max logits,
+        gamma per head, every module called (unclipped heads get exactly 1: no host sync)."""
+        max_logits = reduce_max_logits_(self.attention_modules)  # (L, H)
+        if self.qk_clip_tau is None:
+            clipped = torch.zeros((), dtype=torch.long, device=max_logits.device)
+        else:
+            gamma = qk_clip_gamma(max_logits, self.qk_clip_tau)  # (L, H)
+            for m, g in zip(self.attention_modules, gamma):
+                m.qk_clip_(g[:m.num_heads])
+            clipped = (max_logits > self.qk_clip_tau).sum()
+        self.clip_stats = {"max_logits": max_logits, "heads_clipped": clipped}
