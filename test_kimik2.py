@@ -42,7 +42,8 @@ import data
 import train
 from kimik2 import (PRESETS, Config, Gate, KimiK2, count_params, flops_per_token, heads_cost,
                     kv_cache_bytes_per_token, main)
-from muonclip import MuonClip, newton_schulz, qk_clip_mha_, rms_matching_scale, split_params
+from muonclip import (MuonClip, attach_qk_clip, causal_max_logits, fused_blocks, mark_fused, muon_update,
+                      newton_schulz, qk_clip_gamma, qk_clip_mha_, rms_matching_scale, split_params)
 
 # Hypothesis profiles: "ci" is derandomized, so a red CI run reproduces; "dev" hunts wider.
 settings.register_profile("ci", max_examples=10, derandomize=True, deadline=None,
@@ -1193,6 +1194,402 @@ def test_distributed_training_matches_single_process(_muon_dist_results, kind, w
     for name in single:
         assert torch.equal(rank0[name], rank1[name]), name
         assert (rank0[name] - single[name]).abs().max() < 1e-5, name
+
+
+# ---------------------------------------------------------- 6. the pure Muon update and fused blocks
+
+def test_optimizer_step_is_muon_update_per_matrix():
+    """The class only batches: each parameter (a matrix, a stack, tall or wide, several sharing a
+    shape) moves by exactly -lr * (muon_update + wd * W), over several steps of momentum."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(12, 20), (20, 12), (12, 20), (3, 8, 5), (7, 7)]
+    params = [torch.randn(s, generator=gen, requires_grad=True) for s in shapes]
+    ref = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    lr, wd = 0.05, 0.1
+    opt = MuonClip([{"params": params, "use_muon": True}], lr=lr, weight_decay=wd, qk_clip_tau=None,
+                   ns_dtype=torch.float32)
+    for _ in range(3):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, (g, b) in enumerate(zip(grads, bufs)):
+            ref[i] = ref[i] * (1 - lr * wd) - lr * muon_update(g, b, 0.95, True, 5, torch.float32)
+    for p, r in zip(params, ref):
+        assert (p.detach() - r).abs().max() < 1e-6
+
+
+def _muon_fused_linear(rows, cols, sizes):
+    layer = nn.Linear(cols, rows, bias=False)
+    mark_fused(layer, sizes)
+    return layer
+
+
+def test_fused_weight_is_orthogonalised_block_by_block():
+    """A (3D, D) fused QKV weight declared with mark_fused gets the update of three separate (D, D)
+    weights (each block orthogonal on its own, scaled by its own shape), not the (3D, D) one; a
+    fused expert gate/up (E, 2I, D) likewise per expert and per block."""
+    torch.manual_seed(0)
+    D, E, I = 8, 3, 5
+    fused = nn.ModuleDict({"qkv": _muon_fused_linear(3 * D, D, [D] * 3)})
+    experts = nn.Module()
+    experts.gate_up = nn.Parameter(torch.randn(E, 2 * I, D))
+    mark_fused(experts, [I, I], "gate_up")
+    fused["experts"] = experts
+    plain = copy.deepcopy(fused)                                # the declaration survives deepcopy
+    assert fused_blocks(plain)[id(plain["qkv"].weight)] == (D, D, D)
+    separate = [m.detach().clone().requires_grad_() for m in fused["qkv"].weight.split(D)]
+    separate += [m.detach().clone().requires_grad_() for m in experts.gate_up.split(I, 1)]
+    grads = [torch.randn(3 * D, D), torch.randn(E, 2 * I, D)]
+    for p, g in zip((fused["qkv"].weight, experts.gate_up), grads):
+        p.grad = g.clone()
+    for p, g in zip(separate, [*grads[0].split(D), *grads[1].split(I, 1)]):
+        p.grad = g.clone()
+    MuonClip(fused, lr=0.1, qk_clip_tau=None, ns_dtype=torch.float32).step()
+    MuonClip([{"params": separate, "use_muon": True}], lr=0.1, qk_clip_tau=None, ns_dtype=torch.float32).step()
+    assert torch.allclose(fused["qkv"].weight, torch.cat(separate[:3]), atol=1e-6)
+    assert torch.allclose(experts.gate_up, torch.cat(separate[3:], 1), atol=1e-6)
+    block_sv = torch.linalg.svdvals(newton_schulz(grads[0][:D] * 1.95, dtype=torch.float32))
+    whole_sv = torch.linalg.svdvals(newton_schulz(grads[0] * 1.95, dtype=torch.float32)[:D])
+    assert (block_sv - 1).abs().max() < 0.35 and (whole_sv - 1).abs().max() > 0.35   # whole: q block not orthogonal
+    with pytest.raises(ValueError, match="sum to the rows"):
+        mark_fused(nn.Linear(4, 6), [2, 2])
+
+
+# ---------------------------------------------------------------- 7. the exact max logit (C1)
+
+@given(batch=st.integers(1, 2), kv_heads=st.integers(1, 3), group=st.integers(1, 3), tq=st.integers(1, 9),
+       extra=st.integers(0, 4), dim=st.integers(1, 6), mask=st.sampled_from(["none", "padding", "bool", "additive"]),
+       causal=st.booleans(), chunk=st.sampled_from([None, 1, 3]), seed=st.integers(0, 2 ** 16))
+@settings(deadline=None)
+def test_causal_max_logits_equals_explicit_masked_max(batch, kv_heads, group, tq, extra, dim, mask, causal,
+                                                      chunk, seed):
+    gen = torch.Generator().manual_seed(seed)
+    H, tk = kv_heads * group, tq + extra
+    q, k = torch.randn(batch, H, tq, dim, generator=gen), torch.randn(batch, kv_heads, tk, dim, generator=gen)
+    scale = 0.3
+    logits = (q.double() @ k.double().repeat_interleave(group, 1).mT) * scale            # (B, H, Tq, Tk)
+    visible = torch.ones(batch, H, tq, tk, dtype=torch.bool)
+    if causal:
+        visible &= torch.arange(tk) <= torch.arange(tq)[:, None] + extra
+    given_mask = None
+    if mask == "padding":
+        given_mask = torch.rand(batch, tk, generator=gen) < 0.7                           # (B, Tk)
+        visible &= given_mask[:, None, None, :]
+    elif mask in ("bool", "additive"):
+        keep = torch.rand(batch, 1, tq, tk, generator=gen) < 0.7                           # (B, 1, Tq, Tk)
+        visible &= keep
+        bias = torch.randn(batch, 1, tq, tk, generator=gen)
+        given_mask = keep if mask == "bool" else bias.masked_fill(~keep, torch.finfo(torch.float32).min)
+        if mask == "additive":
+            logits = logits + bias.double()
+    expected = logits.masked_fill(~visible, -math.inf).amax(dim=(0, 2, 3)).float()        # (H,)
+    got = causal_max_logits(q, k, scale, causal=causal, attention_mask=given_mask, chunk_size=chunk)
+    assert got.shape == (H,) and got.dtype == torch.float32
+    assert torch.equal(got.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    assert torch.allclose(got[finite], expected[finite], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- 8. no silent no-ops
+
+def test_tau_without_attention_modules_raises_naming_the_surface_and_the_hf_helper():
+    with pytest.raises(ValueError, match="num_heads, max_logits, qk_clip_.*attach_qk_clip"):
+        MuonClip.for_model(nn.Sequential(nn.Linear(4, 4)), lr=0.01, weight_decay=0.0, qk_clip_tau=100.0)
+    MuonClip.for_model(nn.Sequential(nn.Linear(4, 4)), lr=0.01, weight_decay=0.0, qk_clip_tau=None)
+
+
+def test_attention_module_without_num_heads_fails_at_construction():
+    model = _MuonLM()
+    del model.layers[1].attn.num_heads
+    with pytest.raises(ValueError, match="_MuonAttention needs an integer `num_heads`"):
+        MuonClip.for_model(model, lr=0.01, weight_decay=0.0)
+
+
+def test_use_muon_is_validated_in_add_param_group_and_groups_without_it_split_by_model():
+    model = _MuonLM()
+    opt = MuonClip([{"params": [model.embed.weight], "use_muon": False}], lr=0.01, qk_clip_tau=None)
+    with pytest.raises(ValueError, match="use_muon"):
+        opt.add_param_group({"params": [model.lm_head.weight]})
+    with pytest.raises(ValueError, match="stacks of matrices.*\\(2, 3, 3, 3\\)"):
+        opt.add_param_group({"params": [torch.zeros(2, 3, 3, 3, requires_grad=True)], "use_muon": True})
+    # Trainer's weight-decay groups: no use_muon; model= splits each by role, keeping its options
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = MuonClip([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                   lr=0.01, model=model)
+    muon, _ = split_params(model)
+    assert [(g["use_muon"], g["weight_decay"]) for g in opt.param_groups] == [(True, 0.1), (False, 0.1), (False, 0.0)]
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in muon}
+    assert len(opt.attention_modules) == len(model.layers)
+
+
+def test_non_fp32_parameters_warn():
+    with pytest.warns(UserWarning, match="bfloat16.*fp32 master"):
+        MuonClip.for_model(_MuonLM().to(torch.bfloat16), lr=0.01, weight_decay=0.1)
+
+
+def test_head_is_found_by_structure_and_conv_kernels_go_to_adamw():
+    """Only the model's own output head is a table: a hidden layer named `head` or `output` deep in
+    the model is a matrix for Muon; a conv kernel is neither a matrix nor a stack: AdamW."""
+    model = nn.Module()
+    model.embed = nn.Embedding(10, 8)
+    model.conv = nn.Conv1d(8, 8, 3)
+    model.block = nn.ModuleDict({"head": nn.Linear(8, 8), "output": nn.Linear(8, 8)})
+    model.output = nn.Linear(8, 10)
+    muon, adamw = (set(map(id, ps)) for ps in split_params(model))
+    assert muon == {id(model.block.head.weight), id(model.block.output.weight)}
+    assert {id(model.output.weight), id(model.conv.weight), id(model.embed.weight)} <= adamw
+
+
+def test_import_muonclip_needs_only_torch():
+    """transformers blocked: import muonclip and a MuonClip step still work; the HF helper alone fails."""
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import torch, muonclip\n"
+            "m = torch.nn.Linear(4, 4); m.weight.grad = torch.ones(4, 4)\n"
+            "muonclip.MuonClip.for_model(m, lr=0.1, weight_decay=0.0, qk_clip_tau=None).step()\n"
+            "try:\n    muonclip.attach_qk_clip(m)\nexcept ImportError:\n    print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=_HERE, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# ---------------------------------------------------------- 9. README recipes and nanoGPT-style
+
+def _muon_readme_recipes():
+    """The python blocks of the README section "MuonClip in your model", in order."""
+    with open(os.path.join(_HERE, "README.md")) as f:
+        section = f.read().split("## MuonClip in your model", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def _muon_run_recipe(index):
+    namespace = {"__name__": f"readme_recipe_{index + 1}"}
+    exec(compile(_muon_readme_recipes()[index], f"README.md recipe {index + 1}", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_readme_muonclip_recipes_run(index, tmp_path, monkeypatch):
+    assert len(_muon_readme_recipes()) == 3
+    if index == 2:
+        pytest.importorskip("transformers")
+        pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    monkeypatch.chdir(tmp_path)                          # Trainer writes into its output_dir
+    namespace = _muon_run_recipe(index)
+    opt = namespace["trainer"].optimizer.optimizer if index == 2 else namespace["opt"]
+    assert len(opt.attention_modules) == 2 and opt.clip_stats["max_logits"].shape == (2, 4)
+    assert opt.clip_stats["max_logits"].isfinite().all()            # every layer's statistic was fed
+
+
+@pytest.fixture(scope="module")
+def _muon_nanogpt():
+    return _muon_run_recipe(1)["GPT"]
+
+
+def _muon_clipped_training(model, steps, batches, tau, lr=0.02):
+    """steps of MuonClip (fp32 NS) at tau; returns the heads clipped per step."""
+    opt = MuonClip.for_model(model, lr=lr, weight_decay=0.1, qk_clip_tau=tau, ns_dtype=torch.float32)
+    clipped = []
+    for step in range(steps):
+        x = batches[step % len(batches)]
+        model(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        clipped.append(int(opt.clip_stats["heads_clipped"]))
+    return clipped
+
+
+def test_nanogpt_style_fused_model_trains_with_clip_and_post_clip_logits_never_exceed_tau(_muon_nanogpt):
+    torch.manual_seed(0)
+    model = _muon_nanogpt()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 64, (4, 16), generator=gen) for _ in range(4)]
+    tau = float(_muon_forward_max_logits(model, batches[0]).median())
+    assert sum(_muon_clipped_training(model, 20, batches, tau)) > 0
+    inputs = _muon_record_attention_inputs(model, batches[1])
+    before = _muon_replay_max_logits(model, inputs)
+    tau = float(before.median())
+    weights = _muon_snapshot(model)
+    _, opt = _muon_clip_only_step(model, batches[1], tau)
+    after = _muon_replay_max_logits(model, inputs)
+    clipped = before > tau
+    assert clipped.any() and (after <= tau * (1 + 1e-5)).all()
+    assert torch.allclose(after[clipped], torch.full_like(after[clipped], tau), rtol=1e-5)   # MHA: exactly tau
+    assert torch.equal(after[~clipped], before[~clipped])
+    for name, p in model.named_parameters():               # only the q and k blocks of c_attn move
+        D = p.shape[-1] if "c_attn.weight" in name else p.shape[0] // 3
+        if "c_attn" in name:
+            assert torch.equal(p[2 * D:], weights[name][2 * D:]), name              # v block
+        else:
+            assert torch.equal(p, weights[name]), name
+
+
+# --------------------------------------------------------------- 10. transformers models
+
+def _muon_hf_model(kind, attn="sdpa", layers=2):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, attn_implementation=attn)
+    if kind == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    if kind == "qwen3":
+        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=8, **common))
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    with torch.no_grad():                                  # non-zero q/k biases, so the bias rule shows
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.bias.normal_(0, 0.3)
+            layer.self_attn.k_proj.bias.normal_(0, 0.3)
+    return model
+
+
+class _MuonHFAdapter(nn.Module):
+    """model(x, x) -> (logits, loss) for a transformers causal LM, as the helpers above call it."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, idx, targets, attention_mask=None):
+        out = self.hf(input_ids=idx, attention_mask=attention_mask, labels=targets)
+        return out.logits, out.loss
+
+
+def _muon_hf_padding(batch, length, seed):
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 61, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :2] = 0                                          # left padding
+    mask[-1, -3:] = 0                                        # right padding
+    return idx, mask
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_hf_tracked_max_equals_explicit_logits_with_padding(kind, attn, monkeypatch):
+    """The statistic is the max over causal positions whose key is not padding, of q.k * scaling
+    computed here from the rotated q and k, whatever attention implementation runs."""
+    model = _muon_hf_model(kind, attn)
+    modules = attach_qk_clip(model)
+    modeling = sys.modules[type(modules[0]).__module__]
+    seen, rotate = [], modeling.apply_rotary_pos_emb
+
+    def spy(q, k, *args, **kwargs):
+        q, k = rotate(q, k, *args, **kwargs)
+        seen.append((q.detach(), k.detach()))
+        return q, k
+
+    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", spy)
+    idx, mask = _muon_hf_padding(3, 9, 0)
+    model.train()
+    model(input_ids=idx, attention_mask=mask)
+    visible = torch.ones(9, 9, dtype=torch.bool).tril() & mask.bool()[:, None, None, :]      # (B, 1, T, T)
+    for m, (q, k) in zip(modules, seen):
+        logits = (q @ k.repeat_interleave(2, 1).mT) * m.scaling                            # (B, H, T, T)
+        expected = logits.masked_fill(~visible, -math.inf).amax(dim=(0, 2, 3))
+        assert torch.allclose(m.max_logits, expected, rtol=1e-5, atol=1e-6)
+    before = torch.stack([m.max_logits.clone() for m in modules])
+    model.eval()
+    model(input_ids=idx, attention_mask=mask)                               # eval: not fed
+    with torch.no_grad():
+        model.train()(input_ids=idx)                                        # no grad: not fed
+    assert torch.equal(torch.stack([m.max_logits for m in modules]), before)
+
+
+def test_hf_qk_norm_model_is_refused_with_the_reason():
+    model = _muon_hf_model("qwen3")
+    with pytest.raises(ValueError, match="QK-norm.*undoes any scaling"):
+        attach_qk_clip(model)
+
+
+class _MuonCountClips:
+    """A TrainerCallback (duck-typed) that records heads_clipped after every optimizer step."""
+
+    def __init__(self):
+        self.clipped = []
+
+    def __getattr__(self, name):                 # every other Trainer event: nothing to do
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.clipped.append(int(getattr(optimizer, "optimizer", optimizer).clip_stats["heads_clipped"]))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("how", ["optimizers", "optimizer_cls_and_kwargs"])
+def test_hf_model_trains_through_trainer_with_clip_and_post_clip_logits_never_exceed_tau(kind, how, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    model = _muon_hf_model(kind)
+    attach_qk_clip(model)
+    adapter = _MuonHFAdapter(model)
+    idx, mask = _muon_hf_padding(4, 12, 1)
+    tau = float(_muon_forward_max_logits(adapter, idx).median())
+    kwargs = dict(lr=0.02, weight_decay=0.1, qk_clip_tau=tau, ns_dtype=torch.float32)
+    if how == "optimizers":
+        trainer_kw = dict(optimizers=(MuonClip.for_model(model, **kwargs), None))
+    else:
+        trainer_kw = dict(optimizer_cls_and_kwargs=(MuonClip, {"model": model, **kwargs}))
+    data = [{"input_ids": i, "attention_mask": m, "labels": i.masked_fill(m == 0, -100)} for i, m in zip(idx, mask)]
+    args = transformers.TrainingArguments(str(tmp_path), max_steps=20, per_device_train_batch_size=4,
+                                          report_to="none", save_strategy="no", use_cpu=True,
+                                          dataloader_num_workers=0, logging_strategy="no", disable_tqdm=True)
+    counter = _MuonCountClips()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[counter], **trainer_kw)
+    trainer.train()
+    assert len(counter.clipped) == 20 and sum(counter.clipped) > 0
+
+    # after training: a clip-only step, then each layer replayed on the input its max came from
+    inputs = _muon_record_attention_inputs(adapter, idx)
+    before = _muon_replay_max_logits(adapter, inputs)
+    tau = float(before.median())
+    _, opt = _muon_clip_only_step(adapter, idx, tau)
+    after = _muon_replay_max_logits(adapter, inputs)
+    gamma = qk_clip_gamma(before, tau)                                        # (L, H)
+    group_min = gamma.view(-1, 2, 2).amin(-1).repeat_interleave(2, -1)      # (L, H), 2 query heads per key
+    assert (before > tau).any() and (after <= tau * (1 + 1e-5)).all()
+    assert torch.allclose(after, before * (gamma * group_min).sqrt(), rtol=1e-5)
+    smallest = (before > tau) & (gamma == group_min)                       # these end exactly at tau
+    assert smallest.any() and torch.allclose(after[smallest], torch.full_like(after[smallest], tau), rtol=1e-5)
+
+
+def test_hf_deepseek_v3_and_kimik2_train_alike_with_muonclip(tmp_path):
+    """One optimizer, two implementations of one model: transformers' DeepseekV3ForCausalLM with
+    attach_qk_clip and kimik2.KimiK2, from the same weights and batches, stay equal over steps in
+    which heads clip (MLA rule, fused gate/up declared as two blocks, the same roles)."""
+    transformers = pytest.importorskip("transformers")
+    ours = _muon_mla_model(0, heads=4, layers=2, init=0.2)
+    ours.save_pretrained(str(tmp_path / "start"))
+    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "start"))
+    attach_qk_clip(theirs)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 61, (2, 10), generator=gen) for _ in range(2)]
+    tau = float(_muon_forward_max_logits(ours, batches[0]).median())
+    opts = [MuonClip.for_model(m, lr=0.01, weight_decay=0.1, qk_clip_tau=tau, ns_dtype=torch.float32)
+            for m in (ours, theirs)]
+    for role in (0, 1):                                          # the same roles: Muon, AdamW
+        assert len({sum(p.numel() for p in o.param_groups[role]["params"]) for o in opts}) == 1
+    clipped = []
+    for step in range(4):
+        x = batches[step % 2]
+        for model, opt in zip((ours, theirs), opts):
+            model.train()
+            logits = ours(x)[0] if model is ours else theirs(input_ids=x).logits
+            F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        a, b = (o.clip_stats for o in opts)
+        assert torch.allclose(a["max_logits"], b["max_logits"], rtol=1e-5, atol=1e-6)
+        assert int(a["heads_clipped"]) == int(b["heads_clipped"])
+        clipped.append(int(a["heads_clipped"]))
+    assert sum(clipped) > 0
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    back = KimiK2.from_pretrained(str(tmp_path / "theirs"))
+    for (name, p), q in zip(ours.state_dict().items(), back.state_dict().values()):
+        assert (p - q).abs().max() < 1e-5, name
 
 
 # ==================================================================================================
