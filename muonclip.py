@@ -375,8 +375,9 @@ def attach_qk_clip(model):
     Llama / Mistral / Qwen2-style attention (separate q_proj and k_proj, GQA, optional biases) gets
     the qk_clip_mha_ rule on weights and biases; DeepseekV3's MLA (q_b_proj or, with q_lora_rank
     None, q_proj; kv_b_proj) gets qk_clip_mla_, the rule of kimik2.MLA. DeepseekV3's fused expert
-    gate_up_proj (E, 2I, D) is declared as two blocks (mark_fused), so Muon treats gate and up as
-    the separate maps they are.
+    gate_up_proj (E, 2I, D) (rows [gate | up], as `intermediate_dim` says) is declared as two blocks
+    (mark_fused), so Muon treats gate and up as the separate maps they are; other fused layouts
+    (e.g. interleaved columns) are not recognised and need their own declaration.
 
     The statistic: each module's config is replaced by a view of the model's config whose attention
     implementation is a registered wrapper that, on training forwards, takes the exact max
@@ -395,33 +396,35 @@ def attach_qk_clip(model):
                          "with attn_implementation='sdpa', 'eager' or a flash one")
     found = []
     for name, m in model.named_modules():
-        experts = getattr(m, "gate_up_proj", None)
-        if isinstance(experts, nn.Parameter) and experts.dim() == 3:
-            mark_fused(m, [experts.shape[1] // 2] * 2, "gate_up_proj")        # (E, [gate | up], D)
-        if not (type(m).__name__.endswith("Attention") and hasattr(m, "config")):
-            continue
-        if getattr(m, "q_norm", None) is not None or getattr(m, "k_norm", None) is not None:
-            raise ValueError(f"{name} ({type(m).__name__}) normalises q and k per head after the projections "
-                             "(QK-norm): the norm undoes any scaling of q_proj/k_proj, so QK-Clip cannot cap "
-                             "its logits; train it with qk_clip_tau=None")
-        if hasattr(m, "kv_b_proj"):
-            clip = functools.partial(_hf_qk_clip_mla_, m)
-        elif isinstance(getattr(m, "q_proj", None), nn.Linear) and isinstance(getattr(m, "k_proj", None), nn.Linear):
-            clip = functools.partial(_hf_qk_clip_mha_, m)
-        else:
-            raise ValueError(f"{name} ({type(m).__name__}) has neither separate q_proj/k_proj nor MLA's "
-                             "kv_b_proj: give it the QK-Clip surface by hand (see muonclip's docstring)")
-        if not isinstance(m.config, _AttentionConfigView):
-            m.num_heads = m.config.num_attention_heads
-            m.register_buffer("max_logits", torch.full((m.num_heads,), -math.inf,
-                                                       device=m.o_proj.weight.device), persistent=False)
-            m.qk_clip_ = clip
-            m.config = _AttentionConfigView(m.config)
-        found.append(m)
+        experts, inner = getattr(m, "gate_up_proj", None), getattr(m, "intermediate_dim", None)
+        if isinstance(experts, nn.Parameter) and experts.dim() == 3 and experts.shape[1] == 2 * (inner or 0):
+            mark_fused(m, [inner, inner], "gate_up_proj")                    # (E, [gate | up], D)
+        if type(m).__name__.endswith("Attention") and hasattr(m, "config"):
+            if not isinstance(m.config, _AttentionConfigView):          # a second call changes nothing
+                m.qk_clip_ = _hf_clip_rule(name, m)
+                m.num_heads = m.config.num_attention_heads
+                m.register_buffer("max_logits", torch.full((m.num_heads,), -math.inf,
+                                                           device=next(m.parameters()).device), persistent=False)
+                m.config = _AttentionConfigView(m.config)
+            found.append(m)
     if not found:
         raise ValueError(f"attach_qk_clip: no attention module (class name ending in 'Attention') in "
                          f"{type(model).__name__}")
     return found
+
+
+def _hf_clip_rule(name, m):
+    """The qk_clip_ of a transformers attention module, or the reason it cannot have one."""
+    if getattr(m, "q_norm", None) is not None or getattr(m, "k_norm", None) is not None:
+        raise ValueError(f"{name} ({type(m).__name__}) normalises q and k per head after the projections "
+                         "(QK-norm): the norm undoes any scaling of q_proj/k_proj, so QK-Clip cannot cap "
+                         "its logits; train it with qk_clip_tau=None")
+    if hasattr(m, "kv_b_proj"):
+        return functools.partial(_hf_qk_clip_mla_, m)
+    if isinstance(getattr(m, "q_proj", None), nn.Linear) and isinstance(getattr(m, "k_proj", None), nn.Linear):
+        return functools.partial(_hf_qk_clip_mha_, m)
+    raise ValueError(f"{name} ({type(m).__name__}) has neither separate q_proj/k_proj nor MLA's "
+                     "kv_b_proj: give it the QK-Clip surface by hand (see muonclip's docstring)")
 
 
 class _AttentionConfigView:
@@ -586,7 +589,8 @@ class MuonClip(torch.optim.Optimizer):
         if "use_muon" not in param_group:
             if self._muon_ids is None:
                 raise ValueError("every parameter group needs 'use_muon' (True or False), or pass "
-                                 "model= so MuonClip can split the group by role (split_params)")
+                                 "model= so MuonClip can split the group by role (split_params); with "
+                                 "Trainer(optimizer_cls_and_kwargs=...), put \"model\": model in the kwargs")
             for use_muon in (True, False):
                 part = [p for p in params if (id(p) in self._muon_ids) == use_muon]
                 if part:

@@ -610,7 +610,11 @@ def test_sequence_balance_loss_adds_to_training_loss_only():
 #
 # Tests for muonclip.py: Muon vs torch.optim.Muon, AdamW vs torch.optim.AdamW, Newton-Schulz, the
 # parameter split, QK-Clip on MLA (kimik2) and on a plain MHA/GQA model defined here, gradient
-# accumulation, and 2-process DDP / FSDP2 runs (torchrun, gloo on CPU).
+# accumulation, 2-process DDP / FSDP2 runs (torchrun, gloo on CPU), muon_update and fused blocks,
+# causal_max_logits against an explicit max, the errors and warnings that replace silent no-ops, the
+# README recipes (a nanoGPT-style fused model among them), and transformers models: Llama / Qwen2
+# through Trainer, DeepseekV3 against kimik2 (these skip without transformers, Trainer ones without
+# accelerate).
 # ==================================================================================================
 
 # ------------------------------------------------------------- a plain MHA/GQA model with the surface
@@ -1495,6 +1499,29 @@ def test_hf_tracked_max_equals_explicit_logits_with_padding(kind, attn, monkeypa
     with torch.no_grad():
         model.train()(input_ids=idx)                                        # no grad: not fed
     assert torch.equal(torch.stack([m.max_logits for m in modules]), before)
+
+
+def test_hf_flash_visibility_is_what_flash_attends():
+    """Under flash attention transformers passes no 4-D mask: a (B, T) padding mask or None, with
+    packed documents in position_ids and a sliding window as kwargs. The visibility handed to
+    causal_max_logits is causal & same document & inside the window & key not padding."""
+    from muonclip import _hf_visibility
+    module = types.SimpleNamespace(is_causal=True)
+    config = types.SimpleNamespace(_attn_implementation="flash_attention_2")
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 9, 8, generator=gen), torch.randn(2, 2, 9, 8, generator=gen)
+    i, j = torch.arange(9)[:, None], torch.arange(9)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    doc = (positions == 0).cumsum(-1)                                                   # (B, T)
+    padding = torch.ones(2, 9, dtype=torch.bool)
+    padding[1, :3] = False
+    cases = [(None, dict(position_ids=positions), (j <= i) & (doc[:, :, None] == doc[:, None, :])),
+             (padding, dict(sliding_window=4), (j <= i) & (i - j < 4) & padding[:, None, :])]
+    for mask, kwargs, visible in cases:
+        got = causal_max_logits(q, k, 0.5, **_hf_visibility(module, q, k, mask, config, kwargs))
+        logits = (q @ k.repeat_interleave(2, 1).mT) * 0.5                                # (B, H, T, T)
+        expected = logits.masked_fill(~visible.expand(2, 9, 9)[:, None], -math.inf).amax(dim=(0, 2, 3))
+        assert torch.allclose(got, expected, rtol=1e-6)
 
 
 def test_hf_qk_norm_model_is_refused_with_the_reason():
