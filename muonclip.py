@@ -2,8 +2,8 @@
 
 Kimi-K2 (arXiv 2507.20534, sec. 2.1) trains with MuonClip: the Muon optimizer in Moonlight's form
 ("Muon is Scalable for LLM Training", arXiv 2502.16982, sec. 2) followed, after every update, by
-QK-Clip (K2 report sec. 2.1, eq. 3-4): each attention head whose largest pre-softmax logit of the step
-S_h exceeded tau gets its query/key weights rescaled by gamma_h = tau / S_h. This file is the
+QK-Clip (K2 report sec. 2.1, Algorithm 1): each attention head whose largest pre-softmax logit of the
+step S_h exceeded tau gets its query/key weights rescaled by gamma_h = tau / S_h. This file is the
 algorithm, top to bottom: pure functions first (Newton-Schulz, the Muon update, the clip rules, the
 exact max logit), then the parameter split, the Hugging Face adapter, and the optimizer class, which
 only does bookkeeping, shape batching and the distributed parts. It imports only torch (transformers
@@ -34,7 +34,7 @@ Features
   heads_clipped is 0), whenever attention modules are known: the max logits are reduced and reset
   by `reduce_max_logits_`, which a trainer with another optimizer can call itself.
 - Distributed (torchrun): under DDP the (L, H) max-logit matrix is all-reduced with MAX in one
-  collective, so all replicas clip alike (K2 report sec. 2.1). Under FSDP2 (`fully_shard`, DTensor
+  collective, so all replicas clip alike. Under FSDP2 (`fully_shard`, DTensor
   parameters) Muon gathers each matrix for Newton-Schulz and keeps its own shard (stacked experts
   sharded on the expert dim need no gather); momentum and AdamW state are local shards. On one
   process all of it is a no-op. Under DDP pass broadcast_buffers=False, or rank 0's max_logits
@@ -154,8 +154,8 @@ def muon_update(grad, momentum_buffer, beta=0.95, nesterov=True, ns_steps=5, ns_
 # ------------------------------------------------------------------------------- QK-Clip maths
 
 def qk_clip_gamma(max_logits, tau):
-    """Per-head factors (K2 report eq. 3): tau / S_h where S_h > tau, else exactly 1 (also for -inf
-    and NaN)."""
+    """Per-head factors gamma_h = min(1, tau / S_h) (K2 report sec. 2.1): tau / S_h where S_h > tau,
+    else exactly 1 (also for -inf and NaN)."""
     return torch.where(max_logits > tau, tau / max_logits, torch.ones_like(max_logits))
 
 
@@ -174,7 +174,7 @@ def qk_clip_mha_(w_q, w_k, gamma, num_kv_heads):
     each), head-major. w_k: (num_kv_heads * head_dim, ...) key rows, likewise. gamma: (num_heads,).
     Query head h reads key head g = h // (num_heads // num_kv_heads).
 
-    Rule (K2 report sec. 2.1, eq. 4 for MHA): sqrt(gamma_h) on query head h's rows and sqrt(gamma) on
+    Rule (K2 report sec. 2.1 gives it for MHA): sqrt(gamma_h) on query head h's rows and sqrt(gamma) on
     its key rows; a key head shared by a group (GQA) takes the smallest gamma of its query heads,
     k_g *= sqrt(min_g). Head h's logits are then multiplied by sqrt(gamma_h * min_g) <= gamma_h, so a
     clipped head ends at or below tau (exactly tau when it has the group's smallest factor), an
@@ -202,7 +202,8 @@ def qk_clip_fused_mha_(w_qkv, gamma, num_kv_heads, sizes):
 
 @torch.no_grad()
 def qk_clip_mla_(w_q, w_kv_b, gamma, nope, rope, v_dim):
-    """QK-Clip for multi-head latent attention (K2 report sec. 2.1, eq. 5), in place.
+    """QK-Clip for multi-head latent attention (K2 report sec. 2.1; MLA: DeepSeek-V3 report sec.
+    2.1.1), in place.
 
     w_q: (H * (nope + rope), ...) rows of q_b_proj (or q_proj without a q LoRA), per head [nope | rope];
     w_kv_b: (H * (nope + v_dim), ...) rows of kv_b_proj, per head [k_nope | v]. Head h: q_nope and
@@ -403,8 +404,9 @@ def attach_qk_clip(model):
             if not isinstance(m.config, _AttentionConfigView):          # a second call changes nothing
                 m.qk_clip_ = _hf_clip_rule(name, m)
                 m.num_heads = m.config.num_attention_heads
-                m.register_buffer("max_logits", torch.full((m.num_heads,), -math.inf,
-                                                           device=next(m.parameters()).device), persistent=False)
+                device = next(m.parameters()).device
+                m.register_buffer("max_logits", torch.full((m.num_heads,), -math.inf, device=device),
+                                  persistent=False)
                 m.config = _AttentionConfigView(m.config)
             found.append(m)
     if not found:
@@ -421,7 +423,7 @@ def _hf_clip_rule(name, m):
                          "its logits; train it with qk_clip_tau=None")
     if hasattr(m, "kv_b_proj"):
         return functools.partial(_hf_qk_clip_mla_, m)
-    if isinstance(getattr(m, "q_proj", None), nn.Linear) and isinstance(getattr(m, "k_proj", None), nn.Linear):
+    if all(isinstance(getattr(m, proj, None), nn.Linear) for proj in ("q_proj", "k_proj")):
         return functools.partial(_hf_qk_clip_mha_, m)
     raise ValueError(f"{name} ({type(m).__name__}) has neither separate q_proj/k_proj nor MLA's "
                      "kv_b_proj: give it the QK-Clip surface by hand (see muonclip's docstring)")
@@ -574,7 +576,7 @@ class MuonClip(torch.optim.Optimizer):
                if p.is_floating_point() and p.dtype != torch.float32}
         if low:
             warnings.warn(f"MuonClip: parameters in {sorted(map(str, low))}, not float32: updates below half "
-                          "an ulp are lost (bf16: weight decay at lr*wd < 4e-3 does nothing); keep fp32 "
+                          "an ulp are lost (bf16: weight decay at lr*wd = 1e-3 does nothing); keep fp32 "
                           "master weights and use autocast", stacklevel=2)
 
     @classmethod
@@ -601,8 +603,8 @@ class MuonClip(torch.optim.Optimizer):
         if param_group["use_muon"]:
             for p in params:
                 if not 2 <= p.ndim <= 3:
-                    raise ValueError(f"Muon groups take matrices (A, B) or stacks of matrices (E, A, B); "
-                                     f"got a tensor of shape {tuple(p.shape)}: send it to AdamW (use_muon=False)")
+                    raise ValueError(f"Muon groups take matrices (A, B) or stacks of matrices (E, A, B); got "
+                                     f"a tensor of shape {tuple(p.shape)}: send it to AdamW (use_muon=False)")
         super().add_param_group({**param_group, "params": params})
 
     @torch.no_grad()
@@ -645,7 +647,8 @@ class MuonClip(torch.optim.Optimizer):
             stack = torch.cat([blocks[i][j].reshape(-1, *shape) for i, j in members])   # (N, A, B)
             out = newton_schulz(stack, group["ns_steps"], dtype=group["ns_dtype"])
             out = out.to(stack.dtype).mul_(rms_matching_scale(shape))                  # as muon_update
-            for (i, j), o in zip(members, out.split([math.prod(blocks[i][j].shape[:-2]) for i, j in members])):
+            counts = [math.prod(blocks[i][j].shape[:-2]) for i, j in members]         # matrices per block
+            for (i, j), o in zip(members, out.split(counts)):
                 ortho[i][j] = o.reshape(blocks[i][j].shape)
         for p, local, parts, g in zip(params, local_params, ortho, gather):
             update = torch.cat(parts, dim=-2)                     # the blocks back in their rows
