@@ -239,62 +239,22 @@ def set_tracking(model: KimiK2, on: bool):
 # ----------------------------------------------------------------------------------------------
 # 7. Decoding: absorbed latent cache against a full per-head K/V cache
 
-class FullKVCache:
-    """Baseline decoder (not part of kimik2): the naive MLA form with every head's K and V cached,
-    (B, H, S, Dn+Dr) and (B, H, S, Dv) per layer, running on the model's own modules and weights."""
+class Decoder:
+    """Greedy decoding state on one of MLA's two caches (kimik2's naive/absorbed pair): the
+    absorbed latent cache, C + Dr numbers per token and layer (what model.generate runs), or with
+    naive=True every head's K and V, H * (Dn+Dr + Dv) per token and layer."""
 
-    def __init__(self, model: KimiK2, batch: int, max_len: int):
-        c = model.config
-        w = model.lm_head.weight
+    def __init__(self, model: KimiK2, batch: int, max_len: int, naive: bool):
         self.model = model
-        shape = (batch, c.num_attention_heads, max_len)
-        self.k = [torch.zeros(*shape, c.qk_head_dim, dtype=w.dtype) for _ in range(c.num_hidden_layers)]
-        self.v = [torch.zeros(*shape, c.v_head_dim, dtype=w.dtype) for _ in range(c.num_hidden_layers)]
+        self.caches = model.new_caches(batch, max_len, naive=naive)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def _attention(self, i, attn, x, cos, sin, start):
-        B, T, _ = x.shape
-        H, end = attn.num_heads, start + T
-        q_nope, q_rope = attn._query(x, cos, sin)  # (B,T,H,Dn), (B,T,H,Dr)
-        c_kv, k_rope = attn._latent(x, cos, sin)  # (B,T,C), (B,T,Dr)
-        k_nope, v = attn.kv_b_proj(c_kv).unflatten(-1, (H, -1)).split([attn.nope, attn.v_dim], -1)  # (B,T,H,Dn),(B,T,H,Dv)
-        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, H, attn.rope)], -1)  # (B, T, H, Dn+Dr)
-        self.k[i][:, :, start:end] = k.transpose(1, 2)
-        self.v[i][:, :, start:end] = v.transpose(1, 2)
-        q = torch.cat([q_nope, q_rope], -1).transpose(1, 2)  # (B, H, T, Dn+Dr)
-        # causal alignment holds for a prefill from 0 (T == end) and for one new token (T == 1)
-        y = F.scaled_dot_product_attention(q, self.k[i][:, :, :end], self.v[i][:, :, :end],
-                                           is_causal=T > 1, scale=attn.softmax_scale)  # (B, H, T, Dv)
-        return attn.o_proj(y.transpose(1, 2).reshape(B, T, H * attn.v_dim))
+        tensors = [t for c in self.caches for t in (c if isinstance(c, tuple) else (c,))]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @torch.no_grad()
     def __call__(self, ids, start: int):
         """ids (B, T) at positions start.. -> logits of the last position (B, V)."""
-        assert start == 0 or ids.shape[1] == 1, "prefill from 0, then one token at a time"
-        m = self.model.model
-        x = m.embed_tokens(ids)
-        cos, sin = m.rotary_emb(start, ids.shape[1])
-        for i, layer in enumerate(m.layers):
-            x = x + self._attention(i, layer.self_attn, layer.input_layernorm(x), cos, sin, start)
-            h = layer.post_attention_layernorm(x)
-            x = x + (layer.mlp(h)[0] if layer.is_moe else layer.mlp(h))
-        return self.model.lm_head(m.norm(x)[:, -1])
-
-
-class AbsorbedCache:
-    """kimik2's own decode path (what model.generate runs): the latent cache, C + Dr per layer."""
-
-    def __init__(self, model: KimiK2, batch: int, max_len: int):
-        self.model = model
-        self.caches = model.new_caches(batch, max_len)
-
-    def nbytes(self) -> int:
-        return sum(c.numel() * c.element_size() for c in self.caches)
-
-    @torch.no_grad()
-    def __call__(self, ids, start: int):
         return self.model(ids, caches=self.caches, start_pos=start)[0][:, -1]
 
 
@@ -306,8 +266,8 @@ def bench_decode(model: KimiK2, context: int, new_tokens: int, reps: int) -> dic
     max_len = context + new_tokens
     out, times = {}, {"absorbed": [], "full": []}
     for _ in range(reps):
-        for name, cls in (("absorbed", AbsorbedCache), ("full", FullKVCache)):
-            cache = cls(model, 1, max_len)
+        for name in ("absorbed", "full"):
+            cache = Decoder(model, 1, max_len, naive=name == "full")
             ids, tokens = cache(prompt, 0).argmax(-1, keepdim=True), []
             t0 = time.perf_counter()
             for pos in range(context, max_len):

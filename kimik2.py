@@ -1,44 +1,53 @@
-"""Kimi-K2 (the DeepSeek-V3 architecture) in one file of plain PyTorch.
+"""Kimi-K2 (the DeepSeek-V3 architecture) in one file of plain PyTorch: config, model, size
+arithmetic, generation and the Hugging Face hub layout. It needs torch only (safetensors for the hub
+files); copy it alone into another project.
 
 What is here, in forward order:
-  Config            Hugging Face config.json field names; presets kimi-k2, deepseek-v3, tiny, small
-  RMSNorm           root-mean-square norm
-  RotaryEmbedding   RoPE with YaRN frequency scaling (SPEC 2; YaRN paper arXiv 2309.00071)
-  MLA               multi-head latent attention: low-rank q and kv, a decoupled rope key shared by
-                    all heads, per-head exact max-logit tracking and qk_clip_ for MuonClip (K2 report
-                    sec. 2.1 / SPEC 5), naive form for training and weight-absorbed form with a
-                    latent KV cache for generation
-  MLP               SwiGLU feed-forward (dense layers and the shared expert)
-  Gate              DeepSeek-V3 router: sigmoid scores, bias-corrected (auxiliary-loss-free) top-k,
-                    group-limited routing, unbiased normalised weights * routed_scaling_factor,
-                    expert-load counting (SPEC 3)
-  Experts           routed experts as stacked (E, ., .) weights, run once per expert on its tokens
-  MoE               gate + routed experts + shared expert
-  Block, Transformer, KimiK2   the decoder stack and the causal-LM head
-  count_params, flops_per_token, kv_cache_bytes_per_token   size arithmetic (SPEC 1)
-  save_pretrained / from_pretrained   the Hugging Face hub layout (SPEC 7)
+  Config            Hugging Face config.json field names, validated (errors name the field); presets
+                    kimi-k2, deepseek-v3, tiny, small as overrides of K2's published config.json
+  RMSNorm, RotaryEmbedding   RoPE on interleaved pairs with YaRN's frequency blend and temperature
+  MLA               multi-head latent attention: low-rank q and kv, one rope key shared by all heads;
+                    the naive form (training, and decoding with every head's K/V cached) beside the
+                    weight-absorbed form (decoding with a latent cache of C + Dr numbers per token);
+                    exact per-head max-logit tracking and qk_clip_, MuonClip's surface
+  swiglu, MLP       the SwiGLU feed-forward (dense layers, shared expert, each routed expert)
+  Gate              the router's whole rule: sigmoid scores, bias-corrected and group-limited top-k,
+                    unbiased normalised weights * routed_scaling_factor, the expert-load count and the
+                    auxiliary-loss-free bias update (loads summed over processes)
+  Experts           the routed experts: what they compute, as a loop over experts (forward_reference),
+                    then the fast path as two pieces, sort_by_expert -> grouped_swiglu (no host sync)
+  MoE, Block, Transformer, KimiK2   the decoder stack and causal-LM head: forward, router balancing,
+                    generation, then save_pretrained / from_pretrained (the hub layout, atomic writes)
+  count_params, flops_per_token, kv_cache_bytes_per_token   size arithmetic; a command-line size table
 
-Papers: Kimi K2 technical report (arXiv 2507.20534), DeepSeek-V3 (arXiv 2412.19437),
-DeepSeek-V2 (MLA, arXiv 2405.04434). Facts used are collected in SPEC.md.
+Papers cited: Kimi K2 technical report (arXiv 2507.20534, "K2 report"); DeepSeek-V3 technical report
+(arXiv 2412.19437, "DeepSeek-V3 report"); DeepSeek-V2 (arXiv 2405.04434, where MLA is introduced);
+YaRN (Peng et al., arXiv 2309.00071). The model's logits equal transformers' DeepseekV3ForCausalLM
+on the same weights (test_kimik2.py checks both directions).
 
 Run:  python kimik2.py                      Kimi-K2 vs DeepSeek-V3 size table
       python kimik2.py --preset tiny --json one preset (or --config path/to/config.json)
+      python train.py                       train the `tiny` preset (see train.py)
 """
 import argparse
+import copy
 import dataclasses
 import json
 import math
 import os
 import re
+import uuid
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Shape legend used in comments: B batch, T query tokens, S key tokens, H heads, D hidden size,
-# N tokens (B*T), E routed experts, K experts per token, G expert groups, I expert width,
-# C kv_lora_rank (latent), Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim.
+# Shape legend used in comments: B batch, T query tokens, S key tokens (the cache length when
+# decoding), H heads, D hidden size, N tokens (B*T), E routed experts, K experts per token,
+# G expert groups, I expert width, P rows of the sorted expert runs, n_e tokens of expert e,
+# L MoE layers, C kv_lora_rank (latent), Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,51 +92,70 @@ class Config:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     def __post_init__(self):
-        def bad(name, why):
-            raise ValueError(f"Config.{name}={getattr(self, name)!r}: {why}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-                     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "kv_lora_rank",
-                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
-                     "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                bad(name, "must be a positive integer")
-        for name in ("rms_norm_eps", "routed_scaling_factor", "rope_theta", "initializer_range"):
-            if not getattr(self, name) > 0:
-                bad(name, "must be positive")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
-            bad("q_lora_rank", "must be a positive integer or None")
-        if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
-            bad("n_shared_experts", "must be a non-negative integer")
-        if self.aux_loss_alpha < 0:
-            bad("aux_loss_alpha", "must be >= 0")
-        if self.num_key_value_heads != self.num_attention_heads:
-            bad("num_key_value_heads", "MLA has one latent per token; must equal num_attention_heads")
+        """Reject a bad value, however the fields were set (preset, config.json, an override of one
+        field), with a one-line ValueError naming the field and any field it conflicts with."""
+        self._check_types()
+        H, E, G = self.num_attention_heads, self.n_routed_experts, self.n_group
+        if self.num_key_value_heads != H:
+            self._reject("num_key_value_heads", f"MLA has one latent per token: must equal "
+                                                f"num_attention_heads={H} (set both)")
         if self.qk_rope_head_dim % 2:
-            bad("qk_rope_head_dim", "RoPE rotates pairs; must be even")
-        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            bad("first_k_dense_replace", "must lie in [0, num_hidden_layers]")
-        if self.n_routed_experts % self.n_group:
-            bad("n_routed_experts", f"must be divisible by n_group={self.n_group}")
-        if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
-            bad("n_group", "group scores sum each group's top-2 experts; groups need >= 2 experts")
-        if self.topk_group > self.n_group:
-            bad("topk_group", f"must be <= n_group={self.n_group}")
-        if self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
-            bad("num_experts_per_tok", "more than the experts in the topk_group allowed groups")
+            self._reject("qk_rope_head_dim", "RoPE rotates pairs; must be even")
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            self._reject("first_k_dense_replace", f"must lie in [0, num_hidden_layers={self.num_hidden_layers}]")
+        if E % G:
+            self._reject("n_routed_experts", f"must be divisible by n_group={G}")
+        if G > 1 and E // G < 2:
+            self._reject("n_group", f"groups of n_routed_experts/n_group={E // G} expert; group scores sum "
+                                    "each group's top-2 experts, so groups need >= 2")
+        if self.topk_group > G:
+            self._reject("topk_group", f"must be <= n_group={G}")
+        if self.num_experts_per_tok > self.topk_group * (E // G):
+            self._reject("num_experts_per_tok", f"more than the {self.topk_group * (E // G)} experts a token "
+                                                f"may reach (topk_group={self.topk_group} of n_group={G} "
+                                                f"groups, n_routed_experts={E})")
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
-            if kind != "yarn":
-                bad("rope_scaling", "only YaRN scaling ({'type': 'yarn', ...}) is supported")
-            if not self.rope_scaling.get("factor", 0) > 0:
-                bad("rope_scaling", "YaRN needs a positive 'factor'")
+            if self.rope_scaling.get("type", self.rope_scaling.get("rope_type")) != "yarn":
+                self._reject("rope_scaling", "only YaRN scaling ({'type': 'yarn', ...}) is supported")
+            factor = self.rope_scaling.get("factor")
+            if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 0):
+                self._reject("rope_scaling", "YaRN needs a positive 'factor'")
             if "original_max_position_embeddings" not in self.rope_scaling:
-                bad("rope_scaling", "YaRN needs 'original_max_position_embeddings'")
+                self._reject("rope_scaling", "YaRN needs 'original_max_position_embeddings'")
+
+    def _check_types(self):
+        def check(names, ok, why):
+            for name in names:
+                if not ok(getattr(self, name)):
+                    self._reject(name, why)
+
+        def integer(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+        check(("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "kv_lora_rank", "qk_nope_head_dim",
+               "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_group",
+               "topk_group", "max_position_embeddings"),
+              lambda v: integer(v) and v > 0, "must be a positive integer")
+        check(("n_shared_experts", "first_k_dense_replace"), lambda v: integer(v) and v >= 0,
+              "must be a non-negative integer")
+        check(("rms_norm_eps", "routed_scaling_factor", "rope_theta", "initializer_range"),
+              lambda v: number(v) and v > 0, "must be a positive number")
+        check(("aux_loss_alpha",), lambda v: number(v) and v >= 0, "must be a number >= 0")
+        check(("norm_topk_prob", "tie_word_embeddings"), lambda v: isinstance(v, bool), "must be true or false")
+        check(("q_lora_rank",), lambda v: v is None or integer(v) and v > 0, "must be a positive integer or None")
+        check(("rope_scaling",), lambda v: v is None or isinstance(v, dict), "must be a dict of YaRN parameters or None")
+
+    def _reject(self, name, why):
+        raise ValueError(f"Config.{name}={getattr(self, name)!r}: {why}")
 
     @classmethod
     def from_preset(cls, name: str) -> "Config":
         if name not in PRESETS:
             raise ValueError(f"preset={name!r}: unknown preset, choose one of {sorted(PRESETS)}")
-        return cls(**PRESETS[name])
+        return cls(**copy.deepcopy(PRESETS[name]))
 
     @classmethod
     def from_json(cls, path: str) -> "Config":
@@ -151,7 +179,11 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_KIMI_K2 = dict(  # moonshotai/Kimi-K2-Instruct config.json: 1.03T total, 32.9B activated (incl. emb+head)
+# Presets: K2's published config.json, and every other preset as the fields it changes (as minGPT's
+# table). Sizes: total / activated parameters in count_params' convention (activated: one token's
+# path, embedding and lm_head included); the K2 report's figures are 1.04T / 32.6B for K2 and
+# 671B / 37B for DeepSeek-V3.
+_KIMI_K2 = dict(  # moonshotai/Kimi-K2-Instruct config.json: 1.03T total / 32.9B activated
     vocab_size=163840, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
     num_hidden_layers=61, num_attention_heads=64, num_key_value_heads=64, q_lora_rank=1536,
     kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
@@ -164,7 +196,7 @@ _KIMI_K2 = dict(  # moonshotai/Kimi-K2-Instruct config.json: 1.03T total, 32.9B 
 )
 PRESETS = {
     "kimi-k2": _KIMI_K2,
-    # deepseek-ai/DeepSeek-V3 config.json (without the MTP layer): 671B total, 37.6B activated
+    # deepseek-ai/DeepSeek-V3 config.json without the MTP layer: 671B total / 37.6B activated
     "deepseek-v3": {**_KIMI_K2, "vocab_size": 129280, "num_attention_heads": 128,
                     "num_key_value_heads": 128, "n_routed_experts": 256, "first_k_dense_replace": 3,
                     "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "rope_theta": 10000.0,
@@ -172,24 +204,20 @@ PRESETS = {
                     "rope_scaling": dict(type="yarn", factor=40.0, beta_fast=32.0, beta_slow=1.0,
                                          mscale=1.0, mscale_all_dim=1.0,
                                          original_max_position_embeddings=4096)},
-    # K2's shape at CPU scale (train.py's default): 2.9M total, 1.1M activated, byte vocabulary
-    "tiny": dict(vocab_size=256, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
-                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64,
-                 kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-                 n_routed_experts=32, num_experts_per_tok=8, n_shared_experts=1,
-                 first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=2.827,
-                 norm_topk_prob=True, aux_loss_alpha=0.0, rope_theta=50000.0, rope_scaling=None,
-                 max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                 initializer_range=0.02),
-    # one-GPU scale: 448M total, 59M activated (K2 shape: fine-grained experts, sparsity 16)
-    "small": dict(vocab_size=256, hidden_size=768, intermediate_size=2048, moe_intermediate_size=128,
-                  num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
-                  q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-                  v_head_dim=64, n_routed_experts=128, num_experts_per_tok=8, n_shared_experts=1,
-                  first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=2.827,
-                  norm_topk_prob=True, aux_loss_alpha=0.0, rope_theta=50000.0, rope_scaling=None,
-                  max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                  initializer_range=0.02),
+    # K2's shape at CPU scale, train.py's default (byte vocabulary, no YaRN): 2.9M total / 1.1M activated
+    "tiny": {**_KIMI_K2, "vocab_size": 256, "hidden_size": 128, "intermediate_size": 384,
+             "moe_intermediate_size": 64, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 64, "kv_lora_rank": 32,
+             "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
+             "n_routed_experts": 32, "aux_loss_alpha": 0.0,
+             "rope_scaling": None, "max_position_embeddings": 4096},
+    # one-GPU scale, fine-grained experts at sparsity 16: 448M total / 58.7M activated
+    "small": {**_KIMI_K2, "vocab_size": 256, "hidden_size": 768, "intermediate_size": 2048,
+              "moe_intermediate_size": 128, "num_hidden_layers": 12,
+              "num_attention_heads": 12, "num_key_value_heads": 12, "q_lora_rank": 384, "kv_lora_rank": 256,
+              "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64,
+              "n_routed_experts": 128, "aux_loss_alpha": 0.0,
+              "rope_scaling": None, "max_position_embeddings": 4096},
 }
 
 
@@ -214,14 +242,18 @@ class RMSNorm(nn.Module):
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:
-    """YaRN's attention temperature m = 0.1 * mscale * ln(factor) + 1 (1 when not stretched)."""
+    """YaRN's attention temperature m = 0.1 * mscale * ln(factor) + 1 (YaRN paper: sqrt(1/t) =
+    0.1 ln(s) + 1, with DeepSeek's mscale multiplier); 1 when the context is not stretched."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE on the qk_rope_head_dim part; with YaRN, frequencies are blended between the original
-    (high frequencies, extrapolated) and divided-by-factor (low frequencies, interpolated) over a
-    linear ramp between the beta_fast and beta_slow correction dimensions."""
+    """RoPE on the qk_rope_head_dim part. With YaRN (YaRN paper, "NTK-by-parts" interpolation),
+    frequencies are blended between the original ones (high frequencies: extrapolated) and the
+    ones divided by the factor (low frequencies: interpolated) over a linear ramp between the
+    beta_fast and beta_slow correction dimensions; cos and sin carry the ratio of the mscale and
+    mscale_all_dim temperatures (1 in K2 and DeepSeek-V3, whose temperature is in MLA's
+    softmax_scale instead)."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -260,12 +292,47 @@ def apply_rotary(x, cos, sin):
 # ----------------------------------------------------------------------------------------------
 # Multi-head latent attention
 
-class MLA(nn.Module):
-    """Multi-head latent attention (DeepSeek-V2 sec. 2.1) with K2's QK-Clip surface.
+def future_mask(T: int, S: int, device=None) -> torch.Tensor:
+    """(T, S) True where key j lies after query i, for T queries that are the last T of S
+    positions (a cache holding S - T earlier tokens): query i sees key j iff j <= i + S - T."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).triu(S - T + 1)
 
-    MuonClip talks to this module through: `num_heads`, `max_logits` (H,) fp32 running max of the
-    scaled causal pre-softmax logits over training forwards since the last reset (-inf when none),
-    `track_max_logits`, `qk_clip_(gamma)` and `reset_max_logits_()`."""
+
+@torch.no_grad()
+def _causal_max_logits(q, k, scale: float, chunk_size: int | None = None) -> torch.Tensor:
+    """Exact per-head max of the scaled causal logits scale * q.k, (H,) fp32, over batch, queries
+    and visible keys: q (B, H, T, Dq), k (B, H, S, Dq), causal as in future_mask. A no-grad pass in
+    chunks of chunk_size queries (default: a (B, H, rows, S) chunk of at most 2^24 logits), so its
+    memory stays bounded at any context length."""
+    B, H, T, _ = q.shape
+    offset = k.shape[2] - T  # keys before the first query
+    rows = chunk_size or max(1, min(T, (1 << 24) // (B * H * k.shape[2])))
+    m = torch.full((H,), float("-inf"), device=q.device)
+    for i in range(0, T, rows):
+        s = q[:, :, i:i + rows] @ k[:, :, :offset + i + rows].transpose(-2, -1)  # (B, H, rows, keys so far)
+        s = s.masked_fill(future_mask(*s.shape[2:], device=q.device), float("-inf"))
+        m = torch.maximum(m, s.amax(dim=(0, 2, 3)).float())
+    return m * scale
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2 sec. 2.1; DeepSeek-V3 report sec. 2.1.1, eq. 1-11).
+
+    Queries come from a low-rank latent c_q (q_a_proj, q_a_layernorm, q_b_proj); every head's key
+    and value come from one latent c_kv of C numbers per token (kv_a_proj_with_mqa, kv_a_layernorm,
+    kv_b_proj), except the rope part of the key: one vector k_rope shared by all heads.
+    logit = (q_nope.k_nope + q_rope.k_rope) * softmax_scale. Two forms give the same output
+    (DeepSeek's naive/absorb pair):
+      naive     per-head q, k, v (qkv); training runs it, and decoding with new_cache(naive=True)
+                caches every head's k and v: H * (Dn+Dr + Dv) numbers per token and layer
+      absorbed  W_UK folded into the query and W_UV into the output, attention in latent space
+                (DeepSeek-V2 sec. 2.1.2); decoding with new_cache() caches only [c_kv, k_rope]:
+                C + Dr numbers per token and layer (576 for K2 instead of 20480)
+
+    MuonClip's surface (K2 report sec. 2.1): `num_heads`; `max_logits` (H,) fp32, the running max of
+    each head's scaled causal pre-softmax logits over the training forwards (train mode, grad
+    enabled) since the last reset, -inf when none, written at one place, _record_max_logits;
+    `track_max_logits` (set False to skip the statistic); `qk_clip_(gamma)`; `reset_max_logits_()`."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -284,7 +351,8 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(config.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
-        # softmax_scale = qk_head_dim^-0.5 * m^2 with YaRN's m from mscale_all_dim (SPEC 2)
+        # softmax_scale = qk_head_dim^-0.5 * m^2, YaRN's temperature m from mscale_all_dim
+        # (DeepSeek-V3's inference code; it equals 1 / t of the YaRN paper's attention scaling)
         self.softmax_scale = qk ** -0.5
         if config.rope_scaling is not None:
             m = yarn_mscale(config.rope_scaling["factor"], config.rope_scaling.get("mscale_all_dim", 0.0))
@@ -292,7 +360,7 @@ class MLA(nn.Module):
         self.track_max_logits = True
         self.register_buffer("max_logits", torch.full((H,), float("-inf")), persistent=False)
 
-    # -- projections shared by the naive and absorbed forms --
+    # -- projections shared by the two forms --
     def _query(self, x, cos, sin):
         q = self.q_proj(x) if self.config.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_rope = q.unflatten(-1, (self.num_heads, -1)).split([self.nope, self.rope], -1)  # (B,T,H,Dn),(B,T,H,Dr)
@@ -304,8 +372,15 @@ class MLA(nn.Module):
         return self.kv_a_layernorm(c_kv), k_rope
 
     def forward(self, x, cos, sin, cache=None, start_pos=0):
-        if cache is not None:
-            return self._forward_absorbed(x, cos, sin, cache, start_pos)
+        """x (B, T, D) at positions start_pos.. -> (B, T, D). cache: None, or one from new_cache:
+        a latent tensor runs the absorbed form, a (k, v) pair of per-head caches the naive form."""
+        if isinstance(cache, torch.Tensor):
+            return self.forward_absorbed(x, cos, sin, cache, start_pos)
+        return self.forward_naive(x, cos, sin, cache, start_pos)
+
+    # -- the naive form --
+    def qkv(self, x, cos, sin):
+        """Per-head q, k (B, H, T, Dn+Dr) and v (B, H, T, Dv) of x (B, T, D)."""
         B, T, _ = x.shape
         H = self.num_heads
         q_nope, q_rope = self._query(x, cos, sin)
@@ -313,40 +388,57 @@ class MLA(nn.Module):
         k_nope, v = self.kv_b_proj(c_kv).unflatten(-1, (H, -1)).split([self.nope, self.v_dim], -1)  # (B,T,H,Dn),(B,T,H,Dv)
         q = torch.cat([q_nope, q_rope], -1).transpose(1, 2)  # (B, H, T, Dn+Dr)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, H, self.rope)], -1).transpose(1, 2)  # (B, H, T, Dn+Dr)
-        v = v.transpose(1, 2)  # (B, H, T, Dv)
+        return q, k, v.transpose(1, 2)  # v (B, H, T, Dv)
+
+    def causal_logits(self, q, k):
+        """The scaled pre-softmax logits q.k * softmax_scale (B, H, T, S) of q (B, H, T, Dn+Dr) and
+        k (B, H, S, Dn+Dr), -inf where the key lies after the query (future_mask)."""
+        future = future_mask(q.shape[2], k.shape[2], q.device)  # (T, S)
+        return (q @ k.transpose(-2, -1)).mul_(self.softmax_scale).masked_fill_(future, float("-inf"))
+
+    def forward_naive(self, x, cos, sin, cache=None, start_pos=0):
+        """softmax(causal_logits(q, k)) v per head, heads concatenated, o_proj. With a (k, v) cache
+        from new_cache(naive=True), this call's keys and values are stored at start_pos.. and its
+        queries attend to every cached position up to their own."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
+        if cache is not None:
+            k_cache, v_cache = cache
+            end = start_pos + T
+            k_cache[:, :, start_pos:end], v_cache[:, :, start_pos:end] = k, v
+            k, v = k_cache[:, :, :end], v_cache[:, :, :end]  # (B, H, S, Dn+Dr), (B, H, S, Dv)
         y = self._attention(q, k, v, track=self.track_max_logits and self.training and torch.is_grad_enabled())
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
 
     def _attention(self, q, k, v, track: bool):
-        """Causal softmax(q k^T * softmax_scale) v, (B, H, T, Dn+Dr) x2 and (B, H, T, Dv) -> (B, H, T, Dv);
-        with track, max_logits takes the running max of the scaled causal logits. Where SDPA has a
-        fused kernel for MLA's unequal q/k and v widths (CUDA), it runs one and the max comes from a
-        separate exact pass; on the CPU SDPA would run this same math unfused, so it is written out
-        here and its logits give the max for free (tiny training steps 2-3% faster, 8-9% in bf16)."""
+        """(B, H, T, Dn+Dr), (B, H, S, Dn+Dr), (B, H, S, Dv) -> (B, H, T, Dv); with track, records
+        this forward's max logits. Where SDPA has a fused kernel for MLA's unequal q/k and v widths
+        (CUDA) it runs one, and the max comes from a separate exact pass; on the CPU SDPA would run
+        this same math unfused, so it is written out here and its logits give the max for free
+        (tiny training steps 2-3% faster, 8-9% in bf16)."""
         if fused_attention_available(q):
             if track:
-                self._update_max_logits(q.detach(), k.detach())
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
-        T, S = q.shape[2], k.shape[2]
-        future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)  # (T, S) keys after the query
-        scores = (q @ k.transpose(-2, -1)).mul_(self.softmax_scale).masked_fill_(future, float("-inf"))  # (B, H, T, S)
+                self._record_max_logits(q, k)
+            T, S = q.shape[2], k.shape[2]
+            mask = dict(is_causal=True) if T == S else dict(attn_mask=~future_mask(T, S, q.device))
+            return F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale, **mask)
+        logits = self.causal_logits(q, k)  # (B, H, T, S)
         if track:
-            torch.maximum(self.max_logits, scores.detach().amax(dim=(0, 2, 3)).float(), out=self.max_logits)
-        return scores.float().softmax(-1).type_as(v) @ v  # (B, H, T, Dv)
+            self._record_max_logits(q, k, logits)
+        return logits.float().softmax(-1).type_as(v) @ v  # (B, H, T, Dv)
 
+    # -- max-logit tracking and QK-Clip (K2 report sec. 2.1) --
     @torch.no_grad()
-    def _update_max_logits(self, q, k, chunk_elems=1 << 24):
-        """Exact per-head max of the scaled causal logits: a no-grad q.k^T pass in query chunks
-        (fused attention does not expose the row max; its log-sum-exp is only an upper bound)."""
-        B, H, T, _ = q.shape
-        rows = max(1, min(T, chunk_elems // (B * H * T)))  # bound the (B, H, rows, T) chunk's memory
-        m = torch.full((H,), float("-inf"), device=q.device)
-        for i in range(0, T, rows):
-            s = q[:, :, i:i + rows] @ k[:, :, :i + rows].transpose(-2, -1)  # (B, H, rows, S)
-            r = torch.arange(i, i + s.shape[2], device=q.device)[:, None]
-            s = s.masked_fill(torch.arange(s.shape[3], device=q.device) > r, float("-inf"))
-            m = torch.maximum(m, s.amax(dim=(0, 2, 3)).float())
-        torch.maximum(self.max_logits, m * self.softmax_scale, out=self.max_logits)
+    def _record_max_logits(self, q, k, logits=None):
+        """The one place max_logits is written: its running max with this forward's per-head max of
+        the scaled causal logits, read off `logits` where the attention wrote them out, otherwise
+        from an exact no-grad pass over q and k (fused kernels do not expose the row max; their
+        log-sum-exp is only an upper bound, up to ln(S) too high)."""
+        if logits is None:
+            step_max = _causal_max_logits(q, k, self.softmax_scale)
+        else:
+            step_max = logits.amax(dim=(0, 2, 3)).float()
+        torch.maximum(self.max_logits, step_max, out=self.max_logits)
 
     def reset_max_logits_(self):
         self.max_logits.fill_(float("-inf"))
@@ -364,15 +456,21 @@ class MLA(nn.Module):
         _scale_rows_(q_weight, q_rows.flatten())
         _scale_rows_(self.kv_b_proj.weight, kv_rows.flatten())
 
-    # -- weight-absorbed form with a latent cache (DeepSeek-V3 inference) --
-    def new_cache(self, batch: int, max_len: int, device=None, dtype=None):
-        """Per token and layer only C + Dr numbers: the normalised latent and the rotated k_rope."""
+    # -- decoding caches, and the weight-absorbed form (DeepSeek-V3's inference code) --
+    def new_cache(self, batch: int, max_len: int, naive: bool = False, device=None, dtype=None):
+        """An empty decoding cache for forward(..., cache=). Absorbed (default): the normalised
+        latent and the rotated k_rope, C + Dr numbers per token, (B, S_max, C+Dr). naive=True:
+        every head's k (B, H, S_max, Dn+Dr) and v (B, H, S_max, Dv)."""
         w = self.kv_a_proj_with_mqa.weight
-        return torch.zeros(batch, max_len, self.kv_lora_rank + self.rope,
-                           device=device or w.device, dtype=dtype or w.dtype)  # (B, S_max, C+Dr)
+        device, dtype = device or w.device, dtype or w.dtype
+        if naive:
+            return (torch.zeros(batch, self.num_heads, max_len, self.nope + self.rope, device=device, dtype=dtype),
+                    torch.zeros(batch, self.num_heads, max_len, self.v_dim, device=device, dtype=dtype))
+        return torch.zeros(batch, max_len, self.kv_lora_rank + self.rope, device=device, dtype=dtype)
 
-    def _forward_absorbed(self, x, cos, sin, cache, start_pos):
-        """W_UK folds into the query and W_UV into the output, so attention runs in latent space."""
+    def forward_absorbed(self, x, cos, sin, cache, start_pos):
+        """Attention in latent space: q_nope.k_nope = (q_nope W_UK).c_kv and the output's per-head
+        values are W_UV (probs.c_kv), so only [c_kv, k_rope] is cached (stored at start_pos..)."""
         B, T, _ = x.shape
         H, end = self.num_heads, start_pos + x.shape[1]
         q_nope, q_rope = self._query(x, cos, sin)
@@ -383,11 +481,10 @@ class MLA(nn.Module):
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
         scores = (torch.einsum("bthc,bsc->bhts", q_latent, c_kv)
                   + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)).float() * self.softmax_scale  # (B, H, T, S)
-        future = torch.arange(end, device=x.device) > torch.arange(start_pos, end, device=x.device)[:, None]  # (T, S)
-        probs = scores.masked_fill(future, float("-inf")).softmax(-1).type_as(x)
+        probs = scores.masked_fill(future_mask(T, end, x.device), float("-inf")).softmax(-1).type_as(x)
         o_latent = torch.einsum("bhts,bsc->bthc", probs, c_kv)  # (B, T, H, C)
         y = torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # (B, T, H, Dv)
-        return self.o_proj(y.reshape(B, T, H * self.v_dim))
+        return self.o_proj(y.reshape(B, T, H * self.v_dim))  # (B, T, D)
 
 
 def fused_attention_available(q) -> bool:
@@ -401,7 +498,7 @@ def _scale_rows_(weight: torch.Tensor, row_scale: torch.Tensor):
     """weight[r] *= row_scale[r] in place. For a DTensor sharded on dim 0 (FSDP2: torch.chunk-style
     shards, the last possibly shorter or empty), only the local rows are scaled."""
     local = weight
-    if torch.distributed.is_available():
+    if dist.is_available():
         from torch.distributed.tensor import DTensor
         if isinstance(weight, DTensor):
             local = weight.to_local()
@@ -420,8 +517,14 @@ def _scale_rows_(weight: torch.Tensor, row_scale: torch.Tensor):
 # ----------------------------------------------------------------------------------------------
 # Feed-forward and mixture of experts
 
+def swiglu(x, gate, up, down):
+    """The SwiGLU feed-forward down(silu(gate(x)) * up(x)), weights as nn.Linear stores them:
+    gate, up (I, D), down (D, I); x (..., D) -> (..., D)."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). Dense layers and the shared expert."""
+    """SwiGLU: the dense layers and the shared expert."""
 
     def __init__(self, hidden: int, inner: int):
         super().__init__()
@@ -430,12 +533,21 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
 class Gate(nn.Module):
-    """DeepSeek-V3 router (SPEC 3). Selection uses the biased scores s + b, the weights use the
-    unbiased s. `expert_load` counts training tokens per expert for update_router_bias_."""
+    """The DeepSeek-V3 router (DeepSeek-V3 report sec. 2.1.2, eq. 13-16), its whole rule:
+      selection  scores s = sigmoid(W x) in fp32; the top-k experts by s + b, where
+                 b = e_score_correction_bias (fp32, no gradient) only steers the selection; with
+                 n_group > 1 only the topk_group groups whose top-2 biased scores sum highest are
+                 eligible (group-limited routing)
+      weights    the unbiased s of the chosen experts, normalised to sum 1 (norm_topk_prob), times
+                 routed_scaling_factor
+      load       expert_load counts the training tokens (train mode, grad enabled) sent to each expert
+      balance    update_bias_: auxiliary-loss-free load balancing from that count, after
+                 sum_expert_loads_ has summed it over the data-parallel processes
+    and the optional sequence-wise balance loss (eq. 17-20) when aux_loss_alpha > 0."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -462,16 +574,43 @@ class Gate(nn.Module):
         if c.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights * c.routed_scaling_factor
-        if self.training and torch.is_grad_enabled():  # training tokens only (SPEC 3)
+        if self.training and torch.is_grad_enabled():  # training tokens only: not eval, not padding
             self.expert_load += torch.bincount(experts.flatten(), minlength=E)
         aux = None
         if self.training and c.aux_loss_alpha > 0:
             aux = self._sequence_balance_loss(scores, experts, batch)
         return weights, experts, aux
 
+    @torch.no_grad()
+    def update_bias_(self, gamma: float) -> torch.Tensor:
+        """Auxiliary-loss-free load balancing (DeepSeek-V3 report sec. 2.1.2), after an optimizer
+        step: b_i += gamma * sign(mean load - load_i), which raises the bias of the experts that got
+        fewer tokens than the mean and lowers it for those that got more; gamma is the bias update
+        speed (0.001 in DeepSeek-V3). The load is the count since the last update, which is reset.
+        Returns the imbalance max(load) / mean(load) before the update."""
+        load = self.expert_load
+        mean = load.mean()
+        imbalance = load.max() / mean.clamp_min(1e-9)
+        self.e_score_correction_bias += gamma * torch.sign(mean - load)
+        load.zero_()
+        return imbalance
+
+    @staticmethod
+    @torch.no_grad()
+    def sum_expert_loads_(gates):
+        """Under torch.distributed, set every gate's expert_load to its sum over the processes of
+        the default group: each data-parallel replica counts its own tokens, and the bias rule
+        wants the whole step's. One all_reduce for all the gates; a no-op on one process."""
+        if not gates or not (dist.is_available() and dist.is_initialized()):
+            return
+        loads = torch.stack([gate.expert_load for gate in gates])  # (L, E)
+        dist.all_reduce(loads, op=dist.ReduceOp.SUM)
+        for gate, load in zip(gates, loads):
+            gate.expert_load.copy_(load)
+
     def _sequence_balance_loss(self, scores, experts, batch):
         """sum_i f_i * P_i per sequence, averaged over sequences; f_i = E/(K*T) * tokens routed to
-        i, P_i = mean over tokens of s_i / sum_j s_j (DeepSeek-V3 eq. 17-20)."""
+        i, P_i = mean over tokens of s_i / sum_j s_j (DeepSeek-V3 report eq. 17-20)."""
         E, K = self.config.n_routed_experts, self.config.num_experts_per_tok
         T = scores.shape[0] // batch
         routed = torch.zeros(batch, T * K, E, device=scores.device).scatter_(
@@ -481,17 +620,17 @@ class Gate(nn.Module):
         return (f * p).sum(-1).mean()
 
 
-def grouped_mm_supported(x) -> bool:
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """F.grouped_mm has kernels (with backward) on the CPU, and on CUDA for bfloat16 only;
     torch.compile (torch 2.13) accepts it in bfloat16 only."""
-    if x.dtype == torch.bfloat16:
+    if dtype == torch.bfloat16:
         return True
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+    return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def matmul_dtype(x) -> torch.dtype:
     """The dtype autocast runs a matmul on x in (x's own outside autocast). F.grouped_mm has no
-    autocast rule, so the experts cast for it, as autocast does for nn.Linear and torch.mm."""
+    autocast rule, so the grouped path casts for it, as autocast does for nn.Linear and torch.mm."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
@@ -503,13 +642,40 @@ def matmul_dtype(x) -> torch.dtype:
 RUN_MULTIPLE = 32
 
 
+def sort_by_expert(weights, experts, num_experts: int, multiple: int):
+    """The fast path's first piece: one row per token-expert pair, the rows grouped by expert, so
+    each expert's tokens form one contiguous run, in expert order, with zero rows after each run up
+    to a multiple of `multiple` (RUN_MULTIPLE). Nothing here waits for the host: the row count P is
+    a bound fixed by the shapes, not the routing, and every position is computed on the device.
+    weights, experts (N, K) -> token (P,), the token of each row (N on padding rows); w (P, 1), its
+    routing weight (0 on padding rows); ends (E,), where each run ends (the last takes the slack)."""
+    (N, K), E, R = experts.shape, num_experts, multiple
+    sorted_experts, order = experts.flatten().sort(stable=True)  # (N*K,) pairs grouped by expert
+    counts = torch.bincount(sorted_experts, minlength=E)  # (E,) pairs per expert
+    pad = (-counts) % R  # (E,) zero rows after each run, up to a multiple of R
+    # each pair moves down by the padding of the runs before it
+    row = torch.arange(N * K, device=experts.device) + (pad.cumsum(0) - pad)[sorted_experts]  # (N*K,)
+    P = math.ceil((N * K + E * (R - 1)) / R) * R  # >= (counts + pad).sum() whatever the routing
+    ends = (counts + pad).cumsum(0)  # (E,)
+    ends[-1] = P
+    token = torch.full((P,), N, device=experts.device).index_copy_(0, row, order // K)  # (P,)
+    w = weights.new_zeros(P, 1).index_copy_(0, row, weights.flatten()[order, None])  # (P, 1)
+    return token, w, ends
+
+
 class Experts(nn.Module):
-    """E routed SwiGLU experts stored stacked: gate_proj/up_proj (E, I, D), down_proj (E, D, I).
-    Token-expert pairs are sorted by expert, so each expert's tokens are one contiguous run (in
-    16-bit matmuls padded with zero rows to a multiple of RUN_MULTIPLE); an idle expert costs
-    nothing. The runs go through one grouped matmul per projection (forward and backward, no host
-    sync) where PyTorch has the kernel: on the CPU, and on CUDA in bfloat16 (bf16 autocast
-    included). Elsewhere (CUDA float32/float16) each expert runs once on its run in a loop."""
+    """E routed SwiGLU experts, stored stacked: gate_proj, up_proj (E, I, D), down_proj (E, D, I).
+
+    What they compute (the routed sum of DeepSeek-V3 report eq. 12): token n, sent by the Gate to
+    experts[n, k] with weights[n, k], gets
+        y[n] = sum_k weights[n, k] * expert_{experts[n, k]}(x[n]),   expert_e = swiglu with e's weights.
+    forward_reference says it as DeepSeek-V3's inference code does: a loop over the experts that
+    have tokens. forward_grouped computes the same in two pieces, sort_by_expert then
+    grouped_swiglu: one grouped matmul per projection over all experts, forward and backward, no
+    host sync, an idle expert costs nothing. forward takes the grouped path where PyTorch has
+    F.grouped_mm kernels (the CPU; CUDA in bfloat16, bf16 autocast included) and the reference
+    loop elsewhere (CUDA float32/float16, torch.compile in float32), or always the loop when
+    `use_reference` is set (e.g. `for m in model.modules(): ...` to check or read the meaning)."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -517,46 +683,59 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(E, I, D))
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self.use_reference = False
 
     def forward(self, x, weights, experts):
-        """x (N, D), weights (N, K), experts (N, K) -> (N, D) = sum_k weights * expert_k(x)."""
-        (N, K), E = experts.shape, self.gate_proj.shape[0]
+        """x (N, D), weights (N, K), experts (N, K) -> (N, D)."""
+        if self.use_reference or not grouped_mm_supported(x.device, matmul_dtype(x)):
+            return self.forward_reference(x, weights, experts)
+        return self.forward_grouped(x, weights, experts)
+
+    def forward_reference(self, x, weights, experts):
+        """For each expert with tokens: y[idx] += expert(x[idx]) * weights[idx, top]. One sort finds
+        every expert's tokens, so the loop waits for the host once (not once per expert)."""
+        E, K = self.gate_proj.shape[0], experts.shape[1]
+        pairs = experts.flatten().argsort(stable=True)  # (N*K,) token-slot pairs n*K + k, by expert
+        counts = torch.bincount(experts.flatten(), minlength=E).tolist()  # the host sync
+        weights = weights.type_as(x)
+        y = torch.zeros_like(x)  # (N, D)
+        # unbind the stacks once: its backward is one stack, whereas indexing a stack per expert
+        # would build a zero gradient the size of the whole stack for every expert
+        for e, (p, gate, up, down) in enumerate(zip(pairs.split(counts), self.gate_proj.unbind(0),
+                                                    self.up_proj.unbind(0), self.down_proj.unbind(0))):
+            if counts[e]:
+                idx, top = p // K, p % K  # (n_e,) the tokens routed to e, and which of their K picks it is
+                y.index_add_(0, idx, swiglu(x[idx], gate, up, down) * weights[idx, top, None])
+        return y
+
+    def forward_grouped(self, x, weights, experts):
+        """The fast path: sort_by_expert, gather each row's token, grouped_swiglu, add each row's
+        output back to its token. In 16-bit matmuls the runs are padded (RUN_MULTIPLE)."""
+        N, E = x.shape[0], self.gate_proj.shape[0]
         dtype = matmul_dtype(x)
-        R = 1 if dtype == torch.float32 else RUN_MULTIPLE
-        sorted_experts, order = experts.flatten().sort(stable=True)  # (N*K,) pairs grouped by expert
-        counts = torch.bincount(sorted_experts, minlength=E)  # (E,) pairs per expert
-        pad = (-counts) % R  # (E,) zero rows after each run, up to a multiple of R
-        # each pair moves down by the padding of the runs before it
-        row = torch.arange(N * K, device=x.device) + (pad.cumsum(0) - pad)[sorted_experts]  # (N*K,)
-        P = math.ceil((N * K + E * (R - 1)) / R) * R  # rows >= (counts + pad).sum(), fixed: no host sync
-        ends = (counts + pad).cumsum(0)  # (E,) end of each run
-        ends[-1] = P  # the last run takes the slack
-        token = torch.full((P,), N, device=x.device).index_copy_(0, row, order // K)  # (P,); N: padding
-        w = weights.new_zeros(P, 1).index_copy_(0, row, weights.flatten()[order, None])  # (P, 1) routing weights
+        token, w, ends = sort_by_expert(weights, experts, E, 1 if dtype == torch.float32 else RUN_MULTIPLE)
         # index_select rather than indexing: the same rows, 2.4x faster on the CPU, and its backward is
         # an index_add_ rather than indexing's accumulating index_put_
         xs = F.pad(x, (0, 0, 0, 1)).index_select(0, token).to(dtype)  # (P, D); x's extra row N is zeros
-        if grouped_mm_supported(xs):
-            offs = ends.to(torch.int32)  # (E,)
-            # gate and up as one grouped matmul: half the calls, and one input gradient instead of a sum of two
-            gate_up = torch.cat([self.gate_proj, self.up_proj], 1).to(xs.dtype).mT  # (E, D, 2I)
-            down = self.down_proj.to(xs.dtype).mT  # (E, I, D)
-            g, u = F.grouped_mm(xs, gate_up, offs=offs).chunk(2, -1)  # (P, I) each
-            h = F.silu(g) * u  # (P, I)
-            # the routing weight multiplies the I-wide hidden rather than the D-wide output: fewer FLOPs
-            ys = F.grouped_mm(h * w.type_as(h), down, offs=offs)  # (P, I) -> (P, D)
-        else:
-            # split/unbind rather than slicing in the loop: their backward is one cat/stack, whereas
-            # each slice's backward would materialise a zero gradient the size of the whole tensor
-            pieces = xs.split(ends.diff(prepend=ends.new_zeros(1)).tolist())  # E runs (n_e, D); the one host sync
-            outs = [torch.mm(F.silu(h @ g.T) * (h @ u.T), d.T)  # (n_e, I) -> (n_e, D)
-                    for h, g, u, d in zip(pieces, self.gate_proj.unbind(0), self.up_proj.unbind(0),
-                                          self.down_proj.unbind(0)) if h.shape[0]]
-            ys = torch.cat(outs) * w.type_as(x)  # (P, D)
+        ys = self.grouped_swiglu(xs, w, ends.to(torch.int32))  # (P, D)
         return x.new_zeros(N + 1, x.shape[1]).index_add_(0, token, ys.type_as(x))[:N]  # row N: padding
+
+    def grouped_swiglu(self, xs, w, offs):
+        """The fast path's second piece: every expert's SwiGLU on its run of rows, times the rows'
+        routing weights. xs (P, D) in runs ending at offs (E,) int32, w (P, 1) -> (P, D)."""
+        # gate and up as one grouped matmul: half the calls, and one input gradient instead of a sum of two
+        gate_up = torch.cat([self.gate_proj, self.up_proj], 1).to(xs.dtype).mT  # (E, D, 2I)
+        down = self.down_proj.to(xs.dtype).mT  # (E, I, D)
+        g, u = F.grouped_mm(xs, gate_up, offs=offs).chunk(2, -1)  # (P, I) each
+        h = F.silu(g) * u  # (P, I)
+        # the routing weight multiplies the I-wide hidden rather than the D-wide output: fewer FLOPs
+        return F.grouped_mm(h * w.type_as(h), down, offs=offs)  # (P, I) -> (P, D)
 
 
 class MoE(nn.Module):
+    """The DeepSeekMoE layer (DeepSeek-V3 report sec. 2.1.2, eq. 12): the shared expert on every
+    token plus the K routed experts the Gate picks, weighted: y = shared(x) + Experts(x)."""
+
     def __init__(self, config: Config):
         super().__init__()
         self.gate = Gate(config)
@@ -566,7 +745,7 @@ class MoE(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         x = x.view(B * T, D)  # (N, D)
-        weights, experts, aux = self.gate(x, batch=B)
+        weights, experts, aux = self.gate(x, batch=B)  # (N, K) each
         y = self.experts(x, weights, experts) + self.shared_experts(x)
         return y.view(B, T, D), aux
 
@@ -612,6 +791,9 @@ class Transformer(nn.Module):
 
 
 class KimiK2(nn.Module):
+    """The causal LM: forward (training and cached decoding), what the trainer and MuonClip call
+    (router balancing, attention modules, FLOPs), generation, then the Hugging Face hub layout."""
+
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
@@ -632,7 +814,8 @@ class KimiK2(nn.Module):
 
     def forward(self, input_ids, targets=None, caches=None, start_pos=0):
         """input_ids (B, T) -> logits (B, T, V), loss (fp32 cross entropy, targets -1 ignored, plus
-        aux_loss_alpha * the sequence balance loss while training) or None without targets."""
+        aux_loss_alpha * the sequence balance loss while training) or None without targets.
+        caches (from new_caches) and start_pos: decoding, input_ids at positions start_pos.."""
         x, aux = self.model(input_ids, caches, start_pos)
         logits = self.lm_head(x)
         if targets is None:
@@ -642,22 +825,16 @@ class KimiK2(nn.Module):
             loss = loss + self.config.aux_loss_alpha * aux
         return logits, loss
 
-    # -- auxiliary-loss-free balancing --
+    # -- what the trainer and MuonClip call --
     def moe_gates(self):
         return (layer.mlp.gate for layer in self.model.layers if layer.is_moe)
 
-    @torch.no_grad()
     def update_router_bias_(self, gamma: float) -> torch.Tensor:
-        """b_i += gamma * sign(mean_load - load_i) per MoE layer (DeepSeek-V3 sec. 2.1.2), from the
-        counted training tokens, which are then reset. Returns max/mean load per layer before."""
-        imbalance = []
-        for gate in self.moe_gates():
-            load = gate.expert_load
-            mean = load.mean()
-            imbalance.append(load.max() / mean.clamp_min(1e-9))
-            gate.e_score_correction_bias += gamma * torch.sign(mean - load)
-            load.zero_()
-        return torch.stack(imbalance) if imbalance else torch.zeros(0)
+        """Gate.update_bias_ on every MoE layer, from the loads counted over the step by every
+        process. Returns max/mean load per MoE layer before the update, (L,)."""
+        gates = list(self.moe_gates())
+        Gate.sum_expert_loads_(gates)  # one collective for all layers; a no-op on one process
+        return torch.stack([gate.update_bias_(gamma) for gate in gates]) if gates else torch.zeros(0)
 
     def attention_modules(self):
         return [layer.self_attn for layer in self.model.layers]
@@ -669,18 +846,50 @@ class KimiK2(nn.Module):
         """Training FLOPs per token for MFU, averaged over a causal sequence of seq_len."""
         return flops_per_token(self.config, (seq_len + 1) / 2, training=True)
 
+    # -- generation --
+    def new_caches(self, batch: int, max_len: int, naive: bool = False):
+        """One decoding cache per layer (MLA.new_cache): the absorbed latent cache, or with
+        naive=True every head's keys and values."""
+        return [layer.self_attn.new_cache(batch, max_len, naive) for layer in self.model.layers]
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
+        """Sample max_new_tokens after input_ids (B, T0) with the absorbed latent cache; temperature 0
+        is greedy."""
+        B, T0 = input_ids.shape
+        caches = self.new_caches(B, T0 + max_new_tokens)
+        out, pos, step_ids = input_ids, 0, input_ids
+        for _ in range(max_new_tokens):
+            logits = self(step_ids, caches=caches, start_pos=pos)[0][:, -1].float()  # (B, V)
+            pos += step_ids.shape[1]
+            if temperature == 0:
+                step_ids = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                step_ids = torch.multinomial(logits.softmax(-1), 1)  # (B, 1)
+            out = torch.cat([out, step_ids], 1)
+        return out
+
     # -- the Hugging Face hub layout --
     def save_pretrained(self, directory: str):
         """config.json (model_type deepseek_v3) + model.safetensors with the hub's key names:
-        routed experts unstacked to model.layers.{i}.mlp.experts.{e}.{proj}.weight."""
+        routed experts unstacked to model.layers.{i}.mlp.experts.{e}.{proj}.weight. Each file is
+        written atomically, with the permissions of any new file (0644 under umask 022)."""
         from safetensors.torch import save_file
         os.makedirs(directory, exist_ok=True)
         config = {**self.config.to_dict(), **_HUB_CONFIG_EXTRAS,
                   "torch_dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
+
+        def write_config(path):
+            with open(path, "w") as f:
+                json.dump(config, f, indent=2)
+        _write_atomically(os.path.join(directory, "config.json"), write_config)
         tensors = {name: t.contiguous() for name, t in self.hub_state_dict().items()}
-        save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        _write_atomically(os.path.join(directory, "model.safetensors"),
+                          lambda path: save_file(tensors, path, metadata={"format": "pt"}))
 
     def hub_state_dict(self) -> dict:
         """state_dict under the hub's names: stacked experts split into experts.{e}.{proj}.weight."""
@@ -740,29 +949,33 @@ class KimiK2(nn.Module):
         model.load_state_dict(state)
         return model
 
-    # -- generation with the absorbed latent cache --
-    def new_caches(self, batch: int, max_len: int):
-        return [layer.self_attn.new_cache(batch, max_len) for layer in self.model.layers]
 
-    @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
-        """Sample max_new_tokens after input_ids (B, T0); temperature 0 is greedy."""
-        B, T0 = input_ids.shape
-        caches = self.new_caches(B, T0 + max_new_tokens)
-        out, pos, step_ids = input_ids, 0, input_ids
-        for _ in range(max_new_tokens):
-            logits = self(step_ids, caches=caches, start_pos=pos)[0][:, -1].float()  # (B, V)
-            pos += step_ids.shape[1]
-            if temperature == 0:
-                step_ids = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                step_ids = torch.multinomial(logits.softmax(-1), 1)  # (B, 1)
-            out = torch.cat([out, step_ids], 1)
-        return out
+def _write_atomically(path: str, write):
+    """write(tmp) into a new file beside path, then fsync and rename it over path: a reader finds
+    the old file or the complete new one, and a failure leaves no temporary file. The file gets
+    the mode open() gives a new file (0666 less the umask), also where `write` replaced it with a
+    private one (safetensors' save_file goes through mkstemp: 0600)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    mode = os.fstat(fd).st_mode & 0o777
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -774,9 +987,12 @@ def count_params(config: Config) -> dict:
     Convention: `total` counts every parameter plus the router bias buffers (as the published
     checkpoint does; rotary buffers are not parameters). `activated` counts what one token uses:
     everything except the routed experts it does not select, embedding and lm_head included;
-    `activated_no_input_embedding` leaves out embed_tokens (a lookup, no matmul; the convention of
-    SPEC's 31.7B for K2), `activated_no_embedding` leaves out embed_tokens and lm_head. `matmul_activated` is the
-    activated weights that multiply (no embedding lookup, no norm weights, no router bias)."""
+    `activated_no_input_embedding` leaves out embed_tokens (a lookup, no matmul: 31.7B for K2),
+    `activated_no_embedding` leaves out embed_tokens and lm_head. `matmul_activated` is the
+    activated weights that multiply (no embedding lookup, no norm weights, no router bias).
+    `router` is the gates' weights and biases, E * (D + 1) per MoE layer: the only activated part
+    that grows with n_routed_experts (the K2 report's sparsity scaling, sec. 2.3, holds the rest
+    fixed)."""
     with torch.device("meta"):
         model = KimiK2(config)
     gates = list(model.moe_gates())
@@ -787,9 +1003,11 @@ def count_params(config: Config) -> dict:
     idle = len(gates) * (config.n_routed_experts - config.num_experts_per_tok) * per_expert
     norms = sum(m.weight.numel() for m in model.modules() if isinstance(m, RMSNorm))
     activated = total - idle
+    router = sum(g.weight.numel() + g.e_score_correction_bias.numel() for g in gates)
     return dict(total=total, activated=activated, activated_no_input_embedding=activated - embedding,
                 activated_no_embedding=activated - embedding - head,
                 embedding=embedding, lm_head=head, routed_expert=per_expert, moe_layers=len(gates),
+                router=router,
                 matmul_activated=activated - embedding - norms - len(gates) * config.n_routed_experts)
 
 

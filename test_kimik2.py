@@ -119,15 +119,10 @@ def _model_random(config: Config, seed: int = 0) -> KimiK2:
 
 
 def _model_explicit_logits(attn, x, cos, sin):
-    """Scaled pre-softmax causal logits (B, H, T, S) computed explicitly, plus v (B, H, S, Dv)."""
-    B, T, _ = x.shape
-    q_nope, q_rope = attn._query(x, cos, sin)  # (B, T, H, Dn), (B, T, H, Dr)
-    c_kv, k_rope = attn._latent(x, cos, sin)  # (B, T, C), (B, T, Dr)
-    k_nope, v = attn.kv_b_proj(c_kv).unflatten(-1, (attn.num_heads, -1)).split([attn.nope, attn.v_dim], -1)
-    logits = (torch.einsum("bthd,bshd->bhts", q_nope, k_nope)
-              + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)) * attn.softmax_scale  # (B, H, T, S)
-    future = torch.ones(T, T, dtype=torch.bool).triu(1)
-    return logits.masked_fill(future, float("-inf")), v.transpose(1, 2)
+    """Scaled pre-softmax causal logits (B, H, T, S) written out by MLA's naive form, plus v (B, H, S, Dv)."""
+    with torch.no_grad():
+        q, k, v = attn.qkv(x, cos, sin)
+        return attn.causal_logits(q, k), v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,11 +130,11 @@ def _model_explicit_logits(attn, x, cos, sin):
 
 def test_published_parameter_counts_and_heads_cost():
     k2, v3 = count_params(Config.from_preset("kimi-k2")), count_params(Config.from_preset("deepseek-v3"))
-    assert k2["total"] == 1_026_408_232_448  # the K2 checkpoint's model numbers (SPEC 1)
+    assert k2["total"] == 1_026_408_232_448  # the model numbers of the published K2 checkpoint
     assert 1.02e12 <= k2["total"] <= 1.05e12
     # convention: activated includes embedding and lm_head; published 32.6B and 37B
     assert abs(k2["activated"] / 32.6e9 - 1) < 0.03
-    assert abs(k2["activated_no_input_embedding"] / 31.7e9 - 1) < 0.005  # SPEC 1: 31.7B without embedding
+    assert abs(k2["activated_no_input_embedding"] / 31.7e9 - 1) < 0.005  # 31.7B without the input embedding
     assert abs(v3["total"] / 671e9 - 1) < 0.005
     assert abs(v3["activated"] / 37e9 - 1) < 0.03
     assert k2["total"] / v3["total"] == pytest.approx(1.54, abs=0.02)  # report: +54% total
@@ -164,6 +159,19 @@ def test_count_params_equals_instantiated_tiny_model():
     # 6N-style: training FLOPs are 3x forward; attention adds per key
     assert flops_per_token(config, 10, training=True) == 3 * flops_per_token(config, 10)
     assert flops_per_token(config, 11) > flops_per_token(config, 10)
+
+
+def test_routed_experts_sweep_keeps_activated_params_fixed_apart_from_the_router():
+    """K2 report sec. 2.3's sparsity scaling: more routed experts, the same activated experts. One
+    field changed, the configs stay valid, and only the router (E * (D + 1) per MoE layer) adds to
+    the activated count."""
+    tiny = Config.from_preset("tiny").to_dict()
+    counts = {E: count_params(Config(**{**tiny, "n_routed_experts": E})) for E in (8, 16, 32, 48, 64)}
+    D, layers = tiny["hidden_size"], counts[8]["moe_layers"]
+    assert len({c["activated"] - c["router"] for c in counts.values()}) == 1
+    for E, c in counts.items():
+        assert c["router"] == layers * E * (D + 1)
+        assert c["total"] - counts[8]["total"] == layers * (E - 8) * (c["routed_expert"] + D + 1)
 
 
 def _model_reference_tensors():
@@ -232,10 +240,31 @@ def test_config_round_trips_through_dict_and_json(tmp_path):
     ("first_k_dense_replace", dict(first_k_dense_replace=4)),
     ("rope_scaling", dict(rope_scaling={"type": "linear", "factor": 2.0})),
     ("q_lora_rank", dict(q_lora_rank=-1)),
+    ("num_hidden_layers", dict(num_hidden_layers=2.5)),
+    ("n_routed_experts", dict(n_routed_experts=True)),
+    ("routed_scaling_factor", dict(routed_scaling_factor="2.5")),
+    ("aux_loss_alpha", dict(aux_loss_alpha=None)),
+    ("norm_topk_prob", dict(norm_topk_prob=1)),
+    ("rope_scaling", dict(rope_scaling="yarn")),
+    ("rope_scaling", dict(rope_scaling={**_MODEL_YARN, "factor": "8"})),
 ])
 def test_invalid_config_raises_naming_the_field(field, overrides):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=rf"^Config\.{field}="):
         _model_config(**overrides)
+
+
+@pytest.mark.parametrize("field, value, conflicting", [
+    ("n_routed_experts", 4, "num_experts_per_tok"),  # tiny routes each token to 8 experts
+    ("num_attention_heads", 8, "num_key_value_heads"),
+    ("n_group", 3, "n_routed_experts"),
+    ("num_hidden_layers", 0, "num_hidden_layers"),
+])
+def test_one_field_override_error_names_the_field_and_its_conflict(field, value, conflicting):
+    """A sweep sets one field of a preset (train.py --set FIELD=VALUE); a value that conflicts with
+    another field fails naming both."""
+    with pytest.raises(ValueError, match=rf"^Config\.{conflicting}=") as err:
+        Config(**{**Config.from_preset("tiny").to_dict(), field: value})
+    assert field in str(err.value) and "\n" not in str(err.value)
 
 
 def test_unknown_preset_raises():
@@ -286,6 +315,29 @@ def test_from_pretrained_lists_missing_and_unexpected_keys(tmp_path):
         assert key in message
 
 
+def test_save_pretrained_is_atomic_with_the_permissions_of_a_new_file(tmp_path, monkeypatch):
+    import safetensors.torch
+    model = _model_random(_model_config())
+    old_umask = os.umask(0o022)
+    try:
+        model.save_pretrained(str(tmp_path))
+    finally:
+        os.umask(old_umask)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    for name in ("config.json", "model.safetensors"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, name
+    saved = (tmp_path / "model.safetensors").read_bytes()
+
+    def fail_half_way(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", fail_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temp file left
+    assert (tmp_path / "model.safetensors").read_bytes() == saved
+
+
 def test_save_load_round_trip_is_exact(tmp_path):
     model = _model_random(_model_config(n_group=2, topk_group=1))
     model.save_pretrained(str(tmp_path))
@@ -298,15 +350,25 @@ def test_save_load_round_trip_is_exact(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Generation with the absorbed latent cache
 
-def test_absorbed_cache_logits_equal_full_forward():
+@pytest.mark.parametrize("form", ["absorbed", "naive", "naive-sdpa"])
+def test_cached_decoding_logits_equal_full_forward(form, monkeypatch):
+    """Prefill, then one token at a time, then two at once: the absorbed latent cache and the naive
+    per-head cache (written-out attention, and SDPA with an explicit causal mask as on CUDA) give
+    the full forward's logits."""
+    import kimik2
+    monkeypatch.setattr(kimik2, "fused_attention_available", lambda q: form == "naive-sdpa")
     model = _model_random(_model_config(rope_scaling=_MODEL_YARN, n_group=2, topk_group=1)).eval()
     x = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(x)[0]
-        caches = model.new_caches(2, 20)
-        assert caches[0].shape == (2, 20, 16 + 4)  # kv_lora_rank + qk_rope_head_dim per token
+        caches = model.new_caches(2, 20, naive=form != "absorbed")
+        if form == "absorbed":
+            assert caches[0].shape == (2, 20, 16 + 4)  # kv_lora_rank + qk_rope_head_dim per token
+        else:
+            assert [t.shape for t in caches[0]] == [(2, 4, 20, 8 + 4), (2, 4, 20, 6)]  # every head's k, v
         prefill = model(x[:, :13], caches=caches, start_pos=0)[0]
-        steps = [model(x[:, t:t + 1], caches=caches, start_pos=t)[0] for t in range(13, 20)]
+        steps = [model(x[:, t:t + 1], caches=caches, start_pos=t)[0] for t in range(13, 18)]
+        steps.append(model(x[:, 18:20], caches=caches, start_pos=18)[0])
     assert (torch.cat([prefill, *steps], 1) - full).abs().max() <= 1e-4
 
 
@@ -357,13 +419,13 @@ def test_written_out_and_sdpa_attention_agree_in_output_grads_and_max_logits(mon
     fused kernel exists (max from the separate chunked pass, here forced into small chunks) agree."""
     import kimik2
     config = _model_config()
+    chunked = kimik2._causal_max_logits
+    monkeypatch.setattr(kimik2, "_causal_max_logits", lambda q, k, scale: chunked(q, k, scale, chunk_size=5))
     results = []
     for fused in (False, True):
         monkeypatch.setattr(kimik2, "fused_attention_available", lambda q, f=fused: f)
         model, attn, x, cos, sin = _model_attention_input(config, 3, 17, 0, 20.0)
         attn.train()
-        chunked = attn._update_max_logits
-        monkeypatch.setattr(attn, "_update_max_logits", lambda q, k: chunked(q, k, chunk_elems=3 * 4 * 17 * 5))
         x.requires_grad_()
         out = attn(x, cos, sin)
         out.square().sum().backward()
@@ -512,6 +574,44 @@ def test_bias_update_reduces_imbalance_of_skewed_router(seed):
     assert min(imbalance[-10:]) < 0.6 * imbalance[0]
 
 
+def _model_router_bias_worker(out_dir):
+    """torchrun worker: each rank counts different expert loads; update_router_bias_ must act on
+    their sum, the same on every rank."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = KimiK2(_model_config(num_hidden_layers=3, first_k_dense_replace=1))
+    for i, gate in enumerate(model.moe_gates()):
+        gate.expert_load.copy_(_model_rank_loads(rank, i, gate.expert_load.numel()))
+    imbalance = model.update_router_bias_(0.01)
+    biases = torch.stack([gate.e_score_correction_bias for gate in model.moe_gates()])
+    torch.save({"imbalance": imbalance, "biases": biases}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _model_rank_loads(rank, layer, E):
+    """Loads such that each rank alone would move the biases differently from the two together."""
+    g = torch.Generator().manual_seed(100 * layer + rank)
+    return torch.randint(0, 20, (E,), generator=g).float() + (rank == 0) * 30 * (torch.arange(E) < E // 4)
+
+
+def test_router_bias_update_sums_expert_loads_over_processes(tmp_path):
+    run = _torchrun([os.path.abspath(__file__), "model-router-bias", str(tmp_path)])
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    model = KimiK2(_model_config(num_hidden_layers=3, first_k_dense_replace=1))
+    for i, gate in enumerate(model.moe_gates()):
+        E = gate.expert_load.numel()
+        gate.expert_load.copy_(_model_rank_loads(0, i, E) + _model_rank_loads(1, i, E))
+        alone = torch.sign(_model_rank_loads(0, i, E).mean() - _model_rank_loads(0, i, E))
+        assert not torch.equal(alone, torch.sign(gate.expert_load.mean() - gate.expert_load))
+    imbalance = model.update_router_bias_(0.01)
+    biases = torch.stack([gate.e_score_correction_bias for gate in model.moe_gates()])
+    for result in results:
+        assert torch.equal(result["biases"], biases) and torch.allclose(result["imbalance"], imbalance)
+
+
 def test_expert_load_counts_training_tokens_only():
     model = _model_random(_model_config())
     x = torch.randint(0, 61, (2, 8))
@@ -524,9 +624,12 @@ def test_expert_load_counts_training_tokens_only():
         assert gate.expert_load.sum() == 2 * 8 * model.config.num_experts_per_tok
 
 
-def test_moe_dispatch_equals_per_token_loop():
+@pytest.mark.parametrize("use_reference", [False, True])
+def test_moe_equals_per_token_sum_over_chosen_experts(use_reference):
+    """Both of Experts' paths compute y[n] = shared(x[n]) + sum_k w[n, k] * expert_{e[n, k]}(x[n])."""
     model = _model_random(_model_config()).eval()
     moe = model.model.layers[1].mlp
+    moe.experts.use_reference = use_reference
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
         y, _ = moe(x)
@@ -541,17 +644,29 @@ def test_moe_dispatch_equals_per_token_loop():
             assert torch.allclose(y.view(10, 32)[n], ref, atol=1e-6)
 
 
-def test_grouped_mm_and_per_expert_loop_dispatch_agree_in_values_and_grads(monkeypatch):
-    """The per-expert loop (CUDA float32/float16) and the grouped matmul (CPU, bf16) compute the same."""
+@pytest.mark.parametrize("switch", ["use_reference", "no_grouped_mm_kernel"])
+def test_grouped_fast_path_equals_reference_loop_in_values_and_grads(monkeypatch, switch):
+    """The fast path (sort_by_expert -> grouped_swiglu) computes what forward_reference states, in
+    the loss and every gradient. The loop runs when selected, and where F.grouped_mm has no kernel
+    (CUDA float32/float16), which the second case simulates."""
     import kimik2
     model = _model_random(_model_config())
     x = torch.randint(0, 61, (2, 9))
+    calls, grouped_mm = [], F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **kw: calls.append(1) or grouped_mm(*a, **kw))
     results = []
-    for grouped in (True, False):
-        monkeypatch.setattr(kimik2, "grouped_mm_supported", lambda t, g=grouped: g)
+    for reference in (False, True):
+        if switch == "use_reference":
+            for m in model.modules():
+                if isinstance(m, kimik2.Experts):
+                    m.use_reference = reference
+        else:
+            monkeypatch.setattr(kimik2, "grouped_mm_supported", lambda device, dtype, r=reference: not r)
         model.zero_grad()
+        calls.clear()
         _, loss = model(x, x)
         loss.backward()
+        assert bool(calls) != reference  # the path asked for ran
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert torch.allclose(loss_a, loss_b, atol=1e-6)
@@ -2297,5 +2412,7 @@ def test_wsd_schedule_warms_up_holds_then_decays_to_min_ratio():
 if __name__ == "__main__":
     if sys.argv[1] == "model-dtensor-clip":
         _model_dtensor_clip_worker(sys.argv[2])
+    elif sys.argv[1] == "model-router-bias":
+        _model_router_bias_worker(sys.argv[2])
     elif sys.argv[1] == "muonclip-dist":
         _muon_dist_worker(sys.argv[2])
