@@ -101,7 +101,6 @@ class ByteTokenizer:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
-
 # -----------------------------------------------------------------------------------------------
 # Documents: user files and folders, the load report, bad input
 
@@ -277,6 +276,7 @@ def load_documents(sources=("builtin",), seed=0, max_doc_chars=1_000_000, report
             kept.append(doc)
     report.documents = len(kept)
     return kept
+
 
 # -----------------------------------------------------------------------------------------------
 # Rephrasing (K2 report sec. 2.2): chunk-wise autoregressive rewriting with fidelity checks
@@ -780,6 +780,12 @@ class _Progress:
                 f"ETA {_clock(eta)}")
 
 
+def _worst(chunks) -> dict:
+    """A record's summary scores: the lowest similarity and numbers_kept over its chunks."""
+    return dict(similarity_min=min((c["similarity"] for c in chunks), default=1.0),
+                numbers_kept_min=min((c["numbers_kept"] for c in chunks), default=1.0))
+
+
 def _append_record(f, record: dict):
     """One write of one whole line, flushed and fsynced before the pair counts as done: a kill
     leaves at most a partial last line, which `completed_pairs` cuts off."""
@@ -822,14 +828,11 @@ def rephrase_corpus(pairs, generate, out, *, concurrency=1, model="", log=None, 
                         result = future.result()
                     except Exception as e:
                         failure = failure or (doc, style, e)
-                        for other in [f for f in running if f.cancel()]:  # queued, never started
-                            running.pop(other)
+                        for queued in [other for other in running if other.cancel()]:  # never started
+                            running.pop(queued)
                         continue
-                    _append_record(f, dict(
-                        id=doc.name, style=style, model=model, measure=measure, text=result.text,
-                        similarity_min=min((c["similarity"] for c in result.chunks), default=1.0),
-                        numbers_kept_min=min((c["numbers_kept"] for c in result.chunks), default=1.0),
-                        chunks=result.chunks))
+                    _append_record(f, dict(id=doc.name, style=style, model=model, measure=measure,
+                                           text=result.text, **_worst(result.chunks), chunks=result.chunks))
                     summary.update([c["status"] for c in result.chunks] + ["records"])
                     summary["empty_replies"] += sum(c["empty_replies"] for c in result.chunks)
                     log(progress.done(doc, len(result.chunks)))
@@ -839,6 +842,7 @@ def rephrase_corpus(pairs, generate, out, *, concurrency=1, model="", log=None, 
         raise failure[2]
     summary = dict(summary, error=f"{failure[0].name} ({failure[1]}): {failure[2]}" if failure else None)
     return {"ok": 0, "kept_original": 0, "dropped": 0, **summary}
+
 
 # -----------------------------------------------------------------------------------------------
 # Preparation: split by document, mix domains, tokenise once into memory-mapped files
@@ -1022,20 +1026,26 @@ def prepare(out_dir="data_cache", sources=None, tokenizer=None, val_fraction=0.0
         stats[doc.domain]["bytes"] += len(doc.text.encode())
     for doc in train:
         stats[doc.domain]["epochs"] += len(doc.text.encode()) / natural[doc.domain]
-    dtype = _token_dtype(tokenizer.vocab_size)
-    tmp = Path(out_dir) / f"tmp-{key}-{os.getpid()}"
+    for s in stats.values():
+        s["epochs"] = round(s["epochs"], 3)
+    info = dict(key=key, dtype=np.dtype(_token_dtype(tokenizer.vocab_size)).name, vocab_size=tokenizer.vocab_size,
+                eos=tokenizer.eos, sources=sources, settings=settings, stats=stats, load_report=asdict(report))
+    return {**_resolve(_write_cache(final, {"train": train, "val": val}, tokenizer, info), final), "cached": False}
+
+
+def _write_cache(final: Path, splits: dict, tokenizer, info: dict) -> dict:
+    """Write each split's documents as tokens and `info` (completed with the token counts per
+    domain and split) as meta.json into a temporary folder beside `final`, fsynced, then rename it
+    to `final`. A failed write removes the temporary folder and raises OSError naming the path."""
+    stats, dtype = info["stats"], np.dtype(info["dtype"])
+    tmp = final.with_name(f"tmp-{final.name}-{os.getpid()}")
     try:
         tmp.mkdir(parents=True, exist_ok=True)
-        for split, split_docs in (("train", train), ("val", val)):
-            for doc, n in zip(split_docs, _write_tokens(tmp / f"{split}.bin", split_docs, tokenizer, dtype)):
+        for split, docs in splits.items():
+            for doc, n in zip(docs, _write_tokens(tmp / f"{split}.bin", docs, tokenizer, dtype)):
                 stats[doc.domain][f"{split}_docs"] += 1
                 stats[doc.domain][f"{split}_tokens"] += n
-        for s in stats.values():
-            s["epochs"] = round(s["epochs"], 3)
-        info = dict(key=key, dtype=np.dtype(dtype).name, vocab_size=tokenizer.vocab_size,
-                    eos=tokenizer.eos, sources=sources, settings=settings,
-                    tokens={s: sum(v[f"{s}_tokens"] for v in stats.values()) for s in ("train", "val")},
-                    stats=stats, load_report=asdict(report))
+        info["tokens"] = {split: sum(v[f"{split}_tokens"] for v in stats.values()) for split in splits}
         with open(tmp / "meta.json", "w") as f:
             f.write(json.dumps(info, indent=1))
             f.flush()
@@ -1047,7 +1057,7 @@ def prepare(out_dir="data_cache", sources=None, tokenizer=None, val_fraction=0.0
         os.rename(tmp, final)
     except OSError:  # another process finished the same key first; its files are identical
         shutil.rmtree(tmp, ignore_errors=True)
-    return {**_resolve(info, final), "cached": False}
+    return info
 
 
 def load_tokens(info: dict, split="train") -> np.ndarray:
@@ -1134,7 +1144,6 @@ def unigram_entropy(tokens, chunk=1 << 24) -> float:
         counts[:len(c)] += c
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
-
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1378,7 +1387,6 @@ def math_documents(n=MATH_PROBLEMS, seed=0) -> list[Document]:
         lines += [s if s.startswith("Check:") else f"Step {k}: {s}" for k, s in enumerate(steps, 1)]
         docs.append(Document("math", f"math#{i}", "\n".join(lines + ["", f"Answer: {answer}"])))
     return docs
-
 
 
 # -----------------------------------------------------------------------------------------------
