@@ -1,50 +1,65 @@
 """Kimi-K2 data: an offline corpus, a byte tokenizer, exact resumable batches, and K2's rephrasing.
 
-Kimi K2 (tech report, SPEC section 6) pre-trains on web text, code, mathematics and knowledge and
-raises the *token utility* of scarce high-quality text by rephrasing it with another LLM: prompts of
-diverse styles and perspectives, long documents rewritten chunk by chunk with each chunk conditioned
-on what was already rewritten, every chunk checked for fidelity to its source, maths rewritten as
-"learning notes" and non-English maths translated. This file is the data side of the reference
-implementation:
+Kimi K2 (K2 report, arXiv 2507.20534, sec. 2.2) pre-trains on web text, code, mathematics and
+knowledge and raises the *token utility* of scarce high-quality text by rephrasing it with another
+LLM: prompts of diverse styles and perspectives, long documents rewritten chunk by chunk with each
+chunk conditioned on what was already rewritten, every chunk checked for fidelity to its source,
+maths rewritten as "learning notes" and non-English maths translated. This file is the data side of
+the reference implementation, in reading order:
 
-- A default corpus that every Python installation already carries, so `python train.py` works
-  offline: code (standard-library sources), knowledge (pydoc topics and API docstrings) and
-  mathematics (generated problems with worked step-by-step solutions, reproducible from a seed).
-  User corpora: files or folders of .txt, .md, .py and .jsonl (field "text"). Per-domain mixture
-  weights.
 - `ByteTokenizer`: 256 ids, lossless for any Unicode text through UTF-8; `eos` is 0 (see the class).
   Any object with `encode`, `decode`, `vocab_size`, `eos` (the `Tokenizer` protocol) plugs in.
+- Documents: files or folders of .txt, .md, .py and .jsonl (field "text"), or the built-in corpus;
+  everything odd in them (bad lines, bad encodings, unsupported files) is counted in a `LoadReport`,
+  never fatal. Bad input (a missing path, a bad option) raises `DataError` naming it.
+- Rephrasing (K2 report sec. 2.2): `split_chunks`, `rephrase_messages` with `STYLES`, the fidelity
+  check (`fidelity` with a lexical, an embedding or an LLM-judge measure), `rephrase_chunkwise`,
+  the generation backends (`ChatEndpoint` for any OpenAI-compatible server, standard library only;
+  `CheckpointGenerator` for a trained kimik2 checkpoint; or any callable `generate(messages) -> str`)
+  and `rephrase_corpus`, the crash-safe corpus-scale run with concurrent requests and shards.
 - `prepare`: tokenise once into memory-mapped token files, train/validation split by document,
-  cached under a hash of inputs and settings, written atomically.
+  per-domain mixture weights, cached under a hash of inputs and settings, written atomically.
 - `BatchSampler`: batches that are a pure function of (seed, step), so a resumed run sees exactly
   the batches it would have seen; the global batch does not depend on the number of DDP processes.
-- `unigram_entropy`: the loss of a model that ignores context, the baseline val loss must beat.
-- `rephrase_chunkwise` with `STYLES`, `fidelity`, and three generation backends: `ChatEndpoint`
-  (any OpenAI-compatible server, standard library only), `CheckpointGenerator` (a trained kimik2
-  checkpoint) or any Python callable `generate(messages) -> str`.
+  `unigram_entropy`: the loss of a model that ignores context, the baseline val loss must beat.
+- The built-in corpus, which every Python installation already carries, so `python train.py` works
+  offline: code (standard-library sources), knowledge (pydoc topics and API docstrings) and
+  mathematics (generated problems with worked step-by-step solutions, reproducible from a seed).
+- The command line.
 
 Run:
-    python data.py stats [--data [DOMAIN=]PATH ...] [--cache-dir data_cache]
-    python data.py rephrase INPUT... --endpoint http://localhost:8000/v1 --model NAME \
-        --styles 2 --out rephrased.jsonl
+    python data.py stats [--data SOURCE ...] [--cache-dir data_cache]
+    python data.py rephrase SOURCE... --endpoint http://localhost:8000/v1 --model NAME \
+        --styles 2 --concurrency 16 [--shard I/N] [--fidelity lexical|embedding|llm_judge] \
+        --out rephrased.jsonl
+    python data.py bench         rephrase throughput against a local fake server, by concurrency
 Sources: "builtin" (all three default domains), "builtin:code", "builtin:knowledge", "builtin:math",
-or "[DOMAIN=]PATH" for a file or folder (domain "user" when not named).
+or "[DOMAIN[:WEIGHT]=]PATH" for a file or folder (domain "user" when not named). A rephrase output
+file is a source like any other: `knowledge=docs/ rephrased:0.5=rephrased.jsonl`. Weights are
+shares of the training text (see `prepare`).
 """
 import argparse
 import ast
 import hashlib
 import http.client
+import http.server
+import itertools
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
 import shutil
 import sys
 import sysconfig
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -87,15 +102,15 @@ class ByteTokenizer:
 
 
 # -----------------------------------------------------------------------------------------------
-# Documents: the built-in corpus and user files
+# Documents: user files and folders, the load report, bad input
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "_bundled"}
 USER_SUFFIXES = {".txt", ".md", ".py", ".jsonl"}
-CODE_BYTES = 2_000_000       # standard-library source used as the code domain (of about 12 MB)
-KNOWLEDGE_BYTES = 2_000_000  # cap on pydoc topics + docstrings (about 2 MB are available)
-MATH_PROBLEMS = 6_000        # generated worked problems, about 1.5 MB before duplicates are dropped
-MAX_PROBLEMS_LISTED = 20     # bad lines named in the report; all of them are counted
+MAX_PROBLEMS_LISTED = 20  # problems named in the report (file:line); all of them are counted
+
+
+class DataError(ValueError):
+    """Bad input: a missing or empty source, a bad option or record. The message names the file,
+    line or option."""
 
 
 @dataclass
@@ -113,6 +128,8 @@ class LoadReport:
     empty_documents: int = 0      # empty or blank files and jsonl texts: skipped
     non_utf8_files: int = 0       # undecodable bytes replaced by U+FFFD
     bad_json_lines: int = 0       # unparsable line or no string "text": skipped, listed as file:line
+    bad_encoding_lines: int = 0   # a jsonl text with a lone surrogate ("\udc80"): no UTF-8 exists, skipped
+    unsupported_files: int = 0    # files in a folder that are not .txt/.md/.py/.jsonl: skipped
     split_documents: int = 0      # longer than max_doc_chars: cut at paragraph/sentence boundaries
     duplicate_documents: int = 0  # exact repeats dropped, so no text is both train and val
     problems: list = field(default_factory=list)
@@ -120,6 +137,1023 @@ class LoadReport:
     def problem(self, where: str, what: str):
         if len(self.problems) < MAX_PROBLEMS_LISTED:
             self.problems.append(f"{where}: {what}")
+
+
+LOAD_SKIPS = ("empty_documents", "non_utf8_files", "bad_json_lines", "bad_encoding_lines", "unsupported_files")
+
+
+def describe_load_report(info: dict) -> str:
+    """One line on what loading skipped or repaired (the `LOAD_SKIPS` counts, with the first
+    problems as file:line examples), "" when there was nothing. Split long documents and dropped
+    duplicates are normal preparation, not problems of the input, and are left to `data.py stats`."""
+    report = info["load_report"]
+    counts = [f"{report[k]} {k.replace('_', ' ')}" for k in LOAD_SKIPS if report[k]]
+    if not counts:
+        return ""
+    return f"data: skipped or repaired {', '.join(counts)} (e.g. {'; '.join(report['problems'][:3])})"
+
+
+def _lone_surrogates(text: str) -> int:
+    """How many lone UTF-16 surrogates text holds. JSON can carry one ("\\ud83d", half an emoji)
+    and Python decodes it into a str that no UTF-8 writer accepts."""
+    return sum(0xD800 <= ord(c) <= 0xDFFF for c in text) if not text.isascii() else 0
+
+
+def _decode(data: bytes, where: str, report: LoadReport) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        report.non_utf8_files += 1
+        report.problem(where, f"not UTF-8 ({e.reason} at byte {e.start}); bad bytes replaced")
+        return data.decode("utf-8", errors="replace")
+
+
+def _file_documents(path: Path, domain: str, report: LoadReport):
+    report.files += 1
+    if path.suffix != ".jsonl":
+        yield Document(domain, str(path), _decode(path.read_bytes(), str(path), report))
+        return
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):  # a huge line is read whole: one record, one document
+            where = f"{path}:{lineno}"
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+                report.bad_json_lines += 1
+                report.problem(where, f"bad JSON line skipped ({type(e).__name__}: {str(e)[:80]})")
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                report.bad_json_lines += 1
+                report.problem(where, 'line skipped: not an object with a string field "text"')
+            elif _lone_surrogates(record["text"]):
+                report.bad_encoding_lines += 1
+                report.problem(where, "line skipped: its text has a lone surrogate (invalid Unicode)")
+            else:
+                yield Document(domain, where, record["text"])
+
+
+@dataclass
+class Source:
+    """One parsed "[DOMAIN[:WEIGHT]=]PATH": the files to read and the folder files skipped."""
+    domain: str
+    weight: float | None
+    files: list
+    unsupported: list
+
+
+def parse_source(spec: str) -> Source:
+    """'[DOMAIN[:WEIGHT]=]PATH' -> Source. Folders contribute their .txt/.md/.py/.jsonl files (the
+    others are listed as unsupported); a file named explicitly is read whatever its suffix. An
+    existing path is taken literally, "=" and all."""
+    head, _, path = ("", "", spec) if Path(spec).exists() else spec.rpartition("=")
+    domain, _, weight_text = head.partition(":")
+    weight = None
+    if weight_text:
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            weight = -1.0
+        if not 0 <= weight < math.inf:
+            raise DataError(f"data source {spec!r}: weight {weight_text!r} is not a number >= 0")
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data source {spec!r}: no such file or folder")
+    if path.is_file():
+        return Source(domain or "user", weight, [path], [])
+    found = sorted(p for p in path.rglob("*") if p.is_file())
+    files = [p for p in found if p.suffix in USER_SUFFIXES]
+    if not files:
+        others = f" ({len(found)} other files)" if found else ""
+        raise DataError(f"data source {spec!r}: no .txt/.md/.py/.jsonl files in {path}{others}")
+    return Source(domain or "user", weight, files, [p for p in found if p.suffix not in USER_SUFFIXES])
+
+
+BUILTIN_DOMAINS = ("code", "knowledge", "math")
+
+
+def _builtin_documents(spec: str, seed: int) -> list[Document]:
+    """'builtin' or 'builtin:DOMAIN[,DOMAIN]' -> the embedded corpus's documents (see its section)."""
+    domains = (spec.partition(":")[2] or ",".join(BUILTIN_DOMAINS)).split(",")
+    if unknown := sorted(set(domains) - set(BUILTIN_DOMAINS)):
+        raise DataError(f"data source {spec!r}: unknown built-in domain(s) {unknown}; "
+                        f"the built-in domains are {', '.join(BUILTIN_DOMAINS)}")
+    docs = []
+    if "code" in domains or "knowledge" in domains:
+        code, knowledge = stdlib_documents(seed)
+        docs += (code if "code" in domains else []) + (knowledge if "knowledge" in domains else [])
+    if "math" in domains:
+        docs += math_documents(seed=seed)
+    return docs
+
+
+def load_documents(sources=("builtin",), seed=0, max_doc_chars=1_000_000, report=None):
+    """Every document of `sources` (see the module docstring), non-empty, at most max_doc_chars
+    long (longer ones are cut at paragraph or sentence boundaries into several documents)."""
+    report = report if report is not None else LoadReport()
+    docs = []
+    for spec in map(str, sources):
+        if spec.startswith("builtin"):
+            docs += _builtin_documents(spec, seed)
+            continue
+        source = parse_source(spec)
+        for path in source.unsupported:
+            report.unsupported_files += 1
+            report.problem(str(path), "skipped: not a .txt/.md/.py/.jsonl file")
+        for path in source.files:
+            docs += _file_documents(path, source.domain, report)
+    kept = []
+    for doc in docs:
+        if not doc.text.strip():
+            report.empty_documents += 1
+            report.problem(doc.name, "empty document skipped")
+        elif len(doc.text) > max_doc_chars:
+            report.split_documents += 1
+            kept += [Document(doc.domain, f"{doc.name}#part{k}", piece)
+                     for k, piece in enumerate(split_chunks(doc.text, max_doc_chars))]
+        else:
+            kept.append(doc)
+    report.documents = len(kept)
+    return kept
+
+
+# -----------------------------------------------------------------------------------------------
+# Rephrasing (K2 report sec. 2.2): chunk-wise autoregressive rewriting with fidelity checks
+
+STYLES = {  # style and perspective instructions; the first seven are for any text
+    "encyclopedia": "Rewrite the text as a neutral, well-organised encyclopedia article.",
+    "textbook": "Rewrite the text as a passage of a university textbook that teaches it, "
+                "defining each term before using it.",
+    "qa": "Rewrite the text as the questions a careful reader would ask, each followed by its answer.",
+    "dialogue": "Rewrite the text as a conversation in which a teacher explains it to a curious student.",
+    "expert_notes": "Rewrite the text as the concise working notes of an expert who uses this "
+                    "material every day.",
+    "plain_language": "Rewrite the text so that a motivated 14-year-old can follow it: short "
+                      "sentences and everyday words, but the same content.",
+    "journalist": "Rewrite the text as a science journalist's explanation for a general audience.",
+    "learning_note": "The text is mathematics. Rewrite it as a student's learning note: the problem, "
+                     "the key idea, every step of the working with its reason, and a check of the result.",
+    "translate_en": "Translate the text into English. Keep formulas, code, numbers and names unchanged.",
+}
+GENERAL_STYLES = [s for s in STYLES if s not in ("learning_note", "translate_en")]
+RULES = ("Keep every fact, name, number and formula of the source and add nothing that is not in "
+         "it. Reply with the rewritten text only.")
+
+
+def split_chunks(text: str, max_chars: int) -> list[str]:
+    """Split text into chunks of at most max_chars, at paragraph breaks where possible, else at
+    sentence ends, else at whitespace, else anywhere. Lossless: "".join(chunks) == text; each
+    chunk keeps its trailing separator."""
+    pieces = []
+    parts = re.split(r"(\n[ \t]*\n\s*)", text)  # paragraphs and the blank lines after them
+    for para in ("".join(parts[i:i + 2]) for i in range(0, len(parts), 2)):
+        if len(para) <= max_chars:
+            pieces.append(para)
+            continue
+        sentences = re.split(r"(?<=[.!?])(\s+)", para)
+        for sentence in ("".join(sentences[i:i + 2]) for i in range(0, len(sentences), 2)):
+            while len(sentence) > max_chars:  # one enormous sentence or line: cut at whitespace
+                cut = max(sentence.rfind(" ", max_chars // 2, max_chars),
+                          sentence.rfind("\n", max_chars // 2, max_chars)) + 1 or max_chars
+                pieces.append(sentence[:cut])
+                sentence = sentence[cut:]
+            pieces.append(sentence)
+    chunks = []
+    for piece in filter(None, pieces):
+        if chunks and len(chunks[-1]) + len(piece) <= max_chars:
+            chunks[-1] += piece
+        else:
+            chunks.append(piece)
+    return chunks
+
+
+def rephrase_messages(source: str, style: str, context: str = "", feedback: str = "") -> list[dict]:
+    """The chat prompt for one chunk: style instruction, the rewrite so far, the chunk, and on a
+    retry what was wrong with the previous attempt ("drifted from the source (...)", "was empty")."""
+    user = ""
+    if context:
+        user += ("The rewrite so far (continue it; do not repeat it):\n"
+                 f"<rewritten>\n{context}\n</rewritten>\n\n")
+    user += f"Rewrite this next part of the source:\n<source>\n{source}\n</source>"
+    if feedback:
+        user += f"\n\nYour previous attempt {feedback}. Stay faithful to the source."
+    return [{"role": "system", "content": f"You rewrite text for a training corpus. {STYLES[style]} {RULES}"},
+            {"role": "user", "content": user}]
+
+
+# Fidelity: a measure maps (source, rewrite) to {"similarity": s, ...} and passes a chunk when s
+# reaches its threshold; every measure is combined with the "every number survives" check.
+
+MIN_SIMILARITY = {  # pass thresholds per measure, for any style not listed in STYLE_MIN_SIMILARITY
+    "lexical": 0.25,    # TF-IDF cosine: faithful rewrites with many synonyms score low
+    "embedding": 0.80,  # cosine of sentence embeddings; paraphrases score ~0.85-0.95 with common
+                        # embedding models, unrelated text far lower; calibrate per model
+    "llm_judge": 1.0,   # 1 = the judge says every fact is kept, 0 = it says some are not
+}
+STYLE_MIN_SIMILARITY = {("lexical", "translate_en"): 0.0}  # word overlap across languages means nothing
+
+
+def min_similarity_for(measure: str, style: str) -> float:
+    return STYLE_MIN_SIMILARITY.get((measure, style), MIN_SIMILARITY[measure])
+
+
+def _ngrams(text: str, n: int) -> dict[str, int]:
+    words = re.findall(r"\w+", text.lower())
+    counts = {}
+    for k in range(1, n + 1):
+        for i in range(len(words) - k + 1):
+            gram = " ".join(words[i:i + k])
+            counts[gram] = counts.get(gram, 0) + 1
+    return counts
+
+
+def tfidf_cosine(a: str, b: str, n: int = 2) -> float:
+    """Cosine of word 1..n-gram TF-IDF vectors (sublinear tf, smoothed idf over the pair: a term in
+    only one text weighs more than a shared one)."""
+    ca, cb = _ngrams(a, n), _ngrams(b, n)
+
+    def vector(counts, other):
+        return {g: (1 + math.log(c)) * (math.log(3 / (2 + (g in other))) + 1) for g, c in counts.items()}
+
+    va, vb = vector(ca, cb), vector(cb, ca)
+    dot = sum(w * vb[g] for g, w in va.items() if g in vb)
+    norm = math.sqrt(sum(w * w for w in va.values()) * sum(w * w for w in vb.values()))
+    return dot / norm if norm else float(a.strip() == b.strip())
+
+
+class LexicalFidelity:
+    """The offline default: TF-IDF cosine of word 1-2 grams. It is lexical, so a faithful rewrite
+    with many synonyms scores low (hence a low threshold) and a negated or reordered claim with the
+    same words scores high; it compares nothing across languages (translate_en checks numbers only)."""
+    name = "lexical"
+
+    def __call__(self, source: str, rewrite: str) -> dict:
+        return {"similarity": tfidf_cosine(source, rewrite)}
+
+
+class EmbeddingFidelity:
+    """Semantic similarity as the report describes it: the cosine of the two texts' embeddings.
+    `embed(texts) -> vectors` is any embedding function, e.g. an `EmbeddingEndpoint`."""
+    name = "embedding"
+
+    def __init__(self, embed: Callable[[list[str]], Sequence[Sequence[float]]]):
+        self.embed = embed
+
+    def __call__(self, source: str, rewrite: str) -> dict:
+        u, v = np.asarray(self.embed([source, rewrite]), float)
+        return {"similarity": float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v) or 1.0))}
+
+
+JUDGE_PROMPT = (
+    "You check rewritten text for a training corpus. Decide whether the rewrite keeps every fact of "
+    "the source (claims, names, numbers, formulas) without changing, contradicting or adding any; "
+    "style and order may differ. Answer with one JSON object and nothing else: "
+    '{"keeps_every_fact": true or false, "missing": ["each fact of the source that the rewrite '
+    'lost or changed, in a few words"]}. "missing" is empty exactly when keeps_every_fact is true.')
+
+
+def parse_verdict(answer: str) -> tuple[bool, list[str]]:
+    """The judge's answer, strictly: one JSON object with exactly the keys keeps_every_fact (a
+    boolean) and missing (strings, empty exactly when the verdict is true). ValueError otherwise."""
+    try:
+        verdict = json.loads(answer)
+    except ValueError:
+        raise ValueError("not a JSON object") from None
+    if not isinstance(verdict, dict) or set(verdict) != {"keeps_every_fact", "missing"}:
+        raise ValueError('not an object with exactly the keys "keeps_every_fact" and "missing"')
+    keeps, missing = verdict["keeps_every_fact"], verdict["missing"]
+    if not isinstance(keeps, bool) or not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):
+        raise ValueError('"keeps_every_fact" must be true or false and "missing" a list of strings')
+    if keeps == bool(missing):
+        raise ValueError('"missing" must be empty exactly when "keeps_every_fact" is true')
+    return keeps, missing
+
+
+class JudgeFidelity:
+    """An LLM asked whether the rewrite keeps every fact of its source (`JUDGE_PROMPT`), its answer
+    parsed strictly (`parse_verdict`). A malformed answer is rejected and the judge asked again, told
+    why, up to `retries` times; then GenerationError (a judge that cannot answer is a broken setup,
+    like a dead server). similarity is 1.0 or 0.0; judge_missing lists what the judge found lost."""
+    name = "llm_judge"
+
+    def __init__(self, generate: Callable[[list[dict]], str], retries: int = 2):
+        self.generate, self.retries = generate, retries
+
+    def __call__(self, source: str, rewrite: str) -> dict:
+        messages = [{"role": "system", "content": JUDGE_PROMPT},
+                    {"role": "user", "content": f"<source>\n{source}\n</source>\n\n<rewrite>\n{rewrite}\n</rewrite>"}]
+        for attempt in range(self.retries + 1):
+            answer = self.generate(messages)
+            try:
+                keeps, missing = parse_verdict(answer.strip())
+            except ValueError as e:
+                problem = str(e)
+                messages = messages[:2] + [{"role": "assistant", "content": answer},
+                                           {"role": "user", "content": f"That answer was rejected: {e}. "
+                                                                       "Reply with the JSON object only."}]
+                continue
+            return {"similarity": float(keeps), "judge_missing": missing}
+        raise GenerationError(f"LLM judge: no valid verdict in {self.retries + 1} answers; last: {problem}")
+
+
+def _numbers(text: str) -> set[str]:
+    return {m.replace(",", "") for m in re.findall(r"\d+(?:[.,]\d+)*", text)}
+
+
+def _numbers_kept(source: str, rewrite: str) -> dict:
+    """The share of the source's numbers (digits; "1,000" == "1000") found in the rewrite; a
+    number spelled out in words counts as missing."""
+    wanted = _numbers(source)
+    missing = sorted(wanted - _numbers(rewrite))
+    return dict(numbers_kept=round(1 - len(missing) / len(wanted), 4) if wanted else 1.0, missing_numbers=missing)
+
+
+def fidelity(source: str, rewrite: str, measure=None) -> dict:
+    """How faithful a rewritten chunk is to its source: the measure's name and similarity
+    (`LexicalFidelity` by default, `EmbeddingFidelity`, `JudgeFidelity` or any callable with a
+    `name`), its extra fields, and numbers_kept / missing_numbers."""
+    measure = measure or LexicalFidelity()
+    score = measure(source, rewrite)
+    return dict(measure=measure.name, similarity=round(score.pop("similarity"), 4),
+                **_numbers_kept(source, rewrite), **score)
+
+
+def _drift(score: dict) -> str:
+    """Feedback for the retry prompt: what the failed attempt got wrong."""
+    feedback = f"similarity {score['similarity']:.2f}"
+    if score["missing_numbers"]:
+        feedback += f", missing numbers {', '.join(score['missing_numbers'])}"
+    if score.get("judge_missing"):
+        feedback += f", facts lost: {'; '.join(score['judge_missing'])}"
+    return f"drifted from the source ({feedback})"
+
+
+@dataclass
+class Rephrased:
+    text: str
+    chunks: list  # per chunk: index, chars, attempts, status, empty_replies and the fidelity score
+
+
+def _tail(text: str, n: int) -> str:
+    """The last n characters of text, starting at a word boundary."""
+    if len(text) <= n:
+        return text
+    tail = text[-n:]
+    return tail[tail.find(" ") + 1:] if " " in tail else tail
+
+
+def _rewrite_chunk(source, style, context, generate, measure, threshold, min_numbers_kept, retries):
+    """Up to retries + 1 attempts at one chunk, each failure named in the next prompt. An empty
+    reply is a failed attempt (and is not scored). Returns (the rewrite, "" when every attempt
+    failed; the last attempt's score; attempts; empty replies)."""
+    feedback, empty = "", 0
+    for attempt in range(1, retries + 2):
+        rewrite = generate(rephrase_messages(source, style, context, feedback)).strip()
+        if not rewrite:
+            empty += 1
+            score, feedback = dict(measure=measure.name, similarity=0.0, **_numbers_kept(source, "")), "was empty"
+            continue
+        score = fidelity(source, rewrite, measure)
+        if score["similarity"] >= threshold and score["numbers_kept"] >= min_numbers_kept:
+            return rewrite, score, attempt, empty
+        feedback = _drift(score)
+    return "", score, attempt, empty
+
+
+def rephrase_chunkwise(doc: str, style: str, generate: Callable[[list[dict]], str], *,
+                       max_chunk_chars=2000, context_chars=3000, measure=None, min_similarity=None,
+                       min_numbers_kept=1.0, retries=2, on_fail="keep") -> Rephrased:
+    """Rewrite `doc` in `style` chunk by chunk, as K2 rephrases long documents (K2 report sec. 2.2).
+
+    The document is split at paragraph/sentence boundaries into chunks of at most max_chunk_chars
+    (`split_chunks`); each chunk is rewritten with the last context_chars of the already rewritten
+    text in its prompt, so the rewrite continues coherently; the rewrites are joined in order with
+    the source's separators. Every rewrite is checked against its chunk (`fidelity` with `measure`,
+    lexical by default): below min_similarity (default `min_similarity_for(measure, style)`) or
+    min_numbers_kept, or empty, it is retried up to `retries` times with the failure named in the
+    prompt; then on_fail="keep" keeps the source chunk and "drop" leaves it out. `generate(messages)
+    -> str` is any backend; its errors propagate.
+    """
+    if on_fail not in ("keep", "drop"):
+        raise ValueError(f"on_fail must be 'keep' or 'drop', got {on_fail!r}")
+    measure = measure or LexicalFidelity()
+    threshold = min_similarity_for(measure.name, style) if min_similarity is None else min_similarity
+    out, chunks = "", []
+    for index, piece in enumerate(split_chunks(doc, max_chunk_chars)):
+        source = piece.strip()
+        if not source:
+            continue
+        rewrite, score, attempts, empty = _rewrite_chunk(source, style, _tail(out, context_chars), generate,
+                                                         measure, threshold, min_numbers_kept, retries)
+        status = "ok" if rewrite else "kept_original" if on_fail == "keep" else "dropped"
+        rewrite = rewrite or (source if on_fail == "keep" else "")
+        if rewrite:
+            out += rewrite + (piece[len(piece.rstrip()):] or " ")  # the source's separator
+        chunks.append(dict(index=index, chars=len(source), attempts=attempts, status=status,
+                           empty_replies=empty, **score))
+    return Rephrased(out.strip(), chunks)
+
+
+# Generation backends: anything with __call__(messages) -> str
+
+
+class GenerationError(RuntimeError):
+    """A backend gave up: the message names the endpoint, the HTTP status or error, and the body."""
+
+
+class OpenAIEndpoint:
+    """One route of an OpenAI-compatible server (vLLM, llama.cpp's server, Ollama, ...) through
+    urllib: POST JSON, parse the reply. Retries with exponential backoff on 429, 5xx, dropped or
+    refused connections, timeouts and malformed replies; any other 4xx fails at once with its
+    status and body. A 429 or 5xx pauses every thread that shares this object, for Retry-After
+    seconds when the server says so: concurrent workers back off together instead of hammering a
+    server that asked them to slow down. `url` is the API base (".../v1") or the full route."""
+    route = ""
+
+    def __init__(self, url, model, api_key=None, timeout=120.0, retries=5, backoff=1.0, max_backoff=60.0):
+        self.url = url.rstrip("/")
+        if not self.url.endswith(self.route):
+            self.url += self.route
+        self.model, self.api_key, self.timeout, self.retries = model, api_key, timeout, retries
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self._lock = threading.Lock()
+        self._paused_until = 0.0  # time.monotonic() before which no request is sent
+
+    def _pause(self, seconds: float):
+        with self._lock:
+            self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+    def _wait_for_pause(self):
+        while (delay := self._paused_until - time.monotonic()) > 0:
+            time.sleep(delay)
+
+    def post(self, body: dict, parse: Callable[[dict], object]):
+        """POST body (plus "model"), return parse(reply JSON); parse raises ValueError, KeyError,
+        IndexError or TypeError on a reply it cannot use, which is retried like a server error."""
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        payload = json.dumps({"model": self.model, **body}).encode()
+        request = urllib.request.Request(self.url, payload, headers, method="POST")
+        for attempt in range(self.retries + 1):
+            wait, shared = min(self.max_backoff, self.backoff * 2 ** attempt), False
+            self._wait_for_pause()
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return parse(json.loads(response.read()))
+            except urllib.error.HTTPError as e:
+                try:
+                    text = e.read(500).decode("utf-8", errors="replace")
+                except OSError:
+                    text = ""
+                error = f"HTTP {e.code}: {text}"
+                if e.code != 429 and e.code < 500:
+                    raise GenerationError(f"{self.url}: {error}") from None
+                if (e.headers.get("Retry-After") or "").isdigit():
+                    wait = min(self.max_backoff, float(e.headers["Retry-After"]))
+                shared = True  # the server is overloaded or failing: everyone waits
+            except (OSError, http.client.HTTPException) as e:  # refused, dropped, timed out
+                error = f"{type(e).__name__}: {e}"
+            except (ValueError, KeyError, IndexError, TypeError) as e:  # not the JSON we expect
+                error = f"malformed response ({type(e).__name__}: {e})"
+            if attempt == self.retries:
+                raise GenerationError(f"{self.url}: gave up after {attempt + 1} attempts; last: {error}")
+            if shared:
+                self._pause(wait)
+            else:
+                time.sleep(wait)
+
+
+class ChatEndpoint(OpenAIEndpoint):
+    """The rephraser (or judge) behind an OpenAI-compatible /chat/completions route. A reply with
+    a lone surrogate (JSON "\\ud83d", half an emoji; no UTF-8 exists for it) has it replaced by
+    U+FFFD and is counted in `repaired_replies`: never fatal, always reported."""
+    route = "/chat/completions"
+
+    def __init__(self, url, model, temperature=0.7, max_tokens=None, **options):
+        super().__init__(url, model, **options)
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.repaired_replies = 0
+
+    def _content(self, reply: dict) -> str:
+        content = reply["choices"][0]["message"]["content"]
+        if not isinstance(content, str):
+            raise TypeError(f"content is {type(content).__name__}")
+        if _lone_surrogates(content):
+            with self._lock:
+                self.repaired_replies += 1
+            content = "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in content)
+        return content
+
+    def __call__(self, messages: list[dict]) -> str:
+        body = {"messages": messages, "temperature": self.temperature}
+        if self.max_tokens:
+            body["max_tokens"] = self.max_tokens
+        return self.post(body, self._content)
+
+
+class EmbeddingEndpoint(OpenAIEndpoint):
+    """An OpenAI-compatible /embeddings route (vLLM, llama.cpp, Ollama serve one) as the embed
+    function of `EmbeddingFidelity`: texts -> one vector each, with the retries of `OpenAIEndpoint`."""
+    route = "/embeddings"
+
+    def __call__(self, texts: list[str]) -> list[list[float]]:
+        def vectors(reply):
+            rows = sorted(reply["data"], key=lambda row: row["index"])
+            out = [[float(x) for x in row["embedding"]] for row in rows]
+            if len(out) != len(texts) or len({len(v) for v in out}) != 1 or not out[0]:
+                raise ValueError(f"{len(out)} vectors of sizes {sorted({len(v) for v in out})} for {len(texts)} texts")
+            if not np.isfinite(out).all():
+                raise ValueError("non-finite embedding")
+            return out
+        return self.post({"input": texts}, vectors)
+
+
+class CheckpointGenerator:
+    """A trained kimik2 checkpoint (save_pretrained folder) as the rephraser, through its own
+    `generate`. The chat messages become a plain "role: content" prompt, since a byte-level model
+    has no chat template; generation stops at max_new_tokens or eos."""
+
+    def __init__(self, path, max_new_tokens=512, temperature=0.7, top_k=50, tokenizer=None, device="cpu"):
+        import kimik2  # only this backend needs the model code
+        self.model = kimik2.KimiK2.from_pretrained(path).to(device).eval()
+        self.tokenizer = tokenizer or ByteTokenizer()
+        self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
+        self.device = device
+
+    def __call__(self, messages: list[dict]) -> str:
+        prompt = "".join(f"{m['role']}: {m['content']}\n\n" for m in messages) + "assistant: "
+        room = max(1, self.model.config.max_position_embeddings - self.max_new_tokens)
+        ids = self.tokenizer.encode(prompt)[-room:]  # the end of the prompt holds the chunk
+        with torch.no_grad():
+            out = self.model.generate(torch.tensor([ids], device=self.device), self.max_new_tokens,
+                                      temperature=self.temperature, top_k=self.top_k)
+        new = out[0, len(ids):].tolist()
+        if self.tokenizer.eos in new:
+            new = new[:new.index(self.tokenizer.eos)]
+        return self.tokenizer.decode(new)
+
+
+# The corpus-scale run: (document, style) pairs, shards, concurrent requests, one crash-safe writer
+
+
+def _is_english(text: str) -> bool:
+    """Crude script test: most letters ASCII. Non-Latin scripts are caught; French or German pass
+    as English (a language identifier would do better and is one more dependency)."""
+    letters = [c for c in text[:4000] if c.isalpha()]
+    return not letters or sum(c.isascii() for c in letters) >= 0.8 * len(letters)
+
+
+def styles_for(doc: Document, n: int) -> list[str]:
+    """n distinct styles for a document: translate_en first for non-English text, learning_note for
+    maths, then general styles in a rotation that starts at a hash of the name, so the styles are
+    spread evenly over a corpus and stable across reruns."""
+    if not 1 <= n <= len(GENERAL_STYLES):
+        raise DataError(f"--styles: between 1 and {len(GENERAL_STYLES)} styles per document, got {n}")
+    special = [] if _is_english(doc.text) else ["translate_en"]
+    if doc.domain == "math":
+        special.append("learning_note")
+    start = int(hashlib.sha1(doc.name.encode()).hexdigest(), 16) % len(GENERAL_STYLES)
+    rotation = GENERAL_STYLES[start:] + GENERAL_STYLES[:start]
+    return (special + rotation)[:n]
+
+
+def in_shard(doc_id: str, style: str, shard: tuple[int, int]) -> bool:
+    """Whether the pair (doc_id, style) belongs to shard (index, count): a hash of the pair, so the
+    count shards partition any corpus (no overlap, no gap) and a pair's shard does not move when
+    other documents are added."""
+    index, count = shard
+    return int(hashlib.sha1(f"{doc_id}\0{style}".encode()).hexdigest(), 16) % count == index
+
+
+def completed_pairs(out: Path) -> set[tuple[str, str]]:
+    """(id, style) of every complete record in `out`. A trailing line without its newline is what a
+    kill mid-write leaves; it is cut off, and its pair is redone."""
+    if not out.exists():
+        return set()
+    if not out.is_file():
+        raise DataError(f"--out {out}: not a file")
+    data = out.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(out, "r+b") as f:
+            f.truncate(end)
+    done = set()
+    for lineno, line in enumerate(data[:end].splitlines(), 1):
+        try:
+            record = json.loads(line)
+            done.add((record["id"], record["style"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"--out {out}:{lineno}: not a rephrase record ({type(e).__name__}: {e}); "
+                            "fix or move the file") from None
+    return done
+
+
+def _clock(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if math.isfinite(seconds) else "?"
+
+
+class _Progress:
+    """Pairs, documents and chunks done, the rate and the ETA of a run. The ETA divides the text
+    left by the text done per second of wall time since the start, so it stays right however many
+    pairs are in flight and in whatever order they finish."""
+
+    def __init__(self, pairs, todo, clock=time.monotonic):
+        self.clock, self.start = clock, clock()
+        self.pairs, self.chars_left = len(todo), sum(len(doc.text) for doc, _ in todo)
+        self.left_per_doc = Counter(doc.name for doc, _ in todo)
+        self.docs = len({doc.name for doc, _ in pairs})
+        self.docs_done = self.docs - len(self.left_per_doc)
+        self.pairs_done = self.chars_done = self.chunks_done = 0
+
+    def done(self, doc: Document, chunks: int) -> str:
+        self.pairs_done += 1
+        self.chars_done += len(doc.text)
+        self.chunks_done += chunks
+        self.left_per_doc[doc.name] -= 1
+        self.docs_done += self.left_per_doc[doc.name] == 0
+        elapsed = self.clock() - self.start
+        eta = (self.chars_left - self.chars_done) * elapsed / self.chars_done if self.chars_done else math.inf
+        return (f"rephrase: pairs {self.pairs_done}/{self.pairs}, documents {self.docs_done}/{self.docs}, "
+                f"chunks {self.chunks_done} | {self.chunks_done / max(elapsed, 1e-9):.2f} chunks/s | "
+                f"ETA {_clock(eta)}")
+
+
+def _worst(chunks) -> dict:
+    """A record's summary scores: the lowest similarity and numbers_kept over its chunks."""
+    return dict(similarity_min=min((c["similarity"] for c in chunks), default=1.0),
+                numbers_kept_min=min((c["numbers_kept"] for c in chunks), default=1.0))
+
+
+def _append_record(f, record: dict):
+    """One write of one whole line, flushed and fsynced before the pair counts as done: a kill
+    leaves at most a partial last line, which `completed_pairs` cuts off."""
+    f.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def rephrase_corpus(pairs, generate, out, *, concurrency=1, model="", log=None, **options) -> dict:
+    """Rephrase every (Document, style) pair not yet in `out` (JSON lines, one record per pair).
+
+    Up to `concurrency` pairs are in flight on worker threads; the chunks of one pair stay
+    sequential (each chunk's prompt carries the rewrite so far, `rephrase_chunkwise` with
+    `options`). This thread is the only writer (`_append_record`), so a SIGKILL at any moment,
+    then the same call, leaves each pair exactly once and no partial line. A GenerationError stops
+    new pairs, the pairs in flight are finished and written, and the summary's "error" names it.
+    Other exceptions propagate after the same drain. Returns the summary: new records, chunks ok /
+    kept_original / dropped, empty replies, error.
+    """
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    measure = (options.get("measure") or LexicalFidelity()).name  # the judge of every chunk, recorded
+    out = Path(out)
+    done = completed_pairs(out)
+    todo = [(doc, style) for doc, style in pairs if (doc.name, style) not in done]
+    log(f"rephrase: {len({doc.name for doc, _ in pairs})} documents, {len(pairs)} (document, style) "
+        f"pairs, {len(pairs) - len(todo)} already in {out}; {concurrency} in flight")
+    progress, summary, failure = _Progress(pairs, todo), Counter(records=0, empty_replies=0), None
+    pool, running, queue = ThreadPoolExecutor(concurrency, thread_name_prefix="rephrase"), {}, iter(todo)
+    try:
+        with open(out, "ab") as f:
+            while True:
+                if failure is None:  # keep the workers fed: up to two pairs each, queued or running
+                    for doc, style in itertools.islice(queue, 2 * concurrency - len(running)):
+                        running[pool.submit(rephrase_chunkwise, doc.text, style, generate, **options)] = (doc, style)
+                if not running:
+                    break
+                for future in wait(running, return_when=FIRST_COMPLETED)[0]:
+                    doc, style = running.pop(future)
+                    try:
+                        result = future.result()
+                    except Exception as e:
+                        failure = failure or (doc, style, e)
+                        for queued in [other for other in running if other.cancel()]:  # never started
+                            running.pop(queued)
+                        continue
+                    _append_record(f, dict(id=doc.name, style=style, model=model, measure=measure,
+                                           text=result.text, **_worst(result.chunks), chunks=result.chunks))
+                    summary.update([c["status"] for c in result.chunks] + ["records"])
+                    summary["empty_replies"] += sum(c["empty_replies"] for c in result.chunks)
+                    log(progress.done(doc, len(result.chunks)))
+    finally:
+        pool.shutdown(cancel_futures=True)
+    if failure and not isinstance(failure[2], GenerationError):
+        raise failure[2]
+    summary = dict(summary, error=f"{failure[0].name} ({failure[1]}): {failure[2]}" if failure else None)
+    return {"ok": 0, "kept_original": 0, "dropped": 0, **summary}
+
+
+# -----------------------------------------------------------------------------------------------
+# Preparation: split by document, mix domains, tokenise once into memory-mapped files
+
+def _carve_validation(doc: Document, val_fraction: float) -> tuple[Document, Document]:
+    """A domain's only document, cut in two so that it still has validation text: the end of the
+    document, about val_fraction of it (at most twice that), from a paragraph break, else a
+    sentence end, else a space, else exactly at (1 - val_fraction) of its characters."""
+    text = doc.text
+    at = min(len(text) - 1, max(1, round(len(text) * (1 - val_fraction))))
+    lo = max(1, at - (len(text) - at))  # the cut lies in [lo, at]: validation gets 1x to 2x its share
+    cut = at
+    for boundary in (r"\n[ \t]*\n\s*", r"(?<=[.!?])\s+", r"\s+"):
+        if ends := [m.end() for m in re.finditer(boundary, text[lo:at])]:
+            cut = lo + ends[-1]
+            break
+    return Document(doc.domain, f"{doc.name}#train", text[:cut]), Document(doc.domain, f"{doc.name}#val", text[cut:])
+
+
+def split_by_document(docs, val_fraction, seed):
+    """Per domain, the documents whose seeded hash ranks lowest go to validation:
+    round(val_fraction * n) of them, at least one if the domain has two or more documents and
+    val_fraction > 0, never all of them. Hash ranking keeps a document's side stable when others
+    are added or removed. A domain of a single document (one big file) is cut instead: its end
+    is validation (`_carve_validation`), so a one-file corpus still trains and validates."""
+    by_domain = {}
+    for doc in docs:
+        by_domain.setdefault(doc.domain, []).append(doc)
+    train, val = [], []
+    for domain in sorted(by_domain):
+        ranked = sorted(by_domain[domain], key=lambda d: hashlib.sha1(f"{seed}\0{d.text}".encode()).digest())
+        n = len(ranked)
+        if n == 1 and val_fraction > 0 and len(ranked[0].text) >= 2:
+            head, tail = _carve_validation(ranked[0], val_fraction)
+            train.append(head)
+            val.append(tail)
+            continue
+        n_val = min(n - 1, max(round(val_fraction * n), 1 if val_fraction > 0 and n >= 2 else 0))
+        val += ranked[:n_val]
+        train += ranked[n_val:]
+    return train, val
+
+
+def mix_domains(train, weights, seed):
+    """Resample training documents so that domain d holds weights[d] / sum(weights) of the training
+    text (UTF-8 bytes, total unchanged): whole documents in a seeded order, cycled when a domain is
+    up-weighted past its size (extra epochs, as K2 does with its rephrased knowledge), cut short when
+    it is down-weighted. Weight 0 drops a domain from training."""
+    by_domain = {}
+    for doc in train:
+        by_domain.setdefault(doc.domain, []).append(doc)
+    if missing := sorted(set(by_domain) - set(weights)):
+        raise DataError(f"weights has no entry for domain(s) {missing}; got {sorted(weights)}")
+    total = sum(len(d.text.encode()) for d in train)
+    norm = sum(weights[d] for d in by_domain)
+    if norm <= 0:
+        raise DataError(f"the domain weights {weights} leave no training text")
+    mixed = []
+    for domain in sorted(by_domain):
+        docs = by_domain[domain]
+        random.Random(f"{seed}:{domain}").shuffle(docs)
+        target, taken, i = total * weights[domain] / norm, 0, 0
+        while taken < target:
+            doc = docs[i % len(docs)]
+            mixed.append(doc)
+            taken += len(doc.text.encode())
+            i += 1
+    return mixed
+
+
+def source_weights(sources, domains, weights=None) -> dict | None:
+    """The mixture weights of a run: those stated in the sources ("DOMAIN:WEIGHT=PATH"), every
+    other domain counting 1, and `weights` (domain -> weight) over both; None (natural sizes) when
+    nothing states a weight."""
+    stated = {}
+    for spec in map(str, sources):
+        if not spec.startswith("builtin") and (source := parse_source(spec)).weight is not None:
+            if stated.setdefault(source.domain, source.weight) != source.weight:
+                raise DataError(f"data source {spec!r}: domain {source.domain!r} already has weight "
+                                f"{stated[source.domain]:g}")
+    if not stated:
+        return weights
+    return {**{d: 1.0 for d in domains}, **stated, **(weights or {})}
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """Class, vocabulary, eos and the encoding of a probe text: catches most tokenizer changes."""
+    probe = "Kimi K2: ∑ x² = 42 \u00e9\u4e2d\U0001f600 def f(x):\n\treturn x"
+    return f"{type(tokenizer).__qualname__}|{tokenizer.vocab_size}|{tokenizer.eos}|{tokenizer.encode(probe)}"
+
+
+def _cache_key(sources, tokenizer, settings) -> str:
+    """Hash of everything the token files depend on. User files enter by (path, size, mtime) like
+    make; the built-in corpus by the Python version; this file by its bytes, so any edit of the
+    generators or the split rebuilds."""
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    h.update(json.dumps([settings, _tokenizer_fingerprint(tokenizer), sys.version, str(STDLIB)]).encode())
+    for spec in map(str, sources):
+        h.update(spec.encode())
+        if not spec.startswith("builtin"):
+            for path in parse_source(spec).files:
+                st = path.stat()
+                h.update(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _token_dtype(vocab_size: int):
+    return np.uint8 if vocab_size <= 1 << 8 else np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def _resolve(info: dict, directory: Path) -> dict:
+    return {**info, "dir": str(directory), "train": str(directory / "train.bin"),
+            "val": str(directory / "val.bin")}
+
+
+def _write_tokens(path: Path, docs, tokenizer, dtype) -> list[int]:
+    """Each document's tokens then eos, to path, fsynced. Returns the token count per document."""
+    lengths = []
+    with open(path, "wb") as f:
+        for doc in docs:
+            ids = np.asarray(tokenizer.encode(doc.text) + [tokenizer.eos], dtype=dtype)
+            f.write(ids.tobytes())
+            lengths.append(len(ids))
+        f.flush()
+        os.fsync(f.fileno())
+    return lengths
+
+
+def _dedup(docs, report: LoadReport) -> list[Document]:
+    """Documents with exact repeats dropped (counted), so no text is both train and val."""
+    kept, seen = [], set()
+    for doc in docs:
+        digest = hashlib.sha1(doc.text.encode()).digest()
+        if digest in seen:
+            report.duplicate_documents += 1
+        else:
+            seen.add(digest)
+            kept.append(doc)
+    return kept
+
+
+def prepare(out_dir="data_cache", sources=None, tokenizer=None, val_fraction=0.05, weights=None,
+            seed=0, max_doc_chars=1_000_000) -> dict:
+    """Tokenise `sources` once into out_dir/<key>/{train,val}.bin and return their description.
+
+    Every document is followed by tokenizer.eos. The split is by document (`split_by_document`), so
+    no validation text is ever in the training file; mixture weights (`source_weights`: stated in
+    the sources as "DOMAIN:WEIGHT=PATH", or `weights`, domain -> weight, each a share of the
+    training text) resample the training documents (`mix_domains`); validation keeps every domain
+    at its natural size. The files are cached under a hash of the inputs and settings and rebuilt
+    only when one of them changes. They are built in a temporary folder, fsynced and renamed into
+    place, so a killed or concurrent `prepare` (one per DDP rank) never leaves or reads half a file;
+    a failed write (a full disk) removes the temporary folder and raises OSError naming the path.
+
+    Returns a JSON-able dict: "train"/"val" paths, "dtype", "vocab_size", "eos", "tokens" per
+    split, "stats" per domain (docs, bytes, tokens per split; "epochs" = training copies per
+    document), "load_report" (`LoadReport`; `describe_load_report` says it in one line), "key",
+    "cached". Open the files with `load_tokens`. Bad sources raise DataError.
+    """
+    tokenizer = tokenizer or ByteTokenizer()
+    sources = [str(s) for s in (sources or ["builtin"])]
+    settings = dict(val_fraction=val_fraction, weights=weights, seed=seed, max_doc_chars=max_doc_chars)
+    key = _cache_key(sources, tokenizer, settings)
+    final = Path(out_dir) / key
+    if (final / "meta.json").exists():
+        return {**_resolve(json.loads((final / "meta.json").read_text()), final), "cached": True}
+
+    report = LoadReport()
+    docs = _dedup(load_documents(sources, seed, max_doc_chars, report), report)
+    train, val = split_by_document(docs, val_fraction, seed)
+    natural = Counter()  # training bytes per domain before mixing, for the "epochs" statistic
+    for doc in train:
+        natural[doc.domain] += len(doc.text.encode())
+    if (weights := source_weights(sources, natural, weights)) is not None:
+        train = mix_domains(train, weights, seed)
+    random.Random(seed).shuffle(train)  # neighbouring documents in a window come from any domain
+
+    stats = {d.domain: dict(bytes=0, train_docs=0, train_tokens=0, val_docs=0, val_tokens=0, epochs=0.0)
+             for d in docs}
+    for doc in docs:
+        stats[doc.domain]["bytes"] += len(doc.text.encode())
+    for doc in train:
+        stats[doc.domain]["epochs"] += len(doc.text.encode()) / natural[doc.domain]
+    for s in stats.values():
+        s["epochs"] = round(s["epochs"], 3)
+    info = dict(key=key, dtype=np.dtype(_token_dtype(tokenizer.vocab_size)).name, vocab_size=tokenizer.vocab_size,
+                eos=tokenizer.eos, sources=sources, settings=settings, stats=stats, load_report=asdict(report))
+    return {**_resolve(_write_cache(final, {"train": train, "val": val}, tokenizer, info), final), "cached": False}
+
+
+def _write_cache(final: Path, splits: dict, tokenizer, info: dict) -> dict:
+    """Write each split's documents as tokens and `info` (completed with the token counts per
+    domain and split) as meta.json into a temporary folder beside `final`, fsynced, then rename it
+    to `final`. A failed write removes the temporary folder and raises OSError naming the path."""
+    stats, dtype = info["stats"], np.dtype(info["dtype"])
+    tmp = final.with_name(f"tmp-{final.name}-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        for split, docs in splits.items():
+            for doc, n in zip(docs, _write_tokens(tmp / f"{split}.bin", docs, tokenizer, dtype)):
+                stats[doc.domain][f"{split}_docs"] += 1
+                stats[doc.domain][f"{split}_tokens"] += n
+        info["tokens"] = {split: sum(v[f"{split}_tokens"] for v in stats.values()) for split in splits}
+        with open(tmp / "meta.json", "w") as f:
+            f.write(json.dumps(info, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"writing the token cache failed: {e.strerror or e}", str(e.filename or tmp)) from e
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another process finished the same key first; its files are identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
+def load_tokens(info: dict, split="train") -> np.ndarray:
+    """The split's tokens as a read-only memory map (an empty array for an empty split, which
+    np.memmap cannot map)."""
+    dtype = np.dtype(info["dtype"])
+    path = info[split]
+    return np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
+
+
+# -----------------------------------------------------------------------------------------------
+# Batches
+
+
+class BatchSampler:
+    """Training batches that are a pure function of (seed, step).
+
+    Each epoch cuts the token stream into non-overlapping windows of seq_len + 1 tokens at a
+    random shift and visits them in a seeded random order, so every token is used once per epoch
+    and nothing but the step counter needs saving: `state_dict()` goes into the checkpoint and
+    `load_state_dict()` makes a resumed run see exactly the batches it would have seen.
+    `next()` returns (x, y), int64 tensors of shape (B, T), y = x shifted left by one token.
+
+    DDP: `batch_size` is the GLOBAL batch. Rank r of world_size gets the contiguous rows
+    [r * b, (r + 1) * b) with b = batch_size // world_size, so the union over ranks is the
+    single-process batch and training does not depend on how many processes run it.
+    For evaluation build a fresh sampler over the val tokens with a fixed seed each time: the same
+    val batches every eval.
+    """
+
+    def __init__(self, tokens, batch_size, seq_len, seed=0, rank=0, world_size=1):
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+        if len(tokens) < seq_len + 1:
+            raise ValueError(f"need at least seq_len + 1 = {seq_len + 1} tokens, got {len(tokens)}")
+        self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
+        self.rank, self.world_size = rank, world_size
+        usable = len(tokens) - 1  # the last token is only ever a target
+        self.windows = usable // seq_len  # windows per epoch
+        if self.windows >= 2:
+            self.windows -= 1  # leave up to a window of slack for the per-epoch shift
+        self.max_shift = min(seq_len - 1, usable - self.windows * seq_len)
+        self.step = 0
+        self._plan = None  # (epoch, shift, window order) of the epoch last used
+
+    def _epoch_plan(self, epoch):
+        if self._plan is None or self._plan[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._plan = (epoch, int(rng.integers(0, self.max_shift + 1)), rng.permutation(self.windows))
+        return self._plan
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.batch_size // self.world_size
+        first = self.step * self.batch_size + self.rank * b  # global index of this rank's first row
+        rows = []
+        for i in range(first, first + b):
+            _, shift, order = self._epoch_plan(i // self.windows)
+            start = shift + int(order[i % self.windows]) * self.seq_len
+            rows.append(self.tokens[start:start + self.seq_len + 1])
+        self.step += 1
+        rows = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def state_dict(self) -> dict:
+        return dict(seed=self.seed, step=self.step, batch_size=self.batch_size,
+                    seq_len=self.seq_len, n_tokens=len(self.tokens))
+
+    def load_state_dict(self, state: dict):
+        for name in ("seed", "batch_size", "seq_len", "n_tokens"):
+            mine = self.state_dict()[name]
+            if state[name] != mine:
+                raise ValueError(f"sampler state has {name}={state[name]}, this sampler has {mine}")
+        self.step = state["step"]
+
+
+def unigram_entropy(tokens, chunk=1 << 24) -> float:
+    """Entropy of the token frequencies in nats/token: the cross-entropy of the best model that
+    ignores context, i.e. the loss a trained model's val loss must beat."""
+    counts = np.zeros(0, np.int64)
+    for i in range(0, len(tokens), chunk):
+        c = np.bincount(np.asarray(tokens[i:i + chunk]))
+        if len(c) > len(counts):
+            counts = np.pad(counts, (0, len(c) - len(counts)))
+        counts[:len(c)] += c
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+# -----------------------------------------------------------------------------------------------
+# The built-in corpus: the standard library's code and documentation, and generated maths
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "_bundled"}
+CODE_BYTES = 2_000_000       # standard-library source used as the code domain (of about 12 MB)
+KNOWLEDGE_BYTES = 2_000_000  # cap on pydoc topics + docstrings (about 2 MB are available)
+MATH_PROBLEMS = 6_000        # generated worked problems, about 1.5 MB before duplicates are dropped
 
 
 def _stdlib_files(seed: int) -> list[Path]:
@@ -355,669 +1389,63 @@ def math_documents(n=MATH_PROBLEMS, seed=0) -> list[Document]:
     return docs
 
 
-def _decode(data: bytes, where: str, report: LoadReport) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        report.non_utf8_files += 1
-        report.problem(where, f"not UTF-8 ({e.reason} at byte {e.start}); bad bytes replaced")
-        return data.decode("utf-8", errors="replace")
-
-
-def _file_documents(path: Path, domain: str, report: LoadReport):
-    report.files += 1
-    if path.suffix != ".jsonl":
-        yield Document(domain, str(path), _decode(path.read_bytes(), str(path), report))
-        return
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):  # a huge line is read whole: one record, one document
-            where = f"{path}:{lineno}"
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-                report.bad_json_lines += 1
-                report.problem(where, f"bad JSON line skipped ({type(e).__name__}: {str(e)[:80]})")
-                continue
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                report.bad_json_lines += 1
-                report.problem(where, 'line skipped: not an object with a string field "text"')
-                continue
-            yield Document(domain, where, record["text"])
-
-
-def _source_files(spec: str) -> tuple[str, list[Path]]:
-    """'[DOMAIN=]PATH' -> (domain, files). Folders contribute their .txt/.md/.py/.jsonl files; a
-    file named explicitly is read whatever its suffix."""
-    domain, _, path = spec.rpartition("=") if not Path(spec).exists() else ("", "", spec)
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data source {spec!r}: no such file or folder")
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and p.suffix in USER_SUFFIXES)
-    return domain or "user", files
-
-
-def load_documents(sources=("builtin",), seed=0, max_doc_chars=1_000_000, report=None):
-    """Every document of `sources` (see the module docstring), non-empty, at most max_doc_chars
-    long (longer ones are cut at paragraph or sentence boundaries into several documents)."""
-    report = report if report is not None else LoadReport()
-    docs = []
-    for spec in map(str, sources):
-        if spec.startswith("builtin"):
-            domains = (spec.partition(":")[2] or "code,knowledge,math").split(",")
-            if unknown := set(domains) - {"code", "knowledge", "math"}:
-                raise ValueError(f"unknown built-in domain(s) {sorted(unknown)} in source {spec!r}")
-            if "code" in domains or "knowledge" in domains:
-                code, knowledge = stdlib_documents(seed)
-                docs += (code if "code" in domains else []) + (knowledge if "knowledge" in domains else [])
-            if "math" in domains:
-                docs += math_documents(seed=seed)
-            continue
-        domain, files = _source_files(spec)
-        for path in files:
-            docs += _file_documents(path, domain, report)
-    kept = []
-    for doc in docs:
-        if not doc.text.strip():
-            report.empty_documents += 1
-            report.problem(doc.name, "empty document skipped")
-        elif len(doc.text) > max_doc_chars:
-            report.split_documents += 1
-            kept += [Document(doc.domain, f"{doc.name}#part{k}", piece)
-                     for k, piece in enumerate(split_chunks(doc.text, max_doc_chars))]
-        else:
-            kept.append(doc)
-    report.documents = len(kept)
-    return kept
-
-
-# -----------------------------------------------------------------------------------------------
-# Preparation: split by document, mix domains, tokenise once into memory-mapped files
-
-def split_by_document(docs, val_fraction, seed):
-    """Per domain, the documents whose seeded hash ranks lowest go to validation:
-    round(val_fraction * n) of them, at least one if the domain has two or more documents and
-    val_fraction > 0, never all of them. Hash ranking keeps a document's side stable when others
-    are added or removed."""
-    by_domain = {}
-    for doc in docs:
-        by_domain.setdefault(doc.domain, []).append(doc)
-    train, val = [], []
-    for domain in sorted(by_domain):
-        ranked = sorted(by_domain[domain], key=lambda d: hashlib.sha1(f"{seed}\0{d.text}".encode()).digest())
-        n = len(ranked)
-        n_val = min(n - 1, max(round(val_fraction * n), 1 if val_fraction > 0 and n >= 2 else 0))
-        val += ranked[:n_val]
-        train += ranked[n_val:]
-    return train, val
-
-
-def mix_domains(train, weights, seed):
-    """Resample training documents so that domain d holds weights[d] / sum(weights) of the training
-    text (UTF-8 bytes, total unchanged): whole documents in a seeded order, cycled when a domain is
-    up-weighted past its size (extra epochs, as K2 does with its rephrased knowledge), cut short when
-    it is down-weighted. Weight 0 drops a domain from training."""
-    by_domain = {}
-    for doc in train:
-        by_domain.setdefault(doc.domain, []).append(doc)
-    if missing := sorted(set(by_domain) - set(weights)):
-        raise ValueError(f"weights has no entry for domain(s) {missing}; got {sorted(weights)}")
-    total = sum(len(d.text.encode()) for d in train)
-    norm = sum(weights[d] for d in by_domain)
-    mixed = []
-    for domain in sorted(by_domain):
-        docs = by_domain[domain]
-        random.Random(f"{seed}:{domain}").shuffle(docs)
-        target, taken, i = total * weights[domain] / norm, 0, 0
-        while taken < target:
-            doc = docs[i % len(docs)]
-            mixed.append(doc)
-            taken += len(doc.text.encode())
-            i += 1
-    return mixed
-
-
-def _tokenizer_fingerprint(tokenizer) -> str:
-    """Class, vocabulary, eos and the encoding of a probe text: catches most tokenizer changes."""
-    probe = "Kimi K2: ∑ x² = 42 \u00e9\u4e2d\U0001f600 def f(x):\n\treturn x"
-    return f"{type(tokenizer).__qualname__}|{tokenizer.vocab_size}|{tokenizer.eos}|{tokenizer.encode(probe)}"
-
-
-def _cache_key(sources, tokenizer, settings) -> str:
-    """Hash of everything the token files depend on. User files enter by (path, size, mtime) like
-    make; the built-in corpus by the Python version; this file by its bytes, so any edit of the
-    generators or the split rebuilds."""
-    h = hashlib.sha256(Path(__file__).read_bytes())
-    h.update(json.dumps([settings, _tokenizer_fingerprint(tokenizer), sys.version, str(STDLIB)]).encode())
-    for spec in map(str, sources):
-        h.update(spec.encode())
-        if not spec.startswith("builtin"):
-            for path in _source_files(spec)[1]:
-                st = path.stat()
-                h.update(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
-def _token_dtype(vocab_size: int):
-    return np.uint8 if vocab_size <= 1 << 8 else np.uint16 if vocab_size <= 1 << 16 else np.uint32
-
-
-def _resolve(info: dict, directory: Path) -> dict:
-    return {**info, "dir": str(directory), "train": str(directory / "train.bin"),
-            "val": str(directory / "val.bin")}
-
-
-def prepare(out_dir="data_cache", sources=None, tokenizer=None, val_fraction=0.05, weights=None,
-            seed=0, max_doc_chars=1_000_000) -> dict:
-    """Tokenise `sources` once into out_dir/<key>/{train,val}.bin and return their description.
-
-    Every document is followed by tokenizer.eos. The split is by document (`split_by_document`), so
-    no validation text is ever in the training file; `weights` (domain -> weight) resamples the
-    training documents (`mix_domains`); validation keeps every domain at its natural size. The files
-    are cached under a hash of the inputs and settings and rebuilt only when one of them changes.
-    They are built in a temporary folder and renamed into place, so a killed or concurrent
-    `prepare` (one per DDP rank) never leaves or reads half a file.
-
-    Returns a JSON-able dict: "train"/"val" paths, "dtype", "vocab_size", "eos", "tokens" per
-    split, "stats" per domain (docs, bytes, tokens per split; "epochs" = training copies per
-    document), "report" (`LoadReport`), "key", "cached". Open the files with `load_tokens`.
-    """
-    tokenizer = tokenizer or ByteTokenizer()
-    sources = [str(s) for s in (sources or ["builtin"])]
-    settings = dict(val_fraction=val_fraction, weights=weights, seed=seed, max_doc_chars=max_doc_chars)
-    key = _cache_key(sources, tokenizer, settings)
-    final = Path(out_dir) / key
-    if (final / "meta.json").exists():
-        return {**_resolve(json.loads((final / "meta.json").read_text()), final), "cached": True}
-
-    report = LoadReport()
-    docs, seen = [], set()
-    for doc in load_documents(sources, seed, max_doc_chars, report):
-        digest = hashlib.sha1(doc.text.encode()).digest()
-        if digest in seen:
-            report.duplicate_documents += 1
-        else:
-            seen.add(digest)
-            docs.append(doc)
-    train, val = split_by_document(docs, val_fraction, seed)
-    natural = {}  # training bytes per domain before mixing, for the "epochs" statistic
-    for doc in train:
-        natural[doc.domain] = natural.get(doc.domain, 0) + len(doc.text.encode())
-    if weights is not None:
-        train = mix_domains(train, weights, seed)
-    random.Random(seed).shuffle(train)  # neighbouring documents in a window come from any domain
-
-    dtype = _token_dtype(tokenizer.vocab_size)
-    stats = {d.domain: dict(bytes=0, train_docs=0, train_tokens=0, val_docs=0, val_tokens=0, epochs=0.0)
-             for d in docs}
-    for doc in docs:
-        stats[doc.domain]["bytes"] += len(doc.text.encode())
-    for doc in train:
-        stats[doc.domain]["epochs"] += len(doc.text.encode()) / natural[doc.domain]
-    tmp = Path(out_dir) / f"tmp-{key}-{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    for split, split_docs in (("train", train), ("val", val)):
-        with open(tmp / f"{split}.bin", "wb") as f:
-            for doc in split_docs:
-                ids = np.asarray(tokenizer.encode(doc.text) + [tokenizer.eos], dtype=dtype)
-                f.write(ids.tobytes())
-                stats[doc.domain][f"{split}_docs"] += 1
-                stats[doc.domain][f"{split}_tokens"] += len(ids)
-    for s in stats.values():
-        s["epochs"] = round(s["epochs"], 3)
-    info = dict(key=key, dtype=np.dtype(dtype).name, vocab_size=tokenizer.vocab_size,
-                eos=tokenizer.eos, sources=sources, settings=settings,
-                tokens={s: sum(v[f"{s}_tokens"] for v in stats.values()) for s in ("train", "val")},
-                stats=stats, report=asdict(report))
-    (tmp / "meta.json").write_text(json.dumps(info, indent=1))
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another process finished the same key first; its files are identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {**_resolve(info, final), "cached": False}
-
-
-def load_tokens(info: dict, split="train") -> np.ndarray:
-    """The split's tokens as a read-only memory map (an empty array for an empty split, which
-    np.memmap cannot map)."""
-    dtype = np.dtype(info["dtype"])
-    path = info[split]
-    return np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
-
-
-# -----------------------------------------------------------------------------------------------
-# Batches
-
-
-class BatchSampler:
-    """Training batches that are a pure function of (seed, step).
-
-    Each epoch cuts the token stream into non-overlapping windows of seq_len + 1 tokens at a
-    random shift and visits them in a seeded random order, so every token is used once per epoch
-    and nothing but the step counter needs saving: `state_dict()` goes into the checkpoint and
-    `load_state_dict()` makes a resumed run see exactly the batches it would have seen.
-    `next()` returns (x, y), int64 tensors of shape (B, T), y = x shifted left by one token.
-
-    DDP: `batch_size` is the GLOBAL batch. Rank r of world_size gets the contiguous rows
-    [r * b, (r + 1) * b) with b = batch_size // world_size, so the union over ranks is the
-    single-process batch and training does not depend on how many processes run it.
-    For evaluation build a fresh sampler over the val tokens with a fixed seed each time: the same
-    val batches every eval.
-    """
-
-    def __init__(self, tokens, batch_size, seq_len, seed=0, rank=0, world_size=1):
-        if batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
-        if len(tokens) < seq_len + 1:
-            raise ValueError(f"need at least seq_len + 1 = {seq_len + 1} tokens, got {len(tokens)}")
-        self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
-        self.rank, self.world_size = rank, world_size
-        usable = len(tokens) - 1  # the last token is only ever a target
-        self.windows = usable // seq_len  # windows per epoch
-        if self.windows >= 2:
-            self.windows -= 1  # leave up to a window of slack for the per-epoch shift
-        self.max_shift = min(seq_len - 1, usable - self.windows * seq_len)
-        self.step = 0
-        self._plan = None  # (epoch, shift, window order) of the epoch last used
-
-    def _epoch_plan(self, epoch):
-        if self._plan is None or self._plan[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._plan = (epoch, int(rng.integers(0, self.max_shift + 1)), rng.permutation(self.windows))
-        return self._plan
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        b = self.batch_size // self.world_size
-        first = self.step * self.batch_size + self.rank * b  # global index of this rank's first row
-        rows = []
-        for i in range(first, first + b):
-            _, shift, order = self._epoch_plan(i // self.windows)
-            start = shift + int(order[i % self.windows]) * self.seq_len
-            rows.append(self.tokens[start:start + self.seq_len + 1])
-        self.step += 1
-        rows = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-
-    def state_dict(self) -> dict:
-        return dict(seed=self.seed, step=self.step, batch_size=self.batch_size,
-                    seq_len=self.seq_len, n_tokens=len(self.tokens))
-
-    def load_state_dict(self, state: dict):
-        for name in ("seed", "batch_size", "seq_len", "n_tokens"):
-            mine = self.state_dict()[name]
-            if state[name] != mine:
-                raise ValueError(f"sampler state has {name}={state[name]}, this sampler has {mine}")
-        self.step = state["step"]
-
-
-def unigram_entropy(tokens, chunk=1 << 24) -> float:
-    """Entropy of the token frequencies in nats/token: the cross-entropy of the best model that
-    ignores context, i.e. the loss a trained model's val loss must beat."""
-    counts = np.zeros(0, np.int64)
-    for i in range(0, len(tokens), chunk):
-        c = np.bincount(np.asarray(tokens[i:i + chunk]))
-        if len(c) > len(counts):
-            counts = np.pad(counts, (0, len(c) - len(counts)))
-        counts[:len(c)] += c
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
-# -----------------------------------------------------------------------------------------------
-# Rephrasing (K2 section "token utility"): chunk-wise autoregressive rewriting with fidelity checks
-
-STYLES = {  # style and perspective instructions; the first six are for any text
-    "encyclopedia": "Rewrite the text as a neutral, well-organised encyclopedia article.",
-    "textbook": "Rewrite the text as a passage of a university textbook that teaches it, "
-                "defining each term before using it.",
-    "qa": "Rewrite the text as the questions a careful reader would ask, each followed by its answer.",
-    "dialogue": "Rewrite the text as a conversation in which a teacher explains it to a curious student.",
-    "expert_notes": "Rewrite the text as the concise working notes of an expert who uses this "
-                    "material every day.",
-    "plain_language": "Rewrite the text so that a motivated 14-year-old can follow it: short "
-                      "sentences and everyday words, but the same content.",
-    "journalist": "Rewrite the text as a science journalist's explanation for a general audience.",
-    "learning_note": "The text is mathematics. Rewrite it as a student's learning note: the problem, "
-                     "the key idea, every step of the working with its reason, and a check of the result.",
-    "translate_en": "Translate the text into English. Keep formulas, code, numbers and names unchanged.",
-}
-GENERAL_STYLES = [s for s in STYLES if s not in ("learning_note", "translate_en")]
-RULES = ("Keep every fact, name, number and formula of the source and add nothing that is not in "
-         "it. Reply with the rewritten text only.")
-MIN_SIMILARITY = 0.25  # default drift threshold of the lexical measure, see `fidelity`
-STYLE_MIN_SIMILARITY = {"translate_en": 0.0}  # word overlap across languages means nothing
-
-
-def split_chunks(text: str, max_chars: int) -> list[str]:
-    """Split text into chunks of at most max_chars, at paragraph breaks where possible, else at
-    sentence ends, else at whitespace, else anywhere. Lossless: "".join(chunks) == text; each
-    chunk keeps its trailing separator."""
-    pieces = []
-    parts = re.split(r"(\n[ \t]*\n\s*)", text)  # paragraphs and the blank lines after them
-    for para in ("".join(parts[i:i + 2]) for i in range(0, len(parts), 2)):
-        if len(para) <= max_chars:
-            pieces.append(para)
-            continue
-        sentences = re.split(r"(?<=[.!?])(\s+)", para)
-        for sentence in ("".join(sentences[i:i + 2]) for i in range(0, len(sentences), 2)):
-            while len(sentence) > max_chars:  # one enormous sentence or line: cut at whitespace
-                cut = max(sentence.rfind(" ", max_chars // 2, max_chars),
-                          sentence.rfind("\n", max_chars // 2, max_chars)) + 1 or max_chars
-                pieces.append(sentence[:cut])
-                sentence = sentence[cut:]
-            pieces.append(sentence)
-    chunks = []
-    for piece in filter(None, pieces):
-        if chunks and len(chunks[-1]) + len(piece) <= max_chars:
-            chunks[-1] += piece
-        else:
-            chunks.append(piece)
-    return chunks
-
-
-def rephrase_messages(source: str, style: str, context: str = "", feedback: str = "") -> list[dict]:
-    """The chat prompt for one chunk: style instruction, the rewrite so far, the chunk, and on a
-    retry what was wrong with the previous attempt."""
-    user = ""
-    if context:
-        user += ("The rewrite so far (continue it; do not repeat it):\n"
-                 f"<rewritten>\n{context}\n</rewritten>\n\n")
-    user += f"Rewrite this next part of the source:\n<source>\n{source}\n</source>"
-    if feedback:
-        user += f"\n\nYour previous attempt drifted from the source ({feedback}). Stay faithful to it."
-    return [{"role": "system", "content": f"You rewrite text for a training corpus. {STYLES[style]} {RULES}"},
-            {"role": "user", "content": user}]
-
-
-def _ngrams(text: str, n: int) -> dict[str, int]:
-    words = re.findall(r"\w+", text.lower())
-    counts = {}
-    for k in range(1, n + 1):
-        for i in range(len(words) - k + 1):
-            gram = " ".join(words[i:i + k])
-            counts[gram] = counts.get(gram, 0) + 1
-    return counts
-
-
-def tfidf_cosine(a: str, b: str, n: int = 2) -> float:
-    """Cosine of word 1..n-gram TF-IDF vectors (sublinear tf, smoothed idf over the pair: a term in
-    only one text weighs more than a shared one)."""
-    ca, cb = _ngrams(a, n), _ngrams(b, n)
-
-    def vector(counts, other):
-        return {g: (1 + math.log(c)) * (math.log(3 / (2 + (g in other))) + 1) for g, c in counts.items()}
-
-    va, vb = vector(ca, cb), vector(cb, ca)
-    dot = sum(w * vb[g] for g, w in va.items() if g in vb)
-    norm = math.sqrt(sum(w * w for w in va.values()) * sum(w * w for w in vb.values()))
-    return dot / norm if norm else float(a.strip() == b.strip())
-
-
-def _numbers(text: str) -> set[str]:
-    return {m.replace(",", "") for m in re.findall(r"\d+(?:[.,]\d+)*", text)}
-
-
-def fidelity(source: str, rewrite: str, embed: Callable[[str], Sequence[float]] | None = None) -> dict:
-    """How faithful a rewritten chunk is to its source.
-
-    similarity: TF-IDF cosine of word 1-2 grams by default, or the cosine of `embed(text)` vectors
-    when an embedding function is given. numbers_kept: the share of the source's numbers (digits;
-    "1,000" == "1000") found in the rewrite. Limits of the default: it is lexical, so a faithful
-    rewrite with many synonyms scores low (hence a low threshold) and a negated or reordered claim
-    with the same words scores high; it compares nothing across languages (translate_en checks
-    numbers only); a number spelled out in words counts as missing.
-    """
-    if embed is None:
-        similarity = tfidf_cosine(source, rewrite)
-    else:
-        u, v = np.asarray(embed(source), float), np.asarray(embed(rewrite), float)
-        similarity = float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v) or 1.0))
-    wanted = _numbers(source)
-    missing = sorted(wanted - _numbers(rewrite))
-    return dict(similarity=round(similarity, 4), missing_numbers=missing,
-                numbers_kept=round(1 - len(missing) / len(wanted), 4) if wanted else 1.0)
-
-
-@dataclass
-class Rephrased:
-    text: str
-    chunks: list  # per chunk: index, chars, similarity, numbers_kept, missing_numbers, attempts, status
-
-
-def _tail(text: str, n: int) -> str:
-    """The last n characters of text, starting at a word boundary."""
-    if len(text) <= n:
-        return text
-    tail = text[-n:]
-    return tail[tail.find(" ") + 1:] if " " in tail else tail
-
-
-def rephrase_chunkwise(doc: str, style: str, generate: Callable[[list[dict]], str], *,
-                       max_chunk_chars=2000, context_chars=3000, min_similarity=None,
-                       min_numbers_kept=1.0, retries=2, on_fail="keep", embed=None) -> Rephrased:
-    """Rewrite `doc` in `style` chunk by chunk, as K2 rephrases long documents.
-
-    The document is split at paragraph/sentence boundaries into chunks of at most max_chunk_chars
-    (`split_chunks`); each chunk is rewritten with the last context_chars of the already rewritten
-    text in its prompt, so the rewrite continues coherently; the rewrites are joined in order with
-    the source's separators. Every rewrite is checked against its chunk (`fidelity`): below
-    min_similarity (default per style) or min_numbers_kept it is retried up to `retries` times,
-    with the failure named in the prompt; then on_fail="keep" keeps the source chunk and "drop"
-    leaves it out. `generate(messages) -> str` is any backend; its errors propagate.
-    """
-    if on_fail not in ("keep", "drop"):
-        raise ValueError(f"on_fail must be 'keep' or 'drop', got {on_fail!r}")
-    threshold = STYLE_MIN_SIMILARITY.get(style, MIN_SIMILARITY) if min_similarity is None else min_similarity
-    out, chunks = "", []
-    for index, piece in enumerate(split_chunks(doc, max_chunk_chars)):
-        source = piece.strip()
-        if not source:
-            continue
-        separator = piece[len(piece.rstrip()):] or " "
-        feedback = ""
-        for attempt in range(1, retries + 2):
-            rewrite = generate(rephrase_messages(source, style, _tail(out, context_chars), feedback)).strip()
-            score = fidelity(source, rewrite, embed)
-            if score["similarity"] >= threshold and score["numbers_kept"] >= min_numbers_kept and rewrite:
-                status = "ok"
-                break
-            feedback = f"similarity {score['similarity']:.2f}"
-            if score["missing_numbers"]:
-                feedback += f", missing numbers {', '.join(score['missing_numbers'])}"
-        else:
-            status = "kept_original" if on_fail == "keep" else "dropped"
-            rewrite = source if on_fail == "keep" else ""
-        if rewrite:
-            out += rewrite + separator
-        chunks.append(dict(index=index, chars=len(source), attempts=attempt, status=status, **score))
-    return Rephrased(out.strip(), chunks)
-
-
-# Generation backends: anything with __call__(messages) -> str
-
-
-class GenerationError(RuntimeError):
-    """A backend gave up: the message names the endpoint, the HTTP status or error, and the body."""
-
-
-class ChatEndpoint:
-    """An OpenAI-compatible chat-completions server (vLLM, llama.cpp's server, Ollama, ...) through
-    urllib. Retries with exponential backoff (honouring Retry-After) on 429, 5xx, dropped or
-    refused connections, timeouts and malformed JSON; any other 4xx fails at once with its status
-    and body. `url` is the API base (".../v1") or the full ".../chat/completions" address."""
-
-    def __init__(self, url, model, api_key=None, timeout=120.0, retries=5, backoff=1.0,
-                 max_backoff=60.0, temperature=0.7, max_tokens=None):
-        self.url = url.rstrip("/")
-        if not self.url.endswith("/chat/completions"):
-            self.url += "/chat/completions"
-        self.model, self.api_key, self.timeout, self.retries = model, api_key, timeout, retries
-        self.backoff, self.max_backoff = backoff, max_backoff
-        self.temperature, self.max_tokens = temperature, max_tokens
-
-    def __call__(self, messages: list[dict]) -> str:
-        body = {"model": self.model, "messages": messages, "temperature": self.temperature}
-        if self.max_tokens:
-            body["max_tokens"] = self.max_tokens
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, json.dumps(body).encode(), headers, method="POST")
-        for attempt in range(self.retries + 1):
-            wait = min(self.max_backoff, self.backoff * 2 ** attempt)
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    reply = json.loads(response.read())
-                content = reply["choices"][0]["message"]["content"]
-                if not isinstance(content, str):
-                    raise TypeError(f"content is {type(content).__name__}")
-                return content
-            except urllib.error.HTTPError as e:
-                try:
-                    text = e.read(500).decode("utf-8", errors="replace")
-                except OSError:
-                    text = ""
-                error = f"HTTP {e.code}: {text}"
-                if e.code != 429 and e.code < 500:
-                    raise GenerationError(f"{self.url}: {error}") from None
-                if (e.headers.get("Retry-After") or "").isdigit():
-                    wait = min(self.max_backoff, float(e.headers["Retry-After"]))
-            except (OSError, http.client.HTTPException) as e:  # refused, dropped, timed out
-                error = f"{type(e).__name__}: {e}"
-            except (ValueError, KeyError, IndexError, TypeError) as e:  # not the JSON we expect
-                error = f"malformed response ({type(e).__name__}: {e})"
-            if attempt == self.retries:
-                raise GenerationError(f"{self.url}: gave up after {attempt + 1} attempts; last: {error}")
-            time.sleep(wait)
-
-
-class CheckpointGenerator:
-    """A trained kimik2 checkpoint (save_pretrained folder) as the rephraser, through its own
-    `generate`. The chat messages become a plain "role: content" prompt, since a byte-level model
-    has no chat template; generation stops at max_new_tokens or eos."""
-
-    def __init__(self, path, max_new_tokens=512, temperature=0.7, top_k=50, tokenizer=None, device="cpu"):
-        import kimik2  # only this backend needs the model code
-        self.model = kimik2.KimiK2.from_pretrained(path).to(device).eval()
-        self.tokenizer = tokenizer or ByteTokenizer()
-        self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
-        self.device = device
-
-    def __call__(self, messages: list[dict]) -> str:
-        prompt = "".join(f"{m['role']}: {m['content']}\n\n" for m in messages) + "assistant: "
-        room = max(1, self.model.config.max_position_embeddings - self.max_new_tokens)
-        ids = self.tokenizer.encode(prompt)[-room:]  # the end of the prompt holds the chunk
-        with torch.no_grad():
-            out = self.model.generate(torch.tensor([ids], device=self.device), self.max_new_tokens,
-                                      temperature=self.temperature, top_k=self.top_k)
-        new = out[0, len(ids):].tolist()
-        if self.tokenizer.eos in new:
-            new = new[:new.index(self.tokenizer.eos)]
-        return self.tokenizer.decode(new)
-
-
-def _is_english(text: str) -> bool:
-    """Crude script test: most letters ASCII. Non-Latin scripts are caught; French or German pass
-    as English (a language identifier would do better and is one more dependency)."""
-    letters = [c for c in text[:4000] if c.isalpha()]
-    return not letters or sum(c.isascii() for c in letters) >= 0.8 * len(letters)
-
-
-def styles_for(doc: Document, n: int) -> list[str]:
-    """n distinct styles for a document: translate_en first for non-English text, learning_note for
-    maths, then general styles in a rotation that starts at a hash of the name, so the styles are
-    spread evenly over a corpus and stable across reruns."""
-    if n > len(GENERAL_STYLES):
-        raise ValueError(f"at most {len(GENERAL_STYLES)} styles per document, asked for {n}")
-    special = [] if _is_english(doc.text) else ["translate_en"]
-    if doc.domain == "math":
-        special.append("learning_note")
-    start = int(hashlib.sha1(doc.name.encode()).hexdigest(), 16) % len(GENERAL_STYLES)
-    rotation = GENERAL_STYLES[start:] + GENERAL_STYLES[:start]
-    return (special + rotation)[:n]
-
-
 # -----------------------------------------------------------------------------------------------
 # Command line
 
 
-def _completed(out: Path) -> set[tuple[str, str]]:
-    """(id, style) of every complete record in `out`. A trailing line without its newline is what a
-    kill mid-write leaves; it is cut off, and its pair is redone."""
-    if not out.exists():
-        return set()
-    data = out.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(out, "r+b") as f:
-            f.truncate(end)
-    done = set()
-    for lineno, line in enumerate(data[:end].splitlines(), 1):
-        try:
-            record = json.loads(line)
-            done.add((record["id"], record["style"]))
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{out}:{lineno}: not a rephrase record ({e}); fix or move the file") from None
-    return done
+def _generator(args):
+    """The rephrasing backend of the command line, and the model name its records carry."""
+    if args.checkpoint:
+        return CheckpointGenerator(args.checkpoint), f"kimik2:{args.checkpoint}"
+    if args.endpoint:
+        return ChatEndpoint(args.endpoint, args.model, temperature=args.temperature, **_http(args)), args.model
+    raise DataError("give --endpoint URL --model NAME, or --checkpoint DIR")
 
 
-def _clock(seconds: float) -> str:
-    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if math.isfinite(seconds) else "?"
+def _http(args) -> dict:
+    return dict(api_key=args.api_key, timeout=args.timeout, retries=args.retries, backoff=args.backoff)
+
+
+def _measure(args):
+    """The fidelity measure chosen by --fidelity."""
+    if args.fidelity == "lexical":
+        return LexicalFidelity()
+    if args.fidelity == "embedding":
+        url = args.embedding_endpoint or (args.endpoint or "").rstrip("/").removesuffix(ChatEndpoint.route)
+        if not url:
+            raise DataError("--fidelity embedding: give --embedding-endpoint URL (or --endpoint)")
+        return EmbeddingFidelity(EmbeddingEndpoint(url, args.embedding_model, **_http(args)))
+    if not args.endpoint:
+        raise DataError("--fidelity llm_judge: the judge is asked through --endpoint; give it")
+    return JudgeFidelity(ChatEndpoint(args.endpoint, args.judge_model or args.model, temperature=0.0, **_http(args)))
 
 
 def run_rephrase(args) -> int:
-    if args.checkpoint:
-        generate, model = CheckpointGenerator(args.checkpoint), f"kimik2:{args.checkpoint}"
-    elif args.endpoint:
-        generate = ChatEndpoint(args.endpoint, args.model, api_key=args.api_key, timeout=args.timeout,
-                                retries=args.retries, backoff=args.backoff, temperature=args.temperature)
-        model = args.model
-    else:
-        raise SystemExit("rephrase: give --endpoint URL --model NAME, or --checkpoint DIR")
+    generate, model = _generator(args)
+    measure = _measure(args)
     report = LoadReport()
     docs = load_documents(args.inputs, max_doc_chars=args.max_doc_chars, report=report)
     for problem in report.problems:
         print(f"rephrase: {problem}", file=sys.stderr)
-    out = Path(args.out)
-    done = _completed(out)
-    jobs = [(doc, style) for doc in docs for style in (args.style or styles_for(doc, args.styles))]
-    todo = [(doc, style) for doc, style in jobs if (doc.name, style) not in done]
-    print(f"rephrase: {len(docs)} documents, {len(jobs)} (document, style) pairs, "
-          f"{len(jobs) - len(todo)} already in {out}", file=sys.stderr)
-    chars_left = sum(len(doc.text) for doc, _ in todo)
-    left_per_doc = {}
-    for doc, _ in todo:
-        left_per_doc[doc.name] = left_per_doc.get(doc.name, 0) + 1
-    start, chars_done, chunks_done = time.time(), 0, 0
-    docs_total = len({doc.name for doc, _ in jobs})
-    docs_done = docs_total - len(left_per_doc)
-    with open(out, "ab") as f:
-        for pair, (doc, style) in enumerate(todo, 1):
-            try:
-                result = rephrase_chunkwise(doc.text, style, generate, max_chunk_chars=args.max_chunk_chars,
-                                            retries=args.fidelity_retries, on_fail=args.on_fail)
-            except GenerationError as e:
-                print(f"rephrase: {doc.name} ({style}): {e}\nrephrase: {pair - 1} new records "
-                      f"written to {out}; rerun the same command to resume", file=sys.stderr)
-                return 1
-            record = dict(id=doc.name, style=style, model=model, text=result.text,
-                          similarity_min=min((c["similarity"] for c in result.chunks), default=1.0),
-                          numbers_kept_min=min((c["numbers_kept"] for c in result.chunks), default=1.0),
-                          chunks=result.chunks)
-            f.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")  # one write per record
-            f.flush()
-            os.fsync(f.fileno())  # on disk before we count it done
-            chars_done += len(doc.text)
-            chunks_done += len(result.chunks)
-            left_per_doc[doc.name] -= 1
-            docs_done += left_per_doc[doc.name] == 0
-            elapsed = time.time() - start
-            eta = (chars_left - chars_done) * elapsed / chars_done if chars_done else float("inf")
-            print(f"rephrase: pairs {pair}/{len(todo)}, documents {docs_done}/{docs_total}, "
-                  f"chunks {chunks_done} | {chunks_done / max(elapsed, 1e-9):.2f} chunks/s | "
-                  f"ETA {_clock(eta)}", file=sys.stderr, flush=True)
+    pairs = [(doc, style) for doc in docs for style in (args.style or styles_for(doc, args.styles))]
+    if args.shard:
+        pairs = [(doc, style) for doc, style in pairs if in_shard(doc.name, style, args.shard)]
+        print(f"rephrase: shard {args.shard[0]}/{args.shard[1]}: {len(pairs)} pairs", file=sys.stderr)
+    summary = rephrase_corpus(pairs, generate, args.out, concurrency=args.concurrency, model=model,
+                              measure=measure, min_similarity=args.min_similarity,
+                              max_chunk_chars=args.max_chunk_chars, retries=args.fidelity_retries,
+                              on_fail=args.on_fail)
+    repaired = generate.repaired_replies if isinstance(generate, ChatEndpoint) else 0
+    print(f"rephrase: {summary['records']} new records in {args.out}; chunks: {summary['ok']} rewritten, "
+          f"{summary['kept_original']} kept their original text and {summary['dropped']} dropped after "
+          f"failing the {measure.name} fidelity check; {summary['empty_replies']} empty replies; "
+          f"{repaired} replies with invalid Unicode repaired", file=sys.stderr)
+    if summary["kept_original"] + summary["dropped"] and not summary["ok"]:
+        print("rephrase: warning: no chunk was rewritten; check the endpoint, the model and --fidelity",
+              file=sys.stderr)
+    if summary["error"]:
+        print(f"rephrase: {summary['error']}\nrephrase: rerun the same command to resume", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -1032,14 +1460,115 @@ def run_stats(args) -> int:
           f"({info['dtype']}, vocab {info['vocab_size']}, eos {info['eos']}); unigram entropy "
           f"{unigram_entropy(train):.3f} nats/token; cache {info['dir']}"
           f"{' (reused)' if info['cached'] else ''}")
-    report = {k: v for k, v in info["report"].items() if k != "problems" and v}
+    report = {k: v for k, v in info["load_report"].items() if k != "problems" and v}
     print("loader:", ", ".join(f"{k} {v}" for k, v in report.items()))
-    for problem in info["report"]["problems"]:
+    for problem in info["load_report"]["problems"]:
         print(f"  {problem}")
     return 0
 
 
-def main(argv=None) -> int:
+# Throughput: rephrase_corpus against a fake server with a fixed latency and a concurrency cap
+
+
+class _EchoChat(http.server.BaseHTTPRequestHandler):
+    """A fake chat-completions model for `bench_rephrase`: each request holds one of the server's
+    `slots` for `latency` seconds (a real server's batch has room for so many sequences; more wait
+    their turn), then the reply is the <source> chunk unchanged."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.slots:
+            time.sleep(self.server.latency)
+        source = re.search(r"<source>\n(.*)\n</source>", body["messages"][-1]["content"], re.S)[1]
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": source}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def _serve_echo_chat(port, latency, capacity):
+    """Child process of `bench_rephrase`: the server, so that the client's CPU time is its own."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoChat, bind_and_activate=False)
+    server.request_queue_size = 256  # the default backlog of 5 drops connections under 32 clients
+    server.server_bind()
+    server.server_activate()
+    server.daemon_threads, server.latency = True, latency
+    server.slots = threading.BoundedSemaphore(capacity)
+    port.send(server.server_address[1])
+    server.serve_forever()
+
+
+def bench_rephrase(levels=(1, 4, 16, 32), latency=0.1, capacity=32, chunks_per_doc=2) -> list[dict]:
+    """Pairs per second of `rephrase_corpus` at each concurrency in `levels`, against `_EchoChat`
+    on 127.0.0.1, and the client's CPU time per chunk (all threads, writes and fsyncs included).
+    Each level rewrites max(20, 4 * concurrency) documents of chunks_per_doc chunks."""
+    docs = [Document("bench", f"bench#{i}", "\n\n".join(
+        f"Paragraph {k} of document {i} says that {i} times {k} is {i * k}." for k in range(chunks_per_doc)))
+        for i in range(max(20, 4 * max(levels)))]
+    context = multiprocessing.get_context("fork")
+    port, child_end = context.Pipe()
+    server = context.Process(target=_serve_echo_chat, args=(child_end, latency, capacity), daemon=True)
+    server.start()
+    rows = []
+    try:
+        url = f"http://127.0.0.1:{port.recv()}/v1"
+        for concurrency in levels:
+            pairs = [(doc, "qa") for doc in docs[:max(20, 4 * concurrency)]]
+            generate = ChatEndpoint(url, "bench", timeout=30.0, retries=2, backoff=0.1)
+            with tempfile.TemporaryDirectory() as tmp:
+                wall, cpu = time.perf_counter(), time.process_time()
+                summary = rephrase_corpus(pairs, generate, Path(tmp, "out.jsonl"), concurrency=concurrency,
+                                          log=lambda line: None, max_chunk_chars=80)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            if summary["error"] or summary["ok"] != len(pairs) * chunks_per_doc:
+                raise RuntimeError(f"bench run failed: {summary}")
+            rows.append(dict(concurrency=concurrency, pairs=len(pairs), seconds=round(wall, 3),
+                             pairs_per_s=len(pairs) / wall, cpu_ms_per_chunk=1000 * cpu / summary["ok"]))
+    finally:
+        server.terminate()
+        server.join()
+    return rows
+
+
+def run_bench(args) -> int:
+    rows = bench_rephrase(args.concurrency, args.latency, args.capacity, args.chunks)
+    print(f"rephrase throughput: fake server on 127.0.0.1, {args.latency * 1000:g} ms per request, room for "
+          f"{args.capacity} at once, {args.chunks} chunks per document; load average "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{'concurrency':>11}{'pairs':>7}{'seconds':>9}{'pairs/s':>9}{'speedup':>9}{'client CPU ms/chunk':>21}")
+    for row in rows:
+        print(f"{row['concurrency']:>11}{row['pairs']:>7}{row['seconds']:>9.2f}{row['pairs_per_s']:>9.2f}"
+              f"{row['pairs_per_s'] / rows[0]['pairs_per_s']:>8.1f}x{row['cpu_ms_per_chunk']:>21.2f}")
+    return 0
+
+
+def _int_in(lo, hi=None):
+    """An argparse type: an integer in [lo, hi] (no upper bound when hi is None)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {f'between {lo} and {hi}' if hi else f'>= {lo}'}, got {value}")
+        return value
+    return parse
+
+
+def _shard(text):
+    """An argparse type: "I/N" with 0 <= I < N -> (I, N)."""
+    m = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not m or not int(m[1]) < int(m[2]):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return int(m[1]), int(m[2])
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     stats = commands.add_parser("stats", help="documents, bytes and tokens per domain")
@@ -1053,20 +1582,47 @@ def main(argv=None) -> int:
     rephrase.add_argument("--model", default="default", help="model name sent to the endpoint")
     rephrase.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     rephrase.add_argument("--checkpoint", help="a kimik2 save_pretrained folder instead of an endpoint")
-    rephrase.add_argument("--styles", type=int, default=1, help="styles per document (see styles_for)")
+    rephrase.add_argument("--styles", type=_int_in(1, len(GENERAL_STYLES)), default=1,
+                          help="styles per document (see styles_for)")
     rephrase.add_argument("--style", action="append", choices=sorted(STYLES),
                           help="use exactly these styles (repeatable) instead of --styles")
     rephrase.add_argument("--out", required=True, help="JSON lines, one per (document, style)")
-    rephrase.add_argument("--max-chunk-chars", type=int, default=2000)
-    rephrase.add_argument("--max-doc-chars", type=int, default=1_000_000)
-    rephrase.add_argument("--fidelity-retries", type=int, default=2)
+    rephrase.add_argument("--concurrency", type=_int_in(1), default=1, help="(document, style) pairs in flight")
+    rephrase.add_argument("--shard", type=_shard, help="I/N: rephrase only shard I of N (see in_shard)")
+    rephrase.add_argument("--fidelity", choices=tuple(MIN_SIMILARITY), default="lexical",
+                          help="the fidelity measure (see MIN_SIMILARITY for the thresholds)")
+    rephrase.add_argument("--min-similarity", type=float, help="pass threshold (default: per measure and style)")
+    rephrase.add_argument("--embedding-endpoint", help="for --fidelity embedding (default: --endpoint's base)")
+    rephrase.add_argument("--embedding-model", default="default", help="embedding model name")
+    rephrase.add_argument("--judge-model", help="for --fidelity llm_judge (default: --model)")
+    rephrase.add_argument("--max-chunk-chars", type=_int_in(1), default=2000)
+    rephrase.add_argument("--max-doc-chars", type=_int_in(1), default=1_000_000)
+    rephrase.add_argument("--fidelity-retries", type=_int_in(0), default=2)
     rephrase.add_argument("--on-fail", choices=("keep", "drop"), default="keep")
     rephrase.add_argument("--timeout", type=float, default=120.0)
-    rephrase.add_argument("--retries", type=int, default=5)
+    rephrase.add_argument("--retries", type=_int_in(0), default=5)
     rephrase.add_argument("--backoff", type=float, default=1.0)
     rephrase.add_argument("--temperature", type=float, default=0.7)
-    args = parser.parse_args(argv)
-    return run_stats(args) if args.command == "stats" else run_rephrase(args)
+    bench = commands.add_parser("bench", help="rephrase throughput by concurrency against a local fake server")
+    bench.add_argument("--concurrency", type=_int_in(1), nargs="+", default=[1, 4, 16, 32])
+    bench.add_argument("--latency", type=float, default=0.1, help="seconds per request")
+    bench.add_argument("--capacity", type=_int_in(1), default=32, help="requests the server serves at once")
+    bench.add_argument("--chunks", type=_int_in(1), default=2, help="chunks per document")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"stats": run_stats, "rephrase": run_rephrase, "bench": run_bench}[args.command](args)
+    except DataError as e:
+        print(f"data.py {args.command}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that cannot be read or written (a full disk, a missing folder)
+        if e.filename is None:
+            raise
+        print(f"data.py {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ Cross-checks against transformers skip when it is not installed; tests that read
 skip when it is absent. Multi-process tests launch torchrun (gloo, CPU); their workers are at the
 bottom of this file (python test_kimik2.py WORKER ARGS, under torchrun).
 """
+import collections
 import copy
+import errno
 import glob
 import http.server
 import io
@@ -1774,6 +1776,7 @@ def test_default_corpus_builds_offline_with_three_nontrivial_domains(_data_defau
     assert train.dtype == np.uint8 and info["eos"] == 0 and info["vocab_size"] == 256
     docs = sum(s["train_docs"] + s["val_docs"] for s in info["stats"].values())
     assert int((np.asarray(train) == 0).sum() + (np.asarray(val) == 0).sum()) == docs  # one eos each
+    assert data.describe_load_report(info) == ""  # nothing skipped: train.py logs no line
 
 
 def test_stats_command_prints_every_domain_and_reuses_the_cache(_data_default_corpus, capsys):
@@ -1868,7 +1871,7 @@ def test_empty_non_utf8_enormous_and_bad_json_inputs_are_counted_not_fatal(tmp_p
              "", json.dumps({"text": "".join(rng.choices("abc", k=300_000))}), json.dumps({"text": ""})]
     (d / "records.jsonl").write_bytes("\n".join(lines).encode() + b"\n" + b'{"text": "bad \xff byte"}\n')
     info = data.prepare(tmp_path / "cache", [str(d)], max_doc_chars=100_000)
-    report = info["report"]
+    report = info["load_report"]
     assert report["files"] == 6
     assert report["empty_documents"] == 3  # empty.txt, blank.md, the jsonl record with ""
     assert report["non_utf8_files"] == 1
@@ -1985,10 +1988,11 @@ def test_fidelity_scores_drift_and_missing_numbers():
     assert data.fidelity(source, source)["similarity"] == pytest.approx(1.0)
     faithful = data.fidelity(source, "Finished in 1889, the Eiffel Tower in Paris is 330 metres tall.")
     unrelated = data.fidelity(source, "Bananas are yellow and rich in potassium.")
-    assert faithful["similarity"] > data.MIN_SIMILARITY > unrelated["similarity"]
+    assert faithful["similarity"] > data.MIN_SIMILARITY["lexical"] > unrelated["similarity"]
     assert faithful["numbers_kept"] == 1.0
     assert data.fidelity(source, "The Eiffel Tower in Paris is 330 metres tall.")["missing_numbers"] == ["1889"]
-    assert data.fidelity("a", "b", embed=lambda t: [1.0, 0.0])["similarity"] == pytest.approx(1.0)
+    same_vector = data.EmbeddingFidelity(lambda texts: [[1.0, 0.0]] * len(texts))
+    assert data.fidelity("a", "b", same_vector)["similarity"] == pytest.approx(1.0)
 
 
 def test_styles_cover_k2_perspectives_maths_notes_and_translation():
@@ -2005,39 +2009,87 @@ def _data_source_of(messages):
     return re.search(r"<source>\n(.*)\n</source>", messages[-1]["content"], re.S)[1]
 
 
+def _data_bag_of_words(text):
+    """A toy embedding model: word counts hashed into 64 dimensions, the fake rephraser's prefix
+    ignored, so that its faithful echo scores 1 and an unrelated text about 0."""
+    vector = [0.0] * 64
+    for word in re.findall(r"\w+", text.removeprefix("In other words: ").lower()):
+        vector[sum(map(ord, word)) % 64] += 1
+    return vector
+
+
+def _data_verdict(messages, action):
+    """The fake judge: every fact is kept when the rewrite contains the source; scripted
+    "judge-text" and "judge-inconsistent" are malformed answers."""
+    if action == "judge-text":
+        return "Looks faithful to me."
+    if action == "judge-inconsistent":
+        return json.dumps({"keeps_every_fact": True, "missing": ["a fact"]})
+    source = re.search(r"<source>\n(.*)\n</source>", messages[1]["content"], re.S)[1]
+    keeps = source in re.search(r"<rewrite>\n(.*)\n</rewrite>", messages[1]["content"], re.S)[1]
+    return json.dumps({"keeps_every_fact": keeps, "missing": [] if keeps else [f"all of: {source}"]})
+
+
 class _DataFakeChat(http.server.BaseHTTPRequestHandler):
-    """A deterministic chat-completions model: rewrites the <source> chunk as 'In other words: ...'.
-    Per model name, server.scripts holds actions to play first: 500, 429, 400, hang, drop, badjson,
-    garbage (an unfaithful rewrite)."""
+    """A deterministic OpenAI-compatible server. Chat: rewrites the <source> chunk as 'In other
+    words: ...' (models named "upper...": the chunk in capitals), or judges a rewrite when asked
+    with data.JUDGE_PROMPT; embeddings: `_data_bag_of_words`. Per model name, server.scripts holds
+    actions to play first: 500, 429, 429-wait (Retry-After: 1), 400, hang, drop, badjson, garbage
+    (an unfaithful rewrite), empty, surrogate (a lone "\\ud83d" in the reply), short (too few
+    embeddings), judge-text, judge-inconsistent. server.arrivals and server.max_inflight record
+    when requests came and how many were in flight at once, per model."""
 
     def do_POST(self):
         server = self.server
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        model = body["model"]
         with server.lock:
             server.requests.append(body)
-            script = server.scripts.get(body["model"], [])
+            server.arrivals.append((model, time.monotonic()))
+            server.inflight[model] += 1
+            server.max_inflight[model] = max(server.max_inflight[model], server.inflight[model])
+            script = server.scripts.get(model, [])
             action = script.pop(0) if script else "echo"
-        time.sleep(server.delay.get(body["model"], 0.0))
+        try:
+            self._answer(body, action)
+        finally:
+            with server.lock:
+                server.inflight[model] -= 1
+
+    def _answer(self, body, action):
+        time.sleep(self.server.delay.get(body["model"], 0.0))
         if action == "hang":
             time.sleep(1.5)  # well past the client's timeout; the reply goes nowhere
         if action == "drop":
             self.close_connection = True
             return
-        if action in ("500", "429", "400"):
+        if action in ("500", "429", "429-wait", "400"):
             payload = json.dumps({"error": {"message": f"scripted {action}"}}).encode()
-            self.send_response(int(action))
-            if action == "429":
-                self.send_header("Retry-After", "0")
+            self.send_response(int(action[:3]))
+            if action.startswith("429"):
+                self.send_header("Retry-After", "1" if action == "429-wait" else "0")
         else:
-            content = ("Bananas are yellow." if action == "garbage"
-                       else "In other words: " + _data_source_of(body["messages"]))
-            payload = b"{not json" if action == "badjson" else json.dumps(
-                {"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+            payload = b"{not json" if action == "badjson" else json.dumps(self._reply(body, action)).encode()
             self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+
+    def _reply(self, body, action):
+        if self.path.endswith("/embeddings"):
+            texts = body["input"][:-1] if action == "short" else body["input"]
+            return {"data": [{"index": i, "embedding": _data_bag_of_words(t)} for i, t in enumerate(texts)]}
+        messages = body["messages"]
+        if messages[0]["content"] == data.JUDGE_PROMPT:
+            content = _data_verdict(messages, action)
+        elif body["model"].startswith("upper"):
+            content = _data_source_of(messages).upper()
+        else:
+            content = {"garbage": "Bananas are yellow.", "empty": "",
+                       "surrogate": "In other words \ud83d: " + _data_source_of(messages)
+                       }.get(action, "In other words: " + _data_source_of(messages))
+        return {"choices": [{"message": {"role": "assistant", "content": content}}]}
 
     def log_message(self, *args):
         pass
@@ -2049,6 +2101,7 @@ def _data_server():
     server.daemon_threads = True
     server.handle_error = lambda request, address: None  # a hung reply to a gone client is expected
     server.lock, server.requests, server.scripts, server.delay = threading.Lock(), [], {}, {}
+    server.arrivals, server.inflight, server.max_inflight = [], collections.Counter(), collections.Counter()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     yield server
@@ -2093,7 +2146,7 @@ def test_failed_fidelity_check_is_retried_with_feedback_then_kept_or_dropped(_da
                                          max_chunk_chars=30, retries=2, on_fail=policy)
         assert result.chunks[1]["attempts"] == 3
         assert result.chunks[1]["status"] == {"keep": "kept_original", "drop": "dropped"}[policy]
-        assert result.chunks[1]["similarity"] < data.MIN_SIMILARITY  # the score is recorded
+        assert result.chunks[1]["similarity"] < data.MIN_SIMILARITY["lexical"]  # the score is recorded
         assert result.text == ("In other words: The bridge opened in 1932.\n\n" + expected).strip()
 
 
@@ -2119,14 +2172,17 @@ def test_other_client_errors_fail_at_once_with_status_and_body(_data_server):
     assert len(_data_requests(_data_server, "bad-request")) == 1
 
 
-def test_killed_rephrase_run_resumes_with_each_document_and_style_exactly_once(_data_server, tmp_path):
+@pytest.mark.parametrize("concurrency, delay", [(1, 0.05), (4, 0.15)])
+def test_killed_rephrase_run_resumes_with_each_document_and_style_exactly_once(_data_server, tmp_path,
+                                                                                concurrency, delay):
     texts = [f"Document {i} opens here. It has 2 sentences.\n\nAnd a second paragraph, number {i}." for i in range(6)]
     _data_write_docs(tmp_path / "docs", texts)
     out = tmp_path / "out.jsonl"
-    _data_server.delay["slow"] = 0.05
+    model = f"slow-{concurrency}"
+    _data_server.delay[model] = delay
     command = [sys.executable, str(_DATA_PY), "rephrase", str(tmp_path / "docs"), "--endpoint", _data_server.url,
-               "--model", "slow", "--styles", "2", "--out", str(out), "--max-chunk-chars", "50",
-               "--timeout", "5", "--backoff", "0.01"]
+               "--model", model, "--styles", "2", "--out", str(out), "--max-chunk-chars", "50",
+               "--timeout", "5", "--backoff", "0.01", "--concurrency", str(concurrency)]
     run = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while (not out.exists() or out.read_bytes().count(b"\n") < 2) and time.time() < deadline:
@@ -2145,6 +2201,8 @@ def test_killed_rephrase_run_resumes_with_each_document_and_style_exactly_once(_
     assert len(keys) == len(set(keys)) == 12
     assert {k[0] for k in keys} == {str(tmp_path / "docs" / f"doc{i:03d}.txt") for i in range(6)}
     assert all(r["text"].startswith("In other words:") and r["similarity_min"] > 0 for r in records)
+    assert _data_server.max_inflight[model] == concurrency  # the pairs really were concurrent
+    assert re.search(rf"pairs {12 - records_at_kill}/{12 - records_at_kill}, documents 6/6", finished.stderr)
 
 
 def test_checkpoint_backend_prompts_kimik2_generate_and_stops_at_eos(monkeypatch):
@@ -2177,6 +2235,250 @@ def test_checkpoint_backend_runs_a_real_kimik2_checkpoint(tmp_path):
     kimik2.KimiK2(kimik2.Config.from_preset("tiny")).save_pretrained(str(tmp_path))
     reply = data.CheckpointGenerator(str(tmp_path), max_new_tokens=4)(data.rephrase_messages("Hi.", "qa"))
     assert isinstance(reply, str) and len(reply) <= 4
+
+
+def _data_pairs(texts, domain="user"):
+    return [(data.Document(domain, f"doc{i}", text), "qa") for i, text in enumerate(texts)]
+
+
+def _data_records(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_shards_partition_the_pairs_of_a_single_run(_data_server, tmp_path):
+    _data_write_docs(tmp_path / "docs", [f"Fact {i}: the answer is {i * 7}." for i in range(9)])
+    common = ["rephrase", str(tmp_path / "docs"), "--endpoint", _data_server.url, "--model", "shards",
+              "--styles", "2", "--concurrency", "2", "--backoff", "0.01"]
+    assert data.main(common + ["--out", str(tmp_path / "all.jsonl")]) == 0
+    single = {(r["id"], r["style"]): r["text"] for r in _data_records(tmp_path / "all.jsonl")}
+    shards = []
+    for i in range(3):
+        assert data.main(common + ["--shard", f"{i}/3", "--out", str(tmp_path / f"shard{i}.jsonl")]) == 0
+        shards.append({(r["id"], r["style"]): r["text"] for r in _data_records(tmp_path / f"shard{i}.jsonl")})
+    assert len(single) == 18 and all(shards)
+    assert sum(len(s) for s in shards) == len(single)  # no overlap
+    assert {k: v for s in shards for k, v in s.items()} == single  # no gap, same records
+
+
+def test_retry_after_from_one_request_pauses_every_worker(_data_server, tmp_path):
+    _data_server.scripts["pause"] = ["429-wait"]  # the first request is told to come back in 1 s
+    _data_server.delay["pause"] = 0.02
+    texts = [f"Short document {i}.\n\nIts second paragraph." for i in range(8)]
+    generate = _data_endpoint(_data_server, "pause", backoff=0.01)
+    summary = data.rephrase_corpus(_data_pairs(texts), generate, tmp_path / "out.jsonl", concurrency=4,
+                                   log=lambda line: None, max_chunk_chars=30)
+    assert summary["records"] == 8 and summary["ok"] == 16 and summary["error"] is None
+    times = [t for model, t in _data_server.arrivals if model == "pause"]
+    refused = times[0]
+    # Requests already on the wire finish; after that nobody sends until Retry-After has passed
+    # (a per-worker backoff of 0.01 s would send dozens in this window).
+    assert not [t for t in times if refused + 0.3 < t < refused + 0.95]
+    assert _data_server.max_inflight["pause"] > 1
+
+
+def test_progress_eta_counts_wall_time_of_concurrent_pairs():
+    pairs = _data_pairs(["x" * 100] * 8)
+    now = [0.0]
+    progress = data._Progress(pairs, pairs, clock=lambda: now[0])
+    now[0] = 1.0  # four pairs in flight together finish after one second
+    lines = [progress.done(doc, 2) for doc, _ in pairs[:4]]
+    assert "pairs 4/8, documents 4/8, chunks 8 | 8.00 chunks/s | ETA 00:00:01" in lines[-1]
+
+
+def test_embedding_fidelity_retries_its_endpoint_and_drives_retry_and_policy(_data_server):
+    doc = "The bridge opened in 1932.\n\nIt is 1149 metres long."
+    _data_server.scripts["emb"] = ["500", "badjson", "short"]  # three bad replies, then good ones
+    measure = data.EmbeddingFidelity(data.EmbeddingEndpoint(_data_server.url, "emb", timeout=2.0, retries=3,
+                                                             backoff=0.01))
+    result = data.rephrase_chunkwise(doc, "qa", _data_endpoint(_data_server, "emb-chat"), max_chunk_chars=30,
+                                     measure=measure)
+    assert [c["status"] for c in result.chunks] == ["ok", "ok"]
+    assert all(c["measure"] == "embedding" and c["similarity"] == pytest.approx(1.0) for c in result.chunks)
+    assert len(_data_requests(_data_server, "emb")) == 3 + 2  # the failures were retried
+    _data_server.scripts["emb-drift"] = ["echo"] + ["garbage"] * 3
+    result = data.rephrase_chunkwise(doc, "qa", _data_endpoint(_data_server, "emb-drift"), max_chunk_chars=30,
+                                     measure=measure, retries=2, on_fail="drop")
+    assert [c["status"] for c in result.chunks] == ["ok", "dropped"] and result.chunks[1]["attempts"] == 3
+    assert result.chunks[1]["similarity"] < data.MIN_SIMILARITY["embedding"]
+    assert "drifted" in _data_requests(_data_server, "emb-drift")[-1]["messages"][-1]["content"]
+    assert result.text == "In other words: The bridge opened in 1932."
+    _data_server.scripts["emb-down"] = ["short"] * 4
+    broken = data.EmbeddingEndpoint(_data_server.url, "emb-down", timeout=2.0, retries=3, backoff=0.01)
+    with pytest.raises(data.GenerationError, match="after 4 attempts.*malformed.*1 vectors.*for 2 texts"):
+        data.fidelity("a", "b", data.EmbeddingFidelity(broken))
+
+
+@pytest.mark.parametrize("answer", ['{"keeps_every_fact": "yes", "missing": []}', "YES",
+                                    '{"keeps_every_fact": false, "missing": []}',
+                                    '{"keeps_every_fact": true, "missing": [], "note": "fine"}', "[true]"])
+def test_judge_verdicts_are_parsed_strictly(answer):
+    with pytest.raises(ValueError):
+        data.parse_verdict(answer)
+
+
+def test_llm_judge_rejects_malformed_answers_and_its_findings_drive_the_retry(_data_server):
+    judge = data.JudgeFidelity(_data_endpoint(_data_server, "judge"), retries=2)
+    _data_server.scripts["judge"] = ["judge-text", "judge-inconsistent"]  # two rejected answers, then valid
+    result = data.rephrase_chunkwise("The bridge opened in 1932.", "qa", _data_endpoint(_data_server, "judged"),
+                                     measure=judge)
+    assert result.chunks[0]["status"] == "ok" and result.chunks[0]["measure"] == "llm_judge"
+    asks = _data_requests(_data_server, "judge")
+    assert len(asks) == 3 and "rejected" in asks[-1]["messages"][-1]["content"]
+    for policy, status in (("keep", "kept_original"), ("drop", "dropped")):
+        model = f"judged-drift-{policy}"
+        _data_server.scripts[model] = ["garbage"] * 3
+        result = data.rephrase_chunkwise("The bridge opened in 1932.", "qa", _data_endpoint(_data_server, model),
+                                         measure=judge, retries=2, on_fail=policy)
+        assert result.chunks[0]["status"] == status and result.chunks[0]["attempts"] == 3
+        assert result.chunks[0]["judge_missing"] == ["all of: The bridge opened in 1932."]
+        retry = _data_requests(_data_server, model)[-1]["messages"][-1]["content"]
+        assert "facts lost: all of: The bridge opened in 1932." in retry
+    _data_server.scripts["judge-broken"] = ["judge-text"] * 3
+    broken = data.JudgeFidelity(_data_endpoint(_data_server, "judge-broken"), retries=2)
+    with pytest.raises(data.GenerationError, match="no valid verdict in 3 answers; last: not a JSON object"):
+        data.fidelity("a", "b", broken)
+
+
+def test_empty_and_invalid_unicode_replies_are_reported_never_silent(_data_server, tmp_path, capsys):
+    _data_write_docs(tmp_path / "docs", ["Alpha has 1 fact.", "Beta has 2 facts."])
+    common = ["rephrase", str(tmp_path / "docs"), "--endpoint", _data_server.url, "--backoff", "0.01",
+              "--fidelity-retries", "1"]
+    _data_server.scripts["empty"] = ["empty"] * 4
+    assert data.main(common + ["--model", "empty", "--out", str(tmp_path / "empty.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert "chunks: 0 rewritten, 2 kept their original text" in err and "4 empty replies" in err
+    assert "warning: no chunk was rewritten" in err
+    assert [c["empty_replies"] for r in _data_records(tmp_path / "empty.jsonl") for c in r["chunks"]] == [2, 2]
+    _data_server.scripts["surrogate"] = ["surrogate"] * 2
+    assert data.main(common + ["--model", "surrogate", "--out", str(tmp_path / "bad.jsonl")]) == 0
+    assert "2 replies with invalid Unicode repaired" in capsys.readouterr().err
+    assert all(r["text"].startswith("In other words \ufffd:") for r in _data_records(tmp_path / "bad.jsonl"))
+
+
+def test_bad_encoding_lines_and_unsupported_files_are_counted_and_described(tmp_path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    lines = [json.dumps({"text": f"good record {i}"}) for i in range(60)]
+    lines.insert(40, '{"text": "half an emoji \\udc80 here"}')  # valid JSON, no UTF-8 exists for it
+    (d / "records.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "paper.pdf").write_bytes(b"%PDF-1.4")
+    info = data.prepare(tmp_path / "cache", [str(d)])
+    report = info["load_report"]
+    assert report["bad_encoding_lines"] == 1 and report["unsupported_files"] == 1 and report["documents"] == 60
+    line = data.describe_load_report(info)
+    assert "\n" not in line and "1 bad encoding lines" in line and "1 unsupported files" in line
+    assert "records.jsonl:41" in line and "paper.pdf" in line
+    assert data.main(["stats", "--data", str(d), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "bad_encoding_lines 1" in capsys.readouterr().out
+
+
+def test_a_single_file_corpus_gets_validation_text_cut_from_its_end(tmp_path):
+    text = "\n\n".join(f"Paragraph {i}: " + "words and more words. " * 20 for i in range(40))
+    (tmp_path / "one_big.txt").write_text(text)
+    info = data.prepare(tmp_path / "cache", [str(tmp_path / "one_big.txt")], val_fraction=0.1)
+    tok = data.ByteTokenizer()
+    train = tok.decode(data.load_tokens(info, "train").tolist()).rstrip("\0")
+    val = tok.decode(data.load_tokens(info, "val").tolist()).rstrip("\0")
+    assert train + val == text  # nothing lost, nothing in both
+    assert val.startswith("Paragraph ") and 0.1 <= len(val) / len(text) <= 0.2  # cut at a paragraph
+
+
+def test_a_full_disk_while_caching_names_the_path_and_leaves_the_previous_state(tmp_path, monkeypatch, capsys):
+    _data_write_docs(tmp_path / "docs", [f"text number {i}\n" * 5 for i in range(10)])
+    src, cache = [str(tmp_path / "docs")], tmp_path / "cache"
+    previous = data.prepare(cache, src)
+    (tmp_path / "docs" / "doc003.txt").write_text("changed, so a new cache entry is built\n")
+
+    def full_disk(path, *args):
+        path.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data, "_write_tokens", full_disk)
+    with pytest.raises(OSError) as failure:
+        data.prepare(cache, src)
+    assert failure.value.errno == errno.ENOSPC and str(cache) in failure.value.filename
+    assert [p.name for p in cache.iterdir()] == [previous["key"]]  # no tmp-<key>-<pid> left
+    assert data.main(["stats", "--data", *src, "--cache-dir", str(cache)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "No space left on device" in err and str(cache) in err
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("missing path", "nowhere': no such file or folder"),
+    ("builtin:physics", "unknown built-in domain(s) ['physics']"),
+    ("--styles 9", "argument --styles: must be between 1 and 7, got 9"),
+    ("--styles -2", "argument --styles: must be between 1 and 7, got -2"),
+    ("--styles 0", "argument --styles: must be between 1 and 7, got 0"),
+    ("record-less --out", "out.jsonl:1: not a rephrase record"),
+    ("folder --out", "not a file"),
+    ("empty folder", "no .txt/.md/.py/.jsonl files in"),
+    ("unsupported only", "no .txt/.md/.py/.jsonl files in"),
+    ("--shard 3/3", "argument --shard: expected I/N with 0 <= I < N, got '3/3'"),
+    ("--concurrency 0", "argument --concurrency: must be >= 1, got 0"),
+    ("bad weight", "weight 'lots' is not a number >= 0"),
+])
+def test_bad_command_line_input_gives_one_line_naming_it(case, fragment, tmp_path, capsys):
+    _data_write_docs(tmp_path / "docs", ["One document."])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "pdfs").mkdir()
+    (tmp_path / "pdfs" / "a.pdf").write_bytes(b"%PDF")
+    (tmp_path / "out.jsonl").write_text("not a record\n")
+    rephrase = ["rephrase", "--endpoint", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "new.jsonl")]
+    argv = {"missing path": rephrase + [str(tmp_path / "nowhere")],
+            "builtin:physics": ["stats", "--data", "builtin:physics", "--cache-dir", str(tmp_path / "c")],
+            "--styles 9": rephrase + [str(tmp_path / "docs"), "--styles", "9"],
+            "--styles -2": rephrase + [str(tmp_path / "docs"), "--styles", "-2"],
+            "--styles 0": rephrase + [str(tmp_path / "docs"), "--styles", "0"],
+            "record-less --out": rephrase + [str(tmp_path / "docs"), "--out", str(tmp_path / "out.jsonl")],
+            "folder --out": rephrase + [str(tmp_path / "docs"), "--out", str(tmp_path / "empty")],
+            "empty folder": rephrase + [str(tmp_path / "empty")],
+            "unsupported only": ["stats", "--data", str(tmp_path / "pdfs"), "--cache-dir", str(tmp_path / "c")],
+            "--shard 3/3": rephrase + [str(tmp_path / "docs"), "--shard", "3/3"],
+            "--concurrency 0": rephrase + [str(tmp_path / "docs"), "--concurrency", "0"],
+            "bad weight": ["stats", "--data", f"k:lots={tmp_path / 'docs'}", "--cache-dir", str(tmp_path / "c")],
+            }[case]
+    try:
+        code = data.main(argv)
+    except SystemExit as e:  # argparse: usage, then one error line
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err
+    assert fragment in err.splitlines()[-1], err
+    assert not (tmp_path / "new.jsonl").exists() or not (tmp_path / "new.jsonl").read_bytes()
+
+
+def test_rephrased_output_trains_as_its_own_domain_with_its_stated_weight(_data_server, tmp_path):
+    # corpus -> rephrase -> stats -> train: the fake rephraser ("upper") writes the source in
+    # capitals, so every training byte tells which domain it came from.
+    rng = random.Random(0)
+    _data_write_docs(tmp_path / "docs", [" ".join("".join(rng.choices("ab", k=5)) for _ in range(40))
+                                         for _ in range(30)])
+    out = tmp_path / "rephrased.jsonl"
+    assert data.main(["rephrase", str(tmp_path / "docs"), "--endpoint", _data_server.url, "--model", "upper",
+                      "--out", str(out), "--concurrency", "4", "--backoff", "0.01"]) == 0
+    sources = [f"knowledge={tmp_path / 'docs'}", f"rephrased:3={out}"]
+    info = data.prepare(tmp_path / "cache", sources, val_fraction=0.1)
+    assert info["load_report"]["documents"] == 60 and info["stats"]["rephrased"]["val_docs"] == 3
+    sampler = data.BatchSampler(data.load_tokens(info, "train"), 8, 64, seed=1)
+    drawn = np.concatenate([sampler.next()[0].flatten().numpy() for _ in range(100)])
+    lower, upper = np.isin(drawn, [ord("a"), ord("b")]).sum(), np.isin(drawn, [ord("A"), ord("B")]).sum()
+    assert upper / lower == pytest.approx(3, rel=0.1)  # drawn in proportion to the weights 1 : 3
+    with pytest.raises(data.DataError, match="already has weight 3"):
+        data.prepare(tmp_path / "cache", sources + [f"rephrased:2={out}"])
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**train.Config.from_preset("tiny").to_dict(), "num_hidden_layers": 1,
+                                  "n_routed_experts": 4, "num_experts_per_tok": 2}))
+    train.main(["--data", *sources, "--data-cache", str(tmp_path / "cache"), "--config", str(config),
+                "--out", str(tmp_path / "run"), "--max-steps", "2", "--warmup-steps", "1", "--batch-size", "2", "--seq-len", "32",
+                "--eval-interval", "2", "--eval-iters", "1", "--sample-tokens", "0", "--dtype", "float32",
+                "--device", "cpu", "--peak-flops", "1e9"])
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") >= 2
+
+
+def test_bench_reports_throughput_and_client_cpu_per_concurrency():
+    rows = data.bench_rephrase(levels=(1, 2), latency=0.01, capacity=2, chunks_per_doc=1)
+    assert [r["concurrency"] for r in rows] == [1, 2] and [r["pairs"] for r in rows] == [20, 20]
+    assert all(r["pairs_per_s"] > 0 and r["cpu_ms_per_chunk"] > 0 for r in rows)
 
 
 # ==================================================================================================
