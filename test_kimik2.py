@@ -42,8 +42,8 @@ import data
 import train
 from kimik2 import (PRESETS, Config, Gate, KimiK2, count_params, flops_per_token, heads_cost,
                     kv_cache_bytes_per_token, main)
-from muonclip import (MuonClip, attach_qk_clip, causal_max_logits, fused_blocks, mark_fused, muon_update,
-                      newton_schulz, qk_clip_gamma, qk_clip_mha_, rms_matching_scale, split_params)
+from muonclip import (MuonClip, attach_qk_clip, causal_max_logits, find_attention_modules, fused_blocks, mark_fused,
+                      muon_update, newton_schulz, qk_clip_gamma, qk_clip_mha_, rms_matching_scale, split_params)
 
 # Hypothesis profiles: "ci" is derandomized, so a red CI run reproduces; "dev" hunts wider.
 settings.register_profile("ci", max_examples=10, derandomize=True, deadline=None,
@@ -706,26 +706,22 @@ def _muon_model(kind, seed):
     return _MuonLM()
 
 
-def _muon_attention_modules(model):
-    return [m for m in model.modules() if hasattr(m, "max_logits") and hasattr(m, "qk_clip_")]
-
-
 def _muon_forward_max_logits(model, idx):
     """Each attention module's per-head max logit on idx with the current weights, (L, H)."""
     model.train()
-    for m in _muon_attention_modules(model):
+    for m in find_attention_modules(model):
         m.max_logits.fill_(-math.inf)
     with torch.enable_grad():
         model(idx, idx)
-    out = torch.stack([m.max_logits.clone() for m in _muon_attention_modules(model)])
-    for m in _muon_attention_modules(model):
+    out = torch.stack([m.max_logits.clone() for m in find_attention_modules(model)])
+    for m in find_attention_modules(model):
         m.max_logits.fill_(-math.inf)
     return out
 
 
 def _muon_record_attention_inputs(model, idx):
     """Run a training forward and keep every attention module's input (args, kwargs)."""
-    modules, inputs = _muon_attention_modules(model), []
+    modules, inputs = find_attention_modules(model), []
     hooks = [m.register_forward_pre_hook(lambda m, a, kw: inputs.append((a, kw)), with_kwargs=True)
              for m in modules]
     _muon_forward_max_logits(model, idx)
@@ -738,7 +734,7 @@ def _muon_replay_max_logits(model, inputs):
     """Each attention module's per-head max logit on its recorded input, (L, H). QK-Clip's promise is
     per layer: clipping layer l changes what layer l+1 sees, so the whole-model forward is not it."""
     out = []
-    for m, (args, kwargs) in zip(_muon_attention_modules(model), inputs):
+    for m, (args, kwargs) in zip(find_attention_modules(model), inputs):
         m.train()
         m.max_logits.fill_(-math.inf)
         with torch.enable_grad():
