@@ -1605,7 +1605,7 @@ def test_hf_deepseek_v3_and_kimik2_train_alike_with_muonclip(tmp_path):
     theirs.save_pretrained(str(tmp_path / "theirs"))
     back = KimiK2.from_pretrained(str(tmp_path / "theirs"))
     for (name, p), q in zip(ours.state_dict().items(), back.state_dict().values()):
-        assert (p - q).abs().max() < 1e-5, name
+        assert (p - q).abs().max() < 5e-6, name                # measured 4e-7 after 4 steps
 
 
 # ==================================================================================================
