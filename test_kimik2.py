@@ -1925,9 +1925,9 @@ def test_rephrased_output_trains_as_its_own_domain_with_its_stated_weight(_data_
     config.write_text(json.dumps({**train.Config.from_preset("tiny").to_dict(), "num_hidden_layers": 1,
                                   "n_routed_experts": 4, "num_experts_per_tok": 2}))
     train.main(["--data", *sources, "--data-cache", str(tmp_path / "cache"), "--config", str(config),
-                "--out", str(tmp_path / "run"), "--max-steps", "2", "--warmup-steps", "1", "--batch-size", "2", "--seq-len", "32",
-                "--eval-interval", "2", "--eval-iters", "1", "--sample-tokens", "0", "--dtype", "float32",
-                "--device", "cpu", "--peak-flops", "1e9"])
+                "--out", str(tmp_path / "run"), "--max-steps", "2", "--warmup-steps", "1", "--batch-size", "2",
+                "--seq-len", "32", "--eval-interval", "2", "--eval-iters", "1", "--sample-tokens", "0",
+                "--dtype", "float32", "--device", "cpu", "--peak-flops", "1e9"])
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") >= 2
 
 
