@@ -1628,7 +1628,7 @@ def test_other_client_errors_fail_at_once_with_status_and_body(_data_server):
     assert len(_data_requests(_data_server, "bad-request")) == 1
 
 
-@pytest.mark.parametrize("concurrency, delay", [(1, 0.05), (4, 0.15)])
+@pytest.mark.parametrize("concurrency, delay", [(1, 0.05), (4, 0.25)])
 def test_killed_rephrase_run_resumes_with_each_document_and_style_exactly_once(_data_server, tmp_path,
                                                                                 concurrency, delay):
     texts = [f"Document {i} opens here. It has 2 sentences.\n\nAnd a second paragraph, number {i}." for i in range(6)]
