@@ -139,7 +139,8 @@ class LoadReport:
             self.problems.append(f"{where}: {what}")
 
 
-LOAD_SKIPS = ("empty_documents", "non_utf8_files", "bad_json_lines", "bad_encoding_lines", "unsupported_files")
+LOAD_SKIPS = (  # what describe_load_report counts: input skipped or repaired
+    "empty_documents", "non_utf8_files", "bad_json_lines", "bad_encoding_lines", "unsupported_files")
 
 
 def describe_load_report(info: dict) -> str:
@@ -423,7 +424,8 @@ def parse_verdict(answer: str) -> tuple[bool, list[str]]:
     if not isinstance(verdict, dict) or set(verdict) != {"keeps_every_fact", "missing"}:
         raise ValueError('not an object with exactly the keys "keeps_every_fact" and "missing"')
     keeps, missing = verdict["keeps_every_fact"], verdict["missing"]
-    if not isinstance(keeps, bool) or not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):
+    strings = isinstance(missing, list) and all(isinstance(m, str) for m in missing)
+    if not isinstance(keeps, bool) or not strings:
         raise ValueError('"keeps_every_fact" must be true or false and "missing" a list of strings')
     if keeps == bool(missing):
         raise ValueError('"missing" must be empty exactly when "keeps_every_fact" is true')
@@ -441,8 +443,8 @@ class JudgeFidelity:
         self.generate, self.retries = generate, retries
 
     def __call__(self, source: str, rewrite: str) -> dict:
-        messages = [{"role": "system", "content": JUDGE_PROMPT},
-                    {"role": "user", "content": f"<source>\n{source}\n</source>\n\n<rewrite>\n{rewrite}\n</rewrite>"}]
+        pair = f"<source>\n{source}\n</source>\n\n<rewrite>\n{rewrite}\n</rewrite>"
+        messages = [{"role": "system", "content": JUDGE_PROMPT}, {"role": "user", "content": pair}]
         for attempt in range(self.retries + 1):
             answer = self.generate(messages)
             try:
@@ -466,7 +468,8 @@ def _numbers_kept(source: str, rewrite: str) -> dict:
     number spelled out in words counts as missing."""
     wanted = _numbers(source)
     missing = sorted(wanted - _numbers(rewrite))
-    return dict(numbers_kept=round(1 - len(missing) / len(wanted), 4) if wanted else 1.0, missing_numbers=missing)
+    kept = round(1 - len(missing) / len(wanted), 4) if wanted else 1.0
+    return dict(numbers_kept=kept, missing_numbers=missing)
 
 
 def fidelity(source: str, rewrite: str, measure=None) -> dict:
@@ -512,7 +515,8 @@ def _rewrite_chunk(source, style, context, generate, measure, threshold, min_num
         rewrite = generate(rephrase_messages(source, style, context, feedback)).strip()
         if not rewrite:
             empty += 1
-            score, feedback = dict(measure=measure.name, similarity=0.0, **_numbers_kept(source, "")), "was empty"
+            score = dict(measure=measure.name, similarity=0.0, **_numbers_kept(source, ""))
+            feedback = "was empty"
             continue
         score = fidelity(source, rewrite, measure)
         if score["similarity"] >= threshold and score["numbers_kept"] >= min_numbers_kept:
@@ -663,7 +667,8 @@ class EmbeddingEndpoint(OpenAIEndpoint):
             rows = sorted(reply["data"], key=lambda row: row["index"])
             out = [[float(x) for x in row["embedding"]] for row in rows]
             if len(out) != len(texts) or len({len(v) for v in out}) != 1 or not out[0]:
-                raise ValueError(f"{len(out)} vectors of sizes {sorted({len(v) for v in out})} for {len(texts)} texts")
+                sizes = sorted({len(v) for v in out})
+                raise ValueError(f"{len(out)} vectors of sizes {sizes} for {len(texts)} texts")
             if not np.isfinite(out).all():
                 raise ValueError("non-finite embedding")
             return out
@@ -819,7 +824,8 @@ def rephrase_corpus(pairs, generate, out, *, concurrency=1, model="", log=None, 
             while True:
                 if failure is None:  # keep the workers fed: up to two pairs each, queued or running
                     for doc, style in itertools.islice(queue, 2 * concurrency - len(running)):
-                        running[pool.submit(rephrase_chunkwise, doc.text, style, generate, **options)] = (doc, style)
+                        future = pool.submit(rephrase_chunkwise, doc.text, style, generate, **options)
+                        running[future] = (doc, style)
                 if not running:
                     break
                 for future in wait(running, return_when=FIRST_COMPLETED)[0]:
@@ -859,7 +865,8 @@ def _carve_validation(doc: Document, val_fraction: float) -> tuple[Document, Doc
         if ends := [m.end() for m in re.finditer(boundary, text[lo:at])]:
             cut = lo + ends[-1]
             break
-    return Document(doc.domain, f"{doc.name}#train", text[:cut]), Document(doc.domain, f"{doc.name}#val", text[cut:])
+    return (Document(doc.domain, f"{doc.name}#train", text[:cut]),
+            Document(doc.domain, f"{doc.name}#val", text[cut:]))
 
 
 def split_by_document(docs, val_fraction, seed):
@@ -1028,9 +1035,11 @@ def prepare(out_dir="data_cache", sources=None, tokenizer=None, val_fraction=0.0
         stats[doc.domain]["epochs"] += len(doc.text.encode()) / natural[doc.domain]
     for s in stats.values():
         s["epochs"] = round(s["epochs"], 3)
-    info = dict(key=key, dtype=np.dtype(_token_dtype(tokenizer.vocab_size)).name, vocab_size=tokenizer.vocab_size,
-                eos=tokenizer.eos, sources=sources, settings=settings, stats=stats, load_report=asdict(report))
-    return {**_resolve(_write_cache(final, {"train": train, "val": val}, tokenizer, info), final), "cached": False}
+    info = dict(key=key, dtype=np.dtype(_token_dtype(tokenizer.vocab_size)).name,
+                vocab_size=tokenizer.vocab_size, eos=tokenizer.eos, sources=sources, settings=settings,
+                stats=stats, load_report=asdict(report))
+    info = _write_cache(final, {"train": train, "val": val}, tokenizer, info)
+    return {**_resolve(info, final), "cached": False}
 
 
 def _write_cache(final: Path, splits: dict, tokenizer, info: dict) -> dict:
@@ -1052,7 +1061,8 @@ def _write_cache(final: Path, splits: dict, tokenizer, info: dict) -> dict:
             os.fsync(f.fileno())
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(e.errno, f"writing the token cache failed: {e.strerror or e}", str(e.filename or tmp)) from e
+        raise OSError(e.errno, f"writing the token cache failed: {e.strerror or e}",
+                      str(e.filename or tmp)) from e
     try:
         os.rename(tmp, final)
     except OSError:  # another process finished the same key first; its files are identical
@@ -1398,7 +1408,8 @@ def _generator(args):
     if args.checkpoint:
         return CheckpointGenerator(args.checkpoint), f"kimik2:{args.checkpoint}"
     if args.endpoint:
-        return ChatEndpoint(args.endpoint, args.model, temperature=args.temperature, **_http(args)), args.model
+        generate = ChatEndpoint(args.endpoint, args.model, temperature=args.temperature, **_http(args))
+        return generate, args.model
     raise DataError("give --endpoint URL --model NAME, or --checkpoint DIR")
 
 
@@ -1417,7 +1428,8 @@ def _measure(args):
         return EmbeddingFidelity(EmbeddingEndpoint(url, args.embedding_model, **_http(args)))
     if not args.endpoint:
         raise DataError("--fidelity llm_judge: the judge is asked through --endpoint; give it")
-    return JudgeFidelity(ChatEndpoint(args.endpoint, args.judge_model or args.model, temperature=0.0, **_http(args)))
+    judge = ChatEndpoint(args.endpoint, args.judge_model or args.model, temperature=0.0, **_http(args))
+    return JudgeFidelity(judge)
 
 
 def run_rephrase(args) -> int:
@@ -1540,22 +1552,25 @@ def run_bench(args) -> int:
     print(f"rephrase throughput: fake server on 127.0.0.1, {args.latency * 1000:g} ms per request, room for "
           f"{args.capacity} at once, {args.chunks} chunks per document; load average "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{'concurrency':>11}{'pairs':>7}{'seconds':>9}{'pairs/s':>9}{'speedup':>9}{'client CPU ms/chunk':>21}")
+    print(f"{'concurrency':>11}{'pairs':>7}{'seconds':>9}{'pairs/s':>9}{'speedup':>9}"
+          f"{'client CPU ms/chunk':>21}")
     for row in rows:
         print(f"{row['concurrency']:>11}{row['pairs']:>7}{row['seconds']:>9.2f}{row['pairs_per_s']:>9.2f}"
               f"{row['pairs_per_s'] / rows[0]['pairs_per_s']:>8.1f}x{row['cpu_ms_per_chunk']:>21.2f}")
     return 0
 
 
-def _int_in(lo, hi=None):
-    """An argparse type: an integer in [lo, hi] (no upper bound when hi is None)."""
+def _number(cast, lo, hi=None):
+    """An argparse type: a finite int or float (`cast`) in [lo, hi] (no upper bound when hi is None)."""
     def parse(text):
         try:
-            value = int(text)
+            value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < lo or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"must be {f'between {lo} and {hi}' if hi else f'>= {lo}'}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if cast is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
+            bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
     return parse
 
@@ -1572,42 +1587,45 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     stats = commands.add_parser("stats", help="documents, bytes and tokens per domain")
-    stats.add_argument("--data", nargs="+", default=None, help="sources (default: builtin)")
+    stats.add_argument("--data", nargs="+", default=None,
+                       help="builtin[:DOMAIN] or [DOMAIN[:WEIGHT]=]PATH (default: builtin)")
     stats.add_argument("--cache-dir", default="data_cache")
-    stats.add_argument("--val-fraction", type=float, default=0.05)
+    stats.add_argument("--val-fraction", type=_number(float, 0, 1), default=0.05)
     stats.add_argument("--seed", type=int, default=0)
     rephrase = commands.add_parser("rephrase", help="rewrite documents with an LLM (K2 rephrasing)")
-    rephrase.add_argument("inputs", nargs="+", help="[DOMAIN=]PATH or builtin[:domain]")
+    rephrase.add_argument("inputs", nargs="+", help="[DOMAIN=]PATH or builtin[:DOMAIN]")
     rephrase.add_argument("--endpoint", help="OpenAI-compatible API base, e.g. http://localhost:8000/v1")
     rephrase.add_argument("--model", default="default", help="model name sent to the endpoint")
     rephrase.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     rephrase.add_argument("--checkpoint", help="a kimik2 save_pretrained folder instead of an endpoint")
-    rephrase.add_argument("--styles", type=_int_in(1, len(GENERAL_STYLES)), default=1,
+    rephrase.add_argument("--styles", type=_number(int, 1, len(GENERAL_STYLES)), default=1,
                           help="styles per document (see styles_for)")
     rephrase.add_argument("--style", action="append", choices=sorted(STYLES),
                           help="use exactly these styles (repeatable) instead of --styles")
     rephrase.add_argument("--out", required=True, help="JSON lines, one per (document, style)")
-    rephrase.add_argument("--concurrency", type=_int_in(1), default=1, help="(document, style) pairs in flight")
+    rephrase.add_argument("--concurrency", type=_number(int, 1), default=1,
+                          help="(document, style) pairs in flight")
     rephrase.add_argument("--shard", type=_shard, help="I/N: rephrase only shard I of N (see in_shard)")
     rephrase.add_argument("--fidelity", choices=tuple(MIN_SIMILARITY), default="lexical",
                           help="the fidelity measure (see MIN_SIMILARITY for the thresholds)")
-    rephrase.add_argument("--min-similarity", type=float, help="pass threshold (default: per measure and style)")
-    rephrase.add_argument("--embedding-endpoint", help="for --fidelity embedding (default: --endpoint's base)")
+    rephrase.add_argument("--min-similarity", type=_number(float, -1, 1),
+                          help="pass threshold (default: per measure and style)")
+    rephrase.add_argument("--embedding-endpoint", help="for --fidelity embedding (default: --endpoint)")
     rephrase.add_argument("--embedding-model", default="default", help="embedding model name")
     rephrase.add_argument("--judge-model", help="for --fidelity llm_judge (default: --model)")
-    rephrase.add_argument("--max-chunk-chars", type=_int_in(1), default=2000)
-    rephrase.add_argument("--max-doc-chars", type=_int_in(1), default=1_000_000)
-    rephrase.add_argument("--fidelity-retries", type=_int_in(0), default=2)
+    rephrase.add_argument("--max-chunk-chars", type=_number(int, 1), default=2000)
+    rephrase.add_argument("--max-doc-chars", type=_number(int, 1), default=1_000_000)
+    rephrase.add_argument("--fidelity-retries", type=_number(int, 0), default=2)
     rephrase.add_argument("--on-fail", choices=("keep", "drop"), default="keep")
-    rephrase.add_argument("--timeout", type=float, default=120.0)
-    rephrase.add_argument("--retries", type=_int_in(0), default=5)
-    rephrase.add_argument("--backoff", type=float, default=1.0)
-    rephrase.add_argument("--temperature", type=float, default=0.7)
-    bench = commands.add_parser("bench", help="rephrase throughput by concurrency against a local fake server")
-    bench.add_argument("--concurrency", type=_int_in(1), nargs="+", default=[1, 4, 16, 32])
-    bench.add_argument("--latency", type=float, default=0.1, help="seconds per request")
-    bench.add_argument("--capacity", type=_int_in(1), default=32, help="requests the server serves at once")
-    bench.add_argument("--chunks", type=_int_in(1), default=2, help="chunks per document")
+    rephrase.add_argument("--timeout", type=_number(float, 0.001), default=120.0)
+    rephrase.add_argument("--retries", type=_number(int, 0), default=5)
+    rephrase.add_argument("--backoff", type=_number(float, 0), default=1.0)
+    rephrase.add_argument("--temperature", type=_number(float, 0), default=0.7)
+    bench = commands.add_parser("bench", help="rephrase throughput by concurrency (local fake server)")
+    bench.add_argument("--concurrency", type=_number(int, 1), nargs="+", default=[1, 4, 16, 32])
+    bench.add_argument("--latency", type=_number(float, 0), default=0.1, help="seconds per request")
+    bench.add_argument("--capacity", type=_number(int, 1), default=32, help="requests served at once")
+    bench.add_argument("--chunks", type=_number(int, 1), default=2, help="chunks per document")
     return parser
 
 

@@ -194,6 +194,9 @@ _KIMI_K2 = dict(  # moonshotai/Kimi-K2-Instruct config.json: 1.03T total / 32.9B
     rope_scaling=dict(type="yarn", factor=32.0, beta_fast=1.0, beta_slow=1.0, mscale=1.0,
                       mscale_all_dim=1.0, original_max_position_embeddings=4096),
 )
+# what the scaled-down presets share: data.py's byte vocabulary, a 4k context without YaRN, no
+# sequence-wise balance loss (the bias update balances the experts alone)
+_SCALED_DOWN = dict(vocab_size=256, max_position_embeddings=4096, rope_scaling=None, aux_loss_alpha=0.0)
 PRESETS = {
     "kimi-k2": _KIMI_K2,
     # deepseek-ai/DeepSeek-V3 config.json without the MTP layer: 671B total / 37.6B activated
@@ -204,20 +207,16 @@ PRESETS = {
                     "rope_scaling": dict(type="yarn", factor=40.0, beta_fast=32.0, beta_slow=1.0,
                                          mscale=1.0, mscale_all_dim=1.0,
                                          original_max_position_embeddings=4096)},
-    # K2's shape at CPU scale, train.py's default (byte vocabulary, no YaRN): 2.9M total / 1.1M activated
-    "tiny": {**_KIMI_K2, "vocab_size": 256, "hidden_size": 128, "intermediate_size": 384,
-             "moe_intermediate_size": 64, "num_hidden_layers": 4,
+    # K2's shape at CPU scale, train.py's default: 2.9M total / 1.1M activated
+    "tiny": {**_KIMI_K2, **_SCALED_DOWN,
+             "hidden_size": 128, "intermediate_size": 384, "moe_intermediate_size": 64, "num_hidden_layers": 4,
              "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 64, "kv_lora_rank": 32,
-             "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
-             "n_routed_experts": 32, "aux_loss_alpha": 0.0,
-             "rope_scaling": None, "max_position_embeddings": 4096},
+             "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "n_routed_experts": 32},
     # one-GPU scale, fine-grained experts at sparsity 16: 448M total / 58.7M activated
-    "small": {**_KIMI_K2, "vocab_size": 256, "hidden_size": 768, "intermediate_size": 2048,
-              "moe_intermediate_size": 128, "num_hidden_layers": 12,
+    "small": {**_KIMI_K2, **_SCALED_DOWN,
+              "hidden_size": 768, "intermediate_size": 2048, "moe_intermediate_size": 128, "num_hidden_layers": 12,
               "num_attention_heads": 12, "num_key_value_heads": 12, "q_lora_rank": 384, "kv_lora_rank": 256,
-              "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64,
-              "n_routed_experts": 128, "aux_loss_alpha": 0.0,
-              "rope_scaling": None, "max_position_embeddings": 4096},
+              "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "n_routed_experts": 128},
 }
 
 
@@ -394,7 +393,7 @@ class MLA(nn.Module):
         """The scaled pre-softmax logits q.k * softmax_scale (B, H, T, S) of q (B, H, T, Dn+Dr) and
         k (B, H, S, Dn+Dr), -inf where the key lies after the query (future_mask)."""
         future = future_mask(q.shape[2], k.shape[2], q.device)  # (T, S)
-        return (q @ k.transpose(-2, -1)).mul_(self.softmax_scale).masked_fill_(future, float("-inf"))
+        return (q @ k.transpose(-2, -1)).mul_(self.softmax_scale).masked_fill_(future, float("-inf"))  # (B, H, T, S)
 
     def forward_naive(self, x, cos, sin, cache=None, start_pos=0):
         """softmax(causal_logits(q, k)) v per head, heads concatenated, o_proj. With a (k, v) cache
@@ -408,7 +407,7 @@ class MLA(nn.Module):
             k_cache[:, :, start_pos:end], v_cache[:, :, start_pos:end] = k, v
             k, v = k_cache[:, :, :end], v_cache[:, :, :end]  # (B, H, S, Dn+Dr), (B, H, S, Dv)
         y = self._attention(q, k, v, track=self.track_max_logits and self.training and torch.is_grad_enabled())
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))  # (B, T, H*Dv) -> (B, T, D)
 
     def _attention(self, q, k, v, track: bool):
         """(B, H, T, Dn+Dr), (B, H, S, Dn+Dr), (B, H, S, Dv) -> (B, H, T, Dv); with track, records
@@ -448,13 +447,13 @@ class MLA(nn.Module):
         """QK-Clip (K2 report sec. 2.1): per head, q_nope and k_nope rows * sqrt(gamma), q_rope rows
         * gamma, so that head's logits scale by exactly gamma. The shared k_rope and v stay."""
         H = self.num_heads
-        gamma = gamma.detach().float().reshape(H, 1)
+        gamma = gamma.detach().float().reshape(H, 1)  # (H, 1)
         root = gamma.sqrt()
         q_rows = torch.cat([root.expand(H, self.nope), gamma.expand(H, self.rope)], 1)  # (H, Dn+Dr)
         kv_rows = torch.cat([root.expand(H, self.nope), torch.ones_like(root).expand(H, self.v_dim)], 1)  # (H, Dn+Dv)
         q_weight = self.q_proj.weight if self.config.q_lora_rank is None else self.q_b_proj.weight
-        _scale_rows_(q_weight, q_rows.flatten())
-        _scale_rows_(self.kv_b_proj.weight, kv_rows.flatten())
+        _scale_rows_(q_weight, q_rows.flatten())  # (H*(Dn+Dr),): q_b_proj's rows are head-major
+        _scale_rows_(self.kv_b_proj.weight, kv_rows.flatten())  # (H*(Dn+Dv),)
 
     # -- decoding caches, and the weight-absorbed form (DeepSeek-V3's inference code) --
     def new_cache(self, batch: int, max_len: int, naive: bool = False, device=None, dtype=None):
@@ -475,7 +474,7 @@ class MLA(nn.Module):
         H, end = self.num_heads, start_pos + x.shape[1]
         q_nope, q_rope = self._query(x, cos, sin)
         c_kv, k_rope = self._latent(x, cos, sin)
-        cache[:, start_pos:end] = torch.cat([c_kv, k_rope], -1)
+        cache[:, start_pos:end] = torch.cat([c_kv, k_rope], -1)  # (B, T, C+Dr)
         c_kv, k_rope = cache[:, :end].split([self.kv_lora_rank, self.rope], -1)  # (B,S,C),(B,S,Dr)
         w_uk, w_uv = self.kv_b_proj.weight.unflatten(0, (H, -1)).split([self.nope, self.v_dim], 1)  # (H,Dn,C),(H,Dv,C)
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
@@ -575,7 +574,7 @@ class Gate(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights * c.routed_scaling_factor
         if self.training and torch.is_grad_enabled():  # training tokens only: not eval, not padding
-            self.expert_load += torch.bincount(experts.flatten(), minlength=E)
+            self.expert_load += torch.bincount(experts.flatten(), minlength=E)  # (E,)
         aux = None
         if self.training and c.aux_loss_alpha > 0:
             aux = self._sequence_balance_loss(scores, experts, batch)
@@ -699,8 +698,9 @@ class Experts(nn.Module):
         counts = torch.bincount(experts.flatten(), minlength=E).tolist()  # the host sync
         weights = weights.type_as(x)
         y = torch.zeros_like(x)  # (N, D)
-        # unbind the stacks once: its backward is one stack, whereas indexing a stack per expert
-        # would build a zero gradient the size of the whole stack for every expert
+        # E pair runs (n_e,), and each expert's (I, D), (I, D), (D, I) weights: unbind the stacks once,
+        # its backward is one stack, whereas indexing a stack per expert would build a zero gradient
+        # the size of the whole stack for every expert
         for e, (p, gate, up, down) in enumerate(zip(pairs.split(counts), self.gate_proj.unbind(0),
                                                     self.up_proj.unbind(0), self.down_proj.unbind(0))):
             if counts[e]:
@@ -747,7 +747,7 @@ class MoE(nn.Module):
         x = x.view(B * T, D)  # (N, D)
         weights, experts, aux = self.gate(x, batch=B)  # (N, K) each
         y = self.experts(x, weights, experts) + self.shared_experts(x)
-        return y.view(B, T, D), aux
+        return y.view(B, T, D), aux  # (N, D) -> (B, T, D)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -464,8 +464,8 @@ def _hf_visibility(module, query, key, mask, config, kwargs):
     """causal_max_logits' causal/attention_mask for what the model's implementation masks."""
     if mask is not None and not isinstance(mask, torch.Tensor):
         raise TypeError(f"attach_qk_clip: cannot read an attention mask of type {type(mask).__name__}")
-    if mask is not None and mask.dim() == 4:       # eager/sdpa: causal, padding, windows all in it
-        return dict(causal=False, attention_mask=mask)
+    if (mask is not None and mask.dim() == 4) or config._attn_implementation == "eager":
+        return dict(causal=False, attention_mask=mask)   # causal, padding, windows: all in the mask
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     if "flash" not in config._attn_implementation:

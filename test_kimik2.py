@@ -44,8 +44,8 @@ import data
 import train
 from kimik2 import (PRESETS, Config, Gate, KimiK2, count_params, flops_per_token, heads_cost,
                     kv_cache_bytes_per_token, main)
-from muonclip import (MuonClip, attach_qk_clip, causal_max_logits, fused_blocks, mark_fused, muon_update,
-                      newton_schulz, qk_clip_gamma, qk_clip_mha_, rms_matching_scale, split_params)
+from muonclip import (MuonClip, attach_qk_clip, causal_max_logits, find_attention_modules, fused_blocks, mark_fused,
+                      muon_update, newton_schulz, qk_clip_gamma, qk_clip_mha_, rms_matching_scale, split_params)
 
 # Hypothesis profiles: "ci" is derandomized, so a red CI run reproduces; "dev" hunts wider.
 settings.register_profile("ci", max_examples=10, derandomize=True, deadline=None,
@@ -823,26 +823,22 @@ def _muon_model(kind, seed):
     return _MuonLM()
 
 
-def _muon_attention_modules(model):
-    return [m for m in model.modules() if hasattr(m, "max_logits") and hasattr(m, "qk_clip_")]
-
-
 def _muon_forward_max_logits(model, idx):
     """Each attention module's per-head max logit on idx with the current weights, (L, H)."""
     model.train()
-    for m in _muon_attention_modules(model):
+    for m in find_attention_modules(model):
         m.max_logits.fill_(-math.inf)
     with torch.enable_grad():
         model(idx, idx)
-    out = torch.stack([m.max_logits.clone() for m in _muon_attention_modules(model)])
-    for m in _muon_attention_modules(model):
+    out = torch.stack([m.max_logits.clone() for m in find_attention_modules(model)])
+    for m in find_attention_modules(model):
         m.max_logits.fill_(-math.inf)
     return out
 
 
 def _muon_record_attention_inputs(model, idx):
     """Run a training forward and keep every attention module's input (args, kwargs)."""
-    modules, inputs = _muon_attention_modules(model), []
+    modules, inputs = find_attention_modules(model), []
     hooks = [m.register_forward_pre_hook(lambda m, a, kw: inputs.append((a, kw)), with_kwargs=True)
              for m in modules]
     _muon_forward_max_logits(model, idx)
@@ -855,7 +851,7 @@ def _muon_replay_max_logits(model, inputs):
     """Each attention module's per-head max logit on its recorded input, (L, H). QK-Clip's promise is
     per layer: clipping layer l changes what layer l+1 sees, so the whole-model forward is not it."""
     out = []
-    for m, (args, kwargs) in zip(_muon_attention_modules(model), inputs):
+    for m, (args, kwargs) in zip(find_attention_modules(model), inputs):
         m.train()
         m.max_logits.fill_(-math.inf)
         with torch.enable_grad():
@@ -1539,9 +1535,10 @@ def test_nanogpt_style_fused_model_trains_with_clip_and_post_clip_logits_never_e
     assert torch.allclose(after[clipped], torch.full_like(after[clipped], tau), rtol=1e-5)   # MHA: exactly tau
     assert torch.equal(after[~clipped], before[~clipped])
     for name, p in model.named_parameters():               # only the q and k blocks of c_attn move
-        D = p.shape[-1] if "c_attn.weight" in name else p.shape[0] // 3
-        if "c_attn" in name:
-            assert torch.equal(p[2 * D:], weights[name][2 * D:]), name              # v block
+        if "c_attn" in name:                                # weight (3D, D) or bias (3D,): rows [q | k | v]
+            v_rows = slice(2 * p.shape[0] // 3, None)
+            assert torch.equal(p[v_rows], weights[name][v_rows]), name
+            assert not torch.equal(p, weights[name]), name
         else:
             assert torch.equal(p, weights[name]), name
 
@@ -1647,21 +1644,6 @@ def test_hf_qk_norm_model_is_refused_with_the_reason():
         attach_qk_clip(model)
 
 
-class _MuonCountClips:
-    """A TrainerCallback (duck-typed) that records heads_clipped after every optimizer step."""
-
-    def __init__(self):
-        self.clipped = []
-
-    def __getattr__(self, name):                 # every other Trainer event: nothing to do
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
-
-    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        self.clipped.append(int(getattr(optimizer, "optimizer", optimizer).clip_stats["heads_clipped"]))
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("how", ["optimizers", "optimizer_cls_and_kwargs"])
 def test_hf_model_trains_through_trainer_with_clip_and_post_clip_logits_never_exceed_tau(kind, how, tmp_path):
@@ -1681,7 +1663,14 @@ def test_hf_model_trains_through_trainer_with_clip_and_post_clip_logits_never_ex
     args = transformers.TrainingArguments(str(tmp_path), max_steps=20, per_device_train_batch_size=4,
                                           report_to="none", save_strategy="no", use_cpu=True,
                                           dataloader_num_workers=0, logging_strategy="no", disable_tqdm=True)
-    counter = _MuonCountClips()
+    class CountClips(transformers.TrainerCallback):       # heads_clipped after every optimizer step
+        def __init__(self):
+            self.clipped = []
+
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            self.clipped.append(int(optimizer.optimizer.clip_stats["heads_clipped"]))   # accelerate's wrapper
+
+    counter = CountClips()
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[counter], **trainer_kw)
     trainer.train()
     assert len(counter.clipped) == 20 and sum(counter.clipped) > 0
@@ -1733,7 +1722,7 @@ def test_hf_deepseek_v3_and_kimik2_train_alike_with_muonclip(tmp_path):
     theirs.save_pretrained(str(tmp_path / "theirs"))
     back = KimiK2.from_pretrained(str(tmp_path / "theirs"))
     for (name, p), q in zip(ours.state_dict().items(), back.state_dict().values()):
-        assert (p - q).abs().max() < 1e-5, name
+        assert (p - q).abs().max() < 5e-6, name                # measured 4e-7 after 4 steps
 
 
 # ==================================================================================================
@@ -2172,7 +2161,7 @@ def test_other_client_errors_fail_at_once_with_status_and_body(_data_server):
     assert len(_data_requests(_data_server, "bad-request")) == 1
 
 
-@pytest.mark.parametrize("concurrency, delay", [(1, 0.05), (4, 0.15)])
+@pytest.mark.parametrize("concurrency, delay", [(1, 0.05), (4, 0.25)])
 def test_killed_rephrase_run_resumes_with_each_document_and_style_exactly_once(_data_server, tmp_path,
                                                                                 concurrency, delay):
     texts = [f"Document {i} opens here. It has 2 sentences.\n\nAnd a second paragraph, number {i}." for i in range(6)]
@@ -2469,9 +2458,9 @@ def test_rephrased_output_trains_as_its_own_domain_with_its_stated_weight(_data_
     config.write_text(json.dumps({**train.Config.from_preset("tiny").to_dict(), "num_hidden_layers": 1,
                                   "n_routed_experts": 4, "num_experts_per_tok": 2}))
     train.main(["--data", *sources, "--data-cache", str(tmp_path / "cache"), "--config", str(config),
-                "--out", str(tmp_path / "run"), "--max-steps", "2", "--warmup-steps", "1", "--batch-size", "2", "--seq-len", "32",
-                "--eval-interval", "2", "--eval-iters", "1", "--sample-tokens", "0", "--dtype", "float32",
-                "--device", "cpu", "--peak-flops", "1e9"])
+                "--out", str(tmp_path / "run"), "--max-steps", "2", "--warmup-steps", "1", "--batch-size", "2",
+                "--seq-len", "32", "--eval-interval", "2", "--eval-iters", "1", "--sample-tokens", "0",
+                "--dtype", "float32", "--device", "cpu", "--peak-flops", "1e9"])
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") >= 2
 
 
