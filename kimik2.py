@@ -44,6 +44,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from muonclip import causal_max_logits, qk_clip_mla_
+
 # Shape legend used in comments: B batch, T query tokens, S key tokens (the cache length when
 # decoding), H heads, D hidden size, N tokens (B*T), E routed experts, K experts per token,
 # G expert groups, I expert width, P rows of the sorted expert runs, n_e tokens of expert e,
@@ -297,23 +299,6 @@ def future_mask(T: int, S: int, device=None) -> torch.Tensor:
     return torch.ones(T, S, dtype=torch.bool, device=device).triu(S - T + 1)
 
 
-@torch.no_grad()
-def _causal_max_logits(q, k, scale: float, chunk_size: int | None = None) -> torch.Tensor:
-    """Exact per-head max of the scaled causal logits scale * q.k, (H,) fp32, over batch, queries
-    and visible keys: q (B, H, T, Dq), k (B, H, S, Dq), causal as in future_mask. A no-grad pass in
-    chunks of chunk_size queries (default: a (B, H, rows, S) chunk of at most 2^24 logits), so its
-    memory stays bounded at any context length."""
-    B, H, T, _ = q.shape
-    offset = k.shape[2] - T  # keys before the first query
-    rows = chunk_size or max(1, min(T, (1 << 24) // (B * H * k.shape[2])))
-    m = torch.full((H,), float("-inf"), device=q.device)
-    for i in range(0, T, rows):
-        s = q[:, :, i:i + rows] @ k[:, :, :offset + i + rows].transpose(-2, -1)  # (B, H, rows, keys so far)
-        s = s.masked_fill(future_mask(*s.shape[2:], device=q.device), float("-inf"))
-        m = torch.maximum(m, s.amax(dim=(0, 2, 3)).float())
-    return m * scale
-
-
 class MLA(nn.Module):
     """Multi-head latent attention (DeepSeek-V2 sec. 2.1; DeepSeek-V3 report sec. 2.1.1, eq. 1-11).
 
@@ -434,7 +419,7 @@ class MLA(nn.Module):
         from an exact no-grad pass over q and k (fused kernels do not expose the row max; their
         log-sum-exp is only an upper bound, up to ln(S) too high)."""
         if logits is None:
-            step_max = _causal_max_logits(q, k, self.softmax_scale)
+            step_max = causal_max_logits(q, k, self.softmax_scale)
         else:
             step_max = logits.amax(dim=(0, 2, 3)).float()
         torch.maximum(self.max_logits, step_max, out=self.max_logits)
@@ -445,15 +430,10 @@ class MLA(nn.Module):
     @torch.no_grad()
     def qk_clip_(self, gamma: torch.Tensor):
         """QK-Clip (K2 report sec. 2.1): per head, q_nope and k_nope rows * sqrt(gamma), q_rope rows
-        * gamma, so that head's logits scale by exactly gamma. The shared k_rope and v stay."""
-        H = self.num_heads
-        gamma = gamma.detach().float().reshape(H, 1)  # (H, 1)
-        root = gamma.sqrt()
-        q_rows = torch.cat([root.expand(H, self.nope), gamma.expand(H, self.rope)], 1)  # (H, Dn+Dr)
-        kv_rows = torch.cat([root.expand(H, self.nope), torch.ones_like(root).expand(H, self.v_dim)], 1)  # (H, Dn+Dv)
+        * gamma, so that head's logits scale by exactly gamma. The shared k_rope and v stay. The rule
+        is muonclip.qk_clip_mla_, the same one that optimizer applies to transformers' DeepseekV3."""
         q_weight = self.q_proj.weight if self.config.q_lora_rank is None else self.q_b_proj.weight
-        _scale_rows_(q_weight, q_rows.flatten())  # (H*(Dn+Dr),): q_b_proj's rows are head-major
-        _scale_rows_(self.kv_b_proj.weight, kv_rows.flatten())  # (H*(Dn+Dv),)
+        qk_clip_mla_(q_weight, self.kv_b_proj.weight, gamma.detach().float(), self.nope, self.rope, self.v_dim)
 
     # -- decoding caches, and the weight-absorbed form (DeepSeek-V3's inference code) --
     def new_cache(self, batch: int, max_len: int, naive: bool = False, device=None, dtype=None):
@@ -491,26 +471,6 @@ def fused_attention_available(q) -> bool:
     Dn+Dr != v width Dv): CUDA's memory-efficient and cuDNN kernels do; the CPU's flash kernel
     needs equal widths and otherwise falls back to the unfused math."""
     return q.device.type != "cpu"
-
-
-def _scale_rows_(weight: torch.Tensor, row_scale: torch.Tensor):
-    """weight[r] *= row_scale[r] in place. For a DTensor sharded on dim 0 (FSDP2: torch.chunk-style
-    shards, the last possibly shorter or empty), only the local rows are scaled."""
-    local = weight
-    if dist.is_available():
-        from torch.distributed.tensor import DTensor
-        if isinstance(weight, DTensor):
-            local = weight.to_local()
-            for mesh_dim, placement in enumerate(weight.placements):
-                if not placement.is_shard():
-                    continue
-                if placement.dim != 0:
-                    raise ValueError("qk_clip_ needs weights sharded on dim 0 (rows)")
-                shards = row_scale.chunk(weight.device_mesh.size(mesh_dim))
-                rank = weight.device_mesh.get_local_rank(mesh_dim)
-                row_scale = shards[rank] if rank < len(shards) else row_scale[:0]
-    if local.numel():
-        local.mul_(row_scale.to(local.device, local.dtype)[:, None])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -421,8 +421,8 @@ def test_written_out_and_sdpa_attention_agree_in_output_grads_and_max_logits(mon
     fused kernel exists (max from the separate chunked pass, here forced into small chunks) agree."""
     import kimik2
     config = _model_config()
-    chunked = kimik2._causal_max_logits
-    monkeypatch.setattr(kimik2, "_causal_max_logits", lambda q, k, scale: chunked(q, k, scale, chunk_size=5))
+    chunked = kimik2.causal_max_logits
+    monkeypatch.setattr(kimik2, "causal_max_logits", lambda q, k, scale: chunked(q, k, scale, chunk_size=5))
     results = []
     for fused in (False, True):
         monkeypatch.setattr(kimik2, "fused_attention_available", lambda q, f=fused: f)
