@@ -122,6 +122,22 @@ class LoadReport:
             self.problems.append(f"{where}: {what}")
 
 
+class DataError(ValueError):
+    """TEMPORARY stub of contract C4 for the train branch (the data branch defines the real one):
+    bad input, the message names the file, line or source."""
+
+
+def describe_load_report(info: dict) -> str:
+    """TEMPORARY stub of contract C4 for the train branch (the data branch defines the real one):
+    one line of what loading skipped, "" when nothing was."""
+    r = info.get("load_report", info.get("report", {}))
+    counts = {k: r.get(k, 0) for k in ("empty_documents", "non_utf8_files", "bad_json_lines")}
+    if not any(counts.values()):
+        return ""
+    return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v) + \
+        "".join(f"; {p}" for p in r.get("problems", [])[:3])
+
+
 def _stdlib_files(seed: int) -> list[Path]:
     """The standard library's own .py files (no tests, no installed packages), in a seeded order."""
     paths = []
@@ -393,7 +409,7 @@ def _source_files(spec: str) -> tuple[str, list[Path]]:
     domain, _, path = spec.rpartition("=") if not Path(spec).exists() else ("", "", spec)
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"data source {spec!r}: no such file or folder")
+        raise DataError(f"data source {spec!r}: no such file or folder")
     files = [path] if path.is_file() else sorted(
         p for p in path.rglob("*") if p.is_file() and p.suffix in USER_SUFFIXES)
     return domain or "user", files
