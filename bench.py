@@ -455,6 +455,12 @@ BUSY_PROCESS = ("import torch; torch.set_num_threads(2); a = torch.ones(512, 512
                 "while True: a @ a")  # another job on the machine: a 2-thread torch matmul loop
 
 
+def start_busy_process() -> subprocess.Popen:
+    """BUSY_PROCESS as another user would run it: OpenMP's default wait policy, not this file's."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    return subprocess.Popen([sys.executable, "-c", BUSY_PROCESS], env=env)
+
+
 def step_worker(preset: str, batch: int, seq_len: int, reps: int, budget_s: float = 30.0) -> dict:
     """Run in a subprocess: train.py's step (tiny, MuonClip, fp32) timed `reps` times after one
     warm-up step, or as many as fit in budget_s; the median and the fastest step."""
@@ -486,7 +492,7 @@ def bench_threads(args) -> dict:
     res = dict(torch=torch.__version__, cores=os.cpu_count(), preset=args.preset,
                batch=[args.batch_size, args.seq_len], load_average_at_start=os.getloadavg())
     for condition in ("quiet", "busy"):
-        busy = subprocess.Popen([sys.executable, "-c", BUSY_PROCESS]) if condition == "busy" else None
+        busy = start_busy_process() if condition == "busy" else None
         try:
             rounds = {name: [] for name in THREAD_SETTINGS}
             for _ in range(args.rounds):
@@ -700,9 +706,14 @@ def main(argv=None):
     p.add_argument("--threads-study", action="store_true",
                    help="only row 8: the training step under each thread setting, quiet and beside a busy 2-thread process")
     p.add_argument("--rounds", type=int, default=3, help="--threads-study: rounds of the settings (median)")
+    p.add_argument("--busy", action="store_true",
+                   help="only run row 8's competing busy 2-thread process, until killed (to time anything beside it)")
     p.add_argument("--memory-worker", choices=("kimik2", "transformers"), help=argparse.SUPPRESS)
     p.add_argument("--step-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.busy:
+        start_busy_process().wait()
+        return
     if args.memory_worker:
         print(json.dumps(memory_worker(args.memory_worker, args.preset, args.batch_size, args.seq_len)))
         return

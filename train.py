@@ -373,13 +373,14 @@ def lr_at(step, args):
 # -----------------------------------------------------------------------------
 # the run folder, checkpoints and resume
 
-def write_atomically(path, text):
-    """Replace `path` with `text` in one step (temporary file, fsync, rename): a reader or a kill never
-    sees half a file."""
+def write_atomically(path, write, mode="w"):
+    """Replace `path` with what write(file) writes, in one step (temporary file, fsync, rename): a
+    reader or a kill at any moment sees the old file or the new one, never half of one, and a failure
+    leaves no temporary file."""
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -424,8 +425,8 @@ def prepare_run_folder(args, start_step, run_config, master):
                 shutil.rmtree(os.path.join(args.out, "hf"), ignore_errors=True)
             for path in stale:
                 os.remove(path)
-            write_atomically(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
-            write_atomically(os.path.join(args.out, "config.json"), json.dumps(run_config, indent=2))
+            write_atomically(metrics_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records))
+            write_atomically(os.path.join(args.out, "config.json"), lambda f: json.dump(run_config, f, indent=2))
         except OSError as e:
             fail(f"--out {args.out}: cannot write {e.filename}: {e.strerror}")
     return records
@@ -477,16 +478,9 @@ def save_checkpoint(ckpt, out_dir, keep):
     if not all(torch.isfinite(v).all() for v in ckpt.get("model", {}).values() if v.is_floating_point()):
         fail(f"step {ckpt['step']}: the model holds non-finite weights; not checkpointing it")
     path = os.path.join(out_dir, f"ckpt_{ckpt['step']:07d}.pt")
-    tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with suppress(FileNotFoundError):
-            os.remove(tmp)
+        write_atomically(path, lambda f: torch.save(ckpt, f), mode="wb")
+    except (OSError, RuntimeError) as e:
         # torch.save reports a failed write as RuntimeError("... unexpected pos ...") raised while
         # handling the OSError that says what happened
         cause = e if isinstance(e, OSError) else e.__context__
@@ -644,6 +638,23 @@ def measure_peak_flops(dtype, device=torch.device("cpu"), sizes=None, trials=5):
     return best
 
 
+def new_window(layers, device=None):
+    """The statistics accumulated between two metrics records: max logit per layer, heads clipped."""
+    return {"max_logits": torch.full((layers,), -math.inf, device=device),
+            "heads_clipped": torch.zeros((), dtype=torch.long, device=device)}
+
+
+def metrics_writer(path, records, master):
+    """write(record): appended to `records` and (rank 0) to metrics.jsonl at once, so that a kill
+    loses at most the line being written."""
+    def write(record):
+        records.append(record)
+        if master:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+    return write
+
+
 def progress_line(record, max_steps, eta):
     mfu = f"MFU {100 * record['mfu']:.1f}%" + (" (over 100%: the peak was measured low, pass --peak-flops)"
                                                if record["mfu"] > 1 else "")
@@ -682,21 +693,6 @@ def plot_metrics(records, tau, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def read_metrics(path, upto_step):
-    """The records of steps <= upto_step; a line cut short by a kill is dropped."""
-    records = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if record["step"] <= upto_step:
-                    records.append(record)
-    return records
 
 
 def export_and_sample(model_state, config, out, sample_tokens, val_tokens, log):
@@ -753,14 +749,7 @@ def main(argv=None):
         start_step, window, bad_steps = restore(ckpt, ckpt_path, raw_model, optimizer, scaler, train_sampler, args, setup)
         log(f"resumed from {ckpt_path} at step {start_step}")
         del ckpt
-    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a") if setup.master else None
-
-    def write_record(record):
-        records.append(record)
-        if setup.master:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-
+    write_record = metrics_writer(os.path.join(args.out, "metrics.jsonl"), records, setup.master)
     peak_flops = args.peak_flops or measure_peak_flops(setup.dtype, setup.device)
     flops_per_tok = raw_model.estimate_flops_per_token(args.seq_len)  # training: forward + backward
     n_params = sum(p.numel() for p in raw_model.parameters())  # DTensor numel is the global size
@@ -771,9 +760,7 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # training loop (eval helper: estimate_val_loss; lr schedule: lr_at)
-    if window is None:  # statistics accumulated between two metrics records
-        window = {"max_logits": torch.full((len(attention),), -math.inf), "heads_clipped": torch.zeros((), dtype=torch.long)}
-    window = {k: v.to(setup.device) for k, v in window.items()}
+    window = {k: v.to(setup.device) for k, v in (window or new_window(len(attention))).items()}
     val_loss = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
     t_start = t_log = time.perf_counter()
     steps_timed = 0
@@ -843,7 +830,7 @@ def main(argv=None):
                           "elapsed_s": now - t_start}
                 write_record(record)
                 log(progress_line(record, max_steps, eta=(now - t_start) / (step + 1 - start_step) * (max_steps - step - 1)))
-                window = {"max_logits": torch.full_like(window["max_logits"], -math.inf), "heads_clipped": torch.zeros_like(window["heads_clipped"])}
+                window = new_window(len(attention), setup.device)
                 t_log, steps_timed = now, 0
 
     # -------------------------------------------------------------------------
@@ -860,8 +847,6 @@ def main(argv=None):
             verdict = "below" if val_loss < entropy else "NOT below"
             log(f"final val loss {val_loss:.4f} nats/token vs unigram entropy {entropy:.4f} nats/token "
                 f"({verdict} the best context-free model); run folder {args.out}")
-    if setup.master:
-        metrics_file.close()
     if setup.distributed:
         # Drain gloo's worker threads before the process group goes: destroying it (DDP's reducer
         # holds it too) while a worker still needs the GIL to free a finished collective's tensors
