@@ -1640,8 +1640,10 @@ def test_checkpoint_backend_runs_a_real_kimik2_checkpoint(tmp_path):
 # ==================================================================================================
 # train.py: the training program (issue 5)
 #
-# Tests of train.py: exact resume after SIGKILL, atomic checkpoints, DDP / FSDP2 against one process,
-# gradient accumulation, non-finite steps, and errors that name the bad option or file.
+# Tests of train.py: exact resume after SIGKILL and after SIGINT, atomic checkpoints (also on a full
+# disk), runs never lost to a rerun, resume checks before anything is built, DDP / FSDP2 against one
+# process, gradient accumulation, non-finite steps, the hf/ export through transformers' Auto classes,
+# and one-line errors that name the bad option, file or path.
 #
 # Runs on CPU in float32 with tiny settings (a 2-layer, 8-expert cut of the tiny preset; 8 steps of
 # 4 x 32 tokens). Training subprocesses run with one thread each: PyTorch's multi-threaded CPU kernels
