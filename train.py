@@ -179,7 +179,7 @@ def model_config(args) -> Config:
 
 
 # -----------------------------------------------------------------------------
-# init: processes and devices
+# init: processes and devices; the data
 
 @dataclass
 class Setup:
@@ -305,6 +305,9 @@ def all_reduce_expert_loads(gates):
     for gate, load in zip(gates, loads):
         gate.expert_load.copy_(load)
 
+
+# -----------------------------------------------------------------------------
+# eval helper and the training step
 
 @torch.no_grad()
 def estimate_val_loss(model, val_tokens, args, setup):
