@@ -17,7 +17,7 @@ with --overwrite; Ctrl-C (SIGINT) or SIGTERM checkpoints at the next step bounda
 that continues the run and exits with status 130; a full disk or an unusable --out stops with one line
 naming the path and leaves no temporary file.
 
-    python train.py                                    # tiny preset, embedded corpus, ~4 min on 2 CPU cores
+    python train.py                                    # tiny preset, embedded corpus, minutes on 2 CPU cores
     python train.py --resume                           # continue a stopped run exactly (here runs/tiny)
     torchrun --nproc_per_node=2 train.py --fsdp        # FSDP2 on 2 processes, same global batch
     python train.py --qk-clip-tau 0                    # plain Muon, no QK-Clip
