@@ -24,7 +24,8 @@ MuonClip does), with gradients that are views of the stack's gradient. Embedding
 vectors go to AdamW (foreach), as in muonclip.split_params. Both sides use the same lr, weight decay,
 momentum 0.95 with Nesterov, and Moonlight's 0.2*sqrt(max(A, B)) update scale.
 
-MFU convention: the peak is the fastest square torch.mm (n = 512, 1024, 2048) timed in this run;
+MFU convention: the peak is train.measure_peak_flops, the one train.py divides by: the fastest of
+several timings of square matmuls (n = 512, 1024, 2048 on a CPU), measured in this run;
 FLOPs per training token = kimik2.flops_per_token(training=True): 3x the forward's
 2 FLOPs per multiply-add of the activated matmul weights plus naive-MLA attention over the average
 causal context (T+1)/2; elementwise work is not counted. Time is the whole step, optimizer included.
@@ -32,14 +33,18 @@ causal context (T+1)/2; elementwise work is not counted. Time is the whole step,
     python bench.py                 the table (about 2-3 minutes on 2 CPU cores)
     python bench.py --json          one JSON object
     python bench.py --reps 5 --warmup 1 --decode-context 1024   quicker, noisier
-    python bench.py --threads 1     on a machine other processes are loading: torch's OpenMP threads
-                                    spin-wait for a descheduled peer at every op, which slowed tiny
-                                    steps 5-10x here (the table prints the load average)
+    python bench.py --threads-study row 8 alone: train.py's step with 1 thread, 2 threads, and 2 threads
+                                    waiting passively (OMP_WAIT_POLICY=PASSIVE, train.py's default), each
+                                    alone and beside a busy 2-thread process that the bench starts
 """
+import os
+
+# as train.py (see its note; row 8 measures why): OpenMP threads wait passively, unless the environment says otherwise
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import contextlib
 import json
-import os
 import platform
 import re
 import statistics
@@ -53,6 +58,7 @@ import torch.nn.functional as F
 
 from kimik2 import Config, KimiK2
 from muonclip import MuonClip, split_params
+from train import measure_peak_flops
 
 # Targets from issue 6 (2-core CPU, ratios within one run)
 TARGETS = {
@@ -85,18 +91,6 @@ def race(fns: dict, reps: int, warmup: int, device=torch.device("cpu")) -> dict:
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def matmul_peak(dtype, device=torch.device("cpu"), sizes=(512, 1024, 2048), reps=5) -> float:
-    """FLOP/s of the fastest square n x n torch.mm in `dtype` over `sizes`: the machine's matmul peak
-    as torch reaches it (on a CPU the smaller sizes, which stay in cache, are often the fastest)."""
-    best = 0.0
-    for n in sizes:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        seconds = race({"mm": lambda: torch.mm(a, b)}, reps=reps, warmup=2, device=device)["mm"]
-        best = max(best, 2 * n ** 3 / seconds)
-    return best
 
 
 def cpu_bf16_flags() -> list:
@@ -402,10 +396,87 @@ def bench_cuda_small(args) -> dict:
     step = train_step_fn(model, muonclip_for(model), x, y, autocast_dtype=torch.bfloat16)
     seconds = race({"step": step}, reps=args.reps, warmup=args.warmup, device=device)["step"]
     tokens_per_s = x.numel() / seconds
-    peak = matmul_peak(torch.bfloat16, device, sizes=(4096, 8192), reps=10)
+    peak = measure_peak_flops(torch.bfloat16, device)
     flops = model.estimate_flops_per_token(x.shape[1])
     return dict(gpu=torch.cuda.get_device_name(), batch=list(x.shape), tokens_per_s=tokens_per_s,
                 bf16_peak_flops=peak, mfu=tokens_per_s * flops / peak)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Threads and the OpenMP wait policy, on a quiet machine and beside a busy one
+
+# Each setting is applied in a fresh process: OpenMP reads its environment once, when torch loads.
+THREAD_SETTINGS = {
+    "1 thread": {"OMP_NUM_THREADS": "1"},
+    "2 threads": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"},
+    "2 threads, passive wait": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
+}
+BUSY_PROCESS = ("import torch; torch.set_num_threads(2); a = torch.ones(512, 512)\n"
+                "while True: a @ a")  # another job on the machine: a 2-thread torch matmul loop
+
+
+def start_busy_process() -> subprocess.Popen:
+    """BUSY_PROCESS as another user would run it: OpenMP's default wait policy, not this file's."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    return subprocess.Popen([sys.executable, "-c", BUSY_PROCESS], env=env)
+
+
+def step_worker(preset: str, batch: int, seq_len: int, reps: int, budget_s: float = 30.0) -> dict:
+    """Run in a subprocess: train.py's step (tiny, MuonClip, fp32) timed `reps` times after one
+    warm-up step, or as many as fit in budget_s; the median and the fastest step."""
+    model = build_kimik2(preset)
+    x, y = make_batch(model.config, batch, seq_len)
+    step = train_step_fn(model, muonclip_for(model), x, y)
+    step()
+    times, t_end = [], time.perf_counter() + budget_s
+    while len(times) < reps and (len(times) < 2 or time.perf_counter() < t_end):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return dict(median_ms=statistics.median(times) * 1e3, best_ms=min(times) * 1e3, steps=len(times),
+                threads=torch.get_num_threads())
+
+
+def bench_threads(args) -> dict:
+    """The training step under each of THREAD_SETTINGS, alone and beside BUSY_PROCESS, settings
+    interleaved (A B C A B C) so drifting load from elsewhere hits them alike; per setting the
+    median over rounds of each round's median step time."""
+    def worker(env):
+        cmd = [sys.executable, os.path.abspath(__file__), "--step-worker", "--preset", args.preset,
+               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--reps", str(args.reps)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+        if done.returncode:
+            raise RuntimeError(f"step worker failed: {done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    res = dict(torch=torch.__version__, cores=os.cpu_count(), preset=args.preset,
+               batch=[args.batch_size, args.seq_len], load_average_at_start=os.getloadavg())
+    for condition in ("quiet", "busy"):
+        busy = start_busy_process() if condition == "busy" else None
+        try:
+            rounds = {name: [] for name in THREAD_SETTINGS}
+            for _ in range(args.rounds):
+                for name, env in THREAD_SETTINGS.items():
+                    rounds[name].append(worker(env)["median_ms"])
+        finally:
+            if busy:
+                busy.kill()
+                busy.wait()
+        res[condition] = {name: statistics.median(ms) for name, ms in rounds.items()}
+    res["load_average_at_end"] = os.getloadavg()
+    return res
+
+
+def print_threads(res):
+    print(f"train step ({res['preset']}, batch {res['batch'][0]} x {res['batch'][1]}, MuonClip, fp32), torch "
+          f"{res['torch']}, {res['cores']} cores; load average (1, 5, 15 min) "
+          f"{', '.join(f'{x:.1f}' for x in res['load_average_at_start'])} at start, "
+          f"{', '.join(f'{x:.1f}' for x in res['load_average_at_end'])} at end")
+    print(f"{'setting':26s} {'quiet ms':>9s} {'busy ms':>9s} {'busy/quiet':>11s} {'quiet/best':>11s} {'busy/best':>10s}")
+    best = {c: min(res[c].values()) for c in ("quiet", "busy")}
+    for name in THREAD_SETTINGS:
+        q, b = res["quiet"][name], res["busy"][name]
+        print(f"{name:26s} {q:9.0f} {b:9.0f} {b / q:11.2f} {q / best['quiet']:11.2f} {b / best['busy']:10.2f}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,7 +542,7 @@ def run(args) -> dict:
                            overhead=t["tracked"] / t["untracked"] - 1)
     res["bf16"] = dict(fp32_ms=t["tracked"] * 1e3, bf16_ms=t["bf16"] * 1e3, speedup=t["tracked"] / t["bf16"])
     flops_per_token = model.estimate_flops_per_token(args.seq_len)
-    peak_fp32, peak_bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    peak_fp32, peak_bf16 = measure_peak_flops(torch.float32), measure_peak_flops(torch.bfloat16)
     achieved = dict(fp32=tokens / t["tracked"] * flops_per_token, bf16=tokens / t["bf16"] * flops_per_token)
     res["mfu"] = dict(flops_per_token=flops_per_token, fp32_peak_flops=peak_fp32, bf16_peak_flops=peak_bf16,
                       fp32_flops=achieved["fp32"], bf16_flops=achieved["bf16"],
@@ -592,10 +663,26 @@ def main(argv=None):
     p.add_argument("--decode-tokens", type=int, default=32, help="decoded tokens timed")
     p.add_argument("--cuda-batch-size", type=int, default=16)
     p.add_argument("--seq-len-cuda", type=int, default=1024)
+    p.add_argument("--threads-study", action="store_true",
+                   help="only row 8: the training step under each thread setting, quiet and beside a busy 2-thread process")
+    p.add_argument("--rounds", type=int, default=3, help="--threads-study: rounds of the settings (median)")
+    p.add_argument("--busy", action="store_true",
+                   help="only run row 8's competing busy 2-thread process, until killed (to time anything beside it)")
     p.add_argument("--memory-worker", choices=("kimik2", "transformers"), help=argparse.SUPPRESS)
+    p.add_argument("--step-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.busy:
+        start_busy_process().wait()
+        return
     if args.memory_worker:
         print(json.dumps(memory_worker(args.memory_worker, args.preset, args.batch_size, args.seq_len)))
+        return
+    if args.step_worker:
+        print(json.dumps(step_worker(args.preset, args.batch_size, args.seq_len, args.reps)))
+        return
+    if args.threads_study:
+        res = bench_threads(args)
+        print(json.dumps(res, indent=2)) if args.json else print_threads(res)
         return
     res = run(args)
     if args.json:

@@ -100,6 +100,26 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
 
+    def save_pretrained(self, directory: str):
+        """tokenizer.json + tokenizer_config.json, so that transformers' AutoTokenizer loads this
+        tokenizer with the same ids and text: a BPE vocabulary of the 256 byte tokens <0x00>..<0xFF>
+        (id = byte) and nothing else, so byte fallback spells every character in its UTF-8 bytes;
+        eos <0x00>, id 0. (Decoding invalid UTF-8 differs: there U+FFFD replaces every byte of a run
+        of byte tokens that does not decode, where `decode` replaces only the invalid bytes.)"""
+        byte_token = [f"<0x{b:02X}>" for b in range(256)]
+        tokenizer = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+                     "pre_tokenizer": None, "post_processor": None,
+                     "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
+                     "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                               "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": True,
+                               "ignore_merges": False, "vocab": {t: b for b, t in enumerate(byte_token)}, "merges": []}}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": byte_token[self.eos],
+                  "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}
+        os.makedirs(directory, exist_ok=True)
+        for name, obj in (("tokenizer.json", tokenizer), ("tokenizer_config.json", config)):
+            with open(os.path.join(directory, name), "w") as f:
+                json.dump(obj, f, indent=1)
+
 
 # -----------------------------------------------------------------------------------------------
 # Documents: user files and folders, the load report, bad input

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -2473,8 +2474,10 @@ def test_bench_reports_throughput_and_client_cpu_per_concurrency():
 # ==================================================================================================
 # train.py: the training program (issue 5)
 #
-# Tests of train.py: exact resume after SIGKILL, atomic checkpoints, DDP / FSDP2 against one process,
-# gradient accumulation, non-finite steps, and errors that name the bad option or file.
+# Tests of train.py: exact resume after SIGKILL and after SIGINT, atomic checkpoints (also on a full
+# disk), runs never lost to a rerun, resume checks before anything is built, DDP / FSDP2 against one
+# process, gradient accumulation, non-finite steps, the hf/ export through transformers' Auto classes,
+# and one-line errors that name the bad option, file or path.
 #
 # Runs on CPU in float32 with tiny settings (a 2-layer, 8-expert cut of the tiny preset; 8 steps of
 # 4 x 32 tokens). Training subprocesses run with one thread each: PyTorch's multi-threaded CPU kernels
@@ -2498,6 +2501,7 @@ def _train_args(out, setup, *extra):
 
 
 def _train_run(args, nproc=1, timeout=300):
+    """train.py ARGS in a subprocess (under torchrun for nproc 2), which must succeed."""
     assert nproc in (1, 2)
     if nproc == 1:
         done = subprocess.run([sys.executable, "train.py", *args], cwd=_HERE, capture_output=True,
@@ -2505,7 +2509,7 @@ def _train_run(args, nproc=1, timeout=300):
     else:
         done = _torchrun(["train.py", *args], env=_TRAIN_ENV)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    return done
 
 
 def _train_metrics(out, timing=False):
@@ -2533,8 +2537,7 @@ def train_setup(tmp_path_factory):
 def train_reference(tmp_path_factory, train_setup):
     """One uninterrupted single-process run that the other runs are compared with."""
     out = tmp_path_factory.mktemp("reference")
-    stdout = _train_run(_train_args(out, train_setup))
-    return out, stdout
+    return out, _train_run(_train_args(out, train_setup)).stdout
 
 
 def test_run_folder_holds_config_metrics_checkpoints_export(train_reference):
@@ -2602,7 +2605,8 @@ def test_checkpoints_beyond_keep_are_removed(tmp_path):
 def test_two_processes_with_accumulation_match_one_process(tmp_path, train_setup, train_reference, mode):
     """2 ranks x 2 micro-steps x 1 sequence is the reference's global batch of 4: same loss curve."""
     reference, _ = train_reference
-    _train_run(_train_args(tmp_path, train_setup, "--grad-accum", "2", *mode), nproc=2)
+    done = _train_run(_train_args(tmp_path, train_setup, "--grad-accum", "2", *mode), nproc=2)
+    assert "FutureWarning" not in done.stderr, done.stderr  # DDP's broadcast_buffers deprecation, once per rank
     ours, theirs = _train_losses(tmp_path), _train_losses(reference)
     assert [s for s, _ in ours] == [s for s, _ in theirs]
     assert max(abs(a - b) for (_, a), (_, b) in zip(ours, theirs)) < 1e-4
@@ -2681,13 +2685,132 @@ def test_corrupt_checkpoint_fails_naming_the_file(tmp_path, train_setup):
         train.main(_train_args(tmp_path, train_setup, "--resume", str(bad)))
 
 
-def test_resume_with_incompatible_config_fails_naming_the_option(tmp_path, train_setup, train_reference):
+def _train_build_nothing(monkeypatch):
+    """Make building the data or the model fail loudly: the checks before them must stop the run."""
+    def built(*a, **k):
+        raise AssertionError("built something before the check")
+    monkeypatch.setattr(train.data, "prepare", built)
+    monkeypatch.setattr(train, "KimiK2", built)
+
+
+def test_resume_with_incompatible_config_fails_naming_the_field_and_builds_nothing(tmp_path, train_setup,
+                                                                                   train_reference, monkeypatch):
     reference, _ = train_reference
-    ckpt = sorted(glob.glob(os.path.join(reference, "ckpt_*.pt")))[-1]
+    ckpt = sorted(glob.glob(os.path.join(reference, "ckpt_*.pt")))[-1]  # step 8
+    _train_build_nothing(monkeypatch)
     with pytest.raises(SystemExit, match=r"different --seq-len \(32, this run: 16\)"):
         train.main(_train_args(tmp_path, train_setup, "--seq-len", "16", "--resume", ckpt))
     with pytest.raises(SystemExit, match="different --optimizer"):
         train.main(_train_args(tmp_path, train_setup, "--optimizer", "adamw", "--resume", ckpt))
+    other = tmp_path / "three_layers.json"
+    other.write_text(json.dumps({**json.load(open(train_setup[1])), "num_hidden_layers": 3}))
+    with pytest.raises(SystemExit, match=r"different --preset/--config: num_hidden_layers 2 \(this run: 3\)$"):
+        train.main([*_train_args(tmp_path, train_setup, "--resume", ckpt), "--config", str(other)])
+    with pytest.raises(SystemExit, match=r"is at step 8, past --max-steps 5 \(give --max-steps 8 or more\)"):
+        train.main(_train_args(tmp_path, train_setup, "--max-steps", "5", "--resume", ckpt))
+    assert not (tmp_path / "config.json").exists()  # nor was the run folder touched
+
+
+def _train_snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_rerun_without_resume_keeps_the_earlier_run(tmp_path, train_setup, train_reference, monkeypatch):
+    reference, _ = train_reference
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = _train_snapshot(run)
+    _train_build_nothing(monkeypatch)
+    with pytest.raises(SystemExit, match=f"--out {run} holds an earlier run .*ckpt_0000008.pt.*--resume.*--overwrite"):
+        train.main(_train_args(run, train_setup))
+    assert _train_snapshot(run) == before
+    # --overwrite is the explicit way to start over: the earlier checkpoints, metrics and export go
+    args = train.parse_args(_train_args(run, train_setup, "--overwrite"))
+    assert train.prepare_run_folder(args, 0, {"run": "new"}, master=True) == []
+    assert sorted(os.listdir(run)) == ["config.json", "metrics.jsonl"]
+    assert (run / "metrics.jsonl").read_text() == ""
+
+
+def test_sigint_checkpoints_then_resume_logs_exactly_the_uninterrupted_metrics(tmp_path, train_setup, train_reference):
+    reference, _ = train_reference
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "train.py", *_train_args(out, train_setup)], cwd=_HERE, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_TRAIN_ENV)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any('"loss"' in line and json.loads(line)["step"] >= 3
+                                    for line in metrics.read_text().splitlines()[:-1]):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == train.INTERRUPTED, stderr
+    assert "Traceback" not in stderr and not os.path.exists(out / "hf")
+    stopped = int(re.search(r"stopped by SIGINT after step (\d+), checkpointed", stdout)[1])
+    assert stopped < _TRAIN_STEPS and os.path.exists(out / f"ckpt_{stopped:07d}.pt")
+    command = stdout.rpartition("continue with: ")[2].split()
+    assert command[:2] == ["python", "train.py"] and command[-1] == "--resume"
+    _train_run(command[2:])
+    assert _train_metrics(out) == _train_metrics(reference)
+
+
+@pytest.mark.parametrize("failure", ["torch.save", "fsync"])
+def test_full_disk_during_checkpoint_leaves_the_previous_one_and_no_temporary_file(tmp_path, monkeypatch, failure):
+    good = train.save_checkpoint({"step": 1, "model": {"w": torch.ones(3)}}, str(tmp_path), keep=2)
+    if failure == "torch.save":  # torch's own error for a full disk: /dev/full answers every write with ENOSPC
+        save = torch.save
+        monkeypatch.setattr(torch, "save", lambda obj, f: (f.write(b"PK\x03\x04 partial"), save(obj, open("/dev/full", "wb"))))
+    else:
+        def fsync_full(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(os, "fsync", fsync_full)
+    with pytest.raises(SystemExit, match=f"--out {tmp_path}: cannot write checkpoint .*ckpt_0000002.pt: No space left on device$"):
+        train.save_checkpoint({"step": 2, "model": {"w": torch.zeros(3)}}, str(tmp_path), keep=2)
+    assert os.listdir(tmp_path) == [os.path.basename(good)]
+    assert torch.equal(torch.load(good, weights_only=True)["model"]["w"], torch.ones(3))
+
+
+def test_corrupt_newest_checkpoint_names_the_older_good_one(tmp_path, train_setup, train_reference):
+    reference, _ = train_reference
+    for name in ("ckpt_0000006.pt", "ckpt_0000008.pt"):
+        shutil.copy(os.path.join(reference, name), tmp_path)
+    newest = tmp_path / "ckpt_0000008.pt"
+    newest.write_bytes(newest.read_bytes()[:5000])  # cut short, as by a failing disk
+    with pytest.raises(SystemExit, match=f"cannot read checkpoint {newest}: .*the older checkpoint next to it "
+                                         f"reads \\(step 6\\): --resume {tmp_path / 'ckpt_0000006.pt'}$"):
+        train.main(_train_args(tmp_path, train_setup, "--resume"))
+
+
+@pytest.mark.parametrize("make, argv, named", [
+    (lambda d: (d / "f").write_text("x"), ["--out", "{d}/f"], "--out {d}/f: exists and is not a folder"),
+    (lambda d: (d / "f").write_text("x"), ["--out", "{d}/f/run"], "--out {d}/f/run: cannot write {d}/f/run: Not a directory"),
+    (lambda d: (d / "f").write_text("x"), ["--data-cache", "{d}/f", "--data", "{d}/f"], "--data-cache {d}/f/"),
+    (lambda d: None, ["--resume", "--overwrite"], "argument --overwrite: not allowed with --resume"),
+])
+def test_bad_run_folders_fail_in_one_line_naming_the_path(tmp_path, train_setup, make, argv, named):
+    make(tmp_path)
+    argv = [a.format(d=tmp_path) for a in argv]
+    done = subprocess.run([sys.executable, "train.py", *_train_args(tmp_path / "run", train_setup), *argv], cwd=_HERE,
+                          capture_output=True, text=True, timeout=120, env=_TRAIN_ENV)
+    assert done.returncode in (1, 2) and "Traceback" not in done.stderr
+    assert named.format(d=tmp_path) in done.stderr.strip().splitlines()[-1], done.stderr
+
+
+def test_hf_export_loads_in_auto_tokenizer_and_generates_as_kimik2(train_reference):
+    transformers = pytest.importorskip("transformers", reason="transformers not installed: the HF export is checked against it")
+    hf = os.path.join(train_reference[0], "hf")
+    tokenizer, ours = transformers.AutoTokenizer.from_pretrained(hf), data.ByteTokenizer()
+    for text in ["Kimi-K2 \u00e9t\u00e9 \u65e5\u672c \U0001f389", " two  spaces\n\ttab", "nul\x00inside", "<0x41>"]:
+        ids = tokenizer(text)["input_ids"]
+        assert ids == ours.encode(text) and tokenizer.decode(ids) == text
+    assert tokenizer.eos_token_id == ours.eos == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf)
+    prompt = tokenizer("def main(", return_tensors="pt")["input_ids"]  # (1, 9)
+    theirs = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)[0, prompt.shape[1]:]
+    mine = KimiK2.from_pretrained(hf).generate(prompt, 12, temperature=0)[0, prompt.shape[1]:]
+    assert theirs.tolist() == mine.tolist()
+    assert tokenizer.decode(theirs) == ours.decode(mine.tolist())
 
 
 def test_wsd_schedule_warms_up_holds_then_decays_to_min_ratio():

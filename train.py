@@ -10,22 +10,41 @@ Features: gradient accumulation; DDP, or FSDP2 with --fsdp, under torchrun (gloo
 with a global batch that does not depend on the number of processes; float32, bfloat16 autocast, or
 float16 with a grad scaler (CUDA); torch.compile; atomic checkpoints and an exact --resume; non-finite
 steps skipped; a run folder with config.json, metrics.jsonl, checkpoints, plot.png and a Hugging Face
-layout export (hf/).
+layout export (hf/, model and byte tokenizer).
 
-    python train.py                                    # tiny preset, embedded corpus, ~5 min on 2 CPU cores
-    python train.py --out runs/tiny --resume           # continue a stopped run exactly
+No run is lost: a run folder that holds checkpoints is continued with --resume or started over only
+with --overwrite; Ctrl-C (SIGINT) or SIGTERM checkpoints at the next step boundary, prints the command
+that continues the run and exits with status 130; a full disk or an unusable --out stops with one line
+naming the path and leaves no temporary file.
+
+    python train.py                                    # tiny preset, embedded corpus, minutes on 2 CPU cores
+    python train.py --resume                           # continue a stopped run exactly (here runs/tiny)
     torchrun --nproc_per_node=2 train.py --fsdp        # FSDP2 on 2 processes, same global batch
     python train.py --qk-clip-tau 0                    # plain Muon, no QK-Clip
     python train.py --help                             # every option
 """
+import os
+
+# OpenMP threads wait for each other at the end of every parallel op. By default they spin while they
+# wait, and on a machine where other processes compete for the cores a spinning thread keeps its
+# descheduled peer from running: a tiny training step with 2 threads took 8.5x longer beside a busy
+# process than with passive waiting, and passive waiting was also faster on the (shared) quiet machine
+# (`python bench.py --threads-study`, README "Performance"). OpenMP reads the policy once, when torch
+# loads, hence before the imports; an OMP_WAIT_POLICY already set in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import glob
 import json
 import math
-import os
 import random
+import shlex
+import shutil
+import signal
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,6 +58,9 @@ from muonclip import MuonClip
 
 # Options a checkpoint's run must share with the resuming run: they change what "step N" means.
 RESUME_MUST_MATCH = ("model", "optimizer", "batch_size", "seq_len", "data")
+CHECKPOINT_KEYS = {"step", "model", "optimizer", "optimizer_per_rank", "scaler", "sampler", "rng", "config",
+                   "window", "bad_steps"}
+INTERRUPTED = 130  # exit status after a SIGINT or SIGTERM stop (128 + SIGINT, as a shell reports Ctrl-C)
 
 
 def fail(message):
@@ -49,75 +71,61 @@ def fail(message):
 # -----------------------------------------------------------------------------
 # config: every option, validated where argparse can name it
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def number(cast, low, high=None, *, above=False):
+    """An argparse type: cast(text), finite, >= low (> low when `above`) and <= high when given;
+    anything else is argparse's one-line error naming the option."""
+    wanted = f"{'an integer' if cast is int else 'a finite number'} " + \
+        (f"in [{low}, {high}]" if high is not None else f"{'>' if above else '>='} {low}")
+
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if above else value >= low) and (high is None or value <= high)):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+    return parse
 
 
-def _non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+POSITIVE_INT, COUNT = number(int, 1), number(int, 0)
+POSITIVE, NON_NEGATIVE, FRACTION = number(float, 0, above=True), number(float, 0), number(float, 0, 1)
 
 
-def _positive_float(text):
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text):
-    value = float(text)
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _fraction(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model preset")
     g.add_argument("--config", metavar="FILE", help="model config.json (Hugging Face field names); replaces --preset")
-    g.add_argument("--aux-loss-alpha", type=_non_negative_float,
+    g.add_argument("--aux-loss-alpha", type=NON_NEGATIVE,
                    help="sequence-wise balance loss coefficient (DeepSeek-V3: 1e-4); default: the config's")
-    g.add_argument("--router-bias-speed", type=_non_negative_float, default=1e-3,
+    g.add_argument("--router-bias-speed", type=NON_NEGATIVE, default=1e-3,
                    help="gamma of the loss-free balancing update b_i += gamma*sign(mean_load - load_i) (DeepSeek-V3: 0.001)")
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", metavar="[DOMAIN=]PATH",
                    help="files or folders of .txt/.md/.py/.jsonl, or builtin[:code,knowledge,math]; default: the embedded corpus")
     g.add_argument("--data-cache", default="data_cache", metavar="DIR", help="where tokenised corpora are cached")
-    g.add_argument("--batch-size", type=_positive_int, default=16,
+    g.add_argument("--batch-size", type=POSITIVE_INT, default=16,
                    help="global batch in sequences per optimizer step, whatever the number of processes")
-    g.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sequence")
-    g.add_argument("--grad-accum", type=_positive_int, default=1,
+    g.add_argument("--seq-len", type=POSITIVE_INT, default=128, help="tokens per sequence")
+    g.add_argument("--grad-accum", type=POSITIVE_INT, default=1,
                    help="micro-steps per optimizer step; each process runs batch/(grad_accum*processes) sequences per micro-step")
     g = p.add_argument_group("optimization")
-    g.add_argument("--max-steps", type=_positive_int, default=600, help="optimizer steps")
-    g.add_argument("--max-tokens", type=_positive_int, help="token budget; replaces --max-steps")
+    g.add_argument("--max-steps", type=POSITIVE_INT, default=600, help="optimizer steps")
+    g.add_argument("--max-tokens", type=POSITIVE_INT, help="token budget; replaces --max-steps")
     g.add_argument("--optimizer", default="muonclip", choices=["muonclip", "adamw"],
                    help="muonclip: Muon on hidden matrices, AdamW on the rest; adamw: AdamW on everything")
-    g.add_argument("--lr", type=_positive_float, default=1e-2, help="peak learning rate (K2: 2e-4 at 1T scale)")
+    g.add_argument("--lr", type=POSITIVE, default=1e-2, help="peak learning rate (K2: 2e-4 at 1T scale)")
     g.add_argument("--schedule", default="wsd", choices=["wsd", "cosine"],
                    help="wsd: warm-up, constant, cosine decay over the last --decay-frac of steps (K2); cosine: warm-up then cosine")
-    g.add_argument("--warmup-steps", type=_non_negative_int, default=30, help="linear warm-up steps (K2: 500)")
-    g.add_argument("--decay-frac", type=_fraction, default=0.3, help="wsd: fraction of steps spent decaying")
-    g.add_argument("--min-lr-ratio", type=_fraction, default=0.1, help="final lr / peak lr (K2: 2e-5 / 2e-4)")
-    g.add_argument("--weight-decay", type=_non_negative_float, default=0.1, help="decoupled weight decay (K2: 0.1)")
-    g.add_argument("--qk-clip-tau", type=_non_negative_float, default=100.0,
+    g.add_argument("--warmup-steps", type=COUNT, default=30, help="linear warm-up steps (K2: 500)")
+    g.add_argument("--decay-frac", type=FRACTION, default=0.3, help="wsd: fraction of steps spent decaying")
+    g.add_argument("--min-lr-ratio", type=FRACTION, default=0.1, help="final lr / peak lr (K2: 2e-5 / 2e-4)")
+    g.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.1, help="decoupled weight decay (K2: 0.1)")
+    g.add_argument("--qk-clip-tau", type=NON_NEGATIVE, default=100.0,
                    help="QK-Clip threshold on each head's max attention logit (K2: 100); 0 disables the clip")
-    g.add_argument("--max-bad-steps", type=_positive_int, default=5,
+    g.add_argument("--max-bad-steps", type=POSITIVE_INT, default=5,
                    help="stop after this many non-finite steps in a row (each one is skipped)")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
@@ -126,22 +134,227 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--fsdp", action="store_true", help="under torchrun, shard with FSDP2 (fully_shard) instead of DDP")
     g.add_argument("--seed", type=int, default=1337, help="seed for the initial weights and the batches")
-    g.add_argument("--peak-flops", type=_positive_float,
-                   help="peak FLOP/s of one device for MFU; default: measured with a dense matmul in the training dtype")
+    g.add_argument("--peak-flops", type=POSITIVE,
+                   help="peak FLOP/s of one device for MFU; default: measured (measure_peak_flops)")
     g = p.add_argument_group("run folder")
     g.add_argument("--out", default=None, metavar="DIR", help="run folder; default: runs/<preset>")
     g.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
                    help="continue from CKPT, or from the newest checkpoint in --out")
-    g.add_argument("--log-interval", type=_positive_int, default=10, help="steps between progress lines and metrics records")
-    g.add_argument("--eval-interval", type=_positive_int, default=100, help="steps between validation losses")
-    g.add_argument("--eval-iters", type=_positive_int, default=8, help="batches per validation loss")
-    g.add_argument("--ckpt-interval", type=_positive_int, default=100, help="steps between checkpoints")
-    g.add_argument("--keep-ckpts", type=_positive_int, default=2, help="checkpoints kept in the run folder")
-    g.add_argument("--sample-tokens", type=_non_negative_int, default=300, help="length of the final sample")
-    args = p.parse_args(argv)
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds an earlier run: delete its checkpoints, metrics, "
+                        "plot and hf/ export first (without --resume or --overwrite such a folder is refused)")
+    g.add_argument("--log-interval", type=POSITIVE_INT, default=10, help="steps between progress lines and metrics records")
+    g.add_argument("--eval-interval", type=POSITIVE_INT, default=100, help="steps between validation losses")
+    g.add_argument("--eval-iters", type=POSITIVE_INT, default=8, help="batches per validation loss")
+    g.add_argument("--ckpt-interval", type=POSITIVE_INT, default=100,
+                   help="steps between checkpoints (also written at the end and on SIGINT/SIGTERM)")
+    g.add_argument("--keep-ckpts", type=POSITIVE_INT, default=2, help="checkpoints kept in the run folder")
+    g.add_argument("--sample-tokens", type=COUNT, default=300, help="length of the final sample")
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("argument --overwrite: not allowed with --resume (continue the run, or start it over)")
     if args.out is None:
         args.out = os.path.join("runs", args.preset if args.config is None else "custom")
     return args
+
+
+def model_config(args) -> Config:
+    """--preset or --config, with --aux-loss-alpha applied."""
+    try:
+        config = Config.from_json(args.config) if args.config else Config.from_preset(args.preset)
+        if args.aux_loss_alpha is not None:
+            config = Config(**{**config.to_dict(), "aux_loss_alpha": args.aux_loss_alpha})
+    except (OSError, ValueError, TypeError) as e:
+        fail(f"--config {args.config}: {e}" if args.config else f"--aux-loss-alpha: {e}")
+    if config.vocab_size < data.ByteTokenizer.vocab_size:
+        fail(f"model vocab_size {config.vocab_size} is smaller than the tokenizer's {data.ByteTokenizer.vocab_size}")
+    if config.max_position_embeddings < args.seq_len:
+        fail(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings {config.max_position_embeddings}")
+    return config
+
+
+# -----------------------------------------------------------------------------
+# init: processes and devices; the data
+
+@dataclass
+class Setup:
+    """What init decides: the processes, this one's device, the training precision and its share
+    of the batch. Under torchrun each process holds its own."""
+    distributed: bool
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    micro_batch: int  # sequences per process per micro-step
+
+    @property
+    def master(self):  # only rank 0 prints and writes
+        return self.rank == 0
+
+    def autocast(self):
+        return nullcontext() if self.dtype == torch.float32 else torch.autocast(self.device.type, dtype=self.dtype)
+
+    def log(self, *a):
+        if self.master:
+            print(*a)
+
+
+def init_processes(args) -> Setup:
+    """torchrun's process group when launched by torchrun, the device, the dtype, the micro-batch."""
+    distributed = "RANK" in os.environ  # set by torchrun
+    if args.fsdp and not distributed:
+        fail("--fsdp needs torchrun (e.g. torchrun --nproc_per_node=2 train.py --fsdp)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: CUDA is not available")
+    device_type = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    if dtype == "float16" and device_type != "cuda":
+        fail("--dtype float16 needs CUDA (its grad scaler is CUDA-only); use bfloat16 or float32 on CPU")
+    world = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
+    if args.batch_size % (args.grad_accum * world):
+        fail(f"--batch-size {args.batch_size} must be divisible by --grad-accum {args.grad_accum} x {world} processes")
+    if distributed:
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device(device_type, int(os.environ["LOCAL_RANK"])) if device_type == "cuda" else torch.device("cpu")
+    else:
+        rank, device = 0, torch.device(device_type)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return Setup(distributed, rank, world, device, getattr(torch, dtype), args.batch_size // (args.grad_accum * world))
+
+
+def load_data(args, setup):
+    """(train tokens, val tokens, the preparation's info): tokenised once by rank 0 (cached under a
+    hash of the inputs), memory-mapped by everyone."""
+    try:
+        if setup.master:
+            prepared = data.prepare(args.data_cache, sources=args.data)
+        if setup.distributed:
+            dist.barrier()
+        if not setup.master:
+            prepared = data.prepare(args.data_cache, sources=args.data)
+    except data.DataError as e:  # the input: names the file, line or source
+        fail(f"--data: {e}")
+    except OSError as e:  # the cache could not be written (data.prepare removed its temporary folder)
+        fail(f"--data-cache {e.filename or args.data_cache}: {e.strerror or e}")
+    train_tokens, val_tokens = data.load_tokens(prepared, "train"), data.load_tokens(prepared, "val")
+    for split, tokens in (("train", train_tokens), ("val", val_tokens)):
+        if len(tokens) <= args.seq_len:
+            fail(f"--data: the {split} split has {len(tokens)} tokens, fewer than --seq-len {args.seq_len} + 1")
+    return train_tokens, val_tokens, prepared
+
+
+# -----------------------------------------------------------------------------
+# model and optimizer
+
+def build_model(config, args, setup):
+    """(the plain model, the model the loop calls: compiled and/or wrapped for DDP; FSDP2 in place)."""
+    raw_model = KimiK2(config).to(setup.device)
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in raw_model.model.layers:
+            fully_shard(layer)
+        fully_shard(raw_model)  # in place: raw_model's weights are now DTensors sharded on dim 0
+    model = torch.compile(raw_model) if args.compile else raw_model
+    if setup.distributed and not args.fsdp:
+        # No buffer sync in forward: rank 0's buffers would overwrite every rank's own expert_load and
+        # max_logits counts, which the trainer and the optimizer reduce themselves. (DDP still syncs
+        # buffers once here at construction, when they are equal on every rank.)
+        model = DDP(model, device_ids=[setup.device.index] if setup.device.type == "cuda" else None,
+                    forward_sync_buffers=False)
+    return raw_model, model
+
+
+def build_optimizer(args, raw_model, tau, setup):
+    if args.optimizer == "muonclip":
+        # Newton-Schulz in bfloat16 on CUDA as reference Muon does; float32 on CPU, where it is 2-3x
+        # faster at these sizes and keeps runs on 1 and N processes equal to float32 rounding.
+        ns_dtype = torch.bfloat16 if setup.device.type == "cuda" else torch.float32
+        return MuonClip.for_model(raw_model, lr=args.lr, weight_decay=args.weight_decay, qk_clip_tau=tau, ns_dtype=ns_dtype)
+    # the same class with every parameter on AdamW: the comparison changes the update rule only
+    return MuonClip([{"params": list(raw_model.parameters()), "use_muon": False}], lr=args.lr,
+                    weight_decay=args.weight_decay, qk_clip_tau=tau, attention_modules=raw_model.attention_modules())
+
+
+def max_logit_stats(optimizer, attention, tau, distributed):
+    """(layers, heads) max attention logit of this step over all micro-batches and ranks, and
+    the number of heads clipped. MuonClip reduces and resets them in step(); with QK-Clip off
+    (tau 0) the trainer does it, so the statistic is logged either way."""
+    if tau is not None:
+        stats = optimizer.clip_stats
+        return stats["max_logits"], stats["heads_clipped"]
+    logits = torch.stack([m.max_logits for m in attention])
+    if distributed:
+        dist.all_reduce(logits, op=dist.ReduceOp.MAX)
+    for m in attention:
+        m.reset_max_logits_()
+    return logits, torch.zeros((), dtype=torch.long, device=logits.device)
+
+
+def all_reduce_expert_loads(gates):
+    """Every MoE layer's expert loads summed over ranks, in one collective: the bias update balances
+    the global batch."""
+    loads = torch.stack([gate.expert_load for gate in gates])  # (moe layers, E)
+    dist.all_reduce(loads, op=dist.ReduceOp.SUM)
+    for gate, load in zip(gates, loads):
+        gate.expert_load.copy_(load)
+
+
+# -----------------------------------------------------------------------------
+# eval helper and the training step
+
+@torch.no_grad()
+def estimate_val_loss(model, val_tokens, args, setup):
+    """Mean loss over --eval-iters validation batches. The same batches at every evaluation (fresh
+    sampler, fixed seed), whatever the number of processes or micro-steps: evaluations compare like
+    with like, and a resumed run sees exactly what the uninterrupted one saw. Micro-batches keep eval
+    memory at the training step's."""
+    sampler = data.BatchSampler(val_tokens, args.batch_size, args.seq_len, seed=args.seed, rank=setup.rank,
+                                world_size=setup.world)
+    model.eval()
+    total = torch.zeros((), device=setup.device)
+    for _ in range(args.eval_iters):
+        x, y = (t.view(args.grad_accum, setup.micro_batch, -1).to(setup.device) for t in sampler.next())  # (grad_accum, micro_batch, T)
+        for micro in range(args.grad_accum):
+            with setup.autocast():
+                _, loss = model(x[micro], y[micro])
+            total += loss.float()
+    model.train()
+    if setup.distributed:
+        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    return (total / (args.eval_iters * args.grad_accum)).item()
+
+
+def forward_backward(model, raw_model, batch, optimizer, scaler, args, setup):
+    """Accumulate the gradient of the batch's mean loss over --grad-accum micro-steps; returns (the
+    loss averaged over ranks, the norm of the whole gradient)."""
+    x, y = (t.view(args.grad_accum, setup.micro_batch, -1).to(setup.device) for t in batch)  # (grad_accum, micro_batch, T)
+    loss_sum = torch.zeros((), device=setup.device)
+    for micro in range(args.grad_accum):
+        last = micro == args.grad_accum - 1
+        # Gradients are reduced across ranks only on the last micro-step: the others just accumulate.
+        sync = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
+        if args.fsdp:
+            raw_model.set_requires_gradient_sync(last)
+        with sync, setup.autocast():
+            _, loss = model(x[micro], y[micro])
+            # Divide so the accumulated gradient is that of the mean loss over the whole batch.
+            loss = loss / args.grad_accum
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach().float()
+    if setup.distributed:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    scaler.unscale_(optimizer)  # a no-op unless float16: the norm below is of the true gradient
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None])
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor over the shards
+        grad_norm = grad_norm.full_tensor()
+    return loss_sum, grad_norm
 
 
 # -----------------------------------------------------------------------------
@@ -161,7 +374,66 @@ def lr_at(step, args):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: plain tensors and primitives only, so torch.load(weights_only=True) can read them
+# the run folder, checkpoints and resume
+
+def write_atomically(path, write, mode="w"):
+    """Replace `path` with what write(file) writes, in one step (temporary file, fsync, rename): a
+    reader or a kill at any moment sees the old file or the new one, never half of one, and a failure
+    leaves no temporary file."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def read_metrics(path, upto_step):
+    """The records of steps <= upto_step; a line cut short by a kill is dropped."""
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record["step"] <= upto_step:
+                    records.append(record)
+    return records
+
+
+def prepare_run_folder(args, start_step, run_config, master):
+    """Make --out ready and return the metrics records kept from before: a resumed run keeps those up
+    to its checkpoint's step, the ones it will not redo. A folder that holds an earlier run's
+    checkpoints is never reused silently: --resume continues it, --overwrite clears it first."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        fail(f"--out {args.out}: exists and is not a folder")
+    earlier = sorted(glob.glob(os.path.join(args.out, "ckpt_*.pt")))
+    if earlier and not (args.resume or args.overwrite):
+        fail(f"--out {args.out} holds an earlier run (checkpoints up to {os.path.basename(earlier[-1])}): "
+             f"continue it with --resume, start over with --overwrite, or choose another --out")
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    records = read_metrics(metrics_path, start_step) if args.resume else []
+    if master:
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            stale = glob.glob(os.path.join(args.out, "ckpt_*.pt.tmp"))  # a killed save's leftovers
+            if args.overwrite:
+                stale += earlier + glob.glob(os.path.join(args.out, "plot.png"))
+                shutil.rmtree(os.path.join(args.out, "hf"), ignore_errors=True)
+            for path in stale:
+                os.remove(path)
+            write_atomically(metrics_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records))
+            write_atomically(os.path.join(args.out, "config.json"), lambda f: json.dump(run_config, f, indent=2))
+        except OSError as e:
+            fail(f"--out {args.out}: cannot write {e.filename}: {e.strerror}")
+    return records
+
 
 def rng_state():
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
@@ -189,56 +461,210 @@ def to_cpu(obj):
     return obj
 
 
+def gather_training_state(raw_model, optimizer, args, setup):
+    """(model state, optimizer state), unsharded, on rank 0 (None elsewhere for FSDP's optimizer).
+    Collective: every rank takes part."""
+    model_state = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    optim_state = to_cpu(optimizer.state_dict())
+    if args.fsdp:  # MuonClip keeps each rank's state for its own shard: rank 0 stores them all
+        shards = [None] * setup.world if setup.master else None
+        dist.gather_object(optim_state, shards, dst=0)
+        optim_state = shards
+    return model_state, optim_state
+
+
 def save_checkpoint(ckpt, out_dir, keep):
     """Write ckpt_<step>.pt atomically (temporary file, fsync, rename) and keep the newest `keep`.
-    A kill at any moment leaves every ckpt_*.pt complete: the rename is the commit."""
+    A kill at any moment leaves every ckpt_*.pt complete: the rename is the commit. A failed write
+    (a full disk) removes the temporary file and stops with one line naming the path; a model with
+    non-finite weights is never written."""
+    if not all(torch.isfinite(v).all() for v in ckpt.get("model", {}).values() if v.is_floating_point()):
+        fail(f"step {ckpt['step']}: the model holds non-finite weights; not checkpointing it")
     path = os.path.join(out_dir, f"ckpt_{ckpt['step']:07d}.pt")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write_atomically(path, lambda f: torch.save(ckpt, f), mode="wb")
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write as RuntimeError("... unexpected pos ...") raised while
+        # handling the OSError that says what happened
+        cause = e if isinstance(e, OSError) else e.__context__
+        if isinstance(cause, OSError):
+            fail(f"--out {out_dir}: cannot write checkpoint {path}: {cause.strerror or cause}")
+        raise
     for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-keep]:
         os.remove(old)
     return path
 
 
 def load_checkpoint(path):
+    """A train.py checkpoint, memory-mapped: tensors are read from disk when used, so opening one to
+    check it costs no load. ValueError names what is wrong with the file."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which one
-        fail(f"--resume: cannot read checkpoint {path}: {e}")
-    missing = {"step", "model", "optimizer", "optimizer_per_rank", "scaler", "sampler", "rng", "config", "window", "bad_steps"} - set(ckpt if isinstance(ckpt, dict) else ())
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+    missing = CHECKPOINT_KEYS - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
-        fail(f"--resume: {path} is not a train.py checkpoint (missing {', '.join(sorted(missing))})")
+        raise ValueError(f"{path} is not a train.py checkpoint (missing {', '.join(sorted(missing))})")
     return ckpt
 
 
-def check_resume_config(saved, current, path):
+def open_checkpoint(args, run_config):
+    """(checkpoint, path) that --resume names, checked against this run before anything is built. An
+    unreadable checkpoint is named with the newest older one in its folder that reads."""
+    if args.resume == "latest":
+        ckpts = sorted(glob.glob(os.path.join(args.out, "ckpt_*.pt")))
+        if not ckpts:
+            fail(f"--resume: no checkpoint in --out {args.out}")
+        path = ckpts[-1]
+    else:
+        path = args.resume
+        if not os.path.isfile(path):
+            fail(f"--resume: no such checkpoint: {path}")
+    try:
+        ckpt = load_checkpoint(path)
+    except ValueError as e:
+        fail(f"--resume: {e}{older_checkpoint_hint(path)}")
+    check_resume(ckpt, path, run_config)
+    return ckpt, path
+
+
+def older_checkpoint_hint(bad):
+    folder = os.path.dirname(bad) or "."
+    for path in sorted(glob.glob(os.path.join(folder, "ckpt_*.pt")), reverse=True):
+        if os.path.basename(path) < os.path.basename(bad):
+            with suppress(ValueError):
+                step = load_checkpoint(path)["step"]
+                return f"; the older checkpoint next to it reads (step {step}): --resume {path}"
+    return ""
+
+
+def check_resume(ckpt, path, current):
+    """Stop, naming the first differing field, when the checkpoint's run is not this run's beginning."""
+    saved = ckpt["config"]
     for key in RESUME_MUST_MATCH:
-        if saved.get(key) != current.get(key):
-            option = "--preset/--config" if key == "model" else "--" + key.replace("_", "-")
-            fail(f"--resume: {path} was trained with a different {option} "
-                 f"({saved.get(key)!r}, this run: {current.get(key)!r})")
+        if key == "model":
+            fields = [f for f in current["model"] if saved["model"].get(f) != current["model"][f]]
+            if fields:
+                f = fields[0]
+                fail(f"--resume: {path} was trained with a different --preset/--config: {f} "
+                     f"{saved['model'].get(f)!r} (this run: {current['model'][f]!r})"
+                     + (f", and {len(fields) - 1} more field(s)" if len(fields) > 1 else ""))
+        elif saved.get(key) != current.get(key):
+            option = "--" + key.replace("_", "-")
+            fail(f"--resume: {path} was trained with a different {option} ({saved.get(key)!r}, this run: {current.get(key)!r})")
+    if ckpt["step"] > current["max_steps"]:
+        fail(f"--resume: {path} is at step {ckpt['step']}, past --max-steps {current['max_steps']} "
+             f"(give --max-steps {ckpt['step']} or more)")
+
+
+def restore(ckpt, path, raw_model, optimizer, scaler, sampler, args, setup):
+    """Load every piece of training state; returns (step, statistics window, bad steps in a row)."""
+    set_model_state_dict(raw_model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
+    if ckpt["optimizer_per_rank"] and not (args.fsdp and len(ckpt["optimizer"]) == setup.world):
+        fail(f"--resume: {path} holds FSDP optimizer shards of {len(ckpt['optimizer'])} processes; "
+             f"resume it with --fsdp on as many processes")
+    optimizer.load_state_dict(ckpt["optimizer"][setup.rank] if ckpt["optimizer_per_rank"] else ckpt["optimizer"])
+    if ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    try:
+        sampler.load_state_dict(ckpt["sampler"])
+    except ValueError as e:
+        fail(f"--resume: {path}: {e}")
+    set_rng_state(ckpt["rng"])
+    return ckpt["step"], ckpt["window"], ckpt["bad_steps"]
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop at the next step boundary, after a checkpoint,
+    instead of killing it mid-step. A second SIGINT stops at once (KeyboardInterrupt)."""
+
+    def __enter__(self):
+        self.received = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if signum == self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = self.received or signum  # torchrun follows a Ctrl-C with SIGTERM: keep the first
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self, setup):
+        """Whether to stop now. Under torchrun every rank must stop at the same step, so the ranks
+        agree: one rank's signal stops all of them."""
+        stop = torch.tensor(float(self.received is not None), device=setup.device)
+        if setup.distributed:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        return bool(stop)
+
+
+def resume_command(world):
+    """The command line that continues this run: this one with --resume instead of --resume/--overwrite."""
+    argv, kept = sys.argv[1:], []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--resume" and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            i += 1  # its CKPT
+        elif not (argv[i] in ("--resume", "--overwrite") or argv[i].startswith("--resume=")):
+            kept.append(argv[i])
+        i += 1
+    launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
+    return shlex.join([*launcher, "train.py", *kept, "--resume"])
 
 
 # -----------------------------------------------------------------------------
 # reporting
 
-def measure_peak_flops(device, dtype, seconds=0.3):
-    """FLOP/s of a dense square matmul on this device in the training dtype: the MFU denominator
-    when --peak-flops is not given (an achievable peak, so MFU reads higher than against a datasheet)."""
-    n = 2048 if device.type == "cuda" else 512
-    a = torch.ones(n, n, device=device, dtype=dtype)  # ones: no draw from the RNG the run depends on
-    a @ a
-    count, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ a
-        count += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return 2 * n ** 3 * count / (time.perf_counter() - t0)
+def measure_peak_flops(dtype, device=torch.device("cpu"), sizes=None, trials=5):
+    """Peak matmul FLOP/s of one device in `dtype`, the MFU denominator (train.py and bench.py): the
+    fastest of `trials` timings of a square n x n matmul for each n in `sizes` (CPU: 512, 1024, 2048,
+    where the smaller ones, which stay in cache, are often the fastest; CUDA: 4096, 8192). Other
+    processes can only slow a timing down, so the fastest one is the closest to the idle machine's
+    peak; a median or a single timing on a busy machine reads low and inflates MFU. An achievable
+    peak, not the datasheet's: MFU against it reads higher."""
+    sizes = sizes or ((4096, 8192) if device.type == "cuda" else (512, 1024, 2048))
+    best = 0.0
+    for n in sizes:
+        a = torch.ones(n, n, device=device, dtype=dtype)  # ones: no draw from the RNG a run depends on
+        a @ a  # warm-up: kernel selection, first-touch allocation
+        for _ in range(trials):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            a @ a
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def new_window(layers, device=None):
+    """The statistics accumulated between two metrics records: max logit per layer, heads clipped."""
+    return {"max_logits": torch.full((layers,), -math.inf, device=device),
+            "heads_clipped": torch.zeros((), dtype=torch.long, device=device)}
+
+
+def metrics_writer(path, records, master):
+    """write(record): appended to `records` and (rank 0) to metrics.jsonl at once, so that a kill
+    loses at most the line being written."""
+    def write(record):
+        records.append(record)
+        if master:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+    return write
+
+
+def progress_line(record, max_steps, eta):
+    mfu = f"MFU {100 * record['mfu']:.1f}%" + (" (over 100%: the peak was measured low, pass --peak-flops)"
+                                               if record["mfu"] > 1 else "")
+    return (f"step {record['step']}/{max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+            f"{record['tokens_per_s']:,.0f} tok/s | {mfu} | max logit {record['max_logit']:.1f} | "
+            f"clipped {record['heads_clipped']} | imbalance {record['load_imbalance']:.2f} | "
+            f"{record['elapsed_s']:.0f}s, ETA {eta:.0f}s")
 
 
 def plot_metrics(records, tau, path):
@@ -272,340 +698,177 @@ def plot_metrics(records, tau, path):
     plt.close(fig)
 
 
-def read_metrics(path, upto_step):
-    """The records of steps <= upto_step; a line cut short by a kill is dropped."""
-    records = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if record["step"] <= upto_step:
-                    records.append(record)
-    return records
+def export_and_sample(model_state, config, out, sample_tokens, val_tokens, log):
+    """hf/: the final model and the byte tokenizer in the Hugging Face layout (AutoModelForCausalLM
+    and AutoTokenizer load it); then a sample continuing the first validation tokens."""
+    export = KimiK2(config)  # a plain, unsharded copy for the export and the sample
+    export.load_state_dict(model_state)
+    tokenizer = data.ByteTokenizer()
+    export.save_pretrained(os.path.join(out, "hf"))
+    tokenizer.save_pretrained(os.path.join(out, "hf"))
+    if sample_tokens:
+        prompt = torch.from_numpy(val_tokens[:16].astype(np.int64))[None]  # (1, 16)
+        sample = export.eval().generate(prompt, sample_tokens, temperature=0.8, top_k=40)
+        log("sample (prompt = the first 16 validation tokens):\n" + tokenizer.decode(sample[0].tolist()))
 
 
 def main(argv=None):
     args = parse_args(argv)
 
     # -------------------------------------------------------------------------
-    # init: processes, device, dtype, seed
-    distributed = "RANK" in os.environ  # set by torchrun
-    if args.fsdp and not distributed:
-        fail("--fsdp needs torchrun (e.g. torchrun --nproc_per_node=2 train.py --fsdp)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: CUDA is not available")
-    device_type = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    if distributed:
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(device_type, int(os.environ["LOCAL_RANK"])) if device_type == "cuda" else torch.device("cpu")
-    else:
-        rank, world, device = 0, 1, torch.device(device_type)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    master = rank == 0  # only rank 0 prints and writes
-    log = print if master else (lambda *a, **k: None)
-    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype_name == "float16" and device.type != "cuda":
-        fail("--dtype float16 needs CUDA (its grad scaler is CUDA-only); use bfloat16 or float32 on CPU")
-    dtype = getattr(torch, dtype_name)
-    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    if args.batch_size % (args.grad_accum * world):
-        fail(f"--batch-size {args.batch_size} must be divisible by --grad-accum {args.grad_accum} x {world} processes")
-    micro_batch = args.batch_size // (args.grad_accum * world)  # sequences per process per micro-step
+    # config and init: processes, device, dtype; a checkpoint to resume is checked before anything is built
+    config = model_config(args)
+    setup = init_processes(args)
+    log = setup.log
+    scaler = torch.amp.GradScaler("cuda", enabled=setup.dtype == torch.float16)
     tokens_per_step = args.batch_size * args.seq_len
-    max_steps = math.ceil(args.max_tokens / tokens_per_step) if args.max_tokens else args.max_steps
-    args.max_steps = max_steps  # the schedule reads it
+    max_steps = args.max_steps = math.ceil(args.max_tokens / tokens_per_step) if args.max_tokens else args.max_steps
+    run_config = {**vars(args), "model": config.to_dict(), "data": args.data or "embedded",
+                  "processes": setup.world, "micro_batch": setup.micro_batch, "tokens_per_step": tokens_per_step,
+                  "dtype": str(setup.dtype).removeprefix("torch."), "device": str(setup.device)}
+    ckpt, ckpt_path = open_checkpoint(args, run_config) if args.resume else (None, None)
+    records = prepare_run_folder(args, ckpt["step"] if ckpt else 0, run_config, setup.master)
     torch.manual_seed(args.seed)  # same seed on every rank: identical initial weights before sharding
 
     # -------------------------------------------------------------------------
-    # data: tokenised once by rank 0 (cached under a hash of the inputs), memory-mapped by everyone
-    os.makedirs(args.out, exist_ok=True)
-    try:
-        if master:
-            prepared = data.prepare(args.data_cache, sources=args.data)
-        if distributed:
-            dist.barrier()
-        if not master:
-            prepared = data.prepare(args.data_cache, sources=args.data)
-    except (OSError, ValueError) as e:
-        fail(f"--data: {e}")
-    tokenizer = data.ByteTokenizer()
-    train_tokens, val_tokens = data.load_tokens(prepared, "train"), data.load_tokens(prepared, "val")
-    for split, tokens in (("train", train_tokens), ("val", val_tokens)):
-        if len(tokens) <= args.seq_len:
-            fail(f"--data: the {split} split has {len(tokens)} tokens, fewer than --seq-len {args.seq_len} + 1")
+    # data
+    train_tokens, val_tokens, prepared = load_data(args, setup)
+    if skipped := data.describe_load_report(prepared):
+        log(f"--data: {skipped}")
     # batch_size is global: each rank draws its own rows of the same global batch, so step N's batch
     # does not depend on the number of processes or micro-steps.
-    train_sampler = data.BatchSampler(train_tokens, args.batch_size, args.seq_len, seed=args.seed, rank=rank, world_size=world)
+    train_sampler = data.BatchSampler(train_tokens, args.batch_size, args.seq_len, seed=args.seed, rank=setup.rank,
+                                      world_size=setup.world)
     entropy = data.unigram_entropy(train_tokens)
 
     # -------------------------------------------------------------------------
-    # model
-    try:
-        config = Config.from_json(args.config) if args.config else Config.from_preset(args.preset)
-        if args.aux_loss_alpha is not None:
-            config = Config(**{**config.to_dict(), "aux_loss_alpha": args.aux_loss_alpha})
-    except (OSError, ValueError, TypeError) as e:
-        fail(f"--config {args.config}: {e}" if args.config else f"--aux-loss-alpha: {e}")
-    if config.vocab_size < tokenizer.vocab_size:
-        fail(f"model vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
-    if config.max_position_embeddings < args.seq_len:
-        fail(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings {config.max_position_embeddings}")
-    raw_model = KimiK2(config).to(device)
-    attention = raw_model.attention_modules()
-    if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for layer in raw_model.model.layers:
-            fully_shard(layer)
-        fully_shard(raw_model)  # in place: raw_model's weights are now DTensors sharded on dim 0
-    model = torch.compile(raw_model) if args.compile else raw_model
-    if distributed and not args.fsdp:
-        # broadcast_buffers=False: rank 0's buffers would overwrite every rank's own expert_load and
-        # max_logits counts, which the trainer and the optimizer reduce themselves.
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-
-    # -------------------------------------------------------------------------
-    # optimizer
+    # model and optimizer
+    raw_model, model = build_model(config, args, setup)
+    attention, gates = raw_model.attention_modules(), list(raw_model.moe_gates())
     tau = args.qk_clip_tau or None
-    if args.optimizer == "muonclip":
-        # Newton-Schulz in bfloat16 on CUDA as reference Muon does; float32 on CPU, where it is 2-3x
-        # faster at these sizes and keeps runs on 1 and N processes equal to float32 rounding.
-        ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        optimizer = MuonClip.for_model(raw_model, lr=args.lr, weight_decay=args.weight_decay, qk_clip_tau=tau,
-                                       ns_dtype=ns_dtype)
-    else:  # the same class with every parameter on AdamW: the comparison changes the update rule only
-        optimizer = MuonClip([{"params": list(raw_model.parameters()), "use_muon": False}], lr=args.lr,
-                             weight_decay=args.weight_decay, qk_clip_tau=tau, attention_modules=attention)
-
-    run_config = {**vars(args), "model": config.to_dict(), "data": args.data or "embedded",
-                  "processes": world, "micro_batch": micro_batch, "tokens_per_step": tokens_per_step,
-                  "dtype": dtype_name, "device": str(device)}
-    state_options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optimizer = build_optimizer(args, raw_model, tau, setup)
     start_step, window, bad_steps = 0, None, 0
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if args.resume:
-        ckpts = sorted(glob.glob(os.path.join(args.out, "ckpt_*.pt")))
-        path = args.resume if args.resume != "latest" else (ckpts[-1] if ckpts else None)
-        if path is None:
-            fail(f"--resume: no checkpoint in --out {args.out}")
-        if not os.path.isfile(path):
-            fail(f"--resume: no such checkpoint: {path}")
-        ckpt = load_checkpoint(path)
-        check_resume_config(ckpt["config"], run_config, path)
-        set_model_state_dict(raw_model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
-        if ckpt["optimizer_per_rank"] and not (args.fsdp and len(ckpt["optimizer"]) == world):
-            fail(f"--resume: {path} holds FSDP optimizer shards of {len(ckpt['optimizer'])} processes; "
-                 f"resume it with --fsdp on as many processes")
-        optimizer.load_state_dict(ckpt["optimizer"][rank] if ckpt["optimizer_per_rank"] else ckpt["optimizer"])
-        if ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        try:
-            train_sampler.load_state_dict(ckpt["sampler"])
-        except ValueError as e:
-            fail(f"--resume: {path}: {e}")
-        set_rng_state(ckpt["rng"])
-        start_step, window, bad_steps = ckpt["step"], ckpt["window"], ckpt["bad_steps"]
-        log(f"resumed from {path} at step {start_step}")
+    if ckpt:
+        start_step, window, bad_steps = restore(ckpt, ckpt_path, raw_model, optimizer, scaler, train_sampler, args, setup)
+        log(f"resumed from {ckpt_path} at step {start_step}")
         del ckpt
-    records = read_metrics(metrics_path, start_step) if args.resume else []  # a resumed run drops what it will redo
-    if master:
-        for stale in glob.glob(os.path.join(args.out, "ckpt_*.pt.tmp")) + \
-                ([] if args.resume else glob.glob(os.path.join(args.out, "ckpt_*.pt"))):
-            os.remove(stale)  # leftovers of a killed save, or of an earlier run in this folder
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump(run_config, f, indent=2)
-    metrics_file = open(metrics_path, "a") if master else None
-
-    def write_record(record):
-        records.append(record)
-        if master:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-
-    peak_flops = args.peak_flops or measure_peak_flops(device, dtype)
+    write_record = metrics_writer(os.path.join(args.out, "metrics.jsonl"), records, setup.master)
+    peak_flops = args.peak_flops or measure_peak_flops(setup.dtype, setup.device)
     flops_per_tok = raw_model.estimate_flops_per_token(args.seq_len)  # training: forward + backward
     n_params = sum(p.numel() for p in raw_model.parameters())  # DTensor numel is the global size
-    log(f"{config.num_hidden_layers} layers, {n_params / 1e6:.2f}M parameters; {world} process(es) on {device}, "
-        f"{dtype_name}; {tokens_per_step} tokens/step ({args.batch_size} x {args.seq_len}), {max_steps} steps; "
-        f"MFU against {peak_flops / 1e9:.1f} GFLOP/s per device "
-        f"({'--peak-flops' if args.peak_flops else 'measured dense matmul'})")
+    log(f"{config.num_hidden_layers} layers, {n_params / 1e6:.2f}M parameters; {setup.world} process(es) on "
+        f"{setup.device}, {run_config['dtype']}, {torch.get_num_threads()} threads; {tokens_per_step} tokens/step "
+        f"({args.batch_size} x {args.seq_len}), {max_steps} steps; MFU against {peak_flops / 1e9:.1f} GFLOP/s "
+        f"per device ({'--peak-flops' if args.peak_flops else 'fastest of several matmul timings'})")
 
     # -------------------------------------------------------------------------
-    # eval helper
-    @torch.no_grad()
-    def estimate_val_loss():
-        # The same val batches at every evaluation (fresh sampler, fixed seed), whatever the number of
-        # processes or micro-steps: evaluations compare like with like, and a resumed run sees exactly
-        # what the uninterrupted one saw. Micro-batches keep eval memory at the training step's.
-        sampler = data.BatchSampler(val_tokens, args.batch_size, args.seq_len, seed=args.seed, rank=rank, world_size=world)
-        model.eval()
-        total = torch.zeros((), device=device)
-        for _ in range(args.eval_iters):
-            x, y = (t.view(args.grad_accum, micro_batch, -1).to(device) for t in sampler.next())  # (grad_accum, micro_batch, T)
-            for micro in range(args.grad_accum):
-                with autocast:
-                    _, loss = model(x[micro], y[micro])
-                total += loss.float()
-        model.train()
-        if distributed:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG)
-        return (total / (args.eval_iters * args.grad_accum)).item()
-
-    def max_logit_stats():
-        """(layers, heads) max attention logit of this step over all micro-batches and ranks, and
-        the number of heads clipped. MuonClip reduces and resets them in step(); with QK-Clip off
-        (tau 0) the trainer does it, so the statistic is logged either way."""
-        if tau is not None:
-            stats = optimizer.clip_stats
-            return stats["max_logits"], stats["heads_clipped"]
-        logits = torch.stack([m.max_logits for m in attention])
-        if distributed:
-            dist.all_reduce(logits, op=dist.ReduceOp.MAX)
-        for m in attention:
-            m.reset_max_logits_()
-        return logits, torch.zeros((), dtype=torch.long, device=logits.device)
-
-    # -------------------------------------------------------------------------
-    # training loop
-    if window is None:  # statistics accumulated between two metrics records
-        window = {"max_logits": torch.full((len(attention),), -math.inf), "heads_clipped": torch.zeros((), dtype=torch.long)}
-    window = {k: v.to(device) for k, v in window.items()}
-    gates = list(raw_model.moe_gates())
+    # training loop (eval helper: estimate_val_loss; lr schedule: lr_at)
+    window = {k: v.to(setup.device) for k, v in (window or new_window(len(attention))).items()}
     val_loss = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
     t_start = t_log = time.perf_counter()
     steps_timed = 0
-    for step in range(start_step, max_steps + 1):  # step = optimizer updates done so far
-        # Evaluate, then checkpoint, the model after `step` updates; a resumed run did both before it stopped.
-        if step > start_step or step == 0:
-            if step % args.eval_interval == 0 or step == max_steps:
-                val_loss = estimate_val_loss()
-                write_record({"step": step, "val_loss": val_loss})
-                log(f"step {step}: val loss {val_loss:.4f}")
-            if step > 0 and (step % args.ckpt_interval == 0 or step == max_steps):
-                # Gathering unsharded state is collective: every rank takes part, rank 0 writes.
-                model_state = get_model_state_dict(raw_model, options=state_options)
-                optim_state = to_cpu(optimizer.state_dict())
-                if args.fsdp:  # MuonClip keeps each rank's state for its own shard: rank 0 stores them all
-                    shards = [None] * world if master else None
-                    dist.gather_object(optim_state, shards, dst=0)
-                    optim_state = shards
-                if master:
-                    if not all(torch.isfinite(v).all() for v in model_state.values() if v.is_floating_point()):
-                        fail(f"step {step}: the model holds non-finite weights; not checkpointing it")
-                    save_checkpoint({"step": step, "model": model_state, "optimizer": optim_state,
-                                     "optimizer_per_rank": args.fsdp, "scaler": scaler.state_dict(),
-                                     "sampler": train_sampler.state_dict(), "rng": rng_state(),
-                                     "window": to_cpu(window), "bad_steps": bad_steps, "config": run_config},
-                                    args.out, args.keep_ckpts)
-        if step == max_steps:
-            break
+    with StopSignals() as stop:
+        for step in range(start_step, max_steps + 1):  # step = optimizer updates done so far
+            stopping = stop.agreed(setup)  # Ctrl-C or SIGTERM: checkpoint this step, then stop
+            # Evaluate, then checkpoint, the model after `step` updates; a resumed run did both before it stopped.
+            if step > start_step or step == 0:
+                if step % args.eval_interval == 0 or step == max_steps:
+                    val_loss = estimate_val_loss(model, val_tokens, args, setup)
+                    write_record({"step": step, "val_loss": val_loss})
+                    log(f"step {step}: val loss {val_loss:.4f}")
+                if step > 0 and (step % args.ckpt_interval == 0 or step == max_steps or stopping):
+                    model_state, optim_state = gather_training_state(raw_model, optimizer, args, setup)
+                    if setup.master:
+                        save_checkpoint({"step": step, "model": model_state, "optimizer": optim_state,
+                                         "optimizer_per_rank": args.fsdp, "scaler": scaler.state_dict(),
+                                         "sampler": train_sampler.state_dict(), "rng": rng_state(),
+                                         "window": to_cpu(window), "bad_steps": bad_steps, "config": run_config},
+                                        args.out, args.keep_ckpts)
+            if step == max_steps or stopping:
+                break
 
-        lr = lr_at(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = (t.view(args.grad_accum, micro_batch, -1).to(device) for t in train_sampler.next())  # (grad_accum, micro_batch, T)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(args.grad_accum):
-            last = micro == args.grad_accum - 1
-            # Gradients are reduced across ranks only on the last micro-step: the others just accumulate.
-            sync = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
-            if args.fsdp:
-                raw_model.set_requires_gradient_sync(last)
-            with sync, autocast:
-                _, loss = model(x[micro], y[micro])
-                # Divide so the accumulated gradient is that of the mean loss over the whole batch.
-                loss = loss / args.grad_accum
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach().float()
-        if distributed:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        scaler.unscale_(optimizer)  # a no-op unless float16: the norm below is of the true gradient
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None])
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor over the shards
-            grad_norm = grad_norm.full_tensor()
-        # One host sync per step: every rank must agree on skipping, and this is where they learn it.
-        finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-        if finite:
-            scaler.step(optimizer)  # Muon/AdamW update, then QK-Clip on heads whose max logit > tau
-            logits, clipped = max_logit_stats()
-            if distributed and gates:  # every layer's expert loads summed over ranks in one collective
-                loads = torch.stack([gate.expert_load for gate in gates])  # (moe layers, E)
-                dist.all_reduce(loads, op=dist.ReduceOp.SUM)
-                for gate, load in zip(gates, loads):
-                    gate.expert_load.copy_(load)
-            imbalance = raw_model.update_router_bias_(args.router_bias_speed)
-            window["max_logits"] = torch.maximum(window["max_logits"], logits.amax(dim=1))
-            window["heads_clipped"] += clipped
-            bad_steps = 0
-        else:
-            # Drop this step's statistics with its gradient: they were measured on a diverging model.
-            for m in attention:
-                m.reset_max_logits_()
-            for gate in gates:
-                gate.expert_load.zero_()
-            bad_steps += 1
-            write_record({"step": step + 1, "skipped": "non-finite loss or gradient",
-                          "loss": loss_sum.item(), "grad_norm": grad_norm.item()})
-            log(f"step {step + 1}: non-finite loss {loss_sum.item()} / grad norm {grad_norm.item()}, update skipped")
-            if bad_steps >= args.max_bad_steps:
-                fail(f"stopping: {bad_steps} non-finite steps in a row up to step {step + 1} "
-                     f"(lower --lr, or use --dtype float32)")
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        steps_timed += 1
+            lr = lr_at(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = forward_backward(model, raw_model, train_sampler.next(), optimizer, scaler, args, setup)
+            # One host sync per step: every rank must agree on skipping, and this is where they learn it.
+            finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            if finite:
+                scaler.step(optimizer)  # Muon/AdamW update, then QK-Clip on heads whose max logit > tau
+                logits, clipped = max_logit_stats(optimizer, attention, tau, setup.distributed)
+                if setup.distributed and gates:
+                    all_reduce_expert_loads(gates)
+                imbalance = raw_model.update_router_bias_(args.router_bias_speed)
+                window["max_logits"] = torch.maximum(window["max_logits"], logits.amax(dim=1))
+                window["heads_clipped"] += clipped
+                bad_steps = 0
+            else:
+                # Drop this step's statistics with its gradient: they were measured on a diverging model.
+                for m in attention:
+                    m.reset_max_logits_()
+                for gate in gates:
+                    gate.expert_load.zero_()
+                bad_steps += 1
+                write_record({"step": step + 1, "skipped": "non-finite loss or gradient",
+                              "loss": loss.item(), "grad_norm": grad_norm.item()})
+                log(f"step {step + 1}: non-finite loss {loss.item()} / grad norm {grad_norm.item()}, update skipped")
+                if bad_steps >= args.max_bad_steps:
+                    fail(f"stopping: {bad_steps} non-finite steps in a row up to step {step + 1} "
+                         f"(lower --lr, or use --dtype float32)")
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            steps_timed += 1
 
-        if finite and ((step + 1) % args.log_interval == 0 or step + 1 == max_steps):
-            now = time.perf_counter()
-            tokens_per_s = tokens_per_step * steps_timed / (now - t_log)
-            eta = (now - t_start) / (step + 1 - start_step) * (max_steps - step - 1)
-            record = {"step": step + 1, "loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                      "max_logit": window["max_logits"].max().item(),
-                      "max_logit_per_layer": window["max_logits"].tolist(),
-                      "heads_clipped": window["heads_clipped"].item(),
-                      "load_imbalance": imbalance.max().item() if len(gates) else 1.0,
-                      "tokens": (step + 1) * tokens_per_step,
-                      # timing: differs from run to run, unlike everything above
-                      "tokens_per_s": tokens_per_s, "mfu": flops_per_tok * tokens_per_s / (peak_flops * world),
-                      "elapsed_s": now - t_start}
-            write_record(record)
-            log(f"step {step + 1}/{max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s"
-                f" | MFU {100 * record['mfu']:.1f}% | max logit {record['max_logit']:.1f} | clipped {record['heads_clipped']}"
-                f" | imbalance {record['load_imbalance']:.2f} | {now - t_start:.0f}s, ETA {eta:.0f}s")
-            window = {"max_logits": torch.full_like(window["max_logits"], -math.inf), "heads_clipped": torch.zeros_like(window["heads_clipped"])}
-            t_log, steps_timed = now, 0
+            if finite and ((step + 1) % args.log_interval == 0 or step + 1 == max_steps):
+                now = time.perf_counter()
+                tokens_per_s = tokens_per_step * steps_timed / (now - t_log)
+                record = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                          "max_logit": window["max_logits"].max().item(),
+                          "max_logit_per_layer": window["max_logits"].tolist(),
+                          "heads_clipped": window["heads_clipped"].item(),
+                          "load_imbalance": imbalance.max().item() if len(gates) else 1.0,
+                          "tokens": (step + 1) * tokens_per_step,
+                          # timing: differs from run to run, unlike everything above
+                          "tokens_per_s": tokens_per_s, "mfu": flops_per_tok * tokens_per_s / (peak_flops * setup.world),
+                          "elapsed_s": now - t_start}
+                write_record(record)
+                log(progress_line(record, max_steps, eta=(now - t_start) / (step + 1 - start_step) * (max_steps - step - 1)))
+                window = new_window(len(attention), setup.device)
+                t_log, steps_timed = now, 0
 
     # -------------------------------------------------------------------------
-    # cleanup: export, sample, plot, baseline
-    final_state = get_model_state_dict(raw_model, options=state_options)
-    if master:
-        export = KimiK2(config)  # a plain, unsharded copy for the export and the sample
-        export.load_state_dict(final_state)
-        export.save_pretrained(os.path.join(args.out, "hf"))
-        if args.sample_tokens:
-            prompt = torch.from_numpy(val_tokens[:16].astype(np.int64))[None]  # (1, 16)
-            sample = export.eval().generate(prompt, args.sample_tokens, temperature=0.8, top_k=40)
-            log("sample (prompt = the first 16 validation tokens):\n" + tokenizer.decode(sample[0].tolist()))
-        plot_metrics(records, tau, os.path.join(args.out, "plot.png"))
-        metrics_file.close()
-        verdict = "below" if val_loss < entropy else "NOT below"
-        log(f"final val loss {val_loss:.4f} nats/token vs unigram entropy {entropy:.4f} nats/token "
-            f"({verdict} the best context-free model); run folder {args.out}")
-    if distributed:
+    # cleanup: export, sample, plot, baseline; or, after a signal, how to continue
+    if stopping:
+        by = signal.Signals(stop.received).name if stop.received else "a signal to another rank"
+        log(f"stopped by {by} after step {step}" +
+            (f", checkpointed; continue with: {resume_command(setup.world)}" if step > 0 else ", before any update"))
+    else:
+        final_state = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if setup.master:
+            export_and_sample(final_state, config, args.out, args.sample_tokens, val_tokens, log)
+            plot_metrics(records, tau, os.path.join(args.out, "plot.png"))
+            verdict = "below" if val_loss < entropy else "NOT below"
+            log(f"final val loss {val_loss:.4f} nats/token vs unigram entropy {entropy:.4f} nats/token "
+                f"({verdict} the best context-free model); run folder {args.out}")
+    if setup.distributed:
         # Drain gloo's worker threads before the process group goes: destroying it (DDP's reducer
         # holds it too) while a worker still needs the GIL to free a finished collective's tensors
         # deadlocks at exit (PyTorch issue 56297; seen here about once in a few dozen runs).
         dist.barrier()
         del model
         dist.destroy_process_group()
+    if stopping:
+        raise SystemExit(INTERRUPTED)
     return val_loss
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # before the loop (nothing trained yet to save) or a second Ctrl-C
+        print("train.py: interrupted", file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
+    except OSError as e:  # a file the run needs could not be written or read: name it, no traceback
+        if e.filename is None:
+            raise
+        fail(f"{e.filename}: {e.strerror}")
