@@ -282,30 +282,6 @@ def build_optimizer(args, raw_model, tau, setup):
                     weight_decay=args.weight_decay, qk_clip_tau=tau, attention_modules=raw_model.attention_modules())
 
 
-def max_logit_stats(optimizer, attention, tau, distributed):
-    """(layers, heads) max attention logit of this step over all micro-batches and ranks, and
-    the number of heads clipped. MuonClip reduces and resets them in step(); with QK-Clip off
-    (tau 0) the trainer does it, so the statistic is logged either way."""
-    if tau is not None:
-        stats = optimizer.clip_stats
-        return stats["max_logits"], stats["heads_clipped"]
-    logits = torch.stack([m.max_logits for m in attention])
-    if distributed:
-        dist.all_reduce(logits, op=dist.ReduceOp.MAX)
-    for m in attention:
-        m.reset_max_logits_()
-    return logits, torch.zeros((), dtype=torch.long, device=logits.device)
-
-
-def all_reduce_expert_loads(gates):
-    """Every MoE layer's expert loads summed over ranks, in one collective: the bias update balances
-    the global batch."""
-    loads = torch.stack([gate.expert_load for gate in gates])  # (moe layers, E)
-    dist.all_reduce(loads, op=dist.ReduceOp.SUM)
-    for gate, load in zip(gates, loads):
-        gate.expert_load.copy_(load)
-
-
 # -----------------------------------------------------------------------------
 # eval helper and the training step
 
@@ -795,12 +771,12 @@ def main(argv=None):
             finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
             if finite:
                 scaler.step(optimizer)  # Muon/AdamW update, then QK-Clip on heads whose max logit > tau
-                logits, clipped = max_logit_stats(optimizer, attention, tau, setup.distributed)
-                if setup.distributed and gates:
-                    all_reduce_expert_loads(gates)
-                imbalance = raw_model.update_router_bias_(args.router_bias_speed)
-                window["max_logits"] = torch.maximum(window["max_logits"], logits.amax(dim=1))
-                window["heads_clipped"] += clipped
+                # the step's (layers, heads) max logits over all micro-batches and ranks, measured
+                # before the clip; the optimizer reduces and resets them (also with QK-Clip off)
+                stats = optimizer.clip_stats
+                imbalance = raw_model.update_router_bias_(args.router_bias_speed)  # loads summed over ranks
+                window["max_logits"] = torch.maximum(window["max_logits"], stats["max_logits"].amax(dim=1))
+                window["heads_clipped"] += stats["heads_clipped"]
                 bad_steps = 0
             else:
                 # Drop this step's statistics with its gradient: they were measured on a diverging model.
