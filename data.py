@@ -27,6 +27,7 @@ Run:
     python data.py stats [--data [DOMAIN=]PATH ...] [--cache-dir data_cache]
     python data.py rephrase INPUT... --endpoint http://localhost:8000/v1 --model NAME \
         --styles 2 --out rephrased.jsonl
+    python data.py renderings --problems 210 --k 8 --heldout 100 --out runs/rephrase/data
 Sources: "builtin" (all three default domains), "builtin:code", "builtin:knowledge", "builtin:math",
 or "[DOMAIN=]PATH" for a file or folder (domain "user" when not named).
 """
@@ -353,6 +354,163 @@ def math_documents(n=MATH_PROBLEMS, seed=0) -> list[Document]:
         lines += [s if s.startswith("Check:") else f"Step {k}: {s}" for k, s in enumerate(steps, 1)]
         docs.append(Document("math", f"math#{i}", "\n".join(lines + ["", f"Answer: {answer}"])))
     return docs
+
+
+# Renderings: one maths problem in several surface forms, for the experiment "rephrasing against
+# repetition" (K2 report sec. 2.2). A word problem is a set of givens, a question and its working;
+# a rendering chooses the names, the order of the givens, one of three wordings and a layout (the
+# worked form of `math_documents`, question-answer, answer first, or a learning note). These are
+# template rewrites, not LLM rephrasings: `data.py rephrase --style learning_note` writes the LLM
+# version of the same corpus with a served model.
+
+NAMES = ("Ada", "Ben", "Chen", "Dara", "Emil", "Fatima", "Goran", "Hana", "Ines", "Jonas", "Kofi",
+         "Lena", "Mateo", "Noor", "Olga", "Priya")
+TRAIN_NAMES, HELDOUT_NAMES = NAMES[:12], NAMES[12:]  # held-out renderings use names training never sees
+TRAIN_WORDINGS, HELDOUT_WORDING = (0, 1), 2          # likewise the third wording
+LAYOUTS = ("worked", "qa", "answer_first", "note")
+
+
+def _shopping(rng):
+    n, price, item = rng.randint(2, 9), rng.randint(2, 19), rng.choice(("notebook", "pencil", "ticket", "mango"))
+    cost = n * price
+    paid = next(v for v in (20, 50, 100, 200) if v >= cost)
+    return dict(key=("shopping", *sorted((n, price))), answer=f"${paid - cost}",
+                givens=[(f"{{a}} buys {n} {item}s at ${price} each.",
+                         f"Each {item} costs ${price}, and {{a}} takes {n} of them.",
+                         f"{n} {item}s at ${price} apiece go into {{a}}'s basket."),
+                        (f"{{a}} pays with a ${paid} note.", f"{{a}} hands over ${paid}.",
+                         f"The cashier is given ${paid}.")],
+                question=("How much change does {a} get?", "What change should {a} receive?",
+                          "Find the change."),
+                steps=[f"The {item}s cost {n} * {price} = ${cost}.",
+                       f"The change is {paid} - {cost} = ${paid - cost}."],
+                idea="the total cost is the count times the unit price; the change is the payment minus it")
+
+
+def _journey(rng):
+    (v1, t1), (v2, t2) = ((5 * rng.randint(4, 24), rng.randint(1, 5)) for _ in range(2))
+    legs = [(f"{{a}} drives for {t} hours at {v} km/h.", f"For {t} hours, {{a}} keeps a speed of {v} km/h.",
+             f"At {v} km/h, {{a}} is on the road for {t} hours.") for v, t in ((v1, t1), (v2, t2))]
+    return dict(key=("journey", *sorted(((v1, t1), (v2, t2)))), answer=f"{v1 * t1 + v2 * t2} km", givens=legs,
+                question=("How far does {a} drive in total?", "What total distance does {a} cover?",
+                          "Find the total distance."),
+                steps=[f"At {v1} km/h for {t1} hours: {v1} * {t1} = {v1 * t1} km.",
+                       f"At {v2} km/h for {t2} hours: {v2} * {t2} = {v2 * t2} km.",
+                       f"In total {v1 * t1} + {v2 * t2} = {v1 * t1 + v2 * t2} km."],
+                idea="distance is speed times time, and the distances of the parts add up")
+
+
+def _ages(rng):
+    young, gap = rng.randint(5, 40), rng.randint(1, 20)
+    total = 2 * young + gap
+    return dict(key=("ages", young, gap), answer=f"{young}",
+                givens=[(f"{{a}} is {gap} years older than {{b}}.", f"{{b}} is {gap} years younger than {{a}}.",
+                         f"Between {{a}} and {{b}} there are {gap} years, {{a}} being the elder."),
+                        (f"{{a}} and {{b}} are {total} years old together.",
+                         f"The ages of {{a}} and {{b}} add up to {total}.",
+                         f"Adding the ages of {{b}} and {{a}} gives {total}.")],
+                question=("How old is {b}?", "What is the age of {b}?", "Find the younger one's age."),
+                steps=[f"Twice {{b}}'s age is {total} - {gap} = {2 * young}.",
+                       f"So {{b}} is {2 * young} / 2 = {young} years old."],
+                idea="remove the gap from the sum and what is left is twice the younger age")
+
+
+def _scores(rng):
+    scores = [rng.randint(40, 100) for _ in range(rng.choice((3, 4)))]
+    mean = f"{sum(scores) / len(scores):g}"
+    return dict(key=("scores", *sorted(scores)), answer=mean,
+                givens=[(f"On test {i} {{a}} scored {s}.", f"{{a}}'s mark in test {i} was {s}.",
+                         f"Test {i} gave {{a}} {s} points.") for i, s in enumerate(scores, 1)],
+                question=("What is {a}'s mean score?", "What is the average of {a}'s marks?",
+                          "Find the mean of the tests."),
+                steps=[f"Add the scores: {' + '.join(map(str, scores))} = {sum(scores)}.",
+                       f"Divide by the {len(scores)} tests: {sum(scores)} / {len(scores)} = {mean}."],
+                idea="the mean is the sum divided by the count")
+
+
+WORD_PROBLEM_KINDS = [_shopping, _journey, _ages, _scores]
+
+
+def render(problem: dict, names, wording: int, order, layout: str) -> str:
+    """One surface form of `problem`: names (a, b), its givens in `order` in wording 0-2, a layout."""
+    a, b = names
+    givens = [problem["givens"][g][wording].format(a=a, b=b) for g in order]
+    question = problem["question"][wording].format(a=a, b=b)
+    steps = [s.format(a=a, b=b) for s in problem["steps"]]
+    statement, answer = " ".join(givens + [question]), problem["answer"]
+    if layout == "worked":  # the layout of math_documents
+        return "\n".join([f"Problem: {statement}", "", "Solution:"] +
+                         [f"Step {k}: {s}" for k, s in enumerate(steps, 1)] + ["", f"Answer: {answer}"])
+    if layout == "qa":
+        return f"Q: {statement}\nA: {' '.join(steps)} So the answer is {answer}."
+    if layout == "answer_first":
+        return f"The answer is {answer}.\nThe question: {statement}\nWhy: {' '.join(steps)}"
+    return "\n".join(["Learning note", "Given:"] + [f"- {g}" for g in givens] +
+                     [f"Asked: {question}", f"Key idea: {problem['idea']}.", "Working:"] +
+                     [f"- {s}" for s in steps] + [f"Result: {answer}"])
+
+
+def word_problems(n: int, seed=0, start=0, exclude=()) -> list[dict]:
+    """n distinct word problems from index `start` on, problem i depending only on (seed, i);
+    problems whose key is in `exclude`, or repeats an earlier one, are skipped. The key is the
+    kind and its numbers up to order (5 items at $3 and 3 at $5 are one problem, as are two
+    journeys with the same legs).
+    Each carries its original names and its index."""
+    problems, seen, i = [], set(exclude), start
+    while len(problems) < n:
+        rng = random.Random(f"words:{seed}:{i}")
+        problem = rng.choice(WORD_PROBLEM_KINDS)(rng)
+        if problem["key"] not in seen:
+            seen.add(problem["key"])
+            problems.append({**problem, "names": tuple(rng.sample(TRAIN_NAMES, 2)), "index": i})
+        i += 1
+    return problems
+
+
+def renderings(problem: dict, k: int, heldout=False) -> list[str]:
+    """k distinct renderings of `problem`. Training side: the original (its names, the givens in
+    order, wording 0, worked layout) first, then random names, orders, wordings 0-1 and layouts.
+    Held-out side: names and the wording that no training rendering uses, any order and layout."""
+    rng = random.Random(f"render:{problem['key']}:{heldout}")
+    n = len(problem["givens"])
+    texts = [] if heldout else [render(problem, problem["names"], 0, range(n), "worked")]
+    for _ in range(100 * k):  # every kind has far more than k forms; the bound only stops a bad k
+        if len(texts) == k:
+            return texts
+        names = rng.sample(HELDOUT_NAMES if heldout else TRAIN_NAMES, 2)
+        wording = HELDOUT_WORDING if heldout else rng.choice(TRAIN_WORDINGS)
+        text = render(problem, names, wording, rng.sample(range(n), n), rng.choice(LAYOUTS))
+        if text not in texts:
+            texts.append(text)
+    raise ValueError(f"k={k}: problem {problem['key']} has fewer distinct renderings")
+
+
+def rendering_corpora(problems: int, k: int, heldout: int, seed=0, heldout_renderings=2) -> dict:
+    """The three text sets of the experiment: "original" (each training problem in its original
+    form, once), "renderings" (k distinct renderings of each, the original among them) and
+    "heldout" (other problems, never one of the training ones, each in heldout_renderings unseen
+    renderings)."""
+    train = word_problems(problems, seed)
+    test = word_problems(heldout, seed, start=problems, exclude={p["key"] for p in train})
+    return {"original": [renderings(p, 1)[0] for p in train],
+            "renderings": [text for p in train for text in renderings(p, k)],
+            "heldout": [text for p in test for text in renderings(p, heldout_renderings, heldout=True)]}
+
+
+def run_renderings(args) -> int:
+    """Write original.jsonl, renderings.jsonl and heldout.jsonl (field "text") into args.out."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, texts in rendering_corpora(args.problems, args.k, args.heldout, args.seed).items():
+        path, tmp = out / f"{name}.jsonl", out / f".{name}.jsonl.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tokens = sum(len(t.encode()) + 1 for t in texts)  # byte tokens plus one eos per document
+        print(f"{path}: {len(texts):,} documents, {tokens:,} byte tokens")
+    return 0
 
 
 def _decode(data: bytes, where: str, report: LoadReport) -> str:
@@ -1065,8 +1223,14 @@ def main(argv=None) -> int:
     rephrase.add_argument("--retries", type=int, default=5)
     rephrase.add_argument("--backoff", type=float, default=1.0)
     rephrase.add_argument("--temperature", type=float, default=0.7)
+    renders = commands.add_parser("renderings", help="maths word problems in several surface forms (rephrasing experiment)")
+    renders.add_argument("--problems", type=int, default=400, help="training problems")
+    renders.add_argument("--k", type=int, default=8, help="renderings per training problem")
+    renders.add_argument("--heldout", type=int, default=200, help="held-out problems")
+    renders.add_argument("--seed", type=int, default=0)
+    renders.add_argument("--out", required=True, help="folder for original/renderings/heldout.jsonl")
     args = parser.parse_args(argv)
-    return run_stats(args) if args.command == "stats" else run_rephrase(args)
+    return {"stats": run_stats, "rephrase": run_rephrase, "renderings": run_renderings}[args.command](args)
 
 
 if __name__ == "__main__":
