@@ -274,13 +274,21 @@ def measure_peak_flops(device, dtype, seconds=0.3):
     return 2 * n ** 3 * count / (time.perf_counter() - t0)
 
 
-def plot_metrics(records, tau, path):
+def _pyplot(what):
+    """matplotlib.pyplot on the file-only Agg backend, or None after a one-line hint: matplotlib
+    is optional."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("no plot: pip install matplotlib to get plot.png")
+        print(f"no {what}: pip install matplotlib to get it")
+        return None
+    return plt
+
+
+def plot_metrics(records, tau, path):
+    if (plt := _pyplot("plot.png")) is None:
         return
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
@@ -396,12 +404,7 @@ def summarize(run_dirs, plot_path=None):
 
 
 def _plot_summary(rows, target, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no plot: pip install matplotlib to get it")
+    if (plt := _pyplot(path)) is None:
         return
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for row in rows:
