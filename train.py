@@ -172,6 +172,8 @@ def parse_args(argv=None):
                    help="train nothing: tabulate and plot finished runs (final val loss, params, FLOPs to a target loss)")
     g.add_argument("--plot", metavar="PNG", help="with --summarize: where to write the plot")
     args = p.parse_args(argv)
+    if args.plot and not args.summarize:
+        p.error("argument --plot: only with --summarize")
     if args.out is None:
         args.out = os.path.join("runs", args.preset if args.config is None else "custom")
     return args
