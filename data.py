@@ -486,19 +486,20 @@ def renderings(problem: dict, k: int, heldout=False) -> list[str]:
 
 
 def rendering_corpora(problems: int, k: int, heldout: int, seed=0, heldout_renderings=2) -> dict:
-    """The three text sets of the experiment: "original" (each training problem in its original
-    form, once), "renderings" (k distinct renderings of each, the original among them) and
-    "heldout" (other problems, never one of the training ones, each in heldout_renderings unseen
-    renderings)."""
+    """The text sets of the experiment: "original" (each training problem in its original form,
+    once), "renderings" (k distinct renderings of each, the original among them), "heldout" (other
+    problems, never one of the training ones, each in heldout_renderings unseen renderings) and
+    "heldout_original" (the same held-out problems in their original form)."""
     train = word_problems(problems, seed)
     test = word_problems(heldout, seed, start=problems, exclude={p["key"] for p in train})
     return {"original": [renderings(p, 1)[0] for p in train],
             "renderings": [text for p in train for text in renderings(p, k)],
-            "heldout": [text for p in test for text in renderings(p, heldout_renderings, heldout=True)]}
+            "heldout": [text for p in test for text in renderings(p, heldout_renderings, heldout=True)],
+            "heldout_original": [renderings(p, 1)[0] for p in test]}
 
 
 def run_renderings(args) -> int:
-    """Write original.jsonl, renderings.jsonl and heldout.jsonl (field "text") into args.out."""
+    """Write the sets of `rendering_corpora` as NAME.jsonl (field "text") into args.out."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, texts in rendering_corpora(args.problems, args.k, args.heldout, args.seed).items():
@@ -1228,7 +1229,7 @@ def main(argv=None) -> int:
     renders.add_argument("--k", type=int, default=8, help="renderings per training problem")
     renders.add_argument("--heldout", type=int, default=200, help="held-out problems")
     renders.add_argument("--seed", type=int, default=0)
-    renders.add_argument("--out", required=True, help="folder for original/renderings/heldout.jsonl")
+    renders.add_argument("--out", required=True, help="folder for the .jsonl files")
     args = parser.parse_args(argv)
     return {"stats": run_stats, "rephrase": run_rephrase, "renderings": run_renderings}[args.command](args)
 

@@ -2024,6 +2024,8 @@ def test_held_out_problems_never_share_a_problem_name_or_wording_with_training()
     trained = {_working(t) for t in corpora["renderings"]}
     assert len(trained) == 150 and {_working(t) for t in corpora["original"]} == trained
     assert not trained & {_working(t) for t in corpora["heldout"]}
+    assert {_working(t) for t in corpora["heldout"]} == {_working(t) for t in corpora["heldout_original"]}
+    assert all(t.startswith("Problem: ") for t in corpora["heldout_original"])
     train_words = re.compile(r"\b(" + "|".join(data.TRAIN_NAMES) + r")\b")
     assert not any(train_words.search(t) for t in corpora["heldout"])
     assert all(train_words.search(t) for t in corpora["renderings"])
