@@ -484,7 +484,8 @@ def main(argv=None):
     val_tokens = data.load_tokens(held_out, "train") if args.val_data else data.load_tokens(prepared, "val")
     for split, tokens in (("train", train_tokens), ("val", val_tokens)):
         if len(tokens) <= args.seq_len:
-            fail(f"{'--val-data' if split == 'val' and args.val_data else '--data'}: the {split} split has {len(tokens)} tokens, fewer than --seq-len {args.seq_len} + 1")
+            option = "--val-data" if split == "val" and args.val_data else "--data"
+            fail(f"{option}: the {split} split has {len(tokens)} tokens, fewer than --seq-len {args.seq_len} + 1")
     # batch_size is global: each rank draws its own rows of the same global batch, so step N's batch
     # does not depend on the number of processes or micro-steps.
     train_sampler = data.BatchSampler(train_tokens, args.batch_size, args.seq_len, seed=args.seed, rank=rank, world_size=world)
