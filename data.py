@@ -33,6 +33,7 @@ Run:
         --styles 2 --concurrency 16 [--shard I/N] [--fidelity lexical|embedding|llm_judge] \
         --out rephrased.jsonl
     python data.py bench         rephrase throughput against a local fake server, by concurrency
+    python data.py renderings --problems 210 --k 8 --heldout 100 --out runs/rephrase/data
 Sources: "builtin" (all three default domains), "builtin:code", "builtin:knowledge", "builtin:math",
 or "[DOMAIN[:WEIGHT]=]PATH" for a file or folder (domain "user" when not named). A rephrase output
 file is a source like any other: `knowledge=docs/ rephrased:0.5=rephrased.jsonl`. Weights are
@@ -1419,6 +1420,242 @@ def math_documents(n=MATH_PROBLEMS, seed=0) -> list[Document]:
     return docs
 
 
+# Renderings: one maths problem in several surface forms, for the experiment "rephrasing against
+# repetition" (K2 report sec. 2.2). A word problem is a set of givens, a question and its working;
+# a rendering chooses the names, the order of the givens, one of three wordings and a layout (the
+# worked form of `math_documents`, question-answer, answer first, or a learning note). These are
+# template rewrites, not LLM rephrasings: `data.py rephrase --style learning_note` writes the LLM
+# version of the same corpus with a served model.
+
+NAMES = ("Ada", "Ben", "Chen", "Dara", "Emil", "Fatima", "Goran", "Hana", "Ines", "Jonas", "Kofi",
+         "Lena", "Mateo", "Noor", "Olga", "Priya")
+TRAIN_NAMES, HELDOUT_NAMES = NAMES[:12], NAMES[12:]  # held-out renderings use names training never sees
+TRAIN_WORDINGS, HELDOUT_WORDING = (0, 1), 2          # likewise the third wording
+LAYOUTS = ("worked", "qa", "answer_first", "note")
+
+
+def _shopping(rng):
+    n, price, item = rng.randint(2, 9), rng.randint(2, 19), rng.choice(("notebook", "pencil", "ticket", "mango"))
+    cost = n * price
+    paid = next(v for v in (20, 50, 100, 200) if v >= cost)
+    return dict(key=("shopping", *sorted((n, price))), answer=f"${paid - cost}",
+                givens=[(f"{{a}} buys {n} {item}s at ${price} each.",
+                         f"Each {item} costs ${price}, and {{a}} takes {n} of them.",
+                         f"{n} {item}s at ${price} apiece go into {{a}}'s basket."),
+                        (f"{{a}} pays with a ${paid} note.", f"{{a}} hands over ${paid}.",
+                         f"The cashier is given ${paid}.")],
+                question=("How much change does {a} get?", "What change should {a} receive?",
+                          "Find the change."),
+                steps=[f"The {item}s cost {n} * {price} = ${cost}.",
+                       f"The change is {paid} - {cost} = ${paid - cost}."],
+                idea="the total cost is the count times the unit price; the change is the payment minus it")
+
+
+def _journey(rng):
+    (v1, t1), (v2, t2) = ((5 * rng.randint(4, 24), rng.randint(1, 5)) for _ in range(2))
+    legs = [(f"{{a}} drives for {t} hours at {v} km/h.", f"For {t} hours, {{a}} keeps a speed of {v} km/h.",
+             f"At {v} km/h, {{a}} is on the road for {t} hours.") for v, t in ((v1, t1), (v2, t2))]
+    return dict(key=("journey", *sorted(((v1, t1), (v2, t2)))), answer=f"{v1 * t1 + v2 * t2} km", givens=legs,
+                question=("How far does {a} drive in total?", "What total distance does {a} cover?",
+                          "Find the total distance."),
+                steps=[f"At {v1} km/h for {t1} hours: {v1} * {t1} = {v1 * t1} km.",
+                       f"At {v2} km/h for {t2} hours: {v2} * {t2} = {v2 * t2} km.",
+                       f"In total {v1 * t1} + {v2 * t2} = {v1 * t1 + v2 * t2} km."],
+                idea="distance is speed times time, and the distances of the parts add up")
+
+
+def _ages(rng):
+    young, gap = rng.randint(5, 40), rng.randint(1, 20)
+    total = 2 * young + gap
+    return dict(key=("ages", young, gap), answer=f"{young}",
+                givens=[(f"{{a}} is {gap} years older than {{b}}.", f"{{b}} is {gap} years younger than {{a}}.",
+                         f"Between {{a}} and {{b}} there are {gap} years, {{a}} being the elder."),
+                        (f"{{a}} and {{b}} are {total} years old together.",
+                         f"The ages of {{a}} and {{b}} add up to {total}.",
+                         f"Adding the ages of {{b}} and {{a}} gives {total}.")],
+                question=("How old is {b}?", "What is the age of {b}?", "Find the younger one's age."),
+                steps=[f"Twice {{b}}'s age is {total} - {gap} = {2 * young}.",
+                       f"So {{b}} is {2 * young} / 2 = {young} years old."],
+                idea="remove the gap from the sum and what is left is twice the younger age")
+
+
+def _scores(rng):
+    scores = [rng.randint(40, 100) for _ in range(rng.choice((3, 4)))]
+    mean = f"{sum(scores) / len(scores):g}"
+    return dict(key=("scores", *sorted(scores)), answer=mean,
+                givens=[(f"On test {i} {{a}} scored {s}.", f"{{a}}'s mark in test {i} was {s}.",
+                         f"Test {i} gave {{a}} {s} points.") for i, s in enumerate(scores, 1)],
+                question=("What is {a}'s mean score?", "What is the average of {a}'s marks?",
+                          "Find the mean of the tests."),
+                steps=[f"Add the scores: {' + '.join(map(str, scores))} = {sum(scores)}.",
+                       f"Divide by the {len(scores)} tests: {sum(scores)} / {len(scores)} = {mean}."],
+                idea="the mean is the sum divided by the count")
+
+
+WORD_PROBLEM_KINDS = [_shopping, _journey, _ages, _scores]
+
+
+def render(problem: dict, names, wording: int, order, layout: str) -> str:
+    """One surface form of `problem`: names (a, b), its givens in `order` in wording 0-2, a layout."""
+    a, b = names
+    givens = [problem["givens"][g][wording].format(a=a, b=b) for g in order]
+    question = problem["question"][wording].format(a=a, b=b)
+    steps = [s.format(a=a, b=b) for s in problem["steps"]]
+    statement, answer = " ".join(givens + [question]), problem["answer"]
+    if layout == "worked":  # the layout of math_documents
+        return "\n".join([f"Problem: {statement}", "", "Solution:"] +
+                         [f"Step {k}: {s}" for k, s in enumerate(steps, 1)] + ["", f"Answer: {answer}"])
+    if layout == "qa":
+        return f"Q: {statement}\nA: {' '.join(steps)} So the answer is {answer}."
+    if layout == "answer_first":
+        return f"The answer is {answer}.\nThe question: {statement}\nWhy: {' '.join(steps)}"
+    return "\n".join(["Learning note", "Given:"] + [f"- {g}" for g in givens] +
+                     [f"Asked: {question}", f"Key idea: {problem['idea']}.", "Working:"] +
+                     [f"- {s}" for s in steps] + [f"Result: {answer}"])
+
+
+def word_problems(n: int, seed=0, start=0, exclude=()) -> list[dict]:
+    """n distinct word problems from index `start` on, problem i depending only on (seed, i);
+    problems whose key is in `exclude`, or repeats an earlier one, are skipped. The key is the
+    kind and its numbers up to order (5 items at $3 and 3 at $5 are one problem, as are two
+    journeys with the same legs).
+    Each carries its original names and its index."""
+    problems, seen, i = [], set(exclude), start
+    while len(problems) < n:
+        rng = random.Random(f"words:{seed}:{i}")
+        problem = rng.choice(WORD_PROBLEM_KINDS)(rng)
+        if problem["key"] not in seen:
+            seen.add(problem["key"])
+            problems.append({**problem, "names": tuple(rng.sample(TRAIN_NAMES, 2)), "index": i})
+        i += 1
+    return problems
+
+
+def renderings(problem: dict, k: int, heldout=False) -> list[str]:
+    """k distinct renderings of `problem`. Training side: the original (its names, the givens in
+    order, wording 0, worked layout) first, then random names, orders, wordings 0-1 and layouts.
+    Held-out side: names and the wording that no training rendering uses, any order and layout."""
+    rng = random.Random(f"render:{problem['key']}:{heldout}")
+    n = len(problem["givens"])
+    texts = [] if heldout else [render(problem, problem["names"], 0, range(n), "worked")]
+    for _ in range(100 * k):  # every kind has far more than k forms; the bound only stops a bad k
+        if len(texts) == k:
+            return texts
+        names = rng.sample(HELDOUT_NAMES if heldout else TRAIN_NAMES, 2)
+        wording = HELDOUT_WORDING if heldout else rng.choice(TRAIN_WORDINGS)
+        text = render(problem, names, wording, rng.sample(range(n), n), rng.choice(LAYOUTS))
+        if text not in texts:
+            texts.append(text)
+    raise DataError(f"--k {k}: problem {problem['key']} has fewer distinct renderings")
+
+
+def rendering_corpora(problems: int, k: int, heldout: int, seed=0, heldout_renderings=2) -> dict:
+    """The text sets of the experiment: "original" (each training problem in its original form,
+    once), "renderings" (k distinct renderings of each, the original among them), "heldout" (other
+    problems, never one of the training ones, each in heldout_renderings unseen renderings) and
+    "heldout_original" (the same held-out problems in their original form)."""
+    train = word_problems(problems, seed)
+    test = word_problems(heldout, seed, start=problems, exclude={p["key"] for p in train})
+    return {"original": [renderings(p, 1)[0] for p in train],
+            "renderings": [text for p in train for text in renderings(p, k)],
+            "heldout": [text for p in test for text in renderings(p, heldout_renderings, heldout=True)],
+            "heldout_original": [renderings(p, 1)[0] for p in test]}
+
+
+def run_renderings(args) -> int:
+    """Write the sets of `rendering_corpora` as NAME.jsonl (field "text") into args.out."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, texts in rendering_corpora(args.problems, args.k, args.heldout, args.seed).items():
+        path, tmp = out / f"{name}.jsonl", out / f".{name}.jsonl.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tokens = sum(len(t.encode()) + 1 for t in texts)  # byte tokens plus one eos per document
+        print(f"{path}: {len(texts):,} documents, {tokens:,} byte tokens")
+    return 0
+
+
+def _decode(data: bytes, where: str, report: LoadReport) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        report.non_utf8_files += 1
+        report.problem(where, f"not UTF-8 ({e.reason} at byte {e.start}); bad bytes replaced")
+        return data.decode("utf-8", errors="replace")
+
+
+def _file_documents(path: Path, domain: str, report: LoadReport):
+    report.files += 1
+    if path.suffix != ".jsonl":
+        yield Document(domain, str(path), _decode(path.read_bytes(), str(path), report))
+        return
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):  # a huge line is read whole: one record, one document
+            where = f"{path}:{lineno}"
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+                report.bad_json_lines += 1
+                report.problem(where, f"bad JSON line skipped ({type(e).__name__}: {str(e)[:80]})")
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                report.bad_json_lines += 1
+                report.problem(where, 'line skipped: not an object with a string field "text"')
+                continue
+            yield Document(domain, where, record["text"])
+
+
+def _source_files(spec: str) -> tuple[str, list[Path]]:
+    """'[DOMAIN=]PATH' -> (domain, files). Folders contribute their .txt/.md/.py/.jsonl files; a
+    file named explicitly is read whatever its suffix."""
+    domain, _, path = spec.rpartition("=") if not Path(spec).exists() else ("", "", spec)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data source {spec!r}: no such file or folder")
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix in USER_SUFFIXES)
+    return domain or "user", files
+
+
+def load_documents(sources=("builtin",), seed=0, max_doc_chars=1_000_000, report=None):
+    """Every document of `sources` (see the module docstring), non-empty, at most max_doc_chars
+    long (longer ones are cut at paragraph or sentence boundaries into several documents)."""
+    report = report if report is not None else LoadReport()
+    docs = []
+    for spec in map(str, sources):
+        if spec.startswith("builtin"):
+            domains = (spec.partition(":")[2] or "code,knowledge,math").split(",")
+            if unknown := set(domains) - {"code", "knowledge", "math"}:
+                raise ValueError(f"unknown built-in domain(s) {sorted(unknown)} in source {spec!r}")
+            if "code" in domains or "knowledge" in domains:
+                code, knowledge = stdlib_documents(seed)
+                docs += (code if "code" in domains else []) + (knowledge if "knowledge" in domains else [])
+            if "math" in domains:
+                docs += math_documents(seed=seed)
+            continue
+        domain, files = _source_files(spec)
+        for path in files:
+            docs += _file_documents(path, domain, report)
+    kept = []
+    for doc in docs:
+        if not doc.text.strip():
+            report.empty_documents += 1
+            report.problem(doc.name, "empty document skipped")
+        elif len(doc.text) > max_doc_chars:
+            report.split_documents += 1
+            kept += [Document(doc.domain, f"{doc.name}#part{k}", piece)
+                     for k, piece in enumerate(split_chunks(doc.text, max_doc_chars))]
+        else:
+            kept.append(doc)
+    report.documents = len(kept)
+    return kept
+
+
 # -----------------------------------------------------------------------------------------------
 # Command line
 
@@ -1646,13 +1883,20 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--latency", type=_number(float, 0), default=0.1, help="seconds per request")
     bench.add_argument("--capacity", type=_number(int, 1), default=32, help="requests served at once")
     bench.add_argument("--chunks", type=_number(int, 1), default=2, help="chunks per document")
+    renders = commands.add_parser("renderings", help="maths word problems in several surface forms (rephrasing experiment)")
+    renders.add_argument("--problems", type=_number(int, 1), default=400, help="training problems")
+    renders.add_argument("--k", type=_number(int, 1), default=8, help="renderings per training problem")
+    renders.add_argument("--heldout", type=_number(int, 1), default=200, help="held-out problems")
+    renders.add_argument("--seed", type=int, default=0)
+    renders.add_argument("--out", required=True, help="folder for the .jsonl files")
     return parser
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"stats": run_stats, "rephrase": run_rephrase, "bench": run_bench}[args.command](args)
+        return {"stats": run_stats, "rephrase": run_rephrase, "bench": run_bench,
+                "renderings": run_renderings}[args.command](args)
     except DataError as e:
         print(f"data.py {args.command}: {e}", file=sys.stderr)
         return 2

@@ -2823,6 +2823,176 @@ def test_wsd_schedule_warms_up_holds_then_decays_to_min_ratio():
     assert train.lr_at(100, args) == pytest.approx(0.1)  # ... to min_lr_ratio x peak
 
 
+# --------------------------------------------------------------------------------------------------
+# Experiments (issue 11): --set, --val-data, --summarize, and the maths renderings of data.py
+
+
+def _run_model_config(tmp_path, train_setup, *overrides):
+    """The model config a one-step train.py run with these --set overrides actually trained."""
+    train.main(_train_args(tmp_path, train_setup, "--max-steps", "1", "--sample-tokens", "0",
+                           *[a for o in overrides for a in ("--set", o)]))
+    with open(tmp_path / "config.json") as f:
+        return Config(**json.load(f)["model"])
+
+
+def test_set_routed_experts_keeps_activated_params_and_adds_whole_experts(tmp_path, train_setup):
+    base = Config(**json.loads(train_setup[1].read_text()))
+    wider = _run_model_config(tmp_path, train_setup, "n_routed_experts=16")
+    assert (wider.n_routed_experts, wider.num_experts_per_tok, wider.moe_intermediate_size) == \
+        (16, base.num_experts_per_tok, base.moe_intermediate_size)
+    before, after = count_params(base), count_params(wider)
+    added, layers, D = 16 - base.n_routed_experts, before["moe_layers"], base.hidden_size
+    # each added expert: its three projections, plus its router row and bias in every MoE layer;
+    # a token still runs num_experts_per_tok of them, so only the router grows what it activates
+    assert after["total"] - before["total"] == layers * added * (3 * base.moe_intermediate_size * D + D + 1)
+    assert after["activated"] - before["activated"] == layers * added * (D + 1)
+
+
+def test_set_doubles_heads_and_keeps_every_per_head_dim(tmp_path, train_setup):
+    base = Config(**json.loads(train_setup[1].read_text()))
+    H = base.num_attention_heads
+    doubled = _run_model_config(tmp_path, train_setup, f"num_attention_heads={2 * H}", f"num_key_value_heads={2 * H}")
+    dims = ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "q_lora_rank", "kv_lora_rank", "hidden_size")
+    assert doubled.num_attention_heads == 2 * H
+    assert [getattr(doubled, d) for d in dims] == [getattr(base, d) for d in dims]
+    # per layer and added head: a q_b_proj slice, a kv_b_proj slice and an o_proj slice
+    per_head = (base.q_lora_rank * base.qk_head_dim + base.kv_lora_rank * (base.qk_nope_head_dim + base.v_head_dim)
+                + base.v_head_dim * base.hidden_size)
+    grown = count_params(doubled)["total"] - count_params(base)["total"]
+    assert grown == base.num_hidden_layers * H * per_head
+
+
+@pytest.mark.parametrize("override, named", [
+    ("n_routed_expert=64", "'n_routed_expert' is not a Config field"),
+    ("n_routed_experts=1.5", "Config field n_routed_experts takes int, got '1.5'"),
+    ("norm_topk_prob=maybe", "Config field norm_topk_prob takes bool"),
+    ("rope_scaling=[1]", "Config field rope_scaling takes dict"),
+    ("routed_scaling_factor=x", "Config field routed_scaling_factor takes float"),
+])
+def test_set_rejects_unknown_fields_and_bad_values_naming_the_field(override, named, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--set", override])
+    err = capsys.readouterr().err
+    assert "argument --set" in err and named in err
+
+
+def test_set_parses_values_by_field_type():
+    args = train.parse_args(["--set", "q_lora_rank=none", "--set", "tie_word_embeddings=True",
+                             "--set", "rope_theta=1e4", "--set", 'rope_scaling={"type": "yarn"}'])
+    assert args.set == [("q_lora_rank", None), ("tie_word_embeddings", True), ("rope_theta", 1e4),
+                        ("rope_scaling", {"type": "yarn"})]
+
+
+def test_set_that_breaks_the_config_fails_naming_the_field(tmp_path, train_setup):
+    with pytest.raises(SystemExit, match=r"--set num_attention_heads=8: Config\.num_key_value_heads"):
+        train.main(_train_args(tmp_path, train_setup, "--set", "num_attention_heads=8"))
+
+
+def test_val_data_is_the_whole_validation_set_and_all_of_data_trains(tmp_path, train_setup, monkeypatch):
+    train_texts = [f"training document {i}: " + "the quick brown fox " * 5 for i in range(20)]
+    val_texts = ["held-out one: " + "lorem ipsum dolor " * 6, "held-out two: " + "sit amet elit " * 8]
+    for name, texts in (("train.jsonl", train_texts), ("val.jsonl", val_texts)):
+        (tmp_path / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    seen = []
+
+    class Recording(data.BatchSampler):
+        def __init__(self, tokens, *args, **kwargs):
+            seen.append(bytes(np.asarray(tokens)).split(b"\0")[:-1])  # documents, eos-separated
+            super().__init__(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(train.data, "BatchSampler", Recording)
+    train.main(_train_args(tmp_path / "run", train_setup, "--max-steps", "1", "--sample-tokens", "0",
+                           "--data", str(tmp_path / "train.jsonl"), "--val-data", str(tmp_path / "val.jsonl")))
+    trained, *evaluated = seen  # the training sampler, then one fresh sampler per evaluation
+    assert sorted(trained) == sorted(t.encode() for t in train_texts)  # none held back for validation
+    assert evaluated and all(sorted(v) == sorted(t.encode() for t in val_texts) for v in evaluated)
+
+
+def _run_folder(folder, experts, seed, val_losses, eval_every=10):
+    """A finished train.py run folder as --summarize reads it, with these validation losses."""
+    model = {**PRESETS["tiny"], "n_routed_experts": experts}
+    folder.mkdir()
+    steps = [eval_every * i for i in range(len(val_losses))]
+    (folder / "config.json").write_text(json.dumps({"model": model, "seed": seed, "out": str(folder), "seq_len": 128,
+                                                    "tokens_per_step": 2048, "max_steps": steps[-1], "lr": 0.01}))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val_loss": v}) + "\n"
+                                                  for s, v in zip(steps, val_losses)))
+
+
+def test_summarize_groups_seeds_and_finds_the_flops_to_reach_the_target_loss(tmp_path, capsys):
+    _run_folder(tmp_path / "a0", 8, 0, [3.0, 2.1, 1.9])
+    _run_folder(tmp_path / "a1", 8, 1, [3.0, 1.9, 1.7])     # group n_routed_experts=8: mean 3, 2, 1.8
+    _run_folder(tmp_path / "b0", 64, 0, [3.0, 2.4, 1.2])
+    _run_folder(tmp_path / "b1", 64, 1, [3.0, 2.2, 1.0])    # group 64: mean 3, 2.3, 1.1
+    rows = train.summarize([str(tmp_path / n) for n in ("a0", "a1", "b0", "b1")])
+    assert [r["label"] for r in rows] == ["n_routed_experts=8", "n_routed_experts=64"]
+    assert [r["seeds"] for r in rows] == [[0, 1], [0, 1]]
+    assert rows[0]["activated"] == count_params(Config(**{**PRESETS["tiny"], "n_routed_experts": 8}))["activated"]
+    # target: the higher final mean loss (1.8); group 8 reaches it at step 20, group 64 at
+    # step 10 + 10 * (2.3 - 1.8) / (2.3 - 1.1) by linear interpolation; same FLOPs per step
+    flops_per_step = [flops_per_token(Config(**{**PRESETS["tiny"], "n_routed_experts": e}), 64.5, training=True) * 2048
+                      for e in (8, 64)]
+    assert rows[0]["to_target"] == pytest.approx(20 * flops_per_step[0])
+    assert rows[1]["to_target"] == pytest.approx((10 + 10 * 0.5 / 1.2) * flops_per_step[1])
+    table = capsys.readouterr().out
+    assert "| n_routed_experts=64 | 0, 1 |" in table and "1.1000 | 1.2000, 1.0000 | -38.89%" in table
+
+
+def test_summarize_refuses_an_unfinished_run(tmp_path):
+    _run_folder(tmp_path / "a0", 8, 0, [3.0, 2.0])
+    config = json.loads((tmp_path / "a0" / "config.json").read_text())
+    (tmp_path / "a0" / "config.json").write_text(json.dumps({**config, "max_steps": 50}))
+    with pytest.raises(SystemExit, match="a0 has not finished"):
+        train.summarize([str(tmp_path / "a0")])
+
+
+_WORKING_LINE = re.compile(r"(\d+(?: [-+*/] \d+)+) = \$?(\d+(?:\.\d+)?)")
+
+
+def _working(text):
+    """A rendered problem's identity: the set of computations in its working ("3 * 5 = 15"),
+    operands of a sum or product sorted, so every surface form of one problem gives one set."""
+    lines = set()
+    for expr, result in _WORKING_LINE.findall(text):
+        terms = expr.split(" ")
+        if set(terms[1::2]) in ({"+"}, {"*"}):
+            terms = [terms[1]] + sorted(terms[::2], key=int)
+        lines.add(f"{' '.join(terms)} = {result}")
+    return frozenset(lines)
+
+
+def test_renderings_are_distinct_forms_of_one_problem_with_one_answer():
+    for problem in data.word_problems(40, seed=3):
+        texts = data.renderings(problem, 8)
+        assert len(set(texts)) == 8
+        assert texts[0].startswith("Problem: ") and texts[0].endswith(f"Answer: {problem['answer']}")
+        assert len({_working(t) for t in texts}) == 1  # one problem, one working, whatever the form
+        for text in texts:
+            assert problem["answer"] in text
+            for expr, result in _WORKING_LINE.findall(text):
+                assert eval(expr) == pytest.approx(float(result))  # every line of the working is right
+    layouts = {t.split("\n")[0][:8] for p in data.word_problems(40, seed=3) for t in data.renderings(p, 8)}
+    assert len(layouts) >= 4  # names, wordings and orders vary, and so do the layouts
+
+
+def test_held_out_problems_never_share_a_problem_name_or_wording_with_training():
+    corpora = data.rendering_corpora(150, 4, 100, seed=0)
+    assert len(corpora["original"]) == 150 and len(corpora["renderings"]) == 600 and len(corpora["heldout"]) == 200
+
+    trained = {_working(t) for t in corpora["renderings"]}
+    assert len(trained) == 150 and {_working(t) for t in corpora["original"]} == trained
+    assert not trained & {_working(t) for t in corpora["heldout"]}
+    assert {_working(t) for t in corpora["heldout"]} == {_working(t) for t in corpora["heldout_original"]}
+    assert all(t.startswith("Problem: ") for t in corpora["heldout_original"])
+    train_words = re.compile(r"\b(" + "|".join(data.TRAIN_NAMES) + r")\b")
+    assert not any(train_words.search(t) for t in corpora["heldout"])
+    assert all(train_words.search(t) for t in corpora["renderings"])
+    third_wording = [kind(random.Random(0))["question"][data.HELDOUT_WORDING] for kind in data.WORD_PROBLEM_KINDS]
+    assert all("{" not in q for q in third_wording)  # so these are the exact questions the texts carry
+    assert not any(q in t for q in third_wording for t in corpora["renderings"])
+    assert all(any(q in t for q in third_wording) for t in corpora["heldout"])
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "model-dtensor-clip":
         _model_dtensor_clip_worker(sys.argv[2])

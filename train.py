@@ -34,6 +34,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import dataclasses
 import glob
 import json
 import math
@@ -43,6 +44,7 @@ import shutil
 import signal
 import sys
 import time
+import typing
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 
@@ -53,11 +55,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from kimik2 import PRESETS, Config, KimiK2
+from kimik2 import PRESETS, Config, KimiK2, count_params, flops_per_token
 from muonclip import MuonClip
 
 # Options a checkpoint's run must share with the resuming run: they change what "step N" means.
-RESUME_MUST_MATCH = ("model", "optimizer", "batch_size", "seq_len", "data")
+RESUME_MUST_MATCH = ("model", "optimizer", "batch_size", "seq_len", "data", "val_data")
 CHECKPOINT_KEYS = {"step", "model", "optimizer", "optimizer_per_rank", "scaler", "sampler", "rng", "config",
                    "window", "bad_steps"}
 INTERRUPTED = 130  # exit status after a SIGINT or SIGTERM stop (128 + SIGINT, as a shell reports Ctrl-C)
@@ -92,6 +94,30 @@ POSITIVE_INT, COUNT = number(int, 1), number(int, 0)
 POSITIVE, NON_NEGATIVE, FRACTION = number(float, 0, above=True), number(float, 0), number(float, 0, 1)
 
 
+def config_override(text):
+    """An argparse type for --set: 'FIELD=VALUE' -> (FIELD, VALUE), VALUE typed by the Config field
+    (int, float, true/false, none where the field allows None, JSON for a dict)."""
+    name, _, raw = text.partition("=")
+    kinds = {f.name: typing.get_args(f.type) or (f.type,) for f in dataclasses.fields(Config)}
+    if name not in kinds:
+        raise argparse.ArgumentTypeError(f"{text!r}: {name!r} is not a Config field (see python kimik2.py --preset tiny --json)")
+    if raw.lower() == "none" and type(None) in kinds[name]:
+        return name, None
+    kind = next(k for k in kinds[name] if k is not type(None))
+    try:
+        if kind is bool:
+            value = {"true": True, "false": False}[raw.lower()]
+        elif kind is dict:
+            value = json.loads(raw)
+            if not isinstance(value, dict):
+                raise ValueError
+        else:
+            value = kind(raw)
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r}: Config field {name} takes {kind.__name__}, got {raw!r}") from None
+    return name, value
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -102,9 +128,13 @@ def build_parser():
                    help="sequence-wise balance loss coefficient (DeepSeek-V3: 1e-4); default: the config's")
     g.add_argument("--router-bias-speed", type=NON_NEGATIVE, default=1e-3,
                    help="gamma of the loss-free balancing update b_i += gamma*sign(mean_load - load_i) (DeepSeek-V3: 0.001)")
+    g.add_argument("--set", type=config_override, action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one field of the preset/--config (repeatable), e.g. --set n_routed_experts=64")
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", metavar="[DOMAIN=]PATH",
                    help="files or folders of .txt/.md/.py/.jsonl, or builtin[:code,knowledge,math]; default: the embedded corpus")
+    g.add_argument("--val-data", nargs="+", metavar="[DOMAIN=]PATH",
+                   help="validation sources held out from training: validation uses only these, and all of --data trains")
     g.add_argument("--data-cache", default="data_cache", metavar="DIR", help="where tokenised corpora are cached")
     g.add_argument("--batch-size", type=POSITIVE_INT, default=16,
                    help="global batch in sequences per optimizer step, whatever the number of processes")
@@ -150,6 +180,9 @@ def build_parser():
                    help="steps between checkpoints (also written at the end and on SIGINT/SIGTERM)")
     g.add_argument("--keep-ckpts", type=POSITIVE_INT, default=2, help="checkpoints kept in the run folder")
     g.add_argument("--sample-tokens", type=COUNT, default=300, help="length of the final sample")
+    g.add_argument("--summarize", nargs="+", metavar="RUN_DIR",
+                   help="train nothing: tabulate and plot finished runs (final val loss, params, FLOPs to a target loss)")
+    g.add_argument("--plot", metavar="PNG", help="with --summarize: where to write the plot")
     return p
 
 
@@ -158,19 +191,25 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("argument --overwrite: not allowed with --resume (continue the run, or start it over)")
+    if args.plot and not args.summarize:
+        parser.error("argument --plot: only with --summarize")
     if args.out is None:
         args.out = os.path.join("runs", args.preset if args.config is None else "custom")
     return args
 
 
 def model_config(args) -> Config:
-    """--preset or --config, with --aux-loss-alpha applied."""
+    """--preset or --config, with --aux-loss-alpha and every --set applied."""
     try:
         config = Config.from_json(args.config) if args.config else Config.from_preset(args.preset)
         if args.aux_loss_alpha is not None:
             config = Config(**{**config.to_dict(), "aux_loss_alpha": args.aux_loss_alpha})
     except (OSError, ValueError, TypeError) as e:
         fail(f"--config {args.config}: {e}" if args.config else f"--aux-loss-alpha: {e}")
+    try:
+        config = Config(**{**config.to_dict(), **dict(args.set)})
+    except (ValueError, TypeError) as e:
+        fail(f"--set {' '.join(f'{k}={v}' for k, v in args.set)}: {e}")
     if config.vocab_size < data.ByteTokenizer.vocab_size:
         fail(f"model vocab_size {config.vocab_size} is smaller than the tokenizer's {data.ByteTokenizer.vocab_size}")
     if config.max_position_embeddings < args.seq_len:
@@ -229,25 +268,40 @@ def init_processes(args) -> Setup:
     return Setup(distributed, rank, world, device, getattr(torch, dtype), args.batch_size // (args.grad_accum * world))
 
 
-def load_data(args, setup):
-    """(train tokens, val tokens, the preparation's info): tokenised once by rank 0 (cached under a
-    hash of the inputs), memory-mapped by everyone."""
+def prepare_data(sources, val_fraction, option, args, setup):
+    """data.prepare's info for `sources`: tokenised once by rank 0 (cached under a hash of the
+    inputs), then read by the other ranks; errors name `option` or the cache."""
     try:
         if setup.master:
-            prepared = data.prepare(args.data_cache, sources=args.data)
+            prepared = data.prepare(args.data_cache, sources=sources, val_fraction=val_fraction)
         if setup.distributed:
             dist.barrier()
         if not setup.master:
-            prepared = data.prepare(args.data_cache, sources=args.data)
+            prepared = data.prepare(args.data_cache, sources=sources, val_fraction=val_fraction)
     except data.DataError as e:  # the input: names the file, line or source
-        fail(f"--data: {e}")
+        fail(f"{option}: {e}")
     except OSError as e:  # the cache could not be written (data.prepare removed its temporary folder)
         fail(f"--data-cache {e.filename or args.data_cache}: {e.strerror or e}")
-    train_tokens, val_tokens = data.load_tokens(prepared, "train"), data.load_tokens(prepared, "val")
+    if skipped := data.describe_load_report(prepared):
+        setup.log(f"{option}: {skipped}")
+    return prepared
+
+
+def load_data(args, setup):
+    """(train tokens, val tokens), memory-mapped. Validation is a held-out part of --data, or with
+    --val-data all of those sources (prepared with nothing held out, so they fill the "train" file)
+    while every --data document trains."""
+    prepared = prepare_data(args.data, 0.0 if args.val_data else 0.05, "--data", args, setup)
+    train_tokens = data.load_tokens(prepared, "train")
+    if args.val_data:
+        val_tokens = data.load_tokens(prepare_data(args.val_data, 0.0, "--val-data", args, setup), "train")
+    else:
+        val_tokens = data.load_tokens(prepared, "val")
     for split, tokens in (("train", train_tokens), ("val", val_tokens)):
         if len(tokens) <= args.seq_len:
-            fail(f"--data: the {split} split has {len(tokens)} tokens, fewer than --seq-len {args.seq_len} + 1")
-    return train_tokens, val_tokens, prepared
+            option = "--val-data" if split == "val" and args.val_data else "--data"
+            fail(f"{option}: the {split} split has {len(tokens)} tokens, fewer than --seq-len {args.seq_len} + 1")
+    return train_tokens, val_tokens
 
 
 # -----------------------------------------------------------------------------
@@ -643,13 +697,21 @@ def progress_line(record, max_steps, eta):
             f"{record['elapsed_s']:.0f}s, ETA {eta:.0f}s")
 
 
-def plot_metrics(records, tau, path):
+def _pyplot(what):
+    """matplotlib.pyplot on the file-only Agg backend, or None after a one-line hint: matplotlib
+    is optional."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("no plot: pip install matplotlib to get plot.png")
+        print(f"no {what}: pip install matplotlib to get it")
+        return None
+    return plt
+
+
+def plot_metrics(records, tau, path):
+    if (plt := _pyplot("plot.png")) is None:
         return
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
@@ -674,6 +736,104 @@ def plot_metrics(records, tau, path):
     plt.close(fig)
 
 
+# -----------------------------------------------------------------------------
+# --summarize: compare finished runs (the experiments in the README)
+
+# Settings that tell runs apart without making them different experiments.
+_NOT_A_SETTING = {"seed", "out", "resume", "overwrite", "set", "summarize", "plot", "log_interval", "ckpt_interval",
+                  "keep_ckpts", "sample_tokens", "peak_flops", "data_cache"}
+
+
+def _settings(run_config):
+    """A run's config.json flattened to {name: value}, model fields as model.NAME."""
+    flat = {k: json.dumps(v) for k, v in run_config.items() if k != "model" and k not in _NOT_A_SETTING}
+    return {**flat, **{f"model.{k}": json.dumps(v) for k, v in run_config["model"].items()}}
+
+
+def _flops_to_reach(curve, target):
+    """The first training FLOPs at which a [(flops, val loss)] curve is at or below target, linear
+    between evaluations; None if it never gets there."""
+    for (f0, l0), (f1, l1) in zip(curve, curve[1:]):
+        if l1 <= target:
+            return f0 + (f1 - f0) * (l0 - target) / (l0 - l1) if l0 > target else f0
+    return None
+
+
+def summarize(run_dirs, plot_path=None):
+    """Compare finished runs (--summarize): runs that differ only in --seed form one group; a group
+    is named by the settings that differ between groups. Prints a Markdown table of total and
+    activated parameters, final validation loss (mean and per seed), its change against the first
+    group, and the training FLOPs each group's mean validation curve needs to reach the target loss
+    (the highest final mean loss, so every group reaches it) with their ratio to the fewest.
+    Writes the validation curves and final losses to plot_path (needs matplotlib)."""
+    runs = []
+    for folder in run_dirs:
+        try:
+            with open(os.path.join(folder, "config.json")) as f:
+                run_config = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"--summarize: {folder} is not a train.py run folder ({e})")
+        val = [(r["step"], r["val_loss"]) for r in read_metrics(os.path.join(folder, "metrics.jsonl"), math.inf)
+               if "val_loss" in r]
+        if not val or val[-1][0] != run_config["max_steps"]:
+            fail(f"--summarize: {folder} has not finished (no validation loss at step {run_config['max_steps']})")
+        runs.append((folder, run_config, _settings(run_config), val))
+    differ = sorted(k for k in runs[0][2] if len({r[2].get(k) for r in runs}) > 1)
+    groups = {}
+    for folder, run_config, settings, val in runs:
+        label = ", ".join(f"{k.removeprefix('model.')}={json.loads(settings[k])}" for k in differ) or "all runs"
+        groups.setdefault(label, []).append((run_config, val))
+    rows = []
+    for label, members in groups.items():
+        run_config = members[0][0]
+        config = Config(**run_config["model"])
+        counts = count_params(config)
+        flops_per_step = flops_per_token(config, (run_config["seq_len"] + 1) / 2, training=True) * run_config["tokens_per_step"]
+        steps = [s for s, _ in members[0][1]]
+        if any([s for s, _ in val] != steps for _, val in members):
+            fail(f"--summarize: the runs of {label} were evaluated at different steps")
+        mean = [sum(val[i][1] for _, val in members) / len(members) for i in range(len(steps))]
+        rows.append(dict(label=label, seeds=[c["seed"] for c, _ in members], total=counts["total"],
+                         activated=counts["activated"], finals=[val[-1][1] for _, val in members],
+                         curve=[(s * flops_per_step, l) for s, l in zip(steps, mean)]))
+    target = max(row["curve"][-1][1] for row in rows)
+    for row in rows:
+        row["to_target"] = _flops_to_reach(row["curve"], target)
+    fewest = min(row["to_target"] for row in rows)
+    first = rows[0]["curve"][-1][1]
+    print(f"| runs | seeds | total params | activated params | final val loss (mean) | per seed | vs first | "
+          f"training FLOPs to val loss {target:.4f} | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        final = row["curve"][-1][1]
+        print(f"| {row['label']} | {', '.join(map(str, row['seeds']))} | {row['total']:,} | {row['activated']:,} | "
+              f"{final:.4f} | {', '.join(f'{v:.4f}' for v in row['finals'])} | {100 * (final / first - 1):+.2f}% | "
+              f"{row['to_target']:.3g} | {row['to_target'] / fewest:.2f} |")
+    if plot_path:
+        _plot_summary(rows, target, plot_path)
+    return rows
+
+
+def _plot_summary(rows, target, path):
+    if (plt := _pyplot(path)) is None:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for row in rows:
+        ax[0].plot(*zip(*row["curve"]), "o-", ms=3, label=row["label"])
+    ax[0].axhline(target, color="k", linestyle="--", linewidth=0.8, label=f"target {target:.3f}")
+    ax[0].set(title="validation loss (mean over seeds)", xlabel="training FLOPs", ylabel="nats/token", xscale="log")
+    ax[0].set_ylim(top=min(ax[0].get_ylim()[1], 2 * target))
+    ax[0].legend(fontsize=7)
+    for i, row in enumerate(rows):
+        ax[1].plot([i] * len(row["finals"]), row["finals"], "o", color=f"C{i}")
+    ax[1].plot(range(len(rows)), [row["curve"][-1][1] for row in rows], "k-", linewidth=0.8)
+    ax[1].set_xticks(range(len(rows)), [row["label"] for row in rows], rotation=20, fontsize=7, ha="right")
+    ax[1].set(title="final validation loss (each seed; line: mean)", ylabel="nats/token")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def export_and_sample(model_state, config, out, sample_tokens, val_tokens, log):
     """hf/: the final model and the byte tokenizer in the Hugging Face layout (AutoModelForCausalLM
     and AutoTokenizer load it); then a sample continuing the first validation tokens."""
@@ -690,6 +850,8 @@ def export_and_sample(model_state, config, out, sample_tokens, val_tokens, log):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.summarize:
+        return summarize(args.summarize, args.plot)
 
     # -------------------------------------------------------------------------
     # config and init: processes, device, dtype; a checkpoint to resume is checked before anything is built
@@ -708,9 +870,7 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # data
-    train_tokens, val_tokens, prepared = load_data(args, setup)
-    if skipped := data.describe_load_report(prepared):
-        log(f"--data: {skipped}")
+    train_tokens, val_tokens = load_data(args, setup)
     # batch_size is global: each rank draws its own rows of the same global batch, so step N's batch
     # does not depend on the number of processes or micro-steps.
     train_sampler = data.BatchSampler(train_tokens, args.batch_size, args.seq_len, seed=args.seed, rank=setup.rank,
