@@ -415,10 +415,14 @@ BUSY_PROCESS = ("import torch; torch.set_num_threads(2); a = torch.ones(512, 512
                 "while True: a @ a")  # another job on the machine: a 2-thread torch matmul loop
 
 
+def _default_wait_policy() -> dict:
+    """This environment without OMP_WAIT_POLICY: OpenMP's default, as another user's process has."""
+    return {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+
+
 def start_busy_process() -> subprocess.Popen:
     """BUSY_PROCESS as another user would run it: OpenMP's default wait policy, not this file's."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    return subprocess.Popen([sys.executable, "-c", BUSY_PROCESS], env=env)
+    return subprocess.Popen([sys.executable, "-c", BUSY_PROCESS], env=_default_wait_policy())
 
 
 def step_worker(preset: str, batch: int, seq_len: int, reps: int, budget_s: float = 30.0) -> dict:
@@ -671,9 +675,8 @@ def main(argv=None):
     p.add_argument("--memory-worker", choices=("kimik2", "transformers"), help=argparse.SUPPRESS)
     p.add_argument("--step-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.busy:
-        start_busy_process().wait()
-        return
+    if args.busy:  # this process becomes the busy one, so killing its pid stops the load
+        os.execve(sys.executable, [sys.executable, "-c", BUSY_PROCESS], _default_wait_policy())
     if args.memory_worker:
         print(json.dumps(memory_worker(args.memory_worker, args.preset, args.batch_size, args.seq_len)))
         return
