@@ -115,7 +115,7 @@ def newton_schulz(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
     X = G.to(dtype).reshape(-1, *G.shape[-2:])                  # (N, A, B)
     tall = X.size(-2) > X.size(-1)
     if tall:
-        X = X.mT                                                  # (N, B, A), now wide
+        X = X.mT.contiguous()                                     # (N, B, A), now wide (and laid out so)
     # Frobenius norm >= spectral norm, so every singular value starts in [0, 1]
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):
@@ -642,17 +642,22 @@ class MuonClip(torch.optim.Optimizer):
 
         local_params = [_local(p) for p in params]
         torch._foreach_mul_(local_params, 1 - lr * wd)            # decoupled weight decay
-        ortho = [list(bs) for bs in blocks]
+        ortho = [list(bs) for bs in blocks]                       # -> (orthogonalised block, its scale)
         for shape, members in by_shape.items():
             stack = torch.cat([blocks[i][j].reshape(-1, *shape) for i, j in members])   # (N, A, B)
             out = newton_schulz(stack, group["ns_steps"], dtype=group["ns_dtype"])
-            out = out.to(stack.dtype).mul_(rms_matching_scale(shape))                  # as muon_update
             counts = [math.prod(blocks[i][j].shape[:-2]) for i, j in members]         # matrices per block
             for (i, j), o in zip(members, out.split(counts)):
-                ortho[i][j] = o.reshape(blocks[i][j].shape)
+                ortho[i][j] = (o.reshape(blocks[i][j].shape), rms_matching_scale(shape))
         for p, local, parts, g in zip(params, local_params, ortho, gather):
-            update = torch.cat(parts, dim=-2)                     # the blocks back in their rows
-            local.add_(_local_part(update, p) if g else update, alpha=-lr)
+            if g:  # rows sharded (FSDP2): the whole update, of which this rank adds its part
+                update = torch.cat([o.to(local.dtype) * scale for o, scale in parts], dim=-2)
+                local.add_(_local_part(update, p), alpha=-lr)
+                continue
+            row = 0  # each block into its rows; the scale rides on alpha, as muon_update's -lr * scale
+            for o, scale in parts:                                # (a bf16 o is added as if upcast first)
+                local.narrow(-2, row, o.shape[-2]).add_(o, alpha=-lr * scale)
+                row += o.shape[-2]
 
     def _adamw_step(self, group, params):
         lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
