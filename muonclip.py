@@ -146,7 +146,8 @@ def muon_momentum_(grad, momentum_buffer, beta=0.95, nesterov=True):
 def muon_update(grad, momentum_buffer, beta=0.95, nesterov=True, ns_steps=5, ns_dtype=torch.bfloat16):
     """The Muon update of one matrix, or a stack (..., A, B) of independent ones: the step to
     subtract (times lr) from the weight, before weight decay. Updates momentum_buffer in place.
-    MuonClip.step computes exactly this, batched over every matrix of the same shape."""
+    MuonClip.step computes this, batched over every matrix of the same shape (it passes the scale
+    as the add's alpha, -lr * scale, so the product is rounded once)."""
     x = muon_momentum_(grad, momentum_buffer, beta, nesterov)
     return newton_schulz(x, ns_steps, dtype=ns_dtype).to(grad.dtype) * rms_matching_scale(x.shape)
 

@@ -318,7 +318,7 @@ def build_model(config, args, setup):
     model = torch.compile(raw_model) if args.compile else raw_model
     if setup.distributed and not args.fsdp:
         # No buffer sync in forward: rank 0's buffers would overwrite every rank's own expert_load and
-        # max_logits counts, which the trainer and the optimizer reduce themselves. (DDP still syncs
+        # max_logits counts, which the router's bias update and MuonClip reduce themselves. (DDP still syncs
         # buffers once here at construction, when they are equal on every rank.)
         model = DDP(model, device_ids=[setup.device.index] if setup.device.type == "cuda" else None,
                     forward_sync_buffers=False)
