@@ -306,21 +306,39 @@ def reduce_max_logits_(attention_modules):
 HEAD_NAMES = ("lm_head", "output", "head")
 
 
+class RowBlocks:
+    """A fused layout: several maps stacked along the rows, (..., sum(sizes), B). The layout protocol
+    the optimizer reads: split(x) -> the independent matrices (stacks) of x, each (..., A_i, B_i);
+    join(parts) -> a tensor shaped like x from parts shaped like split's."""
+
+    def __init__(self, sizes):
+        self.sizes = tuple(int(s) for s in sizes)
+
+    def check(self, p, name):
+        if p.dim() < 2 or sum(self.sizes) != p.shape[-2]:
+            raise ValueError(f"mark_fused: blocks {list(self.sizes)} must sum to the rows of {name} {tuple(p.shape)}")
+
+    def split(self, x):
+        return list(x.split(self.sizes, dim=-2))
+
+    def join(self, parts):
+        return torch.cat(parts, dim=-2)
+
+
 def mark_fused(module, sizes, name="weight"):
     """Declare that module.<name> (..., sum(sizes), B) holds several maps stacked along its rows, so
     Muon orthogonalises each block of `sizes` rows on its own (e.g. nanoGPT's c_attn: sizes (D, D, D);
     a fused gate/up: (I, I)). Stored on the module (it survives deepcopy and FSDP2's parameter
     swap); the optimizer reads it when given the model (for_model, or model=)."""
-    p = getattr(module, name)
-    if p.dim() < 2 or sum(sizes) != p.shape[-2]:
-        raise ValueError(f"mark_fused: blocks {list(sizes)} must sum to the rows of {name} {tuple(p.shape)}")
-    module.__dict__.setdefault("muon_blocks", {})[name] = tuple(int(s) for s in sizes)
+    layout = RowBlocks(sizes)
+    layout.check(getattr(module, name), name)
+    module.__dict__.setdefault("muon_blocks", {})[name] = layout
 
 
 def fused_blocks(model):
-    """{id(parameter): row block sizes} for every parameter declared with mark_fused."""
-    return {id(getattr(m, name)): sizes for m in model.modules()
-            for name, sizes in getattr(m, "muon_blocks", {}).items()}
+    """{id(parameter): layout} for every parameter declared with mark_fused (layout: see RowBlocks)."""
+    return {id(getattr(m, name)): layout for m in model.modules()
+            for name, layout in getattr(m, "muon_blocks", {}).items()}
 
 
 def split_params(model):
@@ -635,7 +653,8 @@ class MuonClip(torch.optim.Optimizer):
         # Newton-Schulz needs whole matrices: gather only where a matrix dim is sharded
         gather = [_matrices_are_split(p) for p in params]
         whole = [_full(x, p) if g else x for x, p, g in zip(inputs, params, gather)]
-        blocks = [x.split(self._blocks.get(id(p), x.shape[-2]), dim=-2) for x, p in zip(whole, params)]
+        blocks = [self._blocks[id(p)].split(x) if id(p) in self._blocks else [x]
+                  for x, p in zip(whole, params)]
         by_shape = defaultdict(list)                              # (A, B) -> [(param, block)]
         for i, bs in enumerate(blocks):
             for j, b in enumerate(bs):
@@ -651,14 +670,12 @@ class MuonClip(torch.optim.Optimizer):
             for (i, j), o in zip(members, out.split(counts)):
                 ortho[i][j] = (o.reshape(blocks[i][j].shape), rms_matching_scale(shape))
         for p, local, parts, g in zip(params, local_params, ortho, gather):
-            if g:  # rows sharded (FSDP2): the whole update, of which this rank adds its part
-                update = torch.cat([o.to(local.dtype) * scale for o, scale in parts], dim=-2)
-                local.add_(_local_part(update, p), alpha=-lr)
+            if len(parts) == 1:  # the scale rides on alpha, as muon_update's -lr * scale
+                o, scale = parts[0]                               # (a bf16 o is added as if upcast first)
+                local.add_(_local_part(o.to(local.dtype), p) if g else o, alpha=-lr * scale)
                 continue
-            row = 0  # each block into its rows; the scale rides on alpha, as muon_update's -lr * scale
-            for o, scale in parts:                                # (a bf16 o is added as if upcast first)
-                local.narrow(-2, row, o.shape[-2]).add_(o, alpha=-lr * scale)
-                row += o.shape[-2]
+            update = self._blocks[id(p)].join([o.to(local.dtype) * scale for o, scale in parts])
+            local.add_(_local_part(update, p) if g else update, alpha=-lr)
 
     def _adamw_step(self, group, params):
         lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]

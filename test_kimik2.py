@@ -1356,7 +1356,7 @@ def test_fused_weight_is_orthogonalised_block_by_block():
     mark_fused(experts, [I, I], "gate_up")
     fused["experts"] = experts
     plain = copy.deepcopy(fused)                                # the declaration survives deepcopy
-    assert fused_blocks(plain)[id(plain["qkv"].weight)] == (D, D, D)
+    assert fused_blocks(plain)[id(plain["qkv"].weight)].sizes == (D, D, D)
     separate = [m.detach().clone().requires_grad_() for m in fused["qkv"].weight.split(D)]
     separate += [m.detach().clone().requires_grad_() for m in experts.gate_up.split(I, 1)]
     grads = [torch.randn(3 * D, D), torch.randn(E, 2 * I, D)]
