@@ -60,6 +60,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from contextlib import suppress
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -1739,19 +1740,37 @@ def run_bench(args) -> int:
     return 0
 
 
-def _number(cast, lo, hi=None):
-    """An argparse type: a finite int or float (`cast`) in [lo, hi] (no upper bound when hi is None)."""
+def number(cast, low, high=None, *, above=False):
+    """An argparse type: cast(text), finite, >= low (> low when `above`) and <= high when given;
+    anything else is argparse's one-line error naming the option."""
+    wanted = f"{'an integer' if cast is int else 'a finite number'} " + \
+        (f"in [{low}, {high}]" if high is not None else f"{'>' if above else '>='} {low}")
+
     def parse(text):
         try:
             value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if cast is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
-            bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if above else value >= low) and (high is None or value <= high)):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
         return value
     return parse
+
+
+def write_atomically(path, write, mode="w"):
+    """Replace `path` with what write(file) writes, in one step (temporary file, fsync, rename): a
+    reader or a kill at any moment sees the old file or the new one, never half of one, and a failure
+    leaves no temporary file."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def _shard(text):
@@ -1769,7 +1788,7 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--data", nargs="+", default=None,
                        help="builtin[:DOMAIN] or [DOMAIN[:WEIGHT]=]PATH (default: builtin)")
     stats.add_argument("--cache-dir", default="data_cache")
-    stats.add_argument("--val-fraction", type=_number(float, 0, 1), default=0.05)
+    stats.add_argument("--val-fraction", type=number(float, 0, 1), default=0.05)
     stats.add_argument("--seed", type=int, default=0)
     rephrase = commands.add_parser("rephrase", help="rewrite documents with an LLM (K2 rephrasing)")
     rephrase.add_argument("inputs", nargs="+", help="[DOMAIN=]PATH or builtin[:DOMAIN]")
@@ -1777,38 +1796,38 @@ def _parser() -> argparse.ArgumentParser:
     rephrase.add_argument("--model", default="default", help="model name sent to the endpoint")
     rephrase.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     rephrase.add_argument("--checkpoint", help="a kimik2 save_pretrained folder instead of an endpoint")
-    rephrase.add_argument("--styles", type=_number(int, 1, len(GENERAL_STYLES)), default=1,
+    rephrase.add_argument("--styles", type=number(int, 1, len(GENERAL_STYLES)), default=1,
                           help="styles per document (see styles_for)")
     rephrase.add_argument("--style", action="append", choices=sorted(STYLES),
                           help="use exactly these styles (repeatable) instead of --styles")
     rephrase.add_argument("--out", required=True, help="JSON lines, one per (document, style)")
-    rephrase.add_argument("--concurrency", type=_number(int, 1), default=1,
+    rephrase.add_argument("--concurrency", type=number(int, 1), default=1,
                           help="(document, style) pairs in flight")
     rephrase.add_argument("--shard", type=_shard, help="I/N: rephrase only shard I of N (see in_shard)")
     rephrase.add_argument("--fidelity", choices=tuple(MIN_SIMILARITY), default="lexical",
                           help="the fidelity measure (see MIN_SIMILARITY for the thresholds)")
-    rephrase.add_argument("--min-similarity", type=_number(float, -1, 1),
+    rephrase.add_argument("--min-similarity", type=number(float, -1, 1),
                           help="pass threshold (default: per measure and style)")
     rephrase.add_argument("--embedding-endpoint", help="for --fidelity embedding (default: --endpoint)")
     rephrase.add_argument("--embedding-model", default="default", help="embedding model name")
     rephrase.add_argument("--judge-model", help="for --fidelity llm_judge (default: --model)")
-    rephrase.add_argument("--max-chunk-chars", type=_number(int, 1), default=2000)
-    rephrase.add_argument("--max-doc-chars", type=_number(int, 1), default=1_000_000)
-    rephrase.add_argument("--fidelity-retries", type=_number(int, 0), default=2)
+    rephrase.add_argument("--max-chunk-chars", type=number(int, 1), default=2000)
+    rephrase.add_argument("--max-doc-chars", type=number(int, 1), default=1_000_000)
+    rephrase.add_argument("--fidelity-retries", type=number(int, 0), default=2)
     rephrase.add_argument("--on-fail", choices=("keep", "drop"), default="keep")
-    rephrase.add_argument("--timeout", type=_number(float, 0.001), default=120.0)
-    rephrase.add_argument("--retries", type=_number(int, 0), default=5)
-    rephrase.add_argument("--backoff", type=_number(float, 0), default=1.0)
-    rephrase.add_argument("--temperature", type=_number(float, 0), default=0.7)
+    rephrase.add_argument("--timeout", type=number(float, 0.001), default=120.0)
+    rephrase.add_argument("--retries", type=number(int, 0), default=5)
+    rephrase.add_argument("--backoff", type=number(float, 0), default=1.0)
+    rephrase.add_argument("--temperature", type=number(float, 0), default=0.7)
     bench = commands.add_parser("bench", help="rephrase throughput by concurrency (local fake server)")
-    bench.add_argument("--concurrency", type=_number(int, 1), nargs="+", default=[1, 4, 16, 32])
-    bench.add_argument("--latency", type=_number(float, 0), default=0.1, help="seconds per request")
-    bench.add_argument("--capacity", type=_number(int, 1), default=32, help="requests served at once")
-    bench.add_argument("--chunks", type=_number(int, 1), default=2, help="chunks per document")
+    bench.add_argument("--concurrency", type=number(int, 1), nargs="+", default=[1, 4, 16, 32])
+    bench.add_argument("--latency", type=number(float, 0), default=0.1, help="seconds per request")
+    bench.add_argument("--capacity", type=number(int, 1), default=32, help="requests served at once")
+    bench.add_argument("--chunks", type=number(int, 1), default=2, help="chunks per document")
     renders = commands.add_parser("renderings", help="maths word problems in several surface forms (rephrasing experiment)")
-    renders.add_argument("--problems", type=_number(int, 1), default=400, help="training problems")
-    renders.add_argument("--k", type=_number(int, 1), default=8, help="renderings per training problem")
-    renders.add_argument("--heldout", type=_number(int, 1), default=200, help="held-out problems")
+    renders.add_argument("--problems", type=number(int, 1), default=400, help="training problems")
+    renders.add_argument("--k", type=number(int, 1), default=8, help="renderings per training problem")
+    renders.add_argument("--heldout", type=number(int, 1), default=200, help="held-out problems")
     renders.add_argument("--seed", type=int, default=0)
     renders.add_argument("--out", required=True, help="folder for the .jsonl files")
     return parser

@@ -2396,15 +2396,15 @@ def test_a_full_disk_while_caching_names_the_path_and_leaves_the_previous_state(
 @pytest.mark.parametrize("case, fragment", [
     ("missing path", "nowhere': no such file or folder"),
     ("builtin:physics", "unknown built-in domain(s) ['physics']"),
-    ("--styles 9", "argument --styles: must be between 1 and 7, got 9"),
-    ("--styles -2", "argument --styles: must be between 1 and 7, got -2"),
-    ("--styles 0", "argument --styles: must be between 1 and 7, got 0"),
+    ("--styles 9", "argument --styles: must be an integer in [1, 7], got '9'"),
+    ("--styles -2", "argument --styles: must be an integer in [1, 7], got '-2'"),
+    ("--styles 0", "argument --styles: must be an integer in [1, 7], got '0'"),
     ("record-less --out", "out.jsonl:1: not a rephrase record"),
     ("folder --out", "not a file"),
     ("empty folder", "no .txt/.md/.py/.jsonl files in"),
     ("unsupported only", "no .txt/.md/.py/.jsonl files in"),
     ("--shard 3/3", "argument --shard: expected I/N with 0 <= I < N, got '3/3'"),
-    ("--concurrency 0", "argument --concurrency: must be >= 1, got 0"),
+    ("--concurrency 0", "argument --concurrency: must be an integer >= 1, got '0'"),
     ("bad weight", "weight 'lots' is not a number >= 0"),
 ])
 def test_bad_command_line_input_gives_one_line_naming_it(case, fragment, tmp_path, capsys):

@@ -73,23 +73,7 @@ def fail(message):
 # -----------------------------------------------------------------------------
 # config: every option, validated where argparse can name it
 
-def number(cast, low, high=None, *, above=False):
-    """An argparse type: cast(text), finite, >= low (> low when `above`) and <= high when given;
-    anything else is argparse's one-line error naming the option."""
-    wanted = f"{'an integer' if cast is int else 'a finite number'} " + \
-        (f"in [{low}, {high}]" if high is not None else f"{'>' if above else '>='} {low}")
-
-    def parse(text):
-        try:
-            value = cast(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and (value > low if above else value >= low) and (high is None or value <= high)):
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
-        return value
-    return parse
-
-
+number = data.number
 POSITIVE_INT, COUNT = number(int, 1), number(int, 0)
 POSITIVE, NON_NEGATIVE, FRACTION = number(float, 0, above=True), number(float, 0), number(float, 0, 1)
 
@@ -406,22 +390,6 @@ def lr_at(step, args):
 # -----------------------------------------------------------------------------
 # the run folder, checkpoints and resume
 
-def write_atomically(path, write, mode="w"):
-    """Replace `path` with what write(file) writes, in one step (temporary file, fsync, rename): a
-    reader or a kill at any moment sees the old file or the new one, never half of one, and a failure
-    leaves no temporary file."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with suppress(FileNotFoundError):
-            os.remove(tmp)
-
-
 def read_metrics(path, upto_step):
     """The records of steps <= upto_step; a line cut short by a kill is dropped."""
     records = []
@@ -458,8 +426,8 @@ def prepare_run_folder(args, start_step, run_config, master):
                 shutil.rmtree(os.path.join(args.out, "hf"), ignore_errors=True)
             for path in stale:
                 os.remove(path)
-            write_atomically(metrics_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records))
-            write_atomically(os.path.join(args.out, "config.json"), lambda f: json.dump(run_config, f, indent=2))
+            data.write_atomically(metrics_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records))
+            data.write_atomically(os.path.join(args.out, "config.json"), lambda f: json.dump(run_config, f, indent=2))
         except OSError as e:
             fail(f"--out {args.out}: cannot write {e.filename}: {e.strerror}")
     return records
@@ -512,7 +480,7 @@ def save_checkpoint(ckpt, out_dir, keep):
         fail(f"step {ckpt['step']}: the model holds non-finite weights; not checkpointing it")
     path = os.path.join(out_dir, f"ckpt_{ckpt['step']:07d}.pt")
     try:
-        write_atomically(path, lambda f: torch.save(ckpt, f), mode="wb")
+        data.write_atomically(path, lambda f: torch.save(ckpt, f), mode="wb")
     except (OSError, RuntimeError) as e:
         # torch.save reports a failed write as RuntimeError("... unexpected pos ...") raised while
         # handling the OSError that says what happened
