@@ -274,11 +274,17 @@ def causal_max_logits(q, k, scale, *, causal=True, attention_mask=None, chunk_si
     return out.flatten()                                                      # (H,)
 
 
+def is_training_forward(module):
+    """The one test of "this forward feeds S": module.training with grad enabled. Eval and no-grad
+    forwards never feed the statistic (K2 report sec. 2.1: S is the max of the training step)."""
+    return module.training and torch.is_grad_enabled()
+
+
 def record_max_logits_(module, q, k, scale, **visibility):
     """module.max_logits = max(module.max_logits, causal_max_logits(q, k, scale, **visibility)) on
     training forwards only (module.training and grad enabled): eval and no-grad forwards never feed
     the statistic (K2 report sec. 2.1: S is the max of the training step)."""
-    if module.training and torch.is_grad_enabled():
+    if is_training_forward(module):
         s = causal_max_logits(q.detach(), k.detach(), scale, **visibility)
         torch.maximum(module.max_logits, s.to(module.max_logits.device), out=module.max_logits)
 
@@ -471,7 +477,7 @@ def _hf_attention(module, query, key, value, attention_mask, *args, **kwargs):
     config = module.config.wrapped
     eager = sys.modules[type(module).__module__].eager_attention_forward
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)
-    if module.training and torch.is_grad_enabled():
+    if is_training_forward(module):
         scale = kwargs.get("scaling")
         scale = query.shape[-1] ** -0.5 if scale is None else scale
         record_max_logits_(module, query, key, scale,
