@@ -1,6 +1,13 @@
 """Kimi-K2 (the DeepSeek-V3 architecture) in one file of plain PyTorch: config, model, size
-arithmetic, generation and the Hugging Face hub layout. It needs torch only (safetensors for the hub
-files); copy it alone into another project.
+arithmetic, generation and the Hugging Face hub layout.
+
+Needs torch only (safetensors too for save_pretrained / from_pretrained, imported there). It imports
+nothing else from this project, so it copies alone into another one, training forwards included:
+the max-logit tracking and qk_clip_ that MuonClip (muonclip.py) reads and calls are in this file.
+
+Run:  python kimik2.py                      Kimi-K2 vs DeepSeek-V3 size table
+      python kimik2.py --preset tiny --json one preset (or --config path/to/config.json)
+      python train.py                       train the `tiny` preset (see train.py)
 
 What is here, in forward order:
   Config            Hugging Face config.json field names, validated (errors name the field); presets
@@ -10,6 +17,8 @@ What is here, in forward order:
                     the naive form (training, and decoding with every head's K/V cached) beside the
                     weight-absorbed form (decoding with a latent cache of C + Dr numbers per token);
                     exact per-head max-logit tracking and qk_clip_, MuonClip's surface
+  causal_max_logits, qk_clip_mla_   the exact max logit and MLA's clip rule, twins of muonclip.py's
+                    (copied so this file stands alone; a test keeps each pair equal)
   swiglu, MLP       the SwiGLU feed-forward (dense layers, shared expert, each routed expert)
   Gate              the router's whole rule: sigmoid scores, bias-corrected and group-limited top-k,
                     unbiased normalised weights * routed_scaling_factor, the expert-load count and the
@@ -24,10 +33,6 @@ Papers cited: Kimi K2 technical report (arXiv 2507.20534, "K2 report"); DeepSeek
 (arXiv 2412.19437, "DeepSeek-V3 report"); DeepSeek-V2 (arXiv 2405.04434, where MLA is introduced);
 YaRN (Peng et al., arXiv 2309.00071). The model's logits equal transformers' DeepseekV3ForCausalLM
 on the same weights (test_kimik2.py checks both directions).
-
-Run:  python kimik2.py                      Kimi-K2 vs DeepSeek-V3 size table
-      python kimik2.py --preset tiny --json one preset (or --config path/to/config.json)
-      python train.py                       train the `tiny` preset (see train.py)
 """
 import argparse
 import copy
@@ -44,7 +49,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from muonclip import causal_max_logits, qk_clip_mla_
+if dist.is_available():  # QK-Clip scales only the rows a rank holds of an FSDP2 (DTensor) weight
+    from torch.distributed.tensor import DTensor, Replicate
+else:
+    DTensor = ()  # isinstance(x, ()) is False: no tensor is ever a DTensor
 
 # Shape legend used in comments: B batch, T query tokens, S key tokens (the cache length when
 # decoding), H heads, D hidden size, N tokens (B*T), E routed experts, K experts per token,
@@ -290,6 +298,14 @@ def apply_rotary(x, cos, sin):
     return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), -1).flatten(-2).type_as(x)
 
 
+def feeds_step_statistics(module) -> bool:
+    """Whether this forward counts toward the step's statistics, MLA's max_logits and the Gate's
+    expert_load: a training forward, module.training with grad enabled. Eval and no-grad forwards
+    (generation, evaluation) never do: S is the max of the training step (K2 report sec. 2.1), and
+    the bias update balances the tokens trained on."""
+    return module.training and torch.is_grad_enabled()
+
+
 # ----------------------------------------------------------------------------------------------
 # Multi-head latent attention
 
@@ -314,8 +330,8 @@ class MLA(nn.Module):
                 C + Dr numbers per token and layer (576 for K2 instead of 20480)
 
     MuonClip's surface (K2 report sec. 2.1): `num_heads`; `max_logits` (H,) fp32, the running max of
-    each head's scaled causal pre-softmax logits over the training forwards (train mode, grad
-    enabled) since the last reset, -inf when none, written at one place, _record_max_logits;
+    each head's scaled causal pre-softmax logits over the training forwards (feeds_step_statistics)
+    since the last reset, -inf when none, written at one place, _update_max_logits;
     `track_max_logits` (set False to skip the statistic); `qk_clip_(gamma)`; `reset_max_logits_()`."""
 
     def __init__(self, config: Config):
@@ -391,7 +407,7 @@ class MLA(nn.Module):
             end = start_pos + T
             k_cache[:, :, start_pos:end], v_cache[:, :, start_pos:end] = k, v
             k, v = k_cache[:, :, :end], v_cache[:, :, :end]  # (B, H, S, Dn+Dr), (B, H, S, Dv)
-        y = self._attention(q, k, v, track=self.track_max_logits and self.training and torch.is_grad_enabled())
+        y = self._attention(q, k, v, track=self.track_max_logits and feeds_step_statistics(self))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))  # (B, T, H*Dv) -> (B, T, D)
 
     def _attention(self, q, k, v, track: bool):
@@ -402,18 +418,18 @@ class MLA(nn.Module):
         (tiny training steps 2-3% faster, 8-9% in bf16)."""
         if fused_attention_available(q):
             if track:
-                self._record_max_logits(q, k)
+                self._update_max_logits(q, k)
             T, S = q.shape[2], k.shape[2]
             mask = dict(is_causal=True) if T == S else dict(attn_mask=~future_mask(T, S, q.device))
             return F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale, **mask)
         logits = self.causal_logits(q, k)  # (B, H, T, S)
         if track:
-            self._record_max_logits(q, k, logits)
+            self._update_max_logits(q, k, logits)
         return logits.float().softmax(-1).type_as(v) @ v  # (B, H, T, Dv)
 
     # -- max-logit tracking and QK-Clip (K2 report sec. 2.1) --
     @torch.no_grad()
-    def _record_max_logits(self, q, k, logits=None):
+    def _update_max_logits(self, q, k, logits=None):
         """The one place max_logits is written: its running max with this forward's per-head max of
         the scaled causal logits, read off `logits` where the attention wrote them out, otherwise
         from an exact no-grad pass over q and k (fused kernels do not expose the row max; their
@@ -431,7 +447,7 @@ class MLA(nn.Module):
     def qk_clip_(self, gamma: torch.Tensor):
         """QK-Clip (K2 report sec. 2.1): per head, q_nope and k_nope rows * sqrt(gamma), q_rope rows
         * gamma, so that head's logits scale by exactly gamma. The shared k_rope and v stay. The rule
-        is muonclip.qk_clip_mla_, the same one that optimizer applies to transformers' DeepseekV3."""
+        is qk_clip_mla_ (below), the twin of the one muonclip.py applies to transformers' DeepseekV3."""
         q_weight = self.q_proj.weight if self.config.q_lora_rank is None else self.q_b_proj.weight
         qk_clip_mla_(q_weight, self.kv_b_proj.weight, gamma.detach().float(), self.nope, self.rope, self.v_dim)
 
@@ -471,6 +487,103 @@ def fused_attention_available(q) -> bool:
     Dn+Dr != v width Dv): CUDA's memory-efficient and cuDNN kernels do; the CPU's flash kernel
     needs equal widths and otherwise falls back to the unfused math."""
     return q.device.type != "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# MuonClip's two rules for MLA: the exact max logit and the clip
+#
+# Copied from muonclip.py so that this file copies alone, the one repetition between the two files:
+# each function here is the twin of the muonclip.py function of the same name, and
+# test_twin_functions_of_kimik2_and_muonclip_are_equal keeps each pair equal. Change both.
+
+# twin of muonclip.py's causal_max_logits
+@torch.no_grad()
+def causal_max_logits(q, k, scale, *, causal=True, attention_mask=None, chunk_size=None):
+    """Per-head max over batch, query and key positions of the pre-softmax logit scale * q.k.
+
+    q (B, H, Tq, D), k (B, Hkv, Tk, D) with H % Hkv == 0 (grouped-query: query head h reads key
+    head h // (H // Hkv)). Returns (H,) float32, -inf for a head that sees no key. The products
+    accumulate in fp32. Visibility: with `causal`, key j is visible to query i iff
+    j <= i + (Tk - Tq) (queries are the last Tq positions); `attention_mask` is either a (B, Tk)
+    key padding mask (bool or 0/1, True/1 = keep), or a mask broadcastable to (B, H or 1, Tq, Tk):
+    bool (True = keep) or additive float (added to the logits, as eager attention does; -inf or the
+    dtype's lowest value = not visible). Memory is bounded by taking queries in chunks of
+    `chunk_size` rows (default: about 2^24 logits per chunk). Fused kernels (SDPA, flash) do not
+    expose this max, and their log-sum-exp is only an upper bound (up to ln Tk too high).
+    """
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"causal_max_logits: {H} query heads do not split into groups of {Hkv} key heads")
+    G = H // Hkv
+    qg = q.reshape(B, Hkv, G, Tq, D)                                          # (B, Hkv, G, Tq, D)
+    kt = k.float()[:, :, None].transpose(-2, -1)                              # (B, Hkv, 1, D, Tk)
+    pad = full = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        pad = attention_mask.bool()[:, None, None, None, :]                   # (B, 1, 1, 1, Tk)
+    elif attention_mask is not None:
+        full = attention_mask.reshape(-1, *attention_mask.shape[-3:])         # (B|1, H|1, Tq|1, Tk)
+        if full.dtype == torch.bool:
+            full = torch.zeros((), device=q.device).masked_fill(~full, -math.inf)
+        else:
+            full = full.float().masked_fill(full <= torch.finfo(full.dtype).min, -math.inf)
+        full = full.reshape(full.shape[0], Hkv if full.shape[1] > 1 else 1, -1, *full.shape[-2:])
+    rows = chunk_size or max(1, (1 << 24) // max(1, B * H * Tk))
+    keys = torch.arange(Tk, device=q.device)
+    out = torch.full((Hkv, G), -math.inf, device=q.device)
+    for i in range(0, Tq, rows):
+        s = (qg[:, :, :, i:i + rows].float() @ kt) * scale                    # (B, Hkv, G, r, Tk)
+        if causal:
+            query_pos = torch.arange(i, i + s.shape[-2], device=q.device)[:, None] + (Tk - Tq)
+            s = s.masked_fill(keys > query_pos, -math.inf)
+        if pad is not None:
+            s = s.masked_fill(~pad, -math.inf)
+        if full is not None:
+            s = s + full[..., i:i + rows, :] if full.shape[-2] > 1 else s + full
+        out = torch.maximum(out, s.amax(dim=(0, 3, 4)))
+    return out.flatten()                                                      # (H,)
+
+
+# twin of muonclip.py's qk_clip_mla_
+@torch.no_grad()
+def qk_clip_mla_(w_q, w_kv_b, gamma, nope, rope, v_dim):
+    """QK-Clip for multi-head latent attention (K2 report sec. 2.1; MLA: DeepSeek-V3 report sec.
+    2.1.1), in place.
+
+    w_q: (H * (nope + rope), ...) rows of q_b_proj (or q_proj without a q LoRA), per head [nope | rope];
+    w_kv_b: (H * (nope + v_dim), ...) rows of kv_b_proj, per head [k_nope | v]. Head h: q_nope and
+    k_nope rows * sqrt(gamma_h), q_rope rows * gamma_h; the rope key (one vector shared by all heads,
+    from kv_a_proj_with_mqa) and the values stay. The head's logits q_nope.k_nope + q_rope.k_rope are
+    then scaled by exactly gamma_h.
+    """
+    H, root = gamma.numel(), gamma.sqrt()[:, None]                                  # (H, 1)
+    q_rows = torch.cat([root.expand(H, nope), gamma[:, None].expand(H, rope)], 1)   # (H, nope+rope)
+    kv_rows = torch.cat([root.expand(H, nope), torch.ones_like(root).expand(H, v_dim)], 1)  # (H, nope+v)
+    _scale_rows_(w_q, q_rows.flatten())
+    _scale_rows_(w_kv_b, kv_rows.flatten())
+
+
+# twin of muonclip.py's _scale_rows_
+def _scale_rows_(w, row_factor):
+    """w (rows, ...) *= row_factor (rows,) in place; on a DTensor only the rows this rank holds."""
+    factor = row_factor.to(w.dtype).view(-1, *([1] * (w.dim() - 1))).expand(w.shape)  # like w
+    _local(w).mul_(_local_part(factor, w))
+
+
+# twin of muonclip.py's _local
+def _local(t):
+    """The shard this rank holds (the tensor itself when not a DTensor)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+# twin of muonclip.py's _local_part
+def _local_part(full, p):
+    """The part of `full` (shaped like p) that this rank holds under p's placements; no comm."""
+    if not isinstance(p, DTensor):
+        return full
+    replicated = DTensor.from_local(full, p.device_mesh, [Replicate()] * p.device_mesh.ndim)
+    return replicated.redistribute(p.device_mesh, p.placements).to_local()
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -533,7 +646,7 @@ class Gate(nn.Module):
         if c.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights * c.routed_scaling_factor
-        if self.training and torch.is_grad_enabled():  # training tokens only: not eval, not padding
+        if feeds_step_statistics(self):
             self.expert_load += torch.bincount(experts.flatten(), minlength=E)  # (E,)
         aux = None
         if self.training and c.aux_loss_alpha > 0:
@@ -541,16 +654,17 @@ class Gate(nn.Module):
         return weights, experts, aux
 
     @torch.no_grad()
-    def update_bias_(self, gamma: float) -> torch.Tensor:
+    def update_bias_(self, bias_update_speed: float) -> torch.Tensor:
         """Auxiliary-loss-free load balancing (DeepSeek-V3 report sec. 2.1.2), after an optimizer
-        step: b_i += gamma * sign(mean load - load_i), which raises the bias of the experts that got
-        fewer tokens than the mean and lowers it for those that got more; gamma is the bias update
-        speed (0.001 in DeepSeek-V3). The load is the count since the last update, which is reset.
-        Returns the imbalance max(load) / mean(load) before the update."""
+        step: b_i += bias_update_speed * sign(mean load - load_i), which raises the bias of the
+        experts that got fewer tokens than the mean and lowers it for those that got more (the
+        report's gamma, 0.001 in DeepSeek-V3; here gamma names only QK-Clip's factor). The load is
+        the count since the last update, which is reset. Returns the imbalance max(load) / mean(load)
+        before the update."""
         load = self.expert_load
         mean = load.mean()
         imbalance = load.max() / mean.clamp_min(1e-9)
-        self.e_score_correction_bias += gamma * torch.sign(mean - load)
+        self.e_score_correction_bias += bias_update_speed * torch.sign(mean - load)
         load.zero_()
         return imbalance
 
@@ -789,15 +903,23 @@ class KimiK2(nn.Module):
     def moe_gates(self):
         return (layer.mlp.gate for layer in self.model.layers if layer.is_moe)
 
-    def update_router_bias_(self, gamma: float) -> torch.Tensor:
+    def update_router_bias_(self, bias_update_speed: float) -> torch.Tensor:
         """Gate.update_bias_ on every MoE layer, from the loads counted over the step by every
         process. Returns max/mean load per MoE layer before the update, (L,)."""
         gates = list(self.moe_gates())
         Gate.sum_expert_loads_(gates)  # one collective for all layers; a no-op on one process
-        return torch.stack([gate.update_bias_(gamma) for gate in gates]) if gates else torch.zeros(0)
+        return torch.stack([gate.update_bias_(bias_update_speed) for gate in gates]) if gates else torch.zeros(0)
 
     def attention_modules(self):
         return [layer.self_attn for layer in self.model.layers]
+
+    def reset_step_statistics_(self):
+        """Forget what the training forwards since the last step counted: every attention module's
+        max_logits back to -inf, every gate's expert_load to 0 (e.g. when a step is skipped)."""
+        for attn in self.attention_modules():
+            attn.reset_max_logits_()
+        for gate in self.moe_gates():
+            gate.expert_load.zero_()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
