@@ -6,15 +6,17 @@ properties.
     python -m pytest                              the CI run (derandomized hypothesis profile "ci")
     HYPOTHESIS_PROFILE=dev python -m pytest       many more random examples, for bug hunting
 
-Cross-checks against transformers skip when it is not installed; tests that read ../shared/reference
-skip when it is absent. Multi-process tests launch torchrun (gloo, CPU); their workers are at the
-bottom of this file (python test_kimik2.py WORKER ARGS, under torchrun).
+Cross-checks against transformers skip when it is not installed. The published Kimi-K2 config.json
+and checkpoint tensor list the model is compared with are in reference/. Multi-process tests launch
+torchrun (gloo, CPU); their workers are at the bottom of this file (python test_kimik2.py WORKER
+ARGS, under torchrun).
 """
 import collections
 import copy
 import errno
 import glob
 import http.server
+import inspect
 import io
 import json
 import math
@@ -82,13 +84,188 @@ def _torchrun(args, timeout=120, env=None):
 
 
 # ==================================================================================================
-# kimik2.py: the model (issue 2)
+# Each library file copies alone
+#
+# kimik2.py and muonclip.py are each copied alone into an empty folder and run there in a fresh
+# interpreter (that folder as working directory, PYTHONPATH unset), so nothing else of this project
+# can be imported. kimik2.py carries muonclip.py's exact max logit and MLA clip rule for that (the
+# one repetition between the two files); a test keeps each pair equal.
+# ==================================================================================================
+
+def _run_alone(tmp_path, filename, script):
+    """Copy `filename` alone into an empty folder, run `script` there and return its stdout. The
+    script ends by checking that the copy was imported from that folder and no other file of the
+    project was imported at all (not even one installed elsewhere)."""
+    folder = tmp_path / "alone"
+    folder.mkdir()
+    shutil.copy(os.path.join(_HERE, filename), folder)
+    module = filename.removesuffix(".py")
+    (folder / "script.py").write_text(script + f"""
+project = {{"kimik2", "muonclip", "data", "train", "bench", "test_kimik2"}}
+assert {{name for name in project if name in sys.modules}} == {{{module!r}}}, sorted(sys.modules)
+assert os.path.dirname(os.path.abspath(sys.modules[{module!r}].__file__)) == os.getcwd()
+print("ok")
+""")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "script.py"], cwd=folder, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+def test_kimik2_alone_trains_clips_generates_and_round_trips(tmp_path):
+    """kimik2.py alone: a training forward and backward feed max_logits and expert_load,
+    reset_step_statistics_ clears them, qk_clip_ scales the first layer's maxima by gamma on the
+    same input, generate follows the full forward's argmax, and the hub files load back (safetensors
+    is imported by save_pretrained, not before)."""
+    script = """
+import os, sys
+import torch
+import kimik2
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = kimik2.KimiK2(kimik2.Config.from_preset("tiny")).train()
+x = torch.randint(0, 256, (2, 16))
+
+def training_forward():
+    model.reset_step_statistics_()
+    model(x[:, :-1], x[:, 1:])[1].backward()
+    return torch.stack([attn.max_logits.clone() for attn in model.attention_modules()])  # (L, H)
+
+before = training_forward()
+assert torch.isfinite(before).all()
+assert all(g.expert_load.sum() == 2 * 15 * model.config.num_experts_per_tok for g in model.moe_gates())
+model.reset_step_statistics_()
+assert all(torch.isneginf(attn.max_logits).all() for attn in model.attention_modules())
+assert all((g.expert_load == 0).all() for g in model.moe_gates())
+gamma = torch.tensor([1.0, 0.5, 0.25, 0.8])
+for attn in model.attention_modules():
+    attn.qk_clip_(gamma)
+after = training_forward()  # the first layer sees the same input, so its maxima scale by gamma
+assert torch.allclose(after[0], before[0] * gamma, rtol=1e-5), (after[0], before[0] * gamma)
+model.eval()
+out = model.generate(x[:, :4], 6, temperature=0)
+with torch.no_grad():
+    assert torch.equal(model(out[:, :-1])[0][:, 3:].argmax(-1), out[:, 4:])
+assert "safetensors" not in sys.modules
+model.save_pretrained("hub")
+with torch.no_grad():
+    assert torch.equal(kimik2.KimiK2.from_pretrained("hub").eval()(x)[0], model(x)[0])
+"""
+    assert _run_alone(tmp_path, "kimik2.py", script).endswith("ok\n")
+
+
+def test_muonclip_alone_steps_and_clips_a_small_attention_model(tmp_path):
+    """muonclip.py alone on a model defined in the script with the QK-Clip surface (num_heads,
+    max_logits, qk_clip_): one MuonClip.for_model step with tau between the two largest head maxima
+    clips exactly the largest head. Against the same step without the clip, that head's q and k rows
+    are scaled by sqrt(tau / S_h) and every other weight is bitwise the same."""
+    script = """
+import copy, math, os, sys
+import torch
+import torch.nn.functional as F
+from torch import nn
+from muonclip import MuonClip, qk_clip_mha_
+torch.set_num_threads(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.register_buffer("max_logits", torch.full((num_heads,), -math.inf), persistent=False)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        logits = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
+        logits = logits.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
+        if self.training and torch.is_grad_enabled():
+            torch.maximum(self.max_logits, logits.detach().amax(dim=(0, 2, 3)), out=self.max_logits)
+        return self.o_proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D))
+
+    def qk_clip_(self, gamma):
+        qk_clip_mha_(self.q_proj.weight, self.k_proj.weight, gamma, self.num_heads)
+
+
+class LM(nn.Module):
+    def __init__(self, vocab=32, dim=16, heads=4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.attn = Attention(dim, heads)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, idx):
+        return self.lm_head(self.attn(self.embed(idx)))
+
+
+torch.manual_seed(0)
+model = LM()
+x = torch.randint(0, 32, (2, 12))
+runs = {}
+for tau in (None, "between"):
+    m = copy.deepcopy(model)
+    F.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+    S = m.attn.max_logits.clone()
+    top2 = S.topk(2).values
+    opt = MuonClip.for_model(m, lr=0.02, weight_decay=0.1,
+                             qk_clip_tau=None if tau is None else float(top2.mean()))
+    opt.step()
+    runs[tau] = m, opt.clip_stats, S
+(plain, plain_stats, S), (clipped, stats, _) = runs[None], runs["between"]
+h = int(S.argmax())
+gamma = float(S.topk(2).values.mean() / S[h])
+assert int(stats["heads_clipped"]) == 1 and int(plain_stats["heads_clipped"]) == 0
+assert torch.equal(stats["max_logits"][0], S) and torch.isneginf(clipped.attn.max_logits).all()
+for name, p in clipped.named_parameters():
+    q = dict(plain.named_parameters())[name]
+    if name in ("attn.q_proj.weight", "attn.k_proj.weight"):
+        rows = slice(4 * h, 4 * h + 4)  # head h's rows (head_dim 4)
+        assert torch.allclose(p[rows], q[rows] * math.sqrt(gamma), rtol=1e-6), name
+        p, q = torch.cat([p[:rows.start], p[rows.stop:]]), torch.cat([q[:rows.start], q[rows.stop:]])
+    assert torch.equal(p, q), name
+assert not torch.equal(plain.attn.q_proj.weight, model.attn.q_proj.weight)  # the step did move the weights
+"""
+    assert _run_alone(tmp_path, "muonclip.py", script).endswith("ok\n")
+
+
+_TWINS = ("causal_max_logits", "qk_clip_mla_", "_scale_rows_", "_local", "_local_part")
+
+
+def test_twin_functions_of_kimik2_and_muonclip_are_equal():
+    """kimik2.py carries copies of muonclip.py's exact max logit and MLA clip rule (with the
+    row-scaling helpers they call) so that it copies alone: each copy is the same source, says
+    whose twin it is, and computes the same results."""
+    import kimik2
+    import muonclip
+    for name in _TWINS:
+        ours, theirs = getattr(kimik2, name), getattr(muonclip, name)
+        assert inspect.getsource(ours) == inspect.getsource(theirs), f"{name} differs between the files"
+        assert f"twin of muonclip.py's {name}" in (inspect.getcomments(inspect.unwrap(ours)) or ""), name
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 7, 12, generator=gen), torch.randn(2, 2, 9, 12, generator=gen)
+    keep = torch.rand(2, 9, generator=gen) > 0.3
+    for visibility in (dict(), dict(chunk_size=3), dict(causal=False, attention_mask=keep)):
+        ours = kimik2.causal_max_logits(q, k, 0.3, **visibility)
+        assert torch.equal(ours, muonclip.causal_max_logits(q, k, 0.3, **visibility)), visibility
+    H, nope, rope, v_dim = 3, 8, 4, 6
+    gamma = torch.tensor([0.3, 1.0, 0.7])
+    w_q, w_kv_b = torch.randn(H * (nope + rope), 10, generator=gen), torch.randn(H * (nope + v_dim), 10, generator=gen)
+    ours, theirs = (w_q.clone(), w_kv_b.clone()), (w_q.clone(), w_kv_b.clone())
+    kimik2.qk_clip_mla_(*ours, gamma, nope, rope, v_dim)
+    muonclip.qk_clip_mla_(*theirs, gamma, nope, rope, v_dim)
+    assert not torch.equal(ours[0], w_q) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+# ==================================================================================================
+# kimik2.py: the model
 #
 # Tests of kimik2.py: published sizes, transformers cross-checks, absorbed-cache generation,
 # max-logit tracking and QK-Clip, the router and its bias update, the hub layout.
 # ==================================================================================================
 
-_MODEL_REFERENCE = os.path.join(_HERE, "..", "shared", "reference")
+_MODEL_REFERENCE = os.path.join(_HERE, "reference")  # published Kimi-K2 facts (reference/README.md)
 
 
 def _model_config(**overrides) -> Config:
@@ -179,11 +356,8 @@ def test_routed_experts_sweep_keeps_activated_params_fixed_apart_from_the_router
 
 def _model_reference_tensors():
     """(name, numel) of the published K2 checkpoint's model tensors, ranges expanded."""
-    path = os.path.join(_MODEL_REFERENCE, "kimi-k2-instruct.weights.tsv")
-    if not os.path.exists(path):
-        pytest.skip("reference tensor list absent")
     out = {}
-    with open(path) as f:
+    with open(os.path.join(_MODEL_REFERENCE, "kimi-k2-instruct.weights.tsv")) as f:
         next(f)
         for line in f:
             name, shape, _ = line.rstrip("\n").split("\t")
@@ -219,10 +393,8 @@ def test_hub_layout_matches_published_k2_tensor_list():
 # Config
 
 def test_from_json_reads_published_kimi_k2_config():
-    path = os.path.join(_MODEL_REFERENCE, "kimi-k2-instruct.config.json")
-    if not os.path.exists(path):
-        pytest.skip("reference config absent")
-    assert Config.from_json(path) == Config.from_preset("kimi-k2")
+    published = Config.from_json(os.path.join(_MODEL_REFERENCE, "kimi-k2-instruct.config.json"))
+    assert published == Config.from_preset("kimi-k2")
 
 
 def test_config_round_trips_through_dict_and_json(tmp_path):
@@ -804,16 +976,12 @@ class _MuonLM(nn.Module):
 # ----------------------------------------------------------------------------------- helpers
 
 def _muon_mla_model(seed, heads=2, q_lora_rank=16, rope_scaling=None, layers=2, init=0.3):
-    from kimik2 import Config, KimiK2
+    """A kimik2 model from the one test config (_model_config), 4 experts top-2, K2's rope base."""
     torch.manual_seed(seed)
-    config = Config(**{**Config.from_preset("tiny").to_dict(),
-                       "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
-                       "moe_intermediate_size": 16, "num_hidden_layers": layers,
-                       "num_attention_heads": heads, "num_key_value_heads": heads,
-                       "q_lora_rank": q_lora_rank, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
-                       "qk_rope_head_dim": 4, "v_head_dim": 8, "n_routed_experts": 4,
-                       "num_experts_per_tok": 2, "first_k_dense_replace": 1,
-                       "rope_scaling": rope_scaling, "initializer_range": init})
+    config = _model_config(num_hidden_layers=layers, num_attention_heads=heads, q_lora_rank=q_lora_rank,
+                           rope_scaling=rope_scaling, initializer_range=init, v_head_dim=8,
+                           n_routed_experts=4, num_experts_per_tok=2, routed_scaling_factor=2.827,
+                           rope_theta=50000.0, max_position_embeddings=4096)
     return KimiK2(config)
 
 
