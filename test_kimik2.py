@@ -442,9 +442,10 @@ def test_one_field_override_error_names_the_field_and_its_conflict(field, value,
     assert field in str(err.value) and "\n" not in str(err.value)
 
 
-def test_unknown_preset_raises():
-    with pytest.raises(ValueError, match="preset"):
+def test_unknown_preset_raises_naming_it_and_the_choices():
+    with pytest.raises(ValueError, match=r"^preset='kimi-k3': unknown preset, choose one of ") as err:
         Config.from_preset("kimi-k3")
+    assert all(repr(name) in str(err.value) for name in PRESETS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,8 +555,12 @@ def test_greedy_generate_follows_full_forward_argmax():
     assert out.shape == (2, 11) and torch.equal(out[:, :5], prompt)
     with torch.no_grad():
         assert torch.equal(model(out[:, :-1])[0][:, 4:].argmax(-1), out[:, 5:])
+    torch.manual_seed(0)
     sampled = model.generate(prompt, 4, temperature=0.7, top_k=3)
-    assert sampled.shape == (2, 9)
+    assert sampled.shape == (2, 9) and torch.equal(sampled[:, :5], prompt)
+    with torch.no_grad():  # every sampled token lies among the 3 likeliest after its prefix
+        top3 = model(sampled[:, :-1])[0][:, 4:].topk(3, -1).indices  # (B, 4, 3)
+    assert (top3 == sampled[:, 5:, None]).any(-1).all()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -641,12 +646,51 @@ def test_max_logits_keep_running_max_until_reset(seed, forwards):
     assert torch.isneginf(attn.max_logits).all()
 
 
+def _model_attention_inputs(model):
+    """Forward pre-hooks that keep each attention module's input (x, cos, sin), in layer order;
+    returns (inputs, hooks)."""
+    inputs = []
+    hooks = [attn.register_forward_pre_hook(lambda m, args: inputs.append(args[:3]))
+             for attn in model.attention_modules()]
+    return inputs, hooks
+
+
 def test_model_training_forward_feeds_every_layer():
+    """A whole-model training forward records, in every layer, the per-head max of that layer's
+    causal logits on the input it actually got, with no autograd history."""
     model = _model_random(_model_config()).train()
-    x = torch.randint(0, 61, (2, 12))
+    x = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(4))
+    inputs, hooks = _model_attention_inputs(model)
     model(x, x)[1].backward()
-    for attn in model.attention_modules():
-        assert torch.isfinite(attn.max_logits).all() and not attn.max_logits.requires_grad
+    for hook in hooks:
+        hook.remove()
+    assert len(inputs) == model.config.num_hidden_layers
+    for attn, (h, cos, sin) in zip(model.attention_modules(), inputs):
+        expected = _model_explicit_logits(attn, h.detach(), cos, sin)[0].amax(dim=(0, 2, 3))  # (H,)
+        assert torch.allclose(attn.max_logits, expected, rtol=1e-5, atol=1e-5)
+        assert not attn.max_logits.requires_grad
+
+
+def test_reset_step_statistics_clears_max_logits_and_expert_loads():
+    """reset_step_statistics_ forgets the forwards before it: afterwards every max_logits is -inf and
+    every expert_load 0, and the next training forward records only its own statistics."""
+    model = _model_random(_model_config()).train()
+    small, large = (torch.randint(0, 61, (2, n), generator=torch.Generator().manual_seed(n)) for n in (6, 12))
+
+    def statistics():
+        return ([attn.max_logits.clone() for attn in model.attention_modules()],
+                [gate.expert_load.clone() for gate in model.moe_gates()])
+    model(small)
+    alone = statistics()
+    model.reset_step_statistics_()
+    model(large)
+    assert all((load > 0).any() for load in statistics()[1])
+    model.reset_step_statistics_()
+    assert all(torch.isneginf(m).all() for m in statistics()[0])
+    assert all((load == 0).all() for load in statistics()[1])
+    model(small)
+    for a, b in zip(alone[0] + alone[1], statistics()[0] + statistics()[1]):
+        assert torch.equal(a, b)
 
 
 def test_qk_clip_scales_each_head_logits_by_gamma():
@@ -743,7 +787,10 @@ def test_bias_update_reduces_imbalance_of_skewed_router(seed):
     imbalance = []
     for _ in range(40):
         gate(x, batch=1)
+        load, bias = gate.expert_load.clone(), gate.e_score_correction_bias.clone()
         imbalance.append(model.update_router_bias_(0.01)[0].item())
+        # b_i += bias_update_speed * sign(mean load - load_i)
+        assert torch.equal(gate.e_score_correction_bias, bias + 0.01 * torch.sign(load.mean() - load))
     assert (gate.expert_load == 0).all()
     assert imbalance[0] > 3.0  # skewed to start with
     assert min(imbalance[-10:]) < 0.6 * imbalance[0]
@@ -788,14 +835,25 @@ def test_router_bias_update_sums_expert_loads_over_processes(tmp_path):
 
 
 def test_expert_load_counts_training_tokens_only():
+    """Eval and no-grad forwards count nothing; a training forward counts, per expert, the tokens the
+    gate sent to it."""
     model = _model_random(_model_config())
     x = torch.randint(0, 61, (2, 8))
     model.eval()(x)
     with torch.no_grad():
         model.train()(x)
     assert all((g.expert_load == 0).all() for g in model.moe_gates())
+    chosen = {}
+
+    def keep_choices(gate, args, out):
+        chosen[gate] = out[1]  # (N, K)
+    hooks = [gate.register_forward_hook(keep_choices) for gate in model.moe_gates()]
     model.train()(x)
+    for hook in hooks:
+        hook.remove()
     for gate in model.moe_gates():
+        E = gate.expert_load.numel()
+        assert torch.equal(gate.expert_load, torch.bincount(chosen[gate].flatten(), minlength=E).float())
         assert gate.expert_load.sum() == 2 * 8 * model.config.num_experts_per_tok
 
 
@@ -882,12 +940,31 @@ def test_routed_experts_follow_bf16_autocast_and_padding_changes_no_result(monke
 
 
 def test_sequence_balance_loss_adds_to_training_loss_only():
+    """Training loss = cross entropy + aux_loss_alpha * sum over MoE layers of the sequence-wise
+    balance loss (DeepSeek-V3 report eq. 17-20), computed here per sequence from each gate's input
+    and choices: f_i = E / (K T) * (tokens of the sequence routed to i), P_i = mean over its tokens of
+    s_i / sum_j s_j, loss = mean over sequences of sum_i f_i P_i. Eval loss is the cross entropy."""
     config = _model_config(aux_loss_alpha=0.1)
     model = _model_random(config)
-    x = torch.randint(0, 61, (3, 10))
+    B, T, E, K = 3, 10, config.n_routed_experts, config.num_experts_per_tok
+    x = torch.randint(0, 61, (B, T))
+    seen = []
+    hooks = [gate.register_forward_hook(lambda m, args, out: seen.append((m, args[0].detach(), out[1])))
+             for gate in model.moe_gates()]
     logits, loss = model.train()(x, x)
+    for hook in hooks:
+        hook.remove()
+    balance = 0.0
+    for gate, h, experts in seen:
+        scores = torch.sigmoid(h @ gate.weight.detach().T).view(B, T, E)
+        for b in range(B):
+            chosen = experts.view(B, T * K)[b]
+            f = torch.tensor([(chosen == i).sum().item() for i in range(E)]) * E / (K * T)
+            p = (scores[b] / scores[b].sum(-1, keepdim=True)).mean(0)
+            balance += (f * p).sum() / B
     ce = F.cross_entropy(logits.flatten(0, 1), x.flatten())
-    assert loss > ce  # f_i, P_i >= 0 and sum_i f_i = E, so the balance loss is positive
+    assert len(seen) == config.num_hidden_layers - config.first_k_dense_replace
+    assert torch.allclose(loss, ce + config.aux_loss_alpha * balance, rtol=1e-5)
     loss.backward()
     assert next(model.moe_gates()).weight.grad.abs().sum() > 0
     with torch.no_grad():
