@@ -269,7 +269,8 @@ _MODEL_REFERENCE = os.path.join(_HERE, "reference")  # published Kimi-K2 facts (
 
 
 def _model_config(**overrides) -> Config:
-    """A random-test-sized model: 3 layers (1 dense), 16 experts top-4, YaRN off."""
+    """The one tiny model config of this file: 3 layers (1 dense), 16 experts top-4, YaRN off; the
+    overrides replace fields (num_attention_heads sets num_key_value_heads with it, as MLA needs)."""
     base = dict(vocab_size=61, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24,
                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
