@@ -127,13 +127,14 @@ def split_chunks(text: str, max_chars: int) -> list[str]:
                 pieces.append(sentence[:cut])
                 sentence = sentence[cut:]
             pieces.append(sentence)
-    chunks = []
+    chunks, current, size = [], [], 0  # pieces joined once per chunk: growing a string is quadratic
     for piece in filter(None, pieces):
-        if chunks and len(chunks[-1]) + len(piece) <= max_chars:
-            chunks[-1] += piece
-        else:
-            chunks.append(piece)
-    return chunks
+        if current and size + len(piece) > max_chars:
+            chunks.append("".join(current))
+            current, size = [], 0
+        current.append(piece)
+        size += len(piece)
+    return chunks + ["".join(current)] if current else chunks
 
 
 # -----------------------------------------------------------------------------------------------

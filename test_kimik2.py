@@ -2125,7 +2125,8 @@ def test_checkpoint_backend_prompts_kimik2_generate_and_stops_at_eos(monkeypatch
 
 def test_checkpoint_backend_replies_with_kimik2s_greedy_continuation(tmp_path):
     torch.manual_seed(0)
-    config = Config.from_preset("tiny")
+    config = Config(**{**Config.from_preset("tiny").to_dict(), "num_hidden_layers": 2, "n_routed_experts": 4,
+                       "num_experts_per_tok": 2})
     KimiK2(config).save_pretrained(str(tmp_path))
     messages = data.rephrase_messages("Hi.", "qa")
     reply = data.CheckpointGenerator(str(tmp_path), max_new_tokens=8, temperature=0)(messages)
@@ -2425,8 +2426,7 @@ def test_a_second_rephrase_on_one_out_is_refused_naming_the_holder_and_a_dead_on
         first.wait()
     assert lock.exists() and f"pid {first.pid} " in lock.read_text()
     _data_server.delay["locked"] = 0.0
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert finished.returncode == 0, finished.stderr
+    assert data.main(command[2:]) == 0
     keys = [(r["id"], r["style"]) for r in _data_records(out)]
     assert len(keys) == len(set(keys)) == 12  # every pair once: the refused run wrote nothing
     assert not lock.exists()
@@ -2529,30 +2529,36 @@ def _data_without_root_override():
     return ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"]
 
 
+def test_an_unreadable_data_file_is_named_as_such(tmp_path):
+    path = tmp_path / "unreadable.txt"
+    path.write_text("secret")
+    path.chmod(0)
+    done = subprocess.run([*_data_without_root_override(), sys.executable, str(_DATA_PY), "stats", "--data", str(path),
+                           "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=60)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and "\n" not in err and "Traceback" not in err, err
+    assert f"data.py stats: data source '{path}': {path} cannot be read (Permission denied)" == err
+    path.chmod(0o644)
+    assert path.read_text() == "secret" and not (tmp_path / "cache").exists()
+
+
 @pytest.mark.parametrize("case, message", [
-    ("unreadable", "unreadable.txt cannot be read (Permission denied)"),
     ("fifo", "pipe.txt is a FIFO (named pipe), not a file or folder"),
     ("loop", "loop.txt is a symlink loop, not a file or folder"),
     ("broken link", "broken.txt is a broken symbolic link (to nowhere.txt), not a file or folder"),
 ])
-def test_each_bad_data_path_is_named_for_what_it_is(tmp_path, case, message):
-    path = tmp_path / {"unreadable": "unreadable.txt", "fifo": "pipe.txt", "loop": "loop.txt",
-                       "broken link": "broken.txt"}[case]
-    if case == "unreadable":
-        path.write_text("secret")
-        path.chmod(0)
-    elif case == "fifo":
-        os.mkfifo(path)
+def test_a_data_path_that_is_no_file_is_named_for_what_it_is(tmp_path, case, message, capsys):
+    path = tmp_path / {"fifo": "pipe.txt", "loop": "loop.txt", "broken link": "broken.txt"}[case]
+    if case == "fifo":
+        os.mkfifo(path)  # opened, it would block forever
     elif case == "loop":
         os.symlink(tmp_path / "other.txt", path)
         os.symlink(path, tmp_path / "other.txt")
     else:
         os.symlink("nowhere.txt", path)
-    done = subprocess.run([*_data_without_root_override(), sys.executable, str(_DATA_PY), "stats", "--data", str(path),
-                           "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=60)
-    err = done.stderr.strip()
-    assert done.returncode == 2 and "\n" not in err and message in err and "Traceback" not in err, err
-    assert case != "unreadable" or (path.chmod(0o644) or path.read_text() == "secret")
+    assert data.main(["stats", "--data", str(path), "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.endswith(message), err
 
 
 def test_bad_entries_in_a_folder_are_skipped_and_counted_and_nul_bytes_reported(tmp_path):
