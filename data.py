@@ -448,14 +448,10 @@ class OpenAIEndpoint:
             response = conn.getresponse()
             if (response.length or 0) > MAX_REPLY_BYTES:
                 raise ValueError(f"a reply of {response.length} bytes (at most {MAX_REPLY_BYTES})")
-            if response.length is not None:
-                body = response.read()  # all Content-Length bytes, or IncompleteRead
-            else:  # chunked, or until the server closes: at most MAX_REPLY_BYTES + 1
-                body = bytearray()
-                while len(body) <= MAX_REPLY_BYTES and (piece := response.read(1 << 16)):
-                    body += piece
-                if len(body) > MAX_REPLY_BYTES:
-                    raise ValueError(f"a reply of more than {MAX_REPLY_BYTES} bytes")
+            # all Content-Length bytes (else IncompleteRead); without a length, the limit and one byte more
+            body = response.read() if response.length is not None else response.read(MAX_REPLY_BYTES + 1)
+            if len(body) > MAX_REPLY_BYTES:
+                raise ValueError(f"a reply of more than {MAX_REPLY_BYTES} bytes")
         except (OSError, http.client.HTTPException):
             if expired.is_set():
                 raise TimeoutError(f"timed out: no complete reply within the {self.timeout:g} s deadline") from None

@@ -10,11 +10,9 @@ Cross-checks against transformers skip when it is not installed; tests that read
 skip when it is absent. Multi-process tests launch torchrun (gloo, CPU); their workers are at the
 bottom of this file (python test_kimik2.py WORKER ARGS, under torchrun).
 """
-import collections
 import copy
 import errno
 import glob
-import http.server
 import io
 import json
 import math
@@ -27,7 +25,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import types
 from fractions import Fraction
