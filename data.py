@@ -52,6 +52,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import socket
 import stat
 import sys
@@ -569,7 +570,7 @@ class CheckpointGenerator:
         return self.tokenizer.decode(new)
 
 
-# The corpus-scale run: (document, style) pairs, shards, concurrent requests, one crash-safe writer
+# The (document, style) pairs and their shards, one writer per output, concurrent requests
 
 
 def _is_english(text: str) -> bool:
@@ -717,10 +718,14 @@ def _worst(chunks) -> dict:
 
 def _append_record(f, record: dict):
     """One write of one whole line, flushed and fsynced before the pair counts as done: a kill
-    leaves at most a partial last line, which `completed_pairs` cuts off."""
-    f.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
-    f.flush()
-    os.fsync(f.fileno())
+    leaves at most a partial last line, which `completed_pairs` cuts off. A failed write (a full
+    disk) raises OSError naming the file."""
+    try:
+        f.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, f"appending a record failed: {e.strerror}", f.name) from e
 
 
 def rephrase_corpus(pairs, generate, out, *, concurrency=1, model="", log=_stderr, **options) -> dict:
@@ -774,7 +779,7 @@ def _rephrase_pairs(pairs, todo, generate, f, concurrency, model, log, options) 
                     summary.update(empty_replies=c["empty_replies"], long_replies=c["long_replies"])
                 log(progress.done(doc, len(result.chunks)))
     finally:
-        pool.shutdown(cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)  # only an interrupt leaves pairs in flight: dropped
     if failure and not isinstance(failure[2], GenerationError):
         raise failure[2]
     return dict(summary, error=f"{failure[0].name} ({failure[1]}): {failure[2]}" if failure else None)
@@ -1821,7 +1826,15 @@ def main(argv=None) -> int:
             raise
         print(f"data.py {args.command}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C or SIGINT: every record written is whole and fsynced
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print(f"data.py {args.command}: interrupted; what was written stays, and the same command resumes",
+              file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 130:  # leave now, not after the requests still in flight: their pairs are redone on resume
+        os._exit(code)
+    sys.exit(code)

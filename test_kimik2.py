@@ -2429,6 +2429,25 @@ def test_a_second_rephrase_on_one_out_is_refused_naming_the_holder_and_a_dead_on
     assert not lock.exists()
 
 
+def test_an_interrupted_rephrase_exits_130_in_one_line_and_the_same_command_resumes(_data_server, tmp_path):
+    _data_write_docs(tmp_path / "docs", [f"Document {i} says {i}." for i in range(6)])
+    out = tmp_path / "out.jsonl"
+    _data_server.delay["interrupted"] = 1.0
+    command = _data_rephrase_command(tmp_path / "docs", out, _data_server, "interrupted", "--concurrency", "2")
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    _data_wait_for(lambda: out.exists() and out.read_bytes().count(b"\n") >= 1)
+    run.send_signal(signal.SIGINT)  # two pairs are in flight: they are dropped, not half-written
+    err = run.communicate(timeout=30)[1].strip().splitlines()
+    assert run.returncode == 130 and "Traceback" not in "\n".join(err)
+    assert err[-1] == "data.py rephrase: interrupted; what was written stays, and the same command resumes"
+    written = _data_records(out)  # every line whole
+    assert 1 <= len(written) < 6 and not Path(f"{out}.lock").exists()
+    _data_server.delay["interrupted"] = 0.0
+    assert data.main(command[2:]) == 0
+    records = _data_records(out)
+    assert records[:len(written)] == written and len({r["id"] for r in records}) == len(records) == 6
+
+
 @pytest.mark.parametrize("content", [b"my notes\nthe last line has no newline", b"",
                                      b'{"id": "x", "style": "qa"}\nnot a record\n',
                                      json.dumps({"text": "a training record"}).encode() + b"\n"])
