@@ -194,8 +194,8 @@ def rephrase_chunkwise(doc: str, style: str, generate: Callable[[list[dict]], st
     the source's separators. Every rewrite is checked against its chunk (`fidelity` with `measure`,
     lexical by default): below min_similarity (default `min_similarity_for(measure, style)`) or
     min_numbers_kept, or empty, or far too long (`max_rewrite_chars`), it is retried up to `retries`
-    times with the failure named in the prompt; then on_fail="keep" keeps the source chunk and "drop" leaves it out. `generate(messages)
-    -> str` is any backend; its errors propagate.
+    times with the failure named in the prompt; then on_fail="keep" keeps the source chunk and
+    "drop" leaves it out. `generate(messages) -> str` is any backend; its errors propagate.
     """
     if on_fail not in ("keep", "drop"):
         raise ValueError(f"on_fail must be 'keep' or 'drop', got {on_fail!r}")
@@ -481,9 +481,11 @@ class OpenAIEndpoint:
                 error = f"HTTP {status}: {_one_line(reply[:500].decode('utf-8', errors='replace'))}"
                 if status != 429 and status < 500:
                     raise GenerationError(f"{self.url}: {error}")
-                pause = "as the server asked (Retry-After)" if (reply_headers.get("Retry-After") or "").isdigit() else ""
-                wait = min(self.max_backoff, float(reply_headers["Retry-After"])) if pause else wait
-                pause = pause or "backing off"  # the server is overloaded or failing: everyone waits
+                # the server is overloaded or failing: every thread waits, as long as it asks if it does
+                if (retry_after := reply_headers.get("Retry-After") or "").isdigit():
+                    wait, pause = min(self.max_backoff, float(retry_after)), "as the server asked (Retry-After)"
+                else:
+                    pause = "backing off"
             except (OSError, http.client.HTTPException) as e:  # refused, dropped, past the deadline
                 error = _one_line(f"{type(e).__name__}: {e}")
             except (ValueError, KeyError, IndexError, TypeError) as e:  # not the JSON we expect

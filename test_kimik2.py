@@ -2520,8 +2520,8 @@ def test_an_interrupted_cache_build_leaves_nothing_the_next_build_keeps(tmp_path
     # A build killed while it writes its temporary folder; the next prepare() removes that folder.
     _data_write_docs(tmp_path / "docs", [f"document {i} " + "words and more words. " * 70_000 for i in range(4)])
     cache = tmp_path / "cache"
-    build = subprocess.Popen([sys.executable, "-c", f"import data; data.prepare({str(cache)!r}, [{str(tmp_path / 'docs')!r}])"],
-                             cwd=_HERE)
+    code = f"import data; data.prepare({str(cache)!r}, [{str(tmp_path / 'docs')!r}])"
+    build = subprocess.Popen([sys.executable, "-c", code], cwd=_HERE)
     try:
         _data_wait_for(lambda: list(cache.glob("tmp-*")) or build.poll() is not None)
         build.send_signal(signal.SIGKILL)
@@ -2532,7 +2532,8 @@ def test_an_interrupted_cache_build_leaves_nothing_the_next_build_keeps(tmp_path
     alive = cache / stale.name.replace(f"-{build.pid}@", "-1@")  # a build whose process (init) still runs
     alive.mkdir()
     info = data.prepare(cache, [str(tmp_path / "docs")])
-    assert not stale.exists() and alive.exists() and sorted(p.name for p in cache.iterdir()) == sorted([alive.name, info["key"]])
+    assert not stale.exists() and alive.exists()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([alive.name, info["key"]])
 
 
 def _data_without_root_override():
