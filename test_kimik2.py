@@ -2497,7 +2497,6 @@ def test_each_retry_and_each_pause_is_logged_in_one_line(_data_server):
 
 
 def test_a_reply_far_longer_than_its_chunk_is_rejected_and_the_record_says_so(_data_server, tmp_path, capsys):
-    result = None
     _data_server.scripts["runaway"] = ["huge"]  # a 1 MB "rewrite" of a 30-character chunk, then a good one
     result = data.rephrase_chunkwise("The bridge opened in 1932.", "qa", _data_endpoint(_data_server, "runaway"))
     assert result.text == "In other words: The bridge opened in 1932."
