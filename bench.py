@@ -33,6 +33,8 @@ causal context (T+1)/2; elementwise work is not counted. Time is the whole step,
     python bench.py                 the table (about 2-3 minutes on 2 CPU cores)
     python bench.py --json          one JSON object
     python bench.py --reps 5 --warmup 1 --decode-context 1024   quicker, noisier
+    python bench.py rephrase        row 9 alone: data.py's rephrasing pairs/s by concurrency against a fake
+                                    OpenAI-compatible server on 127.0.0.1 (python bench.py rephrase --help)
     python bench.py --threads-study row 8 alone: train.py's step with 1 thread, 2 threads, and 2 threads
                                     waiting passively (OMP_WAIT_POLICY=PASSIVE, train.py's default), each
                                     alone and beside a busy 2-thread process that the bench starts
@@ -43,20 +45,26 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import collections
 import contextlib
+import http.server
 import json
+import multiprocessing
 import platform
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from kimik2 import Config, KimiK2
+import data
 from muonclip import MuonClip, split_params
 from train import measure_peak_flops
 
@@ -484,6 +492,200 @@ def print_threads(res):
 
 
 # ----------------------------------------------------------------------------------------------
+# 9. Rephrasing throughput: data.rephrase_corpus against a fake OpenAI-compatible server
+#
+# The fake server is also the one the tests of data.py talk to: one server, scripted per model name.
+
+def source_of(messages) -> str:
+    """The <source> chunk of a rephrasing prompt (data.rephrase_messages)."""
+    return re.search(r"<source>\n(.*)\n</source>", messages[-1]["content"], re.S)[1]
+
+
+def bag_of_words(text: str) -> list:
+    """The fake embedding model: word counts hashed into 64 dimensions, the fake rephraser's prefix
+    ignored, so that its faithful echo scores 1 and an unrelated text about 0."""
+    vector = [0.0] * 64
+    for word in re.findall(r"\w+", text.removeprefix("In other words: ").lower()):
+        vector[sum(map(ord, word)) % 64] += 1
+    return vector
+
+
+def verdict(messages, action: str) -> str:
+    """The fake judge: every fact is kept when the rewrite contains the source; the actions
+    "judge-text" and "judge-inconsistent" are malformed answers."""
+    if action == "judge-text":
+        return "Looks faithful to me."
+    if action == "judge-inconsistent":
+        return json.dumps({"keeps_every_fact": True, "missing": ["a fact"]})
+    source = re.search(r"<source>\n(.*)\n</source>", messages[1]["content"], re.S)[1]
+    keeps = source in re.search(r"<rewrite>\n(.*)\n</rewrite>", messages[1]["content"], re.S)[1]
+    return json.dumps({"keeps_every_fact": keeps, "missing": [] if keeps else [f"all of: {source}"]})
+
+
+class FakeChat(http.server.BaseHTTPRequestHandler):
+    """A deterministic OpenAI-compatible model. /chat/completions: the <source> chunk rewritten as
+    "In other words: ..." (models named "upper...": the chunk in capitals), or, asked with
+    data.JUDGE_PROMPT, a verdict (`verdict`); /embeddings: `bag_of_words`. Each request holds one of
+    the server's `capacity` slots for its latency (server.delay per model, else server.latency), as a
+    real server's batch has room for so many sequences and the rest wait their turn.
+
+    Per model name, server.scripts lists actions to play before echoing: "500", "429", "429-wait"
+    (Retry-After: 1), "400", "hang" (1.5 s more), "drop" (no reply), "cut" (half the reply, then the
+    connection closes), "badjson", "trickle" (the reply one byte per 0.3 s), "huge" (a 1 MB rewrite),
+    "garbage" (an unfaithful rewrite), "empty", "surrogate" (a lone "\\ud83d" in the reply), "short"
+    (too few embeddings), "judge-text", "judge-inconsistent". server.requests, .arrivals and
+    .max_inflight record what came, when, and how many were in flight at once, per model."""
+
+    def do_POST(self):
+        server = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        model = body["model"]
+        with server.lock:
+            server.requests.append(body)
+            server.arrivals.append((model, time.monotonic()))
+            server.inflight[model] += 1
+            server.max_inflight[model] = max(server.max_inflight[model], server.inflight[model])
+            script = server.scripts.get(model, [])
+            action = script.pop(0) if script else "echo"
+        try:
+            with server.slots:
+                time.sleep(server.delay.get(model, server.latency) + (1.5 if action == "hang" else 0.0))
+            self._answer(body, action)
+        finally:
+            with server.lock:
+                server.inflight[model] -= 1
+
+    def _answer(self, body, action):
+        if action == "drop":
+            self.close_connection = True
+            return
+        if action in ("500", "429", "429-wait", "400"):
+            payload = json.dumps({"error": {"message": f"scripted {action}"}}).encode()
+            self.send_response(int(action[:3]))
+            if action.startswith("429"):
+                self.send_header("Retry-After", "1" if action == "429-wait" else "0")
+        else:
+            payload = b"{not json" if action == "badjson" else json.dumps(self._reply(body, action)).encode()
+            self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if action == "cut":
+            self.wfile.write(payload[:len(payload) // 2])
+            self.close_connection = True
+        elif action == "trickle":
+            for i in range(len(payload)):
+                self.wfile.write(payload[i:i + 1])
+                self.wfile.flush()
+                time.sleep(0.3)
+        else:
+            self.wfile.write(payload)
+
+    def _reply(self, body, action):
+        if self.path.endswith("/embeddings"):
+            texts = body["input"][:-1] if action == "short" else body["input"]
+            return {"data": [{"index": i, "embedding": bag_of_words(t)} for i, t in enumerate(texts)]}
+        messages = body["messages"]
+        if messages[0]["content"] == data.JUDGE_PROMPT:
+            content = verdict(messages, action)
+        elif body["model"].startswith("upper"):
+            content = source_of(messages).upper()
+        else:
+            content = {"garbage": "Bananas are yellow.", "empty": "", "huge": "In other words: " + "x" * 1_000_000,
+                       "surrogate": "In other words \ud83d: " + source_of(messages)
+                       }.get(action, "In other words: " + source_of(messages))
+        return {"choices": [{"message": {"role": "assistant", "content": content}}]}
+
+    def log_message(self, *args):
+        pass
+
+
+class FakeChatServer(http.server.ThreadingHTTPServer):
+    """`FakeChat` on 127.0.0.1 (a free port): `with FakeChatServer() as server:` serves it from a
+    thread, at server.url."""
+    daemon_threads = True
+    request_queue_size = 256  # the default backlog of 5 drops connections under 32 clients
+
+    def __init__(self, latency=0.0, capacity=1024):
+        super().__init__(("127.0.0.1", 0), FakeChat)
+        self.latency, self.slots = latency, threading.BoundedSemaphore(capacity)
+        self.lock, self.requests, self.scripts, self.delay = threading.Lock(), [], {}, {}
+        self.arrivals, self.inflight, self.max_inflight = [], collections.Counter(), collections.Counter()
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def handle_error(self, request, client_address):
+        pass  # a reply to a client that gave up (past its deadline, or scripted to) is expected
+
+    def __enter__(self):
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+
+
+def _serve_fake_chat(port, latency, capacity):
+    """Child process of `bench_rephrase`: the server, so that the client's CPU time is its own."""
+    server = FakeChatServer(latency, capacity)
+    port.send(server.server_address[1])
+    server.serve_forever()
+
+
+def bench_rephrase(levels=(1, 4, 16, 32), latency=0.1, capacity=32, chunks_per_doc=2) -> list:
+    """Pairs per second of data.rephrase_corpus at each concurrency in `levels`, against `FakeChat`
+    in its own process, and the client's CPU time per chunk (all threads, writes and fsyncs
+    included). Each level rewrites max(20, 4 * concurrency) documents of chunks_per_doc chunks."""
+    docs = [data.Document("bench", f"bench#{i}", "\n\n".join(
+        f"Paragraph {k} of document {i} says that {i} times {k} is {i * k}." for k in range(chunks_per_doc)))
+        for i in range(max(20, 4 * max(levels)))]
+    context = multiprocessing.get_context("fork")
+    port, child_end = context.Pipe()
+    server = context.Process(target=_serve_fake_chat, args=(child_end, latency, capacity), daemon=True)
+    server.start()
+    rows = []
+    try:
+        url = f"http://127.0.0.1:{port.recv()}/v1"
+        for concurrency in levels:
+            pairs = [(doc, "qa") for doc in docs[:max(20, 4 * concurrency)]]
+            generate = data.ChatEndpoint(url, "bench", timeout=30.0, retries=2, backoff=0.1)
+            with tempfile.TemporaryDirectory() as tmp:
+                wall, cpu = time.perf_counter(), time.process_time()
+                summary = data.rephrase_corpus(pairs, generate, Path(tmp, "out.jsonl"), concurrency=concurrency,
+                                               log=lambda line: None, max_chunk_chars=80)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            if summary["error"] or summary["ok"] != len(pairs) * chunks_per_doc:
+                raise RuntimeError(f"bench run failed: {summary}")
+            rows.append(dict(concurrency=concurrency, pairs=len(pairs), seconds=round(wall, 3),
+                             pairs_per_s=len(pairs) / wall, cpu_ms_per_chunk=1000 * cpu / summary["ok"]))
+    finally:
+        server.terminate()
+        server.join()
+    return rows
+
+
+def rephrase_main(argv) -> int:
+    """python bench.py rephrase [--concurrency N ...] [--latency S] [--capacity N] [--chunks N]"""
+    p = argparse.ArgumentParser(prog="bench.py rephrase",
+                                description="rephrase throughput by concurrency, against a local fake server")
+    p.add_argument("--concurrency", type=data.number(int, 1), nargs="+", default=[1, 4, 16, 32])
+    p.add_argument("--latency", type=data.number(float, 0), default=0.1, help="seconds per request")
+    p.add_argument("--capacity", type=data.number(int, 1), default=32, help="requests served at once")
+    p.add_argument("--chunks", type=data.number(int, 1), default=2, help="chunks per document")
+    args = p.parse_args(argv)
+    rows = bench_rephrase(args.concurrency, args.latency, args.capacity, args.chunks)
+    print(f"rephrase throughput: fake server on 127.0.0.1, {args.latency * 1000:g} ms per request, room for "
+          f"{args.capacity} at once, {args.chunks} chunks per document; {cpu_name()}; load average "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{'concurrency':>11}{'pairs':>7}{'seconds':>9}{'pairs/s':>9}{'speedup':>9}"
+          f"{'client CPU ms/chunk':>21}")
+    for row in rows:
+        print(f"{row['concurrency']:>11}{row['pairs']:>7}{row['seconds']:>9.2f}{row['pairs_per_s']:>9.2f}"
+              f"{row['pairs_per_s'] / rows[0]['pairs_per_s']:>8.1f}x{row['cpu_ms_per_chunk']:>21.2f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # The run
 
 def run(args) -> dict:
@@ -655,6 +857,9 @@ def print_table(res):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["rephrase"]:
+        return rephrase_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--preset", default="tiny")

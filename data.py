@@ -1,67 +1,68 @@
-"""Kimi-K2 data: an offline corpus, a byte tokenizer, exact resumable batches, and K2's rephrasing.
+"""Kimi-K2 data: K2's rephrasing of scarce text, and the training data (corpus, tokenizer, batches).
 
 Kimi K2 (K2 report, arXiv 2507.20534, sec. 2.2) pre-trains on web text, code, mathematics and
 knowledge and raises the *token utility* of scarce high-quality text by rephrasing it with another
 LLM: prompts of diverse styles and perspectives, long documents rewritten chunk by chunk with each
 chunk conditioned on what was already rewritten, every chunk checked for fidelity to its source,
-maths rewritten as "learning notes" and non-English maths translated. This file is the data side of
-the reference implementation, in reading order:
+maths rewritten as "learning notes" and non-English maths translated. In reading order:
 
-- `ByteTokenizer`: 256 ids, lossless for any Unicode text through UTF-8; `eos` is 0 (see the class).
-  Any object with `encode`, `decode`, `vocab_size`, `eos` (the `Tokenizer` protocol) plugs in.
-- Documents: files or folders of .txt, .md, .py and .jsonl (field "text"), or the built-in corpus;
-  everything odd in them (bad lines, bad encodings, unsupported files) is counted in a `LoadReport`,
-  never fatal. Bad input (a missing path, a bad option) raises `DataError` naming it.
-- Rephrasing (K2 report sec. 2.2): `split_chunks`, `rephrase_messages` with `STYLES`, the fidelity
-  check (`fidelity` with a lexical, an embedding or an LLM-judge measure), `rephrase_chunkwise`,
-  the generation backends (`ChatEndpoint` for any OpenAI-compatible server, standard library only;
-  `CheckpointGenerator` for a trained kimik2 checkpoint; or any callable `generate(messages) -> str`)
-  and `rephrase_corpus`, the crash-safe corpus-scale run with concurrent requests and shards.
-- `prepare`: tokenise once into memory-mapped token files, train/validation split by document,
-  per-domain mixture weights, cached under a hash of inputs and settings, written atomically.
-- `BatchSampler`: batches that are a pure function of (seed, step), so a resumed run sees exactly
-  the batches it would have seen; the global batch does not depend on the number of DDP processes.
-  `unigram_entropy`: the loss of a model that ignores context, the baseline val loss must beat.
-- The built-in corpus, which every Python installation already carries, so `python train.py` works
-  offline: code (standard-library sources), knowledge (pydoc topics and API docstrings) and
-  mathematics (generated problems with worked step-by-step solutions, reproducible from a seed).
-- The command line.
+- Rephrasing: the prompts (`STYLES`, `rephrase_messages`), `split_chunks`, `rephrase_chunkwise`
+  (chunk by chunk, the rewrite so far in each prompt, failures retried with their reason), and the
+  fidelity check (`fidelity`: a lexical, an embedding or an LLM-judge measure, and "every number
+  survives").
+- The corpus-scale run: generation backends (`ChatEndpoint`, `EmbeddingEndpoint` for any
+  OpenAI-compatible server, standard library only, with a deadline per request; `CheckpointGenerator`
+  for a trained kimik2 checkpoint; or any callable `generate(messages) -> str`), the (document, style)
+  pairs and their shards, and `rephrase_corpus`: concurrent requests, one crash-safe writer, one
+  process per output file (a lock beside it), a file that is not its own refused untouched.
+- The training data: `ByteTokenizer` (256 ids, lossless through UTF-8; any object with `encode`,
+  `decode`, `vocab_size`, `eos` plugs in); documents from files or folders of .txt, .md, .py and
+  .jsonl (field "text") or the built-in corpus, everything odd in them counted in a `LoadReport`,
+  bad input a `DataError` naming it; `prepare`: tokenised once into memory-mapped token files, split
+  by document, per-domain mixture weights, cached under a hash of inputs and settings, written
+  atomically; `BatchSampler`: batches that are a pure function of (seed, step), so a resumed run
+  sees exactly the batches it would have seen, the global batch independent of the number of DDP
+  processes; `unigram_entropy`, the loss val loss must beat; the built-in corpus, which every Python
+  installation carries (standard-library code, pydoc topics and docstrings, generated maths with
+  worked solutions), so `python train.py` works offline.
+- `number` and `write_atomically`, shared with train.py, and the command line.
 
 Run:
     python data.py stats [--data SOURCE ...] [--cache-dir data_cache]
     python data.py rephrase SOURCE... --endpoint http://localhost:8000/v1 --model NAME \
         --styles 2 --concurrency 16 [--shard I/N] [--fidelity lexical|embedding|llm_judge] \
-        --out rephrased.jsonl
-    python data.py bench         rephrase throughput against a local fake server, by concurrency
-    python data.py renderings --problems 210 --k 8 --heldout 100 --out runs/rephrase/data
+        [--timeout SECONDS] [--max-tokens N] --out rephrased.jsonl
 Sources: "builtin" (all three default domains), "builtin:code", "builtin:knowledge", "builtin:math",
 or "[DOMAIN[:WEIGHT]=]PATH" for a file or folder (domain "user" when not named). A rephrase output
 file is a source like any other: `knowledge=docs/ rephrased:0.5=rephrased.jsonl`. Weights are
-shares of the training text (see `prepare`).
+shares of the training text (see `prepare`). Rephrasing throughput: `python bench.py rephrase`.
 """
+from __future__ import annotations  # the rephrasing half comes first and names Document, defined below
+
 import argparse
 import ast
+import errno
 import hashlib
 import http.client
-import http.server
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import random
 import re
+import shlex
 import shutil
+import signal
+import socket
+import stat
 import sys
 import sysconfig
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections import Counter
-from contextlib import suppress
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -71,238 +72,7 @@ import numpy as np
 import torch
 
 # -----------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-class Tokenizer(Protocol):
-    """What `prepare`, the samplers and the kimik2 backend need from a tokenizer."""
-    vocab_size: int
-    eos: int  # id written after every document
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: 256 ids, no training, lossless for any Unicode text.
-
-    eos is 0, the NUL byte. A 256-entry vocabulary has no free id, and the model's tiny preset has
-    vocab_size 256, so rather than growing the vocabulary to 257 we spend the one byte that text
-    practically never contains. A NUL inside a document still round-trips exactly; the model merely
-    reads it as a document boundary. `decode` replaces invalid UTF-8 (a model can emit any byte
-    sequence) with U+FFFD.
-    """
-    vocab_size = 256
-    eos = 0
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
-
-    def save_pretrained(self, directory: str):
-        """tokenizer.json + tokenizer_config.json, so that transformers' AutoTokenizer loads this
-        tokenizer with the same ids and text: a BPE vocabulary of the 256 byte tokens <0x00>..<0xFF>
-        (id = byte) and nothing else, so byte fallback spells every character in its UTF-8 bytes;
-        eos <0x00>, id 0. (Decoding invalid UTF-8 differs: there U+FFFD replaces every byte of a run
-        of byte tokens that does not decode, where `decode` replaces only the invalid bytes.)"""
-        byte_token = [f"<0x{b:02X}>" for b in range(256)]
-        tokenizer = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-                     "pre_tokenizer": None, "post_processor": None,
-                     "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
-                     "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                               "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": True,
-                               "ignore_merges": False, "vocab": {t: b for b, t in enumerate(byte_token)}, "merges": []}}
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": byte_token[self.eos],
-                  "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}
-        os.makedirs(directory, exist_ok=True)
-        for name, obj in (("tokenizer.json", tokenizer), ("tokenizer_config.json", config)):
-            with open(os.path.join(directory, name), "w") as f:
-                json.dump(obj, f, indent=1)
-
-
-# -----------------------------------------------------------------------------------------------
-# Documents: user files and folders, the load report, bad input
-
-USER_SUFFIXES = {".txt", ".md", ".py", ".jsonl"}
-MAX_PROBLEMS_LISTED = 20  # problems named in the report (file:line); all of them are counted
-
-
-class DataError(ValueError):
-    """Bad input: a missing or empty source, a bad option or record. The message names the file,
-    line or option."""
-
-
-@dataclass
-class Document:
-    domain: str  # "code", "knowledge", "math", or the name a user gave a source
-    name: str    # where it came from: a path, "path:line" for .jsonl, "pydoc:topic", "math#17"
-    text: str
-
-
-@dataclass
-class LoadReport:
-    """What loading met on the way. Nothing here is fatal; all of it is counted."""
-    files: int = 0
-    documents: int = 0
-    empty_documents: int = 0      # empty or blank files and jsonl texts: skipped
-    non_utf8_files: int = 0       # undecodable bytes replaced by U+FFFD
-    bad_json_lines: int = 0       # unparsable line or no string "text": skipped, listed as file:line
-    bad_encoding_lines: int = 0   # a jsonl text with a lone surrogate ("\udc80"): no UTF-8 exists, skipped
-    unsupported_files: int = 0    # files in a folder that are not .txt/.md/.py/.jsonl: skipped
-    split_documents: int = 0      # longer than max_doc_chars: cut at paragraph/sentence boundaries
-    duplicate_documents: int = 0  # exact repeats dropped, so no text is both train and val
-    problems: list = field(default_factory=list)
-
-    def problem(self, where: str, what: str):
-        if len(self.problems) < MAX_PROBLEMS_LISTED:
-            self.problems.append(f"{where}: {what}")
-
-
-LOAD_SKIPS = (  # what describe_load_report counts: input skipped or repaired
-    "empty_documents", "non_utf8_files", "bad_json_lines", "bad_encoding_lines", "unsupported_files")
-
-
-def describe_load_report(info: dict) -> str:
-    """One line on what loading skipped or repaired (the `LOAD_SKIPS` counts, with the first
-    problems as file:line examples), "" when there was nothing. Split long documents and dropped
-    duplicates are normal preparation, not problems of the input, and are left to `data.py stats`."""
-    report = info["load_report"]
-    counts = [f"{report[k]} {k.replace('_', ' ')}" for k in LOAD_SKIPS if report[k]]
-    if not counts:
-        return ""
-    return f"data: skipped or repaired {', '.join(counts)} (e.g. {'; '.join(report['problems'][:3])})"
-
-
-def _lone_surrogates(text: str) -> int:
-    """How many lone UTF-16 surrogates text holds. JSON can carry one ("\\ud83d", half an emoji)
-    and Python decodes it into a str that no UTF-8 writer accepts."""
-    return sum(0xD800 <= ord(c) <= 0xDFFF for c in text) if not text.isascii() else 0
-
-
-def _decode(data: bytes, where: str, report: LoadReport) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        report.non_utf8_files += 1
-        report.problem(where, f"not UTF-8 ({e.reason} at byte {e.start}); bad bytes replaced")
-        return data.decode("utf-8", errors="replace")
-
-
-def _file_documents(path: Path, domain: str, report: LoadReport):
-    report.files += 1
-    if path.suffix != ".jsonl":
-        yield Document(domain, str(path), _decode(path.read_bytes(), str(path), report))
-        return
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):  # a huge line is read whole: one record, one document
-            where = f"{path}:{lineno}"
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-                report.bad_json_lines += 1
-                report.problem(where, f"bad JSON line skipped ({type(e).__name__}: {str(e)[:80]})")
-                continue
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                report.bad_json_lines += 1
-                report.problem(where, 'line skipped: not an object with a string field "text"')
-            elif _lone_surrogates(record["text"]):
-                report.bad_encoding_lines += 1
-                report.problem(where, "line skipped: its text has a lone surrogate (invalid Unicode)")
-            else:
-                yield Document(domain, where, record["text"])
-
-
-@dataclass
-class Source:
-    """One parsed "[DOMAIN[:WEIGHT]=]PATH": the files to read and the folder files skipped."""
-    domain: str
-    weight: float | None
-    files: list
-    unsupported: list
-
-
-def parse_source(spec: str) -> Source:
-    """'[DOMAIN[:WEIGHT]=]PATH' -> Source. Folders contribute their .txt/.md/.py/.jsonl files (the
-    others are listed as unsupported); a file named explicitly is read whatever its suffix. An
-    existing path is taken literally, "=" and all."""
-    head, _, path = ("", "", spec) if Path(spec).exists() else spec.rpartition("=")
-    domain, _, weight_text = head.partition(":")
-    weight = None
-    if weight_text:
-        try:
-            weight = float(weight_text)
-        except ValueError:
-            weight = -1.0
-        if not 0 <= weight < math.inf:
-            raise DataError(f"data source {spec!r}: weight {weight_text!r} is not a number >= 0")
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data source {spec!r}: no such file or folder")
-    if path.is_file():
-        return Source(domain or "user", weight, [path], [])
-    found = sorted(p for p in path.rglob("*") if p.is_file())
-    files = [p for p in found if p.suffix in USER_SUFFIXES]
-    if not files:
-        others = f" ({len(found)} other files)" if found else ""
-        raise DataError(f"data source {spec!r}: no .txt/.md/.py/.jsonl files in {path}{others}")
-    return Source(domain or "user", weight, files, [p for p in found if p.suffix not in USER_SUFFIXES])
-
-
-BUILTIN_DOMAINS = ("code", "knowledge", "math")
-
-
-def _builtin_documents(spec: str, seed: int) -> list[Document]:
-    """'builtin' or 'builtin:DOMAIN[,DOMAIN]' -> the embedded corpus's documents (see its section)."""
-    domains = (spec.partition(":")[2] or ",".join(BUILTIN_DOMAINS)).split(",")
-    if unknown := sorted(set(domains) - set(BUILTIN_DOMAINS)):
-        raise DataError(f"data source {spec!r}: unknown built-in domain(s) {unknown}; "
-                        f"the built-in domains are {', '.join(BUILTIN_DOMAINS)}")
-    docs = []
-    if "code" in domains or "knowledge" in domains:
-        code, knowledge = stdlib_documents(seed)
-        docs += (code if "code" in domains else []) + (knowledge if "knowledge" in domains else [])
-    if "math" in domains:
-        docs += math_documents(seed=seed)
-    return docs
-
-
-def load_documents(sources=("builtin",), seed=0, max_doc_chars=1_000_000, report=None):
-    """Every document of `sources` (see the module docstring), non-empty, at most max_doc_chars
-    long (longer ones are cut at paragraph or sentence boundaries into several documents)."""
-    report = report if report is not None else LoadReport()
-    docs = []
-    for spec in map(str, sources):
-        if spec.startswith("builtin"):
-            docs += _builtin_documents(spec, seed)
-            continue
-        source = parse_source(spec)
-        for path in source.unsupported:
-            report.unsupported_files += 1
-            report.problem(str(path), "skipped: not a .txt/.md/.py/.jsonl file")
-        for path in source.files:
-            docs += _file_documents(path, source.domain, report)
-    kept = []
-    for doc in docs:
-        if not doc.text.strip():
-            report.empty_documents += 1
-            report.problem(doc.name, "empty document skipped")
-        elif len(doc.text) > max_doc_chars:
-            report.split_documents += 1
-            kept += [Document(doc.domain, f"{doc.name}#part{k}", piece)
-                     for k, piece in enumerate(split_chunks(doc.text, max_doc_chars))]
-        else:
-            kept.append(doc)
-    report.documents = len(kept)
-    return kept
-
-
-# -----------------------------------------------------------------------------------------------
-# Rephrasing (K2 report sec. 2.2): chunk-wise autoregressive rewriting with fidelity checks
+# Rephrasing (K2 report sec. 2.2): prompts of diverse styles and perspectives
 
 STYLES = {  # style and perspective instructions; the first seven are for any text
     "encyclopedia": "Rewrite the text as a neutral, well-organised encyclopedia article.",
@@ -323,6 +93,22 @@ GENERAL_STYLES = [s for s in STYLES if s not in ("learning_note", "translate_en"
 RULES = ("Keep every fact, name, number and formula of the source and add nothing that is not in "
          "it. Reply with the rewritten text only.")
 
+def rephrase_messages(source: str, style: str, context: str = "", feedback: str = "") -> list[dict]:
+    """The chat prompt for one chunk: style instruction, the rewrite so far, the chunk, and on a
+    retry what was wrong with the previous attempt ("drifted from the source (...)", "was empty")."""
+    user = ""
+    if context:
+        user += ("The rewrite so far (continue it; do not repeat it):\n"
+                 f"<rewritten>\n{context}\n</rewritten>\n\n")
+    user += f"Rewrite this next part of the source:\n<source>\n{source}\n</source>"
+    if feedback:
+        user += f"\n\nYour previous attempt {feedback}. Stay faithful to the source."
+    return [{"role": "system", "content": f"You rewrite text for a training corpus. {STYLES[style]} {RULES}"},
+            {"role": "user", "content": user}]
+
+
+# -----------------------------------------------------------------------------------------------
+# Chunks: long documents are rewritten piece by piece
 
 def split_chunks(text: str, max_chars: int) -> list[str]:
     """Split text into chunks of at most max_chars, at paragraph breaks where possible, else at
@@ -342,29 +128,95 @@ def split_chunks(text: str, max_chars: int) -> list[str]:
                 pieces.append(sentence[:cut])
                 sentence = sentence[cut:]
             pieces.append(sentence)
-    chunks = []
+    chunks, current, size = [], [], 0  # pieces joined once per chunk: growing a string is quadratic
     for piece in filter(None, pieces):
-        if chunks and len(chunks[-1]) + len(piece) <= max_chars:
-            chunks[-1] += piece
-        else:
-            chunks.append(piece)
-    return chunks
+        if current and size + len(piece) > max_chars:
+            chunks.append("".join(current))
+            current, size = [], 0
+        current.append(piece)
+        size += len(piece)
+    return chunks + ["".join(current)] if current else chunks
 
 
-def rephrase_messages(source: str, style: str, context: str = "", feedback: str = "") -> list[dict]:
-    """The chat prompt for one chunk: style instruction, the rewrite so far, the chunk, and on a
-    retry what was wrong with the previous attempt ("drifted from the source (...)", "was empty")."""
-    user = ""
-    if context:
-        user += ("The rewrite so far (continue it; do not repeat it):\n"
-                 f"<rewritten>\n{context}\n</rewritten>\n\n")
-    user += f"Rewrite this next part of the source:\n<source>\n{source}\n</source>"
-    if feedback:
-        user += f"\n\nYour previous attempt {feedback}. Stay faithful to the source."
-    return [{"role": "system", "content": f"You rewrite text for a training corpus. {STYLES[style]} {RULES}"},
-            {"role": "user", "content": user}]
+# -----------------------------------------------------------------------------------------------
+# Chunk-wise autoregressive rewriting
+
+@dataclass
+class Rephrased:
+    text: str
+    chunks: list  # per chunk: index, chars, attempts, status, empty_replies, long_replies, the fidelity score
 
 
+def _tail(text: str, n: int) -> str:
+    """The last n characters of text, starting at a word boundary."""
+    if len(text) <= n:
+        return text
+    tail = text[-n:]
+    return tail[tail.find(" ") + 1:] if " " in tail else tail
+
+
+def max_rewrite_chars(source: str) -> int:
+    """The longest rewrite a chunk allows. The report's styles reword and restructure (a dialogue or
+    a learning note runs to two or three times its source); a reply past four times its source plus
+    a paragraph is a model that did not stop, or a server that sent something else, not a rewrite."""
+    return 4 * len(source) + 500
+
+
+def _rewrite_chunk(source, style, context, generate, measure, threshold, min_numbers_kept, retries):
+    """Up to retries + 1 attempts at one chunk, each failure named in the next prompt. An empty
+    reply, or one longer than `max_rewrite_chars` allows, is a failed attempt (and is not scored).
+    Returns (the rewrite, "" when every attempt failed; the last attempt's score; attempts;
+    {"empty_replies": n, "long_replies": n})."""
+    feedback, rejected = "", Counter(empty_replies=0, long_replies=0)
+    for attempt in range(1, retries + 2):
+        rewrite = generate(rephrase_messages(source, style, context, feedback)).strip()
+        if not rewrite or len(rewrite) > max_rewrite_chars(source):
+            rejected["long_replies" if rewrite else "empty_replies"] += 1
+            score = dict(measure=measure.name, similarity=0.0, **_numbers_kept(source, ""))
+            feedback = (f"was {len(rewrite)} characters long, far longer than a rewrite of this "
+                        f"{len(source)}-character part can be" if rewrite else "was empty")
+            continue
+        score = fidelity(source, rewrite, measure)
+        if score["similarity"] >= threshold and score["numbers_kept"] >= min_numbers_kept:
+            return rewrite, score, attempt, rejected
+        feedback = _drift(score)
+    return "", score, attempt, rejected
+
+
+def rephrase_chunkwise(doc: str, style: str, generate: Callable[[list[dict]], str], *,
+                       max_chunk_chars=2000, context_chars=3000, measure=None, min_similarity=None,
+                       min_numbers_kept=1.0, retries=2, on_fail="keep") -> Rephrased:
+    """Rewrite `doc` in `style` chunk by chunk, as K2 rephrases long documents (K2 report sec. 2.2).
+
+    The document is split at paragraph/sentence boundaries into chunks of at most max_chunk_chars
+    (`split_chunks`); each chunk is rewritten with the last context_chars of the already rewritten
+    text in its prompt, so the rewrite continues coherently; the rewrites are joined in order with
+    the source's separators. Every rewrite is checked against its chunk (`fidelity` with `measure`,
+    lexical by default): below min_similarity (default `min_similarity_for(measure, style)`) or
+    min_numbers_kept, or empty, or far too long (`max_rewrite_chars`), it is retried up to `retries`
+    times with the failure named in the prompt; then on_fail="keep" keeps the source chunk and
+    "drop" leaves it out. `generate(messages) -> str` is any backend; its errors propagate.
+    """
+    if on_fail not in ("keep", "drop"):
+        raise ValueError(f"on_fail must be 'keep' or 'drop', got {on_fail!r}")
+    measure = measure or LexicalFidelity()
+    threshold = min_similarity_for(measure.name, style) if min_similarity is None else min_similarity
+    out, chunks = "", []
+    for index, piece in enumerate(split_chunks(doc, max_chunk_chars)):
+        source = piece.strip()
+        if not source:
+            continue
+        rewrite, score, attempts, rejected = _rewrite_chunk(source, style, _tail(out, context_chars), generate,
+                                                            measure, threshold, min_numbers_kept, retries)
+        status = "ok" if rewrite else "kept_original" if on_fail == "keep" else "dropped"
+        rewrite = rewrite or (source if on_fail == "keep" else "")
+        if rewrite:
+            out += rewrite + (piece[len(piece.rstrip()):] or " ")  # the source's separator
+        chunks.append(dict(index=index, chars=len(source), attempts=attempts, status=status, **rejected, **score))
+    return Rephrased(out.strip(), chunks)
+
+
+# -----------------------------------------------------------------------------------------------
 # Fidelity: a measure maps (source, rewrite) to {"similarity": s, ...} and passes a chunk when s
 # reaches its threshold; every measure is combined with the "every number survives" check.
 
@@ -514,95 +366,51 @@ def _drift(score: dict) -> str:
     return f"drifted from the source ({feedback})"
 
 
-@dataclass
-class Rephrased:
-    text: str
-    chunks: list  # per chunk: index, chars, attempts, status, empty_replies and the fidelity score
+# -----------------------------------------------------------------------------------------------
+# The corpus-scale run and its backends
 
-
-def _tail(text: str, n: int) -> str:
-    """The last n characters of text, starting at a word boundary."""
-    if len(text) <= n:
-        return text
-    tail = text[-n:]
-    return tail[tail.find(" ") + 1:] if " " in tail else tail
-
-
-def _rewrite_chunk(source, style, context, generate, measure, threshold, min_numbers_kept, retries):
-    """Up to retries + 1 attempts at one chunk, each failure named in the next prompt. An empty
-    reply is a failed attempt (and is not scored). Returns (the rewrite, "" when every attempt
-    failed; the last attempt's score; attempts; empty replies)."""
-    feedback, empty = "", 0
-    for attempt in range(1, retries + 2):
-        rewrite = generate(rephrase_messages(source, style, context, feedback)).strip()
-        if not rewrite:
-            empty += 1
-            score = dict(measure=measure.name, similarity=0.0, **_numbers_kept(source, ""))
-            feedback = "was empty"
-            continue
-        score = fidelity(source, rewrite, measure)
-        if score["similarity"] >= threshold and score["numbers_kept"] >= min_numbers_kept:
-            return rewrite, score, attempt, empty
-        feedback = _drift(score)
-    return "", score, attempt, empty
-
-
-def rephrase_chunkwise(doc: str, style: str, generate: Callable[[list[dict]], str], *,
-                       max_chunk_chars=2000, context_chars=3000, measure=None, min_similarity=None,
-                       min_numbers_kept=1.0, retries=2, on_fail="keep") -> Rephrased:
-    """Rewrite `doc` in `style` chunk by chunk, as K2 rephrases long documents (K2 report sec. 2.2).
-
-    The document is split at paragraph/sentence boundaries into chunks of at most max_chunk_chars
-    (`split_chunks`); each chunk is rewritten with the last context_chars of the already rewritten
-    text in its prompt, so the rewrite continues coherently; the rewrites are joined in order with
-    the source's separators. Every rewrite is checked against its chunk (`fidelity` with `measure`,
-    lexical by default): below min_similarity (default `min_similarity_for(measure, style)`) or
-    min_numbers_kept, or empty, it is retried up to `retries` times with the failure named in the
-    prompt; then on_fail="keep" keeps the source chunk and "drop" leaves it out. `generate(messages)
-    -> str` is any backend; its errors propagate.
-    """
-    if on_fail not in ("keep", "drop"):
-        raise ValueError(f"on_fail must be 'keep' or 'drop', got {on_fail!r}")
-    measure = measure or LexicalFidelity()
-    threshold = min_similarity_for(measure.name, style) if min_similarity is None else min_similarity
-    out, chunks = "", []
-    for index, piece in enumerate(split_chunks(doc, max_chunk_chars)):
-        source = piece.strip()
-        if not source:
-            continue
-        rewrite, score, attempts, empty = _rewrite_chunk(source, style, _tail(out, context_chars), generate,
-                                                         measure, threshold, min_numbers_kept, retries)
-        status = "ok" if rewrite else "kept_original" if on_fail == "keep" else "dropped"
-        rewrite = rewrite or (source if on_fail == "keep" else "")
-        if rewrite:
-            out += rewrite + (piece[len(piece.rstrip()):] or " ")  # the source's separator
-        chunks.append(dict(index=index, chars=len(source), attempts=attempts, status=status,
-                           empty_replies=empty, **score))
-    return Rephrased(out.strip(), chunks)
-
-
-# Generation backends: anything with __call__(messages) -> str
-
+# Generation backends: anything with __call__(messages) -> str. The HTTP ones use the standard
+# library only.
 
 class GenerationError(RuntimeError):
     """A backend gave up: the message names the endpoint, the HTTP status or error, and the body."""
 
 
+MAX_REPLY_BYTES = 16 << 20  # far above any reply to one chunk, or one embedding pair (about 100 kB)
+
+
+def _stderr(line: str):
+    print(line, file=sys.stderr, flush=True)
+
+
+def _one_line(text: str, limit=300) -> str:
+    """An error text (a server's body may hold anything) as one line of at most `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class OpenAIEndpoint:
     """One route of an OpenAI-compatible server (vLLM, llama.cpp's server, Ollama, ...) through
-    urllib: POST JSON, parse the reply. Retries with exponential backoff on 429, 5xx, dropped or
-    refused connections, timeouts and malformed replies; any other 4xx fails at once with its
-    status and body. A 429 or 5xx pauses every thread that shares this object, for Retry-After
-    seconds when the server says so: concurrent workers back off together instead of hammering a
-    server that asked them to slow down. `url` is the API base (".../v1") or the full route."""
+    http.client: POST JSON, parse the reply. `timeout` is a deadline for the whole request, not
+    for each read: a server that trickles one byte a second is abandoned at the deadline like one
+    that hangs. Retries with exponential backoff on 429, 5xx, dropped or refused connections,
+    missed deadlines and malformed or oversized replies (`MAX_REPLY_BYTES`), each retry logged in one
+    line; any other status fails at once with its status and body. A 429 or 5xx pauses every thread
+    that shares this object, for Retry-After seconds when the server says so (logged): concurrent
+    workers back off together instead of hammering a server that asked them to slow down. `url` is
+    the API base (".../v1") or the full route; `log(line)` receives the retry and pause lines."""
     route = ""
 
-    def __init__(self, url, model, api_key=None, timeout=120.0, retries=5, backoff=1.0, max_backoff=60.0):
+    def __init__(self, url, model, api_key=None, timeout=120.0, retries=5, backoff=1.0, max_backoff=60.0,
+                 log=_stderr):
         self.url = url.rstrip("/")
         if not self.url.endswith(self.route):
             self.url += self.route
+        self.parts = urllib.parse.urlsplit(self.url)
+        if self.parts.scheme not in ("http", "https") or not self.parts.hostname:
+            raise DataError(f"endpoint {url!r}: not an http:// or https:// URL")
         self.model, self.api_key, self.timeout, self.retries = model, api_key, timeout, retries
-        self.backoff, self.max_backoff = backoff, max_backoff
+        self.backoff, self.max_backoff, self.log = backoff, max_backoff, log
         self._lock = threading.Lock()
         self._paused_until = 0.0  # time.monotonic() before which no request is sent
 
@@ -614,6 +422,48 @@ class OpenAIEndpoint:
         while (delay := self._paused_until - time.monotonic()) > 0:
             time.sleep(delay)
 
+    def _exchange(self, payload: bytes, headers: dict) -> tuple[int, object, bytes]:
+        """One POST, answered or abandoned within `timeout` seconds: (status, headers, body). A
+        socket timeout bounds each read, not their sum, so a timer shuts the socket at the deadline,
+        which ends whatever read is in progress; TimeoutError then says so."""
+        https = self.parts.scheme == "https"
+        conn = (http.client.HTTPSConnection if https else http.client.HTTPConnection)(
+            self.parts.hostname, self.parts.port, timeout=self.timeout)
+        expired, sockets = threading.Event(), []  # the socket is kept: the response may outlive conn.sock
+
+        def expire():
+            expired.set()
+            for sock in sockets:
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+        timer = threading.Timer(self.timeout, expire)
+        timer.start()
+        try:
+            conn.connect()
+            sockets.append(conn.sock)
+            if expired.is_set():  # the deadline passed while connecting, before the timer saw a socket
+                raise TimeoutError
+            path = self.parts.path + (f"?{self.parts.query}" if self.parts.query else "")
+            conn.request("POST", path, payload, headers)
+            response = conn.getresponse()
+            if (response.length or 0) > MAX_REPLY_BYTES:
+                raise ValueError(f"a reply of {response.length} bytes (at most {MAX_REPLY_BYTES})")
+            # all Content-Length bytes (else IncompleteRead); without a length, the limit and one byte more
+            body = response.read() if response.length is not None else response.read(MAX_REPLY_BYTES + 1)
+            if len(body) > MAX_REPLY_BYTES:
+                raise ValueError(f"a reply of more than {MAX_REPLY_BYTES} bytes")
+        except (OSError, http.client.HTTPException):
+            if expired.is_set():
+                raise TimeoutError(f"timed out: no complete reply within the {self.timeout:g} s deadline") from None
+            raise
+        finally:
+            timer.cancel()
+            conn.close()
+        if expired.is_set():  # a read cut short by the shutdown may still have looked complete
+            raise TimeoutError(f"timed out: no complete reply within the {self.timeout:g} s deadline")
+        return response.status, response.headers, body
+
     def post(self, body: dict, parse: Callable[[dict], object]):
         """POST body (plus "model"), return parse(reply JSON); parse raises ValueError, KeyError,
         IndexError or TypeError on a reply it cannot use, which is retried like a server error."""
@@ -621,33 +471,33 @@ class OpenAIEndpoint:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         payload = json.dumps({"model": self.model, **body}).encode()
-        request = urllib.request.Request(self.url, payload, headers, method="POST")
         for attempt in range(self.retries + 1):
-            wait, shared = min(self.max_backoff, self.backoff * 2 ** attempt), False
+            wait, pause = min(self.max_backoff, self.backoff * 2 ** attempt), ""
             self._wait_for_pause()
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return parse(json.loads(response.read()))
-            except urllib.error.HTTPError as e:
-                try:
-                    text = e.read(500).decode("utf-8", errors="replace")
-                except OSError:
-                    text = ""
-                error = f"HTTP {e.code}: {text}"
-                if e.code != 429 and e.code < 500:
-                    raise GenerationError(f"{self.url}: {error}") from None
-                if (e.headers.get("Retry-After") or "").isdigit():
-                    wait = min(self.max_backoff, float(e.headers["Retry-After"]))
-                shared = True  # the server is overloaded or failing: everyone waits
-            except (OSError, http.client.HTTPException) as e:  # refused, dropped, timed out
-                error = f"{type(e).__name__}: {e}"
+                status, reply_headers, reply = self._exchange(payload, headers)
+                if status < 300:
+                    return parse(json.loads(reply))
+                error = f"HTTP {status}: {_one_line(reply[:500].decode('utf-8', errors='replace'))}"
+                if status != 429 and status < 500:
+                    raise GenerationError(f"{self.url}: {error}")
+                # the server is overloaded or failing: every thread waits, as long as it asks if it does
+                if (retry_after := reply_headers.get("Retry-After") or "").isdigit():
+                    wait, pause = min(self.max_backoff, float(retry_after)), "as the server asked (Retry-After)"
+                else:
+                    pause = "backing off"
+            except (OSError, http.client.HTTPException) as e:  # refused, dropped, past the deadline
+                error = _one_line(f"{type(e).__name__}: {e}")
             except (ValueError, KeyError, IndexError, TypeError) as e:  # not the JSON we expect
-                error = f"malformed response ({type(e).__name__}: {e})"
+                error = _one_line(f"malformed response ({type(e).__name__}: {e})")
             if attempt == self.retries:
                 raise GenerationError(f"{self.url}: gave up after {attempt + 1} attempts; last: {error}")
-            if shared:
+            if pause:
+                self.log(f"{self.url}: attempt {attempt + 1}/{self.retries + 1}: {error}; every request to it "
+                         f"pauses {wait:g} s, {pause}")
                 self._pause(wait)
             else:
+                self.log(f"{self.url}: attempt {attempt + 1}/{self.retries + 1}: {error}; retrying in {wait:g} s")
                 time.sleep(wait)
 
 
@@ -722,7 +572,7 @@ class CheckpointGenerator:
         return self.tokenizer.decode(new)
 
 
-# The corpus-scale run: (document, style) pairs, shards, concurrent requests, one crash-safe writer
+# The (document, style) pairs and their shards, one writer per output, concurrent requests
 
 
 def _is_english(text: str) -> bool:
@@ -754,27 +604,82 @@ def in_shard(doc_id: str, style: str, shard: tuple[int, int]) -> bool:
     return int(hashlib.sha1(f"{doc_id}\0{style}".encode()).hexdigest(), 16) % count == index
 
 
+@contextmanager
+def exclusive_output(out: Path):
+    """Hold `<out>.lock` for as long as the block runs, so that one process at a time writes `out`.
+
+    The lock is fcntl's: the kernel releases it when its process dies however it dies, so the lock
+    file of a killed run is simply taken over. It holds the holder's pid and command, and a second
+    process gets DataError naming them. The file is removed on the way out; a process that opened it
+    just before then finds its lock on a removed file and tries again on the new one (POSIX only)."""
+    import fcntl  # the one POSIX-only import of this file, so that `import data` works everywhere
+    lock_path = Path(f"{out}.lock")
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DataError(f"--out {out}: cannot create its lock file {lock_path} ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", errors="replace").strip() or "another process"
+            os.close(fd)
+            raise DataError(f"--out {out} is being written by {holder}; wait for it, or give another --out") from None
+        with suppress(FileNotFoundError):
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)
+    if (mine := os.pread(fd, 4096, 0)) and not re.match(rb"pid \d+ \(", mine):
+        os.close(fd)  # a file of the user's that happens to have this name: not ours to overwrite
+        raise DataError(f"--out {out}: {lock_path} exists and is not a lock of this command; move it")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} ({shlex.join([Path(sys.executable).name, *sys.argv])})".encode())
+        yield
+    finally:
+        with suppress(FileNotFoundError):
+            os.remove(lock_path)
+        os.close(fd)
+
+
+RECORD_START = b'{"id": '  # how every record line begins (`_append_record`: the id is the first key)
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return (isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("id", "style", "text"))
+            and isinstance(record.get("chunks"), list))
+
+
 def completed_pairs(out: Path) -> set[tuple[str, str]]:
-    """(id, style) of every complete record in `out`. A trailing line without its newline is what a
-    kill mid-write leaves; it is cut off, and its pair is redone."""
+    """(id, style) of every record in `out`, the output of earlier runs of this command (or no file).
+
+    A last line without its newline that begins like a record is what a kill mid-write leaves: it
+    is cut off and its pair redone. Any other content (a line that is not a rephrase record, a last
+    line that cannot be the start of one, as in a user's notes.txt) raises DataError naming the
+    line, before a byte of the file is changed: the file is not this command's to append to."""
     if not out.exists():
         return set()
     if not out.is_file():
         raise DataError(f"--out {out}: not a file")
     data = out.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data):
+    lines = data[:end].splitlines()
+    for lineno, line in enumerate(lines, 1):
+        if not _is_record(line):
+            raise DataError(f"--out {out}:{lineno}: not a rephrase record, so not an output of this command; "
+                            "give another --out (the file is left as it was)")
+    partial = data[end:]
+    if partial and not (partial.startswith(RECORD_START) or RECORD_START.startswith(partial)):
+        raise DataError(f"--out {out}:{len(lines) + 1}: a last line without a newline that is not a rephrase "
+                        "record, so not an output of this command; give another --out (the file is left as it was)")
+    if partial:
         with open(out, "r+b") as f:
             f.truncate(end)
-    done = set()
-    for lineno, line in enumerate(data[:end].splitlines(), 1):
-        try:
-            record = json.loads(line)
-            done.add((record["id"], record["style"]))
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"--out {out}:{lineno}: not a rephrase record ({type(e).__name__}: {e}); "
-                            "fix or move the file") from None
-    return done
+    return {(record["id"], record["style"]) for record in map(json.loads, lines)}
 
 
 def _clock(seconds: float) -> str:
@@ -815,61 +720,359 @@ def _worst(chunks) -> dict:
 
 def _append_record(f, record: dict):
     """One write of one whole line, flushed and fsynced before the pair counts as done: a kill
-    leaves at most a partial last line, which `completed_pairs` cuts off."""
-    f.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
-    f.flush()
-    os.fsync(f.fileno())
+    leaves at most a partial last line, which `completed_pairs` cuts off. A failed write (a full
+    disk) raises OSError naming the file."""
+    try:
+        f.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, f"appending a record failed: {e.strerror}", f.name) from e
 
 
-def rephrase_corpus(pairs, generate, out, *, concurrency=1, model="", log=None, **options) -> dict:
+def rephrase_corpus(pairs, generate, out, *, concurrency=1, model="", log=_stderr, **options) -> dict:
     """Rephrase every (Document, style) pair not yet in `out` (JSON lines, one record per pair).
 
-    Up to `concurrency` pairs are in flight on worker threads; the chunks of one pair stay
-    sequential (each chunk's prompt carries the rewrite so far, `rephrase_chunkwise` with
-    `options`). This thread is the only writer (`_append_record`), so a SIGKILL at any moment,
-    then the same call, leaves each pair exactly once and no partial line. A GenerationError stops
-    new pairs, the pairs in flight are finished and written, and the summary's "error" names it.
-    Other exceptions propagate after the same drain. Returns the summary: new records, chunks ok /
-    kept_original / dropped, empty replies, error.
+    One process at a time writes `out` (`exclusive_output`), and only to a file of its own
+    (`completed_pairs`). Up to `concurrency` pairs are in flight on worker threads; the chunks of one
+    pair stay sequential (each chunk's prompt carries the rewrite so far, `rephrase_chunkwise` with
+    `options`). This thread is the only writer (`_append_record`), so a SIGKILL at any moment, then
+    the same call, leaves each pair exactly once and no partial line. A GenerationError stops new
+    pairs, the pairs in flight are finished and written, and the summary's "error" names it. Other
+    exceptions propagate after the same drain. Returns the summary: new records, chunks ok /
+    kept_original / dropped, empty and overlong replies, error.
     """
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    measure = (options.get("measure") or LexicalFidelity()).name  # the judge of every chunk, recorded
     out = Path(out)
-    done = completed_pairs(out)
-    todo = [(doc, style) for doc, style in pairs if (doc.name, style) not in done]
-    log(f"rephrase: {len({doc.name for doc, _ in pairs})} documents, {len(pairs)} (document, style) "
-        f"pairs, {len(pairs) - len(todo)} already in {out}; {concurrency} in flight")
-    progress, summary, failure = _Progress(pairs, todo), Counter(records=0, empty_replies=0), None
+    with exclusive_output(out):
+        done = completed_pairs(out)
+        todo = [(doc, style) for doc, style in pairs if (doc.name, style) not in done]
+        log(f"rephrase: {len({doc.name for doc, _ in pairs})} documents, {len(pairs)} (document, style) "
+            f"pairs, {len(pairs) - len(todo)} already in {out}; {concurrency} in flight")
+        with open(out, "ab") as f:
+            return _rephrase_pairs(pairs, todo, generate, f, concurrency, model, log, options)
+
+
+def _rephrase_pairs(pairs, todo, generate, f, concurrency, model, log, options) -> dict:
+    """`rephrase_corpus`'s loop: workers rewrite, this thread appends each finished record to f."""
+    measure = (options.get("measure") or LexicalFidelity()).name  # the judge of every chunk, recorded
+    progress, failure = _Progress(pairs, todo), None
+    summary = Counter(ok=0, kept_original=0, dropped=0, records=0, empty_replies=0, long_replies=0)
     pool, running, queue = ThreadPoolExecutor(concurrency, thread_name_prefix="rephrase"), {}, iter(todo)
     try:
-        with open(out, "ab") as f:
-            while True:
-                if failure is None:  # keep the workers fed: up to two pairs each, queued or running
-                    for doc, style in itertools.islice(queue, 2 * concurrency - len(running)):
-                        future = pool.submit(rephrase_chunkwise, doc.text, style, generate, **options)
-                        running[future] = (doc, style)
-                if not running:
-                    break
-                for future in wait(running, return_when=FIRST_COMPLETED)[0]:
-                    doc, style = running.pop(future)
-                    try:
-                        result = future.result()
-                    except Exception as e:
-                        failure = failure or (doc, style, e)
-                        for queued in [other for other in running if other.cancel()]:  # never started
-                            running.pop(queued)
-                        continue
-                    _append_record(f, dict(id=doc.name, style=style, model=model, measure=measure,
-                                           text=result.text, **_worst(result.chunks), chunks=result.chunks))
-                    summary.update([c["status"] for c in result.chunks] + ["records"])
-                    summary["empty_replies"] += sum(c["empty_replies"] for c in result.chunks)
-                    log(progress.done(doc, len(result.chunks)))
+        while True:
+            if failure is None:  # keep the workers fed: up to two pairs each, queued or running
+                for doc, style in itertools.islice(queue, 2 * concurrency - len(running)):
+                    running[pool.submit(rephrase_chunkwise, doc.text, style, generate, **options)] = (doc, style)
+            if not running:
+                break
+            for future in wait(running, return_when=FIRST_COMPLETED)[0]:
+                doc, style = running.pop(future)
+                try:
+                    result = future.result()
+                except Exception as e:
+                    failure = failure or (doc, style, e)
+                    for queued in [other for other in running if other.cancel()]:  # never started
+                        running.pop(queued)
+                    continue
+                _append_record(f, dict(id=doc.name, style=style, model=model, measure=measure,
+                                       text=result.text, **_worst(result.chunks), chunks=result.chunks))
+                summary.update([c["status"] for c in result.chunks] + ["records"])
+                for c in result.chunks:
+                    summary.update(empty_replies=c["empty_replies"], long_replies=c["long_replies"])
+                log(progress.done(doc, len(result.chunks)))
     finally:
-        pool.shutdown(cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)  # only an interrupt leaves pairs in flight: dropped
     if failure and not isinstance(failure[2], GenerationError):
         raise failure[2]
-    summary = dict(summary, error=f"{failure[0].name} ({failure[1]}): {failure[2]}" if failure else None)
-    return {"ok": 0, "kept_original": 0, "dropped": 0, **summary}
+    return dict(summary, error=f"{failure[0].name} ({failure[1]}): {failure[2]}" if failure else None)
+
+
+# -----------------------------------------------------------------------------------------------
+# The training data. Tokenizer
+
+
+class Tokenizer(Protocol):
+    """What `prepare`, the samplers and the kimik2 backend need from a tokenizer."""
+    vocab_size: int
+    eos: int  # id written after every document
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: 256 ids, no training, lossless for any Unicode text.
+
+    eos is 0, the NUL byte. A 256-entry vocabulary has no free id, and the model's tiny preset has
+    vocab_size 256, so rather than growing the vocabulary to 257 we spend the one byte that text
+    practically never contains. A NUL inside a document still round-trips exactly; the model merely
+    reads it as a document boundary. `decode` replaces invalid UTF-8 (a model can emit any byte
+    sequence) with U+FFFD.
+    """
+    vocab_size = 256
+    eos = 0
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def save_pretrained(self, directory: str):
+        """tokenizer.json + tokenizer_config.json, so that transformers' AutoTokenizer loads this
+        tokenizer with the same ids and text: a BPE vocabulary of the 256 byte tokens <0x00>..<0xFF>
+        (id = byte) and nothing else, so byte fallback spells every character in its UTF-8 bytes;
+        eos <0x00>, id 0. (Decoding invalid UTF-8 differs: there U+FFFD replaces every byte of a run
+        of byte tokens that does not decode, where `decode` replaces only the invalid bytes.)"""
+        byte_token = [f"<0x{b:02X}>" for b in range(256)]
+        tokenizer = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+                     "pre_tokenizer": None, "post_processor": None,
+                     "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
+                     "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                               "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": True,
+                               "ignore_merges": False, "vocab": {t: b for b, t in enumerate(byte_token)}, "merges": []}}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": byte_token[self.eos],
+                  "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}
+        os.makedirs(directory, exist_ok=True)
+        for name, obj in (("tokenizer.json", tokenizer), ("tokenizer_config.json", config)):
+            write_atomically(os.path.join(directory, name), lambda f: json.dump(obj, f, indent=1))
+
+
+# -----------------------------------------------------------------------------------------------
+# Documents: user files and folders, the load report, bad input
+
+USER_SUFFIXES = {".txt", ".md", ".py", ".jsonl"}
+MAX_PROBLEMS_LISTED = 20  # problems named in the report (file:line); all of them are counted
+
+
+class DataError(ValueError):
+    """Bad input: a missing or empty source, a bad option or record. The message names the file,
+    line or option."""
+
+
+@dataclass
+class Document:
+    domain: str  # "code", "knowledge", "math", or the name a user gave a source
+    name: str    # where it came from: a path, "path:line" for .jsonl, "pydoc:topic", "math#17"
+    text: str
+
+
+@dataclass
+class LoadReport:
+    """What loading met on the way. Nothing here is fatal; all of it is counted."""
+    files: int = 0
+    documents: int = 0
+    empty_documents: int = 0      # empty or blank files and jsonl texts: skipped
+    non_utf8_files: int = 0       # undecodable bytes replaced by U+FFFD
+    bad_json_lines: int = 0       # unparsable line or no string "text": skipped, listed as file:line
+    bad_encoding_lines: int = 0   # a jsonl text with a lone surrogate ("\udc80"): no UTF-8 exists, skipped
+    unsupported_files: int = 0    # in a folder: not .txt/.md/.py/.jsonl, or not a regular file
+                                  # (a FIFO, a socket, a broken link, a symlink loop): skipped
+    unreadable_files: int = 0     # in a folder: a file or subfolder that cannot be read: skipped
+    nul_bytes: int = 0            # NUL characters kept in the text: the byte tokenizer's eos id
+    split_documents: int = 0      # longer than max_doc_chars: cut at paragraph/sentence boundaries
+    duplicate_documents: int = 0  # exact repeats dropped, so no text is both train and val
+    problems: list = field(default_factory=list)
+
+    def problem(self, where: str, what: str):
+        if len(self.problems) < MAX_PROBLEMS_LISTED:
+            self.problems.append(f"{where}: {what}")
+
+
+LOAD_SKIPS = (  # what describe_load_report counts: input skipped, repaired or to be known
+    "empty_documents", "non_utf8_files", "bad_json_lines", "bad_encoding_lines", "unsupported_files",
+    "unreadable_files", "nul_bytes")
+
+
+def describe_load_report(info: dict) -> str:
+    """One line on what loading skipped or repaired, or found odd (the `LOAD_SKIPS` counts, with the first
+    problems as file:line examples), "" when there was nothing. Split long documents and dropped
+    duplicates are normal preparation, not problems of the input, and are left to `data.py stats`."""
+    report = info["load_report"]
+    counts = [f"{report[k]} {k.replace('_', ' ')}" for k in LOAD_SKIPS if report[k]]
+    if not counts:
+        return ""
+    return f"data: skipped or repaired {', '.join(counts)} (e.g. {'; '.join(report['problems'][:3])})"
+
+
+def _lone_surrogates(text: str) -> int:
+    """How many lone UTF-16 surrogates text holds. JSON can carry one ("\\ud83d", half an emoji)
+    and Python decodes it into a str that no UTF-8 writer accepts."""
+    return sum(0xD800 <= ord(c) <= 0xDFFF for c in text) if not text.isascii() else 0
+
+
+def _decode(data: bytes, where: str, report: LoadReport) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        report.non_utf8_files += 1
+        report.problem(where, f"not UTF-8 ({e.reason} at byte {e.start}); bad bytes replaced")
+        return data.decode("utf-8", errors="replace")
+
+
+def _file_documents(path: Path, domain: str, report: LoadReport):
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # named explicitly, `parse_source` has opened it already: this is a folder's file
+        report.unreadable_files += 1
+        report.problem(str(path), f"cannot be read ({e.strerror}); skipped")
+        return
+    report.files += 1
+    if path.suffix != ".jsonl":
+        yield Document(domain, str(path), _decode(data, str(path), report))
+        return
+    for lineno, raw in enumerate(data.splitlines(keepends=True), 1):  # a huge line: one record, one document
+        where = f"{path}:{lineno}"
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            report.bad_json_lines += 1
+            report.problem(where, f"bad JSON line skipped ({type(e).__name__}: {str(e)[:80]})")
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            report.bad_json_lines += 1
+            report.problem(where, 'line skipped: not an object with a string field "text"')
+        elif _lone_surrogates(record["text"]):
+            report.bad_encoding_lines += 1
+            report.problem(where, "line skipped: its text has a lone surrogate (invalid Unicode)")
+        else:
+            yield Document(domain, where, record["text"])
+
+
+@dataclass
+class Source:
+    """One parsed "[DOMAIN[:WEIGHT]=]PATH": the files to read, and what else a folder held, skipped:
+    (LoadReport field, path, why) each."""
+    domain: str
+    weight: float | None
+    files: list
+    skipped: list
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why path, a name met in a folder or given as a source, is no file or folder to read (a broken
+    link, a symlink loop, a FIFO, a socket, a device), or None when it is one."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop"
+        if path.is_symlink():
+            return f"a broken symbolic link (to {os.readlink(path)})"
+        return None if e.errno == errno.ENOENT else e.strerror
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+
+
+def _folder_files(folder: Path) -> tuple[list, list]:
+    """The .txt/.md/.py/.jsonl files under folder, sorted, and (LoadReport field, path, why) for
+    everything else met there."""
+    files, skipped = [], []
+
+    def unreadable(e: OSError):
+        skipped.append(("unreadable_files", e.filename, f"folder cannot be read ({e.strerror}); skipped"))
+
+    for root, dirs, names in os.walk(folder, onerror=unreadable):
+        dirs.sort()
+        for name in dirs:
+            if Path(root, name).is_symlink():  # os.walk does not follow it: a cycle cannot start
+                skipped.append(("unsupported_files", str(Path(root, name)), "a link to a folder, not followed"))
+        for path in (Path(root, name) for name in sorted(names)):
+            if why := _not_a_file(path):
+                skipped.append(("unsupported_files", str(path), f"{why}; skipped"))
+            elif path.suffix not in USER_SUFFIXES:
+                skipped.append(("unsupported_files", str(path), "skipped: not a .txt/.md/.py/.jsonl file"))
+            else:
+                files.append(path)
+    return files, skipped
+
+
+def parse_source(spec: str) -> Source:
+    """'[DOMAIN[:WEIGHT]=]PATH' -> Source. Folders contribute their .txt/.md/.py/.jsonl files (the
+    rest is skipped and counted, see `_folder_files`); a file named explicitly is read whatever its
+    suffix, and one that cannot be read, or a path that is no file or folder, is a DataError naming
+    it. An existing path is taken literally, "=" and all."""
+    head, _, path = ("", "", spec) if os.path.lexists(spec) else spec.rpartition("=")
+    domain, _, weight_text = head.partition(":")
+    weight = None
+    if weight_text:
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            weight = -1.0
+        if not 0 <= weight < math.inf:
+            raise DataError(f"data source {spec!r}: weight {weight_text!r} is not a number >= 0")
+    path = Path(path)
+    if why := _not_a_file(path):
+        raise DataError(f"data source {spec!r}: {path} is {why}, not a file or folder")
+    if not path.exists():
+        raise DataError(f"data source {spec!r}: no such file or folder")
+    if path.is_file():
+        try:
+            open(path, "rb").close()
+        except OSError as e:
+            raise DataError(f"data source {spec!r}: {path} cannot be read ({e.strerror})") from None
+        return Source(domain or "user", weight, [path], [])
+    files, skipped = _folder_files(path)
+    if not files:
+        others = f" ({len(skipped)} other entries)" if skipped else ""
+        raise DataError(f"data source {spec!r}: no .txt/.md/.py/.jsonl files in {path}{others}")
+    return Source(domain or "user", weight, files, skipped)
+
+
+BUILTIN_DOMAINS = ("code", "knowledge", "math")
+
+
+def _builtin_documents(spec: str, seed: int) -> list[Document]:
+    """'builtin' or 'builtin:DOMAIN[,DOMAIN]' -> the embedded corpus's documents (see its section)."""
+    domains = (spec.partition(":")[2] or ",".join(BUILTIN_DOMAINS)).split(",")
+    if unknown := sorted(set(domains) - set(BUILTIN_DOMAINS)):
+        raise DataError(f"data source {spec!r}: unknown built-in domain(s) {unknown}; "
+                        f"the built-in domains are {', '.join(BUILTIN_DOMAINS)}")
+    docs = []
+    if "code" in domains or "knowledge" in domains:
+        code, knowledge = stdlib_documents(seed)
+        docs += (code if "code" in domains else []) + (knowledge if "knowledge" in domains else [])
+    if "math" in domains:
+        docs += math_documents(seed=seed)
+    return docs
+
+
+def load_documents(sources=("builtin",), seed=0, max_doc_chars=1_000_000, report=None):
+    """Every document of `sources` (see the module docstring), non-empty, at most max_doc_chars
+    long (longer ones are cut at paragraph or sentence boundaries into several documents)."""
+    report = report if report is not None else LoadReport()
+    docs = []
+    for spec in map(str, sources):
+        if spec.startswith("builtin"):
+            docs += _builtin_documents(spec, seed)
+            continue
+        source = parse_source(spec)
+        for count, where, why in source.skipped:
+            setattr(report, count, getattr(report, count) + 1)
+            report.problem(where, why)
+        for path in source.files:
+            docs += _file_documents(path, source.domain, report)
+    kept = []
+    for doc in docs:
+        if nul := doc.text.count("\0"):  # kept, but the byte tokenizer reads each as the end of a document
+            report.nul_bytes += nul
+            report.problem(doc.name, f"{nul} NUL characters, which the byte tokenizer reads as end of document")
+        if not doc.text.strip():
+            report.empty_documents += 1
+            report.problem(doc.name, "empty document skipped")
+        elif len(doc.text) > max_doc_chars:
+            report.split_documents += 1
+            kept += [Document(doc.domain, f"{doc.name}#part{k}", piece)
+                     for k, piece in enumerate(split_chunks(doc.text, max_doc_chars))]
+        else:
+            kept.append(doc)
+    report.documents = len(kept)
+    return kept
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1036,6 +1239,7 @@ def prepare(out_dir="data_cache", sources=None, tokenizer=None, val_fraction=0.0
     settings = dict(val_fraction=val_fraction, weights=weights, seed=seed, max_doc_chars=max_doc_chars)
     key = _cache_key(sources, tokenizer, settings)
     final = Path(out_dir) / key
+    _remove_stale_builds(Path(out_dir))
     if (final / "meta.json").exists():
         return {**_resolve(json.loads((final / "meta.json").read_text()), final), "cached": True}
 
@@ -1064,12 +1268,33 @@ def prepare(out_dir="data_cache", sources=None, tokenizer=None, val_fraction=0.0
     return {**_resolve(info, final), "cached": False}
 
 
+def _remove_stale_builds(cache: Path):
+    """Remove the temporary folders (`_write_cache`'s tmp-<key>-<pid>@<host>) of builds on this host
+    whose process is gone: a build killed mid-write leaves one. The host is in the name because a
+    cache folder may be shared by machines, where another host's pid says nothing here."""
+    host = socket.gethostname()
+    for tmp in cache.glob("tmp-*-*@*"):
+        pid, _, tmp_host = tmp.name.rsplit("-", 1)[1].partition("@")
+        if tmp_host == host and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists is checked
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 def _write_cache(final: Path, splits: dict, tokenizer, info: dict) -> dict:
     """Write each split's documents as tokens and `info` (completed with the token counts per
     domain and split) as meta.json into a temporary folder beside `final`, fsynced, then rename it
     to `final`. A failed write removes the temporary folder and raises OSError naming the path."""
     stats, dtype = info["stats"], np.dtype(info["dtype"])
-    tmp = final.with_name(f"tmp-{final.name}-{os.getpid()}")
+    tmp = final.with_name(f"tmp-{final.name}-{os.getpid()}@{socket.gethostname()}")
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         for split, docs in splits.items():
@@ -1421,324 +1646,8 @@ def math_documents(n=MATH_PROBLEMS, seed=0) -> list[Document]:
     return docs
 
 
-# Renderings: one maths problem in several surface forms, for the experiment "rephrasing against
-# repetition" (K2 report sec. 2.2). A word problem is a set of givens, a question and its working;
-# a rendering chooses the names, the order of the givens, one of three wordings and a layout (the
-# worked form of `math_documents`, question-answer, answer first, or a learning note). These are
-# template rewrites, not LLM rephrasings: `data.py rephrase --style learning_note` writes the LLM
-# version of the same corpus with a served model.
-
-NAMES = ("Ada", "Ben", "Chen", "Dara", "Emil", "Fatima", "Goran", "Hana", "Ines", "Jonas", "Kofi",
-         "Lena", "Mateo", "Noor", "Olga", "Priya")
-TRAIN_NAMES, HELDOUT_NAMES = NAMES[:12], NAMES[12:]  # held-out renderings use names training never sees
-TRAIN_WORDINGS, HELDOUT_WORDING = (0, 1), 2          # likewise the third wording
-LAYOUTS = ("worked", "qa", "answer_first", "note")
-
-
-def _shopping(rng):
-    n, price, item = rng.randint(2, 9), rng.randint(2, 19), rng.choice(("notebook", "pencil", "ticket", "mango"))
-    cost = n * price
-    paid = next(v for v in (20, 50, 100, 200) if v >= cost)
-    return dict(key=("shopping", *sorted((n, price))), answer=f"${paid - cost}",
-                givens=[(f"{{a}} buys {n} {item}s at ${price} each.",
-                         f"Each {item} costs ${price}, and {{a}} takes {n} of them.",
-                         f"{n} {item}s at ${price} apiece go into {{a}}'s basket."),
-                        (f"{{a}} pays with a ${paid} note.", f"{{a}} hands over ${paid}.",
-                         f"The cashier is given ${paid}.")],
-                question=("How much change does {a} get?", "What change should {a} receive?",
-                          "Find the change."),
-                steps=[f"The {item}s cost {n} * {price} = ${cost}.",
-                       f"The change is {paid} - {cost} = ${paid - cost}."],
-                idea="the total cost is the count times the unit price; the change is the payment minus it")
-
-
-def _journey(rng):
-    (v1, t1), (v2, t2) = ((5 * rng.randint(4, 24), rng.randint(1, 5)) for _ in range(2))
-    legs = [(f"{{a}} drives for {t} hours at {v} km/h.", f"For {t} hours, {{a}} keeps a speed of {v} km/h.",
-             f"At {v} km/h, {{a}} is on the road for {t} hours.") for v, t in ((v1, t1), (v2, t2))]
-    return dict(key=("journey", *sorted(((v1, t1), (v2, t2)))), answer=f"{v1 * t1 + v2 * t2} km", givens=legs,
-                question=("How far does {a} drive in total?", "What total distance does {a} cover?",
-                          "Find the total distance."),
-                steps=[f"At {v1} km/h for {t1} hours: {v1} * {t1} = {v1 * t1} km.",
-                       f"At {v2} km/h for {t2} hours: {v2} * {t2} = {v2 * t2} km.",
-                       f"In total {v1 * t1} + {v2 * t2} = {v1 * t1 + v2 * t2} km."],
-                idea="distance is speed times time, and the distances of the parts add up")
-
-
-def _ages(rng):
-    young, gap = rng.randint(5, 40), rng.randint(1, 20)
-    total = 2 * young + gap
-    return dict(key=("ages", young, gap), answer=f"{young}",
-                givens=[(f"{{a}} is {gap} years older than {{b}}.", f"{{b}} is {gap} years younger than {{a}}.",
-                         f"Between {{a}} and {{b}} there are {gap} years, {{a}} being the elder."),
-                        (f"{{a}} and {{b}} are {total} years old together.",
-                         f"The ages of {{a}} and {{b}} add up to {total}.",
-                         f"Adding the ages of {{b}} and {{a}} gives {total}.")],
-                question=("How old is {b}?", "What is the age of {b}?", "Find the younger one's age."),
-                steps=[f"Twice {{b}}'s age is {total} - {gap} = {2 * young}.",
-                       f"So {{b}} is {2 * young} / 2 = {young} years old."],
-                idea="remove the gap from the sum and what is left is twice the younger age")
-
-
-def _scores(rng):
-    scores = [rng.randint(40, 100) for _ in range(rng.choice((3, 4)))]
-    mean = f"{sum(scores) / len(scores):g}"
-    return dict(key=("scores", *sorted(scores)), answer=mean,
-                givens=[(f"On test {i} {{a}} scored {s}.", f"{{a}}'s mark in test {i} was {s}.",
-                         f"Test {i} gave {{a}} {s} points.") for i, s in enumerate(scores, 1)],
-                question=("What is {a}'s mean score?", "What is the average of {a}'s marks?",
-                          "Find the mean of the tests."),
-                steps=[f"Add the scores: {' + '.join(map(str, scores))} = {sum(scores)}.",
-                       f"Divide by the {len(scores)} tests: {sum(scores)} / {len(scores)} = {mean}."],
-                idea="the mean is the sum divided by the count")
-
-
-WORD_PROBLEM_KINDS = [_shopping, _journey, _ages, _scores]
-
-
-def render(problem: dict, names, wording: int, order, layout: str) -> str:
-    """One surface form of `problem`: names (a, b), its givens in `order` in wording 0-2, a layout."""
-    a, b = names
-    givens = [problem["givens"][g][wording].format(a=a, b=b) for g in order]
-    question = problem["question"][wording].format(a=a, b=b)
-    steps = [s.format(a=a, b=b) for s in problem["steps"]]
-    statement, answer = " ".join(givens + [question]), problem["answer"]
-    if layout == "worked":  # the layout of math_documents
-        return "\n".join([f"Problem: {statement}", "", "Solution:"] +
-                         [f"Step {k}: {s}" for k, s in enumerate(steps, 1)] + ["", f"Answer: {answer}"])
-    if layout == "qa":
-        return f"Q: {statement}\nA: {' '.join(steps)} So the answer is {answer}."
-    if layout == "answer_first":
-        return f"The answer is {answer}.\nThe question: {statement}\nWhy: {' '.join(steps)}"
-    return "\n".join(["Learning note", "Given:"] + [f"- {g}" for g in givens] +
-                     [f"Asked: {question}", f"Key idea: {problem['idea']}.", "Working:"] +
-                     [f"- {s}" for s in steps] + [f"Result: {answer}"])
-
-
-def word_problems(n: int, seed=0, start=0, exclude=()) -> list[dict]:
-    """n distinct word problems from index `start` on, problem i depending only on (seed, i);
-    problems whose key is in `exclude`, or repeats an earlier one, are skipped. The key is the
-    kind and its numbers up to order (5 items at $3 and 3 at $5 are one problem, as are two
-    journeys with the same legs).
-    Each carries its original names and its index."""
-    problems, seen, i = [], set(exclude), start
-    while len(problems) < n:
-        rng = random.Random(f"words:{seed}:{i}")
-        problem = rng.choice(WORD_PROBLEM_KINDS)(rng)
-        if problem["key"] not in seen:
-            seen.add(problem["key"])
-            problems.append({**problem, "names": tuple(rng.sample(TRAIN_NAMES, 2)), "index": i})
-        i += 1
-    return problems
-
-
-def renderings(problem: dict, k: int, heldout=False) -> list[str]:
-    """k distinct renderings of `problem`. Training side: the original (its names, the givens in
-    order, wording 0, worked layout) first, then random names, orders, wordings 0-1 and layouts.
-    Held-out side: names and the wording that no training rendering uses, any order and layout."""
-    rng = random.Random(f"render:{problem['key']}:{heldout}")
-    n = len(problem["givens"])
-    texts = [] if heldout else [render(problem, problem["names"], 0, range(n), "worked")]
-    for _ in range(100 * k):  # every kind has far more than k forms; the bound only stops a bad k
-        if len(texts) == k:
-            return texts
-        names = rng.sample(HELDOUT_NAMES if heldout else TRAIN_NAMES, 2)
-        wording = HELDOUT_WORDING if heldout else rng.choice(TRAIN_WORDINGS)
-        text = render(problem, names, wording, rng.sample(range(n), n), rng.choice(LAYOUTS))
-        if text not in texts:
-            texts.append(text)
-    raise DataError(f"--k {k}: problem {problem['key']} has fewer distinct renderings")
-
-
-def rendering_corpora(problems: int, k: int, heldout: int, seed=0, heldout_renderings=2) -> dict:
-    """The text sets of the experiment: "original" (each training problem in its original form,
-    once), "renderings" (k distinct renderings of each, the original among them), "heldout" (other
-    problems, never one of the training ones, each in heldout_renderings unseen renderings) and
-    "heldout_original" (the same held-out problems in their original form)."""
-    train = word_problems(problems, seed)
-    test = word_problems(heldout, seed, start=problems, exclude={p["key"] for p in train})
-    return {"original": [renderings(p, 1)[0] for p in train],
-            "renderings": [text for p in train for text in renderings(p, k)],
-            "heldout": [text for p in test for text in renderings(p, heldout_renderings, heldout=True)],
-            "heldout_original": [renderings(p, 1)[0] for p in test]}
-
-
-def run_renderings(args) -> int:
-    """Write the sets of `rendering_corpora` as NAME.jsonl (field "text") into args.out."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, texts in rendering_corpora(args.problems, args.k, args.heldout, args.seed).items():
-        path, tmp = out / f"{name}.jsonl", out / f".{name}.jsonl.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tokens = sum(len(t.encode()) + 1 for t in texts)  # byte tokens plus one eos per document
-        print(f"{path}: {len(texts):,} documents, {tokens:,} byte tokens")
-    return 0
-
-
 # -----------------------------------------------------------------------------------------------
-# Command line
-
-
-def _generator(args):
-    """The rephrasing backend of the command line, and the model name its records carry."""
-    if args.checkpoint:
-        return CheckpointGenerator(args.checkpoint), f"kimik2:{args.checkpoint}"
-    if args.endpoint:
-        generate = ChatEndpoint(args.endpoint, args.model, temperature=args.temperature, **_http(args))
-        return generate, args.model
-    raise DataError("give --endpoint URL --model NAME, or --checkpoint DIR")
-
-
-def _http(args) -> dict:
-    return dict(api_key=args.api_key, timeout=args.timeout, retries=args.retries, backoff=args.backoff)
-
-
-def _measure(args):
-    """The fidelity measure chosen by --fidelity."""
-    if args.fidelity == "lexical":
-        return LexicalFidelity()
-    if args.fidelity == "embedding":
-        url = args.embedding_endpoint or (args.endpoint or "").rstrip("/").removesuffix(ChatEndpoint.route)
-        if not url:
-            raise DataError("--fidelity embedding: give --embedding-endpoint URL (or --endpoint)")
-        return EmbeddingFidelity(EmbeddingEndpoint(url, args.embedding_model, **_http(args)))
-    if not args.endpoint:
-        raise DataError("--fidelity llm_judge: the judge is asked through --endpoint; give it")
-    judge = ChatEndpoint(args.endpoint, args.judge_model or args.model, temperature=0.0, **_http(args))
-    return JudgeFidelity(judge)
-
-
-def run_rephrase(args) -> int:
-    generate, model = _generator(args)
-    measure = _measure(args)
-    report = LoadReport()
-    docs = load_documents(args.inputs, max_doc_chars=args.max_doc_chars, report=report)
-    for problem in report.problems:
-        print(f"rephrase: {problem}", file=sys.stderr)
-    pairs = [(doc, style) for doc in docs for style in (args.style or styles_for(doc, args.styles))]
-    if args.shard:
-        pairs = [(doc, style) for doc, style in pairs if in_shard(doc.name, style, args.shard)]
-        print(f"rephrase: shard {args.shard[0]}/{args.shard[1]}: {len(pairs)} pairs", file=sys.stderr)
-    summary = rephrase_corpus(pairs, generate, args.out, concurrency=args.concurrency, model=model,
-                              measure=measure, min_similarity=args.min_similarity,
-                              max_chunk_chars=args.max_chunk_chars, retries=args.fidelity_retries,
-                              on_fail=args.on_fail)
-    repaired = generate.repaired_replies if isinstance(generate, ChatEndpoint) else 0
-    print(f"rephrase: {summary['records']} new records in {args.out}; chunks: {summary['ok']} rewritten, "
-          f"{summary['kept_original']} kept their original text and {summary['dropped']} dropped after "
-          f"failing the {measure.name} fidelity check; {summary['empty_replies']} empty replies; "
-          f"{repaired} replies with invalid Unicode repaired", file=sys.stderr)
-    if summary["kept_original"] + summary["dropped"] and not summary["ok"]:
-        print("rephrase: warning: no chunk was rewritten; check the endpoint, the model and --fidelity",
-              file=sys.stderr)
-    if summary["error"]:
-        print(f"rephrase: {summary['error']}\nrephrase: rerun the same command to resume", file=sys.stderr)
-        return 1
-    return 0
-
-
-def run_stats(args) -> int:
-    info = prepare(args.cache_dir, args.data, val_fraction=args.val_fraction, seed=args.seed)
-    print(f"{'domain':<12}{'docs':>9}{'bytes':>13}{'train tokens':>15}{'val tokens':>13}{'epochs':>8}")
-    for domain, s in sorted(info["stats"].items()):
-        print(f"{domain:<12}{s['train_docs'] + s['val_docs']:>9,}{s['bytes']:>13,}"
-              f"{s['train_tokens']:>15,}{s['val_tokens']:>13,}{s['epochs']:>8}")
-    train = load_tokens(info, "train")
-    print(f"total: {info['tokens']['train']:,} train + {info['tokens']['val']:,} val tokens "
-          f"({info['dtype']}, vocab {info['vocab_size']}, eos {info['eos']}); unigram entropy "
-          f"{unigram_entropy(train):.3f} nats/token; cache {info['dir']}"
-          f"{' (reused)' if info['cached'] else ''}")
-    report = {k: v for k, v in info["load_report"].items() if k != "problems" and v}
-    print("loader:", ", ".join(f"{k} {v}" for k, v in report.items()))
-    for problem in info["load_report"]["problems"]:
-        print(f"  {problem}")
-    return 0
-
-
-# Throughput: rephrase_corpus against a fake server with a fixed latency and a concurrency cap
-
-
-class _EchoChat(http.server.BaseHTTPRequestHandler):
-    """A fake chat-completions model for `bench_rephrase`: each request holds one of the server's
-    `slots` for `latency` seconds (a real server's batch has room for so many sequences; more wait
-    their turn), then the reply is the <source> chunk unchanged."""
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with self.server.slots:
-            time.sleep(self.server.latency)
-        source = re.search(r"<source>\n(.*)\n</source>", body["messages"][-1]["content"], re.S)[1]
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": source}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
-
-
-def _serve_echo_chat(port, latency, capacity):
-    """Child process of `bench_rephrase`: the server, so that the client's CPU time is its own."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoChat, bind_and_activate=False)
-    server.request_queue_size = 256  # the default backlog of 5 drops connections under 32 clients
-    server.server_bind()
-    server.server_activate()
-    server.daemon_threads, server.latency = True, latency
-    server.slots = threading.BoundedSemaphore(capacity)
-    port.send(server.server_address[1])
-    server.serve_forever()
-
-
-def bench_rephrase(levels=(1, 4, 16, 32), latency=0.1, capacity=32, chunks_per_doc=2) -> list[dict]:
-    """Pairs per second of `rephrase_corpus` at each concurrency in `levels`, against `_EchoChat`
-    on 127.0.0.1, and the client's CPU time per chunk (all threads, writes and fsyncs included).
-    Each level rewrites max(20, 4 * concurrency) documents of chunks_per_doc chunks."""
-    docs = [Document("bench", f"bench#{i}", "\n\n".join(
-        f"Paragraph {k} of document {i} says that {i} times {k} is {i * k}." for k in range(chunks_per_doc)))
-        for i in range(max(20, 4 * max(levels)))]
-    context = multiprocessing.get_context("fork")
-    port, child_end = context.Pipe()
-    server = context.Process(target=_serve_echo_chat, args=(child_end, latency, capacity), daemon=True)
-    server.start()
-    rows = []
-    try:
-        url = f"http://127.0.0.1:{port.recv()}/v1"
-        for concurrency in levels:
-            pairs = [(doc, "qa") for doc in docs[:max(20, 4 * concurrency)]]
-            generate = ChatEndpoint(url, "bench", timeout=30.0, retries=2, backoff=0.1)
-            with tempfile.TemporaryDirectory() as tmp:
-                wall, cpu = time.perf_counter(), time.process_time()
-                summary = rephrase_corpus(pairs, generate, Path(tmp, "out.jsonl"), concurrency=concurrency,
-                                          log=lambda line: None, max_chunk_chars=80)
-                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            if summary["error"] or summary["ok"] != len(pairs) * chunks_per_doc:
-                raise RuntimeError(f"bench run failed: {summary}")
-            rows.append(dict(concurrency=concurrency, pairs=len(pairs), seconds=round(wall, 3),
-                             pairs_per_s=len(pairs) / wall, cpu_ms_per_chunk=1000 * cpu / summary["ok"]))
-    finally:
-        server.terminate()
-        server.join()
-    return rows
-
-
-def run_bench(args) -> int:
-    rows = bench_rephrase(args.concurrency, args.latency, args.capacity, args.chunks)
-    print(f"rephrase throughput: fake server on 127.0.0.1, {args.latency * 1000:g} ms per request, room for "
-          f"{args.capacity} at once, {args.chunks} chunks per document; load average "
-          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{'concurrency':>11}{'pairs':>7}{'seconds':>9}{'pairs/s':>9}{'speedup':>9}"
-          f"{'client CPU ms/chunk':>21}")
-    for row in rows:
-        print(f"{row['concurrency']:>11}{row['pairs']:>7}{row['seconds']:>9.2f}{row['pairs_per_s']:>9.2f}"
-              f"{row['pairs_per_s'] / rows[0]['pairs_per_s']:>8.1f}x{row['cpu_ms_per_chunk']:>21.2f}")
-    return 0
-
+# Shared by data.py and train.py: argparse numbers, atomic writes
 
 def number(cast, low, high=None, *, above=False):
     """An argparse type: cast(text), finite, >= low (> low when `above`) and <= high when given;
@@ -1781,6 +1690,88 @@ def _shard(text):
     return int(m[1]), int(m[2])
 
 
+# -----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _generator(args):
+    """The rephrasing backend of the command line, and the model name its records carry."""
+    if args.checkpoint:
+        return CheckpointGenerator(args.checkpoint), f"kimik2:{args.checkpoint}"
+    if args.endpoint:
+        generate = ChatEndpoint(args.endpoint, args.model, temperature=args.temperature,
+                                max_tokens=args.max_tokens, **_http(args))
+        return generate, args.model
+    raise DataError("give --endpoint URL --model NAME, or --checkpoint DIR")
+
+
+def _http(args) -> dict:
+    return dict(api_key=args.api_key, timeout=args.timeout, retries=args.retries, backoff=args.backoff)
+
+
+def _measure(args):
+    """The fidelity measure chosen by --fidelity."""
+    if args.fidelity == "lexical":
+        return LexicalFidelity()
+    if args.fidelity == "embedding":
+        url = args.embedding_endpoint or (args.endpoint or "").rstrip("/").removesuffix(ChatEndpoint.route)
+        if not url:
+            raise DataError("--fidelity embedding: give --embedding-endpoint URL (or --endpoint)")
+        return EmbeddingFidelity(EmbeddingEndpoint(url, args.embedding_model, **_http(args)))
+    if not args.endpoint:
+        raise DataError("--fidelity llm_judge: the judge is asked through --endpoint; give it")
+    judge = ChatEndpoint(args.endpoint, args.judge_model or args.model, temperature=0.0, **_http(args))
+    return JudgeFidelity(judge)
+
+
+def run_rephrase(args) -> int:
+    generate, model = _generator(args)
+    measure = _measure(args)
+    report = LoadReport()
+    docs = load_documents(args.inputs, max_doc_chars=args.max_doc_chars, report=report)
+    for problem in report.problems:
+        print(f"rephrase: {problem}", file=sys.stderr)
+    pairs = [(doc, style) for doc in docs for style in (args.style or styles_for(doc, args.styles))]
+    if args.shard:
+        pairs = [(doc, style) for doc, style in pairs if in_shard(doc.name, style, args.shard)]
+        print(f"rephrase: shard {args.shard[0]}/{args.shard[1]}: {len(pairs)} pairs", file=sys.stderr)
+    summary = rephrase_corpus(pairs, generate, args.out, concurrency=args.concurrency, model=model,
+                              measure=measure, min_similarity=args.min_similarity,
+                              max_chunk_chars=args.max_chunk_chars, retries=args.fidelity_retries,
+                              on_fail=args.on_fail)
+    repaired = generate.repaired_replies if isinstance(generate, ChatEndpoint) else 0
+    print(f"rephrase: {summary['records']} new records in {args.out}; chunks: {summary['ok']} rewritten, "
+          f"{summary['kept_original']} kept their original text and {summary['dropped']} dropped after "
+          f"failing the {measure.name} fidelity check; {summary['empty_replies']} empty replies, "
+          f"{summary['long_replies']} far longer than their chunk; "
+          f"{repaired} replies with invalid Unicode repaired", file=sys.stderr)
+    if summary["kept_original"] + summary["dropped"] and not summary["ok"]:
+        print("rephrase: warning: no chunk was rewritten; check the endpoint, the model and --fidelity",
+              file=sys.stderr)
+    if summary["error"]:
+        print(f"rephrase: {summary['error']}\nrephrase: rerun the same command to resume", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_stats(args) -> int:
+    info = prepare(args.cache_dir, args.data, val_fraction=args.val_fraction, seed=args.seed)
+    print(f"{'domain':<12}{'docs':>9}{'bytes':>13}{'train tokens':>15}{'val tokens':>13}{'epochs':>8}")
+    for domain, s in sorted(info["stats"].items()):
+        print(f"{domain:<12}{s['train_docs'] + s['val_docs']:>9,}{s['bytes']:>13,}"
+              f"{s['train_tokens']:>15,}{s['val_tokens']:>13,}{s['epochs']:>8}")
+    train = load_tokens(info, "train")
+    print(f"total: {info['tokens']['train']:,} train + {info['tokens']['val']:,} val tokens "
+          f"({info['dtype']}, vocab {info['vocab_size']}, eos {info['eos']}); unigram entropy "
+          f"{unigram_entropy(train):.3f} nats/token; cache {info['dir']}"
+          f"{' (reused)' if info['cached'] else ''}")
+    report = {k: v for k, v in info["load_report"].items() if k != "problems" and v}
+    print("loader:", ", ".join(f"{k} {v}" for k, v in report.items()))
+    for problem in info["load_report"]["problems"]:
+        print(f"  {problem}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1815,29 +1806,20 @@ def _parser() -> argparse.ArgumentParser:
     rephrase.add_argument("--max-doc-chars", type=number(int, 1), default=1_000_000)
     rephrase.add_argument("--fidelity-retries", type=number(int, 0), default=2)
     rephrase.add_argument("--on-fail", choices=("keep", "drop"), default="keep")
-    rephrase.add_argument("--timeout", type=number(float, 0.001), default=120.0)
+    rephrase.add_argument("--timeout", type=number(float, 0.001), default=120.0,
+                          help="seconds per request, the whole reply included (a deadline, not per read)")
+    rephrase.add_argument("--max-tokens", type=number(int, 1),
+                          help="sent as max_tokens: the most tokens the server generates per reply")
     rephrase.add_argument("--retries", type=number(int, 0), default=5)
     rephrase.add_argument("--backoff", type=number(float, 0), default=1.0)
     rephrase.add_argument("--temperature", type=number(float, 0), default=0.7)
-    bench = commands.add_parser("bench", help="rephrase throughput by concurrency (local fake server)")
-    bench.add_argument("--concurrency", type=number(int, 1), nargs="+", default=[1, 4, 16, 32])
-    bench.add_argument("--latency", type=number(float, 0), default=0.1, help="seconds per request")
-    bench.add_argument("--capacity", type=number(int, 1), default=32, help="requests served at once")
-    bench.add_argument("--chunks", type=number(int, 1), default=2, help="chunks per document")
-    renders = commands.add_parser("renderings", help="maths word problems in several surface forms (rephrasing experiment)")
-    renders.add_argument("--problems", type=number(int, 1), default=400, help="training problems")
-    renders.add_argument("--k", type=number(int, 1), default=8, help="renderings per training problem")
-    renders.add_argument("--heldout", type=number(int, 1), default=200, help="held-out problems")
-    renders.add_argument("--seed", type=int, default=0)
-    renders.add_argument("--out", required=True, help="folder for the .jsonl files")
     return parser
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"stats": run_stats, "rephrase": run_rephrase, "bench": run_bench,
-                "renderings": run_renderings}[args.command](args)
+        return {"stats": run_stats, "rephrase": run_rephrase}[args.command](args)
     except DataError as e:
         print(f"data.py {args.command}: {e}", file=sys.stderr)
         return 2
@@ -1846,7 +1828,15 @@ def main(argv=None) -> int:
             raise
         print(f"data.py {args.command}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C or SIGINT: every record written is whole and fsynced
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print(f"data.py {args.command}: interrupted; what was written stays, and the same command resumes",
+              file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 130:  # leave now, not after the requests still in flight: their pairs are redone on resume
+        os._exit(code)
+    sys.exit(code)

@@ -11,11 +11,9 @@ and checkpoint tensor list the model is compared with are in reference/. Multi-p
 torchrun (gloo, CPU); their workers are at the bottom of this file (python test_kimik2.py WORKER
 ARGS, under torchrun).
 """
-import collections
 import copy
 import errno
 import glob
-import http.server
 import inspect
 import io
 import json
@@ -29,7 +27,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import types
 from fractions import Fraction
@@ -43,6 +40,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from torch import nn
 
+import bench
 import data
 import train
 from kimik2 import (PRESETS, Config, Gate, KimiK2, count_params, flops_per_token, heads_cost,
@@ -1973,10 +1971,11 @@ def test_hf_deepseek_v3_and_kimik2_train_alike_with_muonclip(tmp_path):
 
 
 # ==================================================================================================
-# data.py: corpus, tokenizer, sampler, rephrasing (issue 4)
+# data.py: corpus, tokenizer, sampler, rephrasing
 #
 # Tests of data.py: the offline corpus, the byte tokenizer, the document split, the exact sampler,
-# and K2's chunk-wise rephrasing against a real chat-completions server on 127.0.0.1.
+# and K2's chunk-wise rephrasing against a real chat-completions server on 127.0.0.1 (bench.py's
+# fake server), its deadlines, its output lock and the files it must not touch.
 # ==================================================================================================
 
 _DATA_PY = Path(data.__file__)
@@ -2241,108 +2240,10 @@ def test_styles_cover_k2_perspectives_maths_notes_and_translation():
     assert set(names) == set(data.GENERAL_STYLES)  # spread over the corpus
 
 
-def _data_source_of(messages):
-    return re.search(r"<source>\n(.*)\n</source>", messages[-1]["content"], re.S)[1]
-
-
-def _data_bag_of_words(text):
-    """A toy embedding model: word counts hashed into 64 dimensions, the fake rephraser's prefix
-    ignored, so that its faithful echo scores 1 and an unrelated text about 0."""
-    vector = [0.0] * 64
-    for word in re.findall(r"\w+", text.removeprefix("In other words: ").lower()):
-        vector[sum(map(ord, word)) % 64] += 1
-    return vector
-
-
-def _data_verdict(messages, action):
-    """The fake judge: every fact is kept when the rewrite contains the source; scripted
-    "judge-text" and "judge-inconsistent" are malformed answers."""
-    if action == "judge-text":
-        return "Looks faithful to me."
-    if action == "judge-inconsistent":
-        return json.dumps({"keeps_every_fact": True, "missing": ["a fact"]})
-    source = re.search(r"<source>\n(.*)\n</source>", messages[1]["content"], re.S)[1]
-    keeps = source in re.search(r"<rewrite>\n(.*)\n</rewrite>", messages[1]["content"], re.S)[1]
-    return json.dumps({"keeps_every_fact": keeps, "missing": [] if keeps else [f"all of: {source}"]})
-
-
-class _DataFakeChat(http.server.BaseHTTPRequestHandler):
-    """A deterministic OpenAI-compatible server. Chat: rewrites the <source> chunk as 'In other
-    words: ...' (models named "upper...": the chunk in capitals), or judges a rewrite when asked
-    with data.JUDGE_PROMPT; embeddings: `_data_bag_of_words`. Per model name, server.scripts holds
-    actions to play first: 500, 429, 429-wait (Retry-After: 1), 400, hang, drop, badjson, garbage
-    (an unfaithful rewrite), empty, surrogate (a lone "\\ud83d" in the reply), short (too few
-    embeddings), judge-text, judge-inconsistent. server.arrivals and server.max_inflight record
-    when requests came and how many were in flight at once, per model."""
-
-    def do_POST(self):
-        server = self.server
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        model = body["model"]
-        with server.lock:
-            server.requests.append(body)
-            server.arrivals.append((model, time.monotonic()))
-            server.inflight[model] += 1
-            server.max_inflight[model] = max(server.max_inflight[model], server.inflight[model])
-            script = server.scripts.get(model, [])
-            action = script.pop(0) if script else "echo"
-        try:
-            self._answer(body, action)
-        finally:
-            with server.lock:
-                server.inflight[model] -= 1
-
-    def _answer(self, body, action):
-        time.sleep(self.server.delay.get(body["model"], 0.0))
-        if action == "hang":
-            time.sleep(1.5)  # well past the client's timeout; the reply goes nowhere
-        if action == "drop":
-            self.close_connection = True
-            return
-        if action in ("500", "429", "429-wait", "400"):
-            payload = json.dumps({"error": {"message": f"scripted {action}"}}).encode()
-            self.send_response(int(action[:3]))
-            if action.startswith("429"):
-                self.send_header("Retry-After", "1" if action == "429-wait" else "0")
-        else:
-            payload = b"{not json" if action == "badjson" else json.dumps(self._reply(body, action)).encode()
-            self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def _reply(self, body, action):
-        if self.path.endswith("/embeddings"):
-            texts = body["input"][:-1] if action == "short" else body["input"]
-            return {"data": [{"index": i, "embedding": _data_bag_of_words(t)} for i, t in enumerate(texts)]}
-        messages = body["messages"]
-        if messages[0]["content"] == data.JUDGE_PROMPT:
-            content = _data_verdict(messages, action)
-        elif body["model"].startswith("upper"):
-            content = _data_source_of(messages).upper()
-        else:
-            content = {"garbage": "Bananas are yellow.", "empty": "",
-                       "surrogate": "In other words \ud83d: " + _data_source_of(messages)
-                       }.get(action, "In other words: " + _data_source_of(messages))
-        return {"choices": [{"message": {"role": "assistant", "content": content}}]}
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def _data_server():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DataFakeChat)
-    server.daemon_threads = True
-    server.handle_error = lambda request, address: None  # a hung reply to a gone client is expected
-    server.lock, server.requests, server.scripts, server.delay = threading.Lock(), [], {}, {}
-    server.arrivals, server.inflight, server.max_inflight = [], collections.Counter(), collections.Counter()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    yield server
-    server.shutdown()
-    server.server_close()
+    with bench.FakeChatServer() as server:  # the rephrasing bench's server, scripted per model name
+        yield server
 
 
 def _data_endpoint(server, model, **kw):
@@ -2360,7 +2261,7 @@ def test_chunks_keep_their_order_and_each_prompt_carries_the_rewrite_so_far(_dat
     assert result.text == "\n\n".join("In other words: " + p for p in paragraphs)
     assert [c["status"] for c in result.chunks] == ["ok"] * 5
     prompts = [r["messages"][-1]["content"] for r in _data_requests(_data_server, "order")]
-    assert [_data_source_of(r["messages"]) for r in _data_requests(_data_server, "order")] == paragraphs
+    assert [bench.source_of(r["messages"]) for r in _data_requests(_data_server, "order")] == paragraphs
     assert "<rewritten>" not in prompts[0]
     for k in range(1, 5):  # autoregressive: everything rewritten so far is in the next prompt
         context = re.search(r"<rewritten>\n(.*)\n</rewritten>", prompts[k], re.S)[1]
@@ -2465,12 +2366,23 @@ def test_checkpoint_backend_prompts_kimik2_generate_and_stops_at_eos(monkeypatch
     assert len(seen["prompt"]) == 64 - 16 and seen["prompt"].endswith("</source>\n\nassistant: ")
 
 
-def test_checkpoint_backend_runs_a_real_kimik2_checkpoint(tmp_path):
-    kimik2 = pytest.importorskip("kimik2")
+def test_checkpoint_backend_replies_with_kimik2s_greedy_continuation(tmp_path):
     torch.manual_seed(0)
-    kimik2.KimiK2(kimik2.Config.from_preset("tiny")).save_pretrained(str(tmp_path))
-    reply = data.CheckpointGenerator(str(tmp_path), max_new_tokens=4)(data.rephrase_messages("Hi.", "qa"))
-    assert isinstance(reply, str) and len(reply) <= 4
+    config = Config(**{**Config.from_preset("tiny").to_dict(), "num_hidden_layers": 2, "n_routed_experts": 4,
+                       "num_experts_per_tok": 2})
+    KimiK2(config).save_pretrained(str(tmp_path))
+    messages = data.rephrase_messages("Hi.", "qa")
+    reply = data.CheckpointGenerator(str(tmp_path), max_new_tokens=8, temperature=0)(messages)
+    # The reference: the same prompt, greedy by full forwards without a cache, cut at eos, decoded.
+    model = KimiK2.from_pretrained(str(tmp_path)).eval()
+    tokenizer = data.ByteTokenizer()
+    ids = tokenizer.encode("".join(f"{m['role']}: {m['content']}\n\n" for m in messages) + "assistant: ")
+    new = []
+    with torch.no_grad():
+        for _ in range(8):
+            new.append(int(model(torch.tensor([ids + new]))[0][0, -1].argmax()))
+    expected = tokenizer.decode(new[:new.index(tokenizer.eos)] if tokenizer.eos in new else new)
+    assert reply == expected
 
 
 def _data_pairs(texts, domain="user"):
@@ -2711,10 +2623,228 @@ def test_rephrased_output_trains_as_its_own_domain_with_its_stated_weight(_data_
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") >= 2
 
 
-def test_bench_reports_throughput_and_client_cpu_per_concurrency():
-    rows = data.bench_rephrase(levels=(1, 2), latency=0.01, capacity=2, chunks_per_doc=1)
-    assert [r["concurrency"] for r in rows] == [1, 2] and [r["pairs"] for r in rows] == [20, 20]
-    assert all(r["pairs_per_s"] > 0 and r["cpu_ms_per_chunk"] > 0 for r in rows)
+def test_bench_throughput_is_bounded_by_the_fake_servers_latency_and_capacity():
+    latency, capacity = 0.05, 2
+    rows = bench.bench_rephrase(levels=(1, 2, 4), latency=latency, capacity=capacity, chunks_per_doc=1)
+    by = {r["concurrency"]: r for r in rows}
+    assert sorted(by) == [1, 2, 4] and all(r["pairs"] == 20 and r["cpu_ms_per_chunk"] > 0 for r in rows)
+    for concurrency, row in by.items():  # each pair holds one of `capacity` slots for `latency` seconds
+        assert row["pairs_per_s"] <= min(concurrency, capacity) / latency
+    assert by[2]["pairs_per_s"] > 1.4 * by[1]["pairs_per_s"]  # two in flight overlap their waits
+
+
+# -----------------------------------------------------------------------------------------------
+# Nothing lost: one writer per output, a user's files untouched, deadlines, bad paths
+
+
+def _data_rephrase_command(docs, out, server, model, *extra):
+    return [sys.executable, str(_DATA_PY), "rephrase", str(docs), "--endpoint", server.url, "--model", model,
+            "--out", str(out), "--max-chunk-chars", "50", "--timeout", "5", "--backoff", "0.01", *extra]
+
+
+def _data_wait_for(condition, seconds=60):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def test_a_second_rephrase_on_one_out_is_refused_naming_the_holder_and_a_dead_ones_lock_is_taken_over(
+        _data_server, tmp_path):
+    _data_write_docs(tmp_path / "docs", [f"Document {i} says {i}.\n\nIts paragraph {i}." for i in range(6)])
+    out, lock = tmp_path / "out.jsonl", tmp_path / "out.jsonl.lock"
+    _data_server.delay["locked"] = 1.0  # slow enough that the first run is still going when the second starts
+    command = _data_rephrase_command(tmp_path / "docs", out, _data_server, "locked", "--styles", "2")
+    first = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    try:
+        _data_wait_for(lambda: out.exists() and out.read_bytes().count(b"\n") >= 1)
+        second = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        message = second.stderr.strip()
+        assert "\n" not in message and f"pid {first.pid} " in message and "data.py rephrase" in message
+        assert str(out) in message
+        first.send_signal(signal.SIGKILL)  # the holder dies: its lock file stays, its lock does not
+    finally:
+        first.kill()
+        first.wait()
+    assert lock.exists() and f"pid {first.pid} " in lock.read_text()
+    _data_server.delay["locked"] = 0.0
+    assert data.main(command[2:]) == 0
+    keys = [(r["id"], r["style"]) for r in _data_records(out)]
+    assert len(keys) == len(set(keys)) == 12  # every pair once: the refused run wrote nothing
+    assert not lock.exists()
+
+
+def test_an_interrupted_rephrase_exits_130_in_one_line_and_the_same_command_resumes(_data_server, tmp_path):
+    _data_write_docs(tmp_path / "docs", [f"Document {i} says {i}." for i in range(6)])
+    out = tmp_path / "out.jsonl"
+    _data_server.delay["interrupted"] = 1.0
+    command = _data_rephrase_command(tmp_path / "docs", out, _data_server, "interrupted", "--concurrency", "2")
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    _data_wait_for(lambda: out.exists() and out.read_bytes().count(b"\n") >= 1)
+    run.send_signal(signal.SIGINT)  # two pairs are in flight: they are dropped, not half-written
+    err = run.communicate(timeout=30)[1].strip().splitlines()
+    assert run.returncode == 130 and "Traceback" not in "\n".join(err)
+    assert err[-1] == "data.py rephrase: interrupted; what was written stays, and the same command resumes"
+    written = _data_records(out)  # every line whole
+    assert 1 <= len(written) < 6 and not Path(f"{out}.lock").exists()
+    _data_server.delay["interrupted"] = 0.0
+    assert data.main(command[2:]) == 0
+    records = _data_records(out)
+    assert records[:len(written)] == written and len({r["id"] for r in records}) == len(records) == 6
+
+
+@pytest.mark.parametrize("content", [b"my notes\nthe last line has no newline", b"",
+                                     b'{"id": "x", "style": "qa"}\nnot a record\n',
+                                     json.dumps({"text": "a training record"}).encode() + b"\n"])
+def test_rephrase_refuses_an_out_that_is_not_its_own_before_writing_a_byte(_data_server, tmp_path, content,
+                                                                             capsys):
+    _data_write_docs(tmp_path / "docs", ["One fact: 7."])
+    out = tmp_path / "notes.txt"
+    out.write_bytes(content)
+    code = data.main(["rephrase", str(tmp_path / "docs"), "--endpoint", _data_server.url, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    if not content:  # an empty file holds nothing to lose: it becomes the output
+        assert code == 0 and len(_data_records(out)) == 1
+        return
+    assert code == 2 and "\n" not in err and f"{out}:" in err and "not a rephrase record" in err, err
+    assert out.read_bytes() == content and not Path(f"{out}.lock").exists()
+
+
+def test_a_users_file_named_like_the_lock_is_left_alone(_data_server, tmp_path, capsys):
+    _data_write_docs(tmp_path / "docs", ["One fact: 7."])
+    lock = tmp_path / "out.jsonl.lock"
+    lock.write_text("my lock-picking notes")
+    code = data.main(["rephrase", str(tmp_path / "docs"), "--endpoint", _data_server.url,
+                      "--out", str(tmp_path / "out.jsonl")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and str(lock) in err and "not a lock of this command" in err
+    assert lock.read_text() == "my lock-picking notes" and not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_trickling_server_fails_at_the_request_deadline(_data_server):
+    _data_server.scripts["trickle"] = ["trickle"]  # about 90 bytes at one per 0.3 s: no read ever times out
+    endpoint = _data_endpoint(_data_server, "trickle", timeout=1.0, retries=0)
+    start = time.monotonic()
+    with pytest.raises(data.GenerationError, match="timed out: no complete reply within the 1 s deadline"):
+        endpoint(data.rephrase_messages("One sentence.", "qa"))
+    assert time.monotonic() - start < 2.5
+
+
+def test_each_retry_and_each_pause_is_logged_in_one_line(_data_server):
+    _data_server.scripts["logged"] = ["500", "429-wait", "cut"]
+    lines = []
+    reply = _data_endpoint(_data_server, "logged", retries=3, log=lines.append)(data.rephrase_messages("Hi.", "qa"))
+    assert reply == "In other words: Hi."
+    assert len(lines) == 3 and all("\n" not in line and _data_server.url in line for line in lines)
+    assert "attempt 1/4: HTTP 500" in lines[0] and "every request to it pauses 0.01 s" in lines[0]
+    assert "attempt 2/4: HTTP 429" in lines[1] and "pauses 1 s, as the server asked (Retry-After)" in lines[1]
+    assert "attempt 3/4: IncompleteRead" in lines[2] and "retrying in 0.04 s" in lines[2]
+
+
+def test_a_reply_far_longer_than_its_chunk_is_rejected_and_the_record_says_so(_data_server, tmp_path, capsys):
+    _data_server.scripts["runaway"] = ["huge"]  # a 1 MB "rewrite" of a 30-character chunk, then a good one
+    result = data.rephrase_chunkwise("The bridge opened in 1932.", "qa", _data_endpoint(_data_server, "runaway"))
+    assert result.text == "In other words: The bridge opened in 1932."
+    assert result.chunks[0]["attempts"] == 2 and result.chunks[0]["long_replies"] == 1
+    assert "far longer than a rewrite of this 26-character part" in \
+        _data_requests(_data_server, "runaway")[-1]["messages"][-1]["content"]
+    _data_write_docs(tmp_path / "docs", ["The bridge opened in 1932."])
+    _data_server.scripts["runaway-always"] = ["huge"] * 3
+    out = tmp_path / "out.jsonl"
+    assert data.main(["rephrase", str(tmp_path / "docs"), "--endpoint", _data_server.url, "--model", "runaway-always",
+                      "--max-tokens", "77", "--out", str(out)]) == 0
+    [record] = _data_records(out)
+    assert record["text"] == "The bridge opened in 1932." and record["chunks"][0]["status"] == "kept_original"
+    assert record["chunks"][0]["long_replies"] == 3
+    assert "3 far longer than their chunk" in capsys.readouterr().err
+    assert {r["max_tokens"] for r in _data_requests(_data_server, "runaway-always")} == {77}
+
+
+def test_an_interrupted_cache_build_leaves_nothing_the_next_build_keeps(tmp_path):
+    # A build killed while it writes its temporary folder; the next prepare() removes that folder.
+    _data_write_docs(tmp_path / "docs", [f"document {i} " + "words and more words. " * 70_000 for i in range(4)])
+    cache = tmp_path / "cache"
+    code = f"import data; data.prepare({str(cache)!r}, [{str(tmp_path / 'docs')!r}])"
+    build = subprocess.Popen([sys.executable, "-c", code], cwd=_HERE)
+    try:
+        _data_wait_for(lambda: list(cache.glob("tmp-*")) or build.poll() is not None)
+        build.send_signal(signal.SIGKILL)
+    finally:
+        build.kill()
+        build.wait()
+    [stale] = list(cache.glob("tmp-*"))
+    alive = cache / stale.name.replace(f"-{build.pid}@", "-1@")  # a build whose process (init) still runs
+    alive.mkdir()
+    info = data.prepare(cache, [str(tmp_path / "docs")])
+    assert not stale.exists() and alive.exists()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([alive.name, info["key"]])
+
+
+def _data_without_root_override():
+    """The command prefix under which a mode-000 file cannot be read: none for a user; for root (who
+    reads anything), setpriv without the capabilities that override file permissions."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: no file is unreadable")
+    return ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"]
+
+
+def test_an_unreadable_data_file_is_named_as_such(tmp_path):
+    path = tmp_path / "unreadable.txt"
+    path.write_text("secret")
+    path.chmod(0)
+    done = subprocess.run([*_data_without_root_override(), sys.executable, str(_DATA_PY), "stats", "--data", str(path),
+                           "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=60)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and "\n" not in err and "Traceback" not in err, err
+    assert f"data.py stats: data source '{path}': {path} cannot be read (Permission denied)" == err
+    path.chmod(0o644)
+    assert path.read_text() == "secret" and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("fifo", "pipe.txt is a FIFO (named pipe), not a file or folder"),
+    ("loop", "loop.txt is a symlink loop, not a file or folder"),
+    ("broken link", "broken.txt is a broken symbolic link (to nowhere.txt), not a file or folder"),
+])
+def test_a_data_path_that_is_no_file_is_named_for_what_it_is(tmp_path, case, message, capsys):
+    path = tmp_path / {"fifo": "pipe.txt", "loop": "loop.txt", "broken link": "broken.txt"}[case]
+    if case == "fifo":
+        os.mkfifo(path)  # opened, it would block forever
+    elif case == "loop":
+        os.symlink(tmp_path / "other.txt", path)
+        os.symlink(path, tmp_path / "other.txt")
+    else:
+        os.symlink("nowhere.txt", path)
+    assert data.main(["stats", "--data", str(path), "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.endswith(message), err
+
+
+def test_bad_entries_in_a_folder_are_skipped_and_counted_and_nul_bytes_reported(tmp_path):
+    d = tmp_path / "in"
+    _data_write_docs(d, ["A good document.", "Another one."])
+    (d / "unreadable.txt").write_text("secret")
+    (d / "unreadable.txt").chmod(0)
+    os.mkfifo(d / "pipe.txt")  # read, it would block forever
+    os.symlink(d / "b.txt", d / "a.txt")
+    os.symlink(d / "a.txt", d / "b.txt")
+    (d / "nul.txt").write_bytes(b"before\0after\0")
+    done = subprocess.run([*_data_without_root_override(), sys.executable, str(_DATA_PY), "stats", "--data", str(d),
+                           "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    loader = re.search(r"^loader: (.*)$", done.stdout, re.M)[1]
+    assert "unreadable_files 1" in loader and "unsupported_files 3" in loader and "nul_bytes 2" in loader
+    for where, why in (("unreadable.txt", "cannot be read (Permission denied); skipped"),
+                       ("pipe.txt", "a FIFO (named pipe); skipped"), ("a.txt", "a symlink loop; skipped"),
+                       ("nul.txt", "2 NUL characters, which the byte tokenizer reads as end of document")):
+        assert re.search(rf"^  \S*{re.escape(where)}: {re.escape(why)}$", done.stdout, re.M), (where, done.stdout)
+    info = data.prepare(tmp_path / "cache2", [str(d / "nul.txt")], val_fraction=0)
+    assert "2 nul bytes" in data.describe_load_report(info)
+    tokens = np.concatenate([data.load_tokens(info, "train"), data.load_tokens(info, "val")])
+    assert data.ByteTokenizer().decode(tokens.tolist()) == "before\0after\0\0"  # kept, then the eos
 
 
 # ==================================================================================================
