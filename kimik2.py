@@ -799,6 +799,13 @@ class KimiK2(nn.Module):
     def attention_modules(self):
         return [layer.self_attn for layer in self.model.layers]
 
+    def reset_step_statistics_(self):
+        """Forget the step's max attention logits and expert loads (e.g. those of a skipped step)."""
+        for m in self.attention_modules():
+            m.reset_max_logits_()
+        for g in self.moe_gates():
+            g.expert_load.zero_()
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
