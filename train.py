@@ -392,6 +392,7 @@ def lr_at(step, args):
 MANIFEST = "train_files.json"  # the files train.py wrote in the run folder
 LOCK = "train.lock"  # held by the process writing the run folder; its one line names that process
 CHECKPOINT_NAME = re.compile(r"ckpt_(\d{7})\.pt")
+_held_locks = {}  # lock path -> descriptor: a later main() in the same process (tests) takes its own lock over
 
 
 class RunFolder:
@@ -403,6 +404,9 @@ class RunFolder:
     def __init__(self, path, exempt=()):
         self.path = path
         self.exempt = {os.path.realpath(p) for p in exempt}  # folders of other programs (a --data-cache inside --out)
+        self.read_manifest()
+
+    def read_manifest(self):
         self.files, self.listed = set(), False
         with suppress(OSError, ValueError, KeyError, TypeError):
             with open(self.join(MANIFEST)) as f:
@@ -428,41 +432,50 @@ class RunFolder:
             found += [os.path.relpath(os.path.join(folder, n), self.path) for n in sorted(names + links)]
         return found
 
-    def check(self):
-        """None if train.py may write here, else the one line that says why not."""
+    def take(self):
+        """Lock the folder, then check it: None, or the one line that says why train.py may not write here
+        (rank 0 only). The lock (LOCK, held until this process ends: the kernel lets go of it then, also
+        after SIGKILL) comes first, so that no other run writes between the check and this run's writes;
+        a folder refused for holding files train.py did not write is left as it was."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             return f"--out {self.path}: exists and is not a folder"
-        foreign = next((n for n in self.names() if not self.ours(n)), None)
-        if foreign:
-            return (f"--out {self.path} holds files train.py did not write (e.g. {self.join(foreign)}); "
-                    f"it never writes beside them: move them, or choose an empty or new --out")
-        return None
-
-    def lock(self):
-        """Hold LOCK until this process ends (the kernel lets go of it then, also after SIGKILL): None, or
-        the one line naming the process that holds it. Rank 0 only."""
+        lock = os.path.realpath(self.join(LOCK))
+        with suppress(KeyError):
+            os.close(_held_locks.pop(lock))
+        created = not os.path.exists(lock)
         try:
             os.makedirs(self.path, exist_ok=True)
-            fd = os.open(self.join(LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             return f"--out {self.path}: cannot write {e.filename}: {e.strerror}"
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            for _ in range(50):  # the holder writes its line just after it takes the lock
-                if holder := os.pread(fd, 4096, 0).decode(errors="replace").strip():
-                    break
-                time.sleep(0.01)
+            holder = self._holder(fd)
             os.close(fd)
-            return f"--out {self.path} is in use by {holder or 'another process'}: wait for it or stop it, or choose another --out"
-        previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-        if previous:  # its holder ended without letting go in an orderly way (a kill)
+            return f"--out {self.path} is in use by {holder}: wait for it or stop it, or choose another --out"
+        self.read_manifest()
+        if foreign := next((n for n in self.names() if not self.ours(n)), None):
+            if created:
+                os.remove(lock)
+            os.close(fd)
+            return (f"--out {self.path} holds files train.py did not write (e.g. {self.join(foreign)}); "
+                    f"it never writes beside them: move them, or choose an empty or new --out")
+        if previous := os.pread(fd, 4096, 0).decode(errors="replace").strip():  # a killed holder's line
             print(f"--out {self.path}: the lock of {previous}, which has ended, is taken over")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} ({shlex.join([os.path.basename(sys.executable), *sys.argv])})\n".encode(), 0)
-        atexit.register(os.ftruncate, fd, 0)  # an orderly end leaves an empty lock file behind
-        self.lock_fd = fd  # open for the life of the process: closing it would let go
+        atexit.register(lambda: fd in _held_locks.values() and os.ftruncate(fd, 0))  # an orderly end empties it
+        _held_locks[lock] = fd  # open for the life of the process: closing it would let go
         return None
+
+    @staticmethod
+    def _holder(fd):
+        for _ in range(100):  # the holder writes its line once it has checked the folder
+            if line := os.pread(fd, 4096, 0).decode(errors="replace").strip():
+                return line
+            time.sleep(0.01)
+        return "another process"
 
     def claim(self, *names):
         """List `names` as train.py's before they are written."""
@@ -517,7 +530,7 @@ class RunFolder:
 def open_run_folder(args, setup):
     """--out, checked and locked by rank 0; every rank stops with rank 0's line when it may not be used."""
     folder = RunFolder(args.out, exempt=[args.data_cache])
-    problem = (folder.check() or folder.lock()) if setup.master else None
+    problem = folder.take() if setup.master else None
     if setup.distributed:
         box = [problem]
         dist.broadcast_object_list(box, src=0)
@@ -565,7 +578,7 @@ def prepare_run_folder(args, folder, ckpt, ckpt_path, run_config, setup):
         folder.remove(*[n for n in folder.names() if n.endswith(".tmp") and folder.ours(n) and n != LOCK])
         if args.overwrite:
             folder.remove(*folder.files)
-        if newer := [name for s, name in earlier if s > step]:
+        if ckpt and (newer := [name for s, name in earlier if s > step]):
             aside = next(f"after_step_{step}" + (f"_{i}" if i else "") for i in range(len(earlier) + 2)
                          if not os.path.exists(folder.join(f"after_step_{step}" + (f"_{i}" if i else ""))))
             later = read_metrics(folder.join(metrics), step, after=True)
@@ -652,8 +665,8 @@ def load_checkpoint(path):
     except OSError as e:
         raise ValueError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     except Exception:  # zipfile's errors for an empty, cut or foreign file are many kinds
-        raise ValueError(f"cannot read checkpoint {path}: not a whole checkpoint (no readable zip archive: "
-                         f"empty, cut short or another kind of file)") from None
+        raise ValueError(f"cannot read checkpoint {path}: not a whole checkpoint (empty, cut short, or not a zip "
+                         f"archive)") from None
     if corrupt:
         raise ValueError(f"cannot read checkpoint {path}: corrupt bytes (record {corrupt} fails its CRC-32 check)")
     try:
