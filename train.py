@@ -566,7 +566,7 @@ def prepare_run_folder(args, folder, ckpt, ckpt_path, run_config, setup):
         fail(f"--out {args.out} holds an earlier run (checkpoints up to {earlier[-1][1]}): "
              f"continue it with --resume, start over with --overwrite, or choose another --out")
     from_elsewhere = ckpt and os.path.realpath(os.path.dirname(ckpt_path) or ".") != os.path.realpath(args.out)
-    if from_elsewhere and earlier:
+    if from_elsewhere and folder.files:
         fail(f"--resume {ckpt_path}: a checkpoint of another run folder, and --out {args.out} holds a run of its "
              f"own: resume into a new --out")
     metrics = "metrics.jsonl"
@@ -575,12 +575,13 @@ def prepare_run_folder(args, folder, ckpt, ckpt_path, run_config, setup):
     if not setup.master:
         return records
     try:
-        folder.remove(*[n for n in folder.names() if n.endswith(".tmp") and folder.ours(n) and n != LOCK])
+        folder.remove(*[n for n in folder.names() if n.endswith(".tmp") and folder.ours(n)])  # a kill's leftovers
         if args.overwrite:
             folder.remove(*folder.files)
         if ckpt and (newer := [name for s, name in earlier if s > step]):
-            aside = next(f"after_step_{step}" + (f"_{i}" if i else "") for i in range(len(earlier) + 2)
-                         if not os.path.exists(folder.join(f"after_step_{step}" + (f"_{i}" if i else ""))))
+            aside, tries = f"after_step_{step}", 1
+            while os.path.exists(folder.join(aside)):  # resumed from this step before
+                aside, tries = f"after_step_{step}_{tries + 1}", tries + 1
             later = read_metrics(folder.join(metrics), step, after=True)
             folder.write(os.path.join(aside, metrics), lambda f: f.writelines(json.dumps(r) + "\n" for r in later))
             folder.move([*newer, *sorted(n for n in folder.files if n == "plot.png" or n.startswith("hf/"))], aside)
@@ -743,7 +744,6 @@ def restore(ckpt, path, raw_model, optimizer, scaler, sampler, args, setup):
         fail(f"--resume: {path}: {e}")
     set_rng_state(ckpt["rng"])
     return ckpt["step"], ckpt["window"], ckpt["bad_steps"]
-
 
 
 class StopSignals:
