@@ -2804,10 +2804,13 @@ def _flip_tensor_bytes(path):
     path.write_bytes(bytes(raw))
 
 
+_NOT_WHOLE = r"not a whole checkpoint \(empty, cut short, or not a zip archive\)"
+
+
 @pytest.mark.parametrize("corrupt, reason", [
-    (lambda p: p.write_bytes(p.read_bytes()[:5000]), "not a whole checkpoint"),  # cut short
-    (lambda p: p.write_bytes(b""), "not a whole checkpoint"),
-    (lambda p: p.write_bytes(random.Random(0).randbytes(5000)), "not a whole checkpoint"),
+    (lambda p: p.write_bytes(p.read_bytes()[:5000]), _NOT_WHOLE),  # cut short
+    (lambda p: p.write_bytes(b""), _NOT_WHOLE),
+    (lambda p: p.write_bytes(random.Random(0).randbytes(5000)), _NOT_WHOLE),
     (_flip_tensor_bytes, r"corrupt bytes \(record archive/data/\d+ fails its CRC-32 check\)"),
 ], ids=["cut", "empty", "random", "flipped"])
 def test_corrupt_newest_checkpoint_names_the_older_good_one(tmp_path, train_setup, train_reference, corrupt, reason):
@@ -2848,10 +2851,11 @@ def test_a_folder_with_files_train_py_did_not_write_is_refused_and_left_untouche
                                              f"\\(e.g. {foreign}\\); .*choose an empty or new --out$"):
             train.main(_train_args(out, train_setup, *extra))
         assert _train_snapshot(out) == before and not (users / train.LOCK).exists()
+    before = _train_snapshot(users)
     monkeypatch.chdir(users)  # --out . where the user keeps their files
     with pytest.raises(SystemExit, match=r"--out \. holds files train.py did not write \(e\.g\. \./ckpt_best\.pt\)"):
         train.main(_train_args(".", train_setup, *extra))
-    assert _train_snapshot(users) == before
+    assert _train_snapshot(users) == before and not (users / train.LOCK).exists()
 
 
 def test_overwrite_deletes_what_train_py_wrote_and_nothing_else(tmp_path, train_setup, train_reference):
