@@ -12,10 +12,14 @@ float16 with a grad scaler (CUDA); torch.compile; atomic checkpoints and an exac
 steps skipped; a run folder with config.json, metrics.jsonl, checkpoints, plot.png and a Hugging Face
 layout export (hf/, model and byte tokenizer).
 
-No run is lost: a run folder that holds checkpoints is continued with --resume or started over only
-with --overwrite; Ctrl-C (SIGINT) or SIGTERM checkpoints at the next step boundary, prints the command
-that continues the run and exits with status 130; a full disk or an unusable --out stops with one line
-naming the path and leaves no temporary file.
+No run is lost: one process writes a run folder (it holds train.lock; a second one is refused, naming
+it); train_files.json lists what train.py wrote there, and a folder holding anything else is refused,
+so a user's files are never touched; a run folder that holds checkpoints is continued with --resume or
+started over only with --overwrite, which deletes only what is listed; a resume from an older checkpoint
+moves the newer ones aside; a checkpoint is checked byte for byte (its zip CRCs) before it is loaded;
+Ctrl-C (SIGINT) or SIGTERM checkpoints at the next step boundary, prints the command that continues
+the run and exits with status 130; a full disk or an unusable --out stops with one line naming the
+path and leaves no temporary file.
 
     python train.py                                    # tiny preset, embedded corpus, minutes on 2 CPU cores
     python train.py --resume                           # continue a stopped run exactly (here runs/tiny)
@@ -157,16 +161,18 @@ def build_parser():
     g = p.add_argument_group("run folder")
     g.add_argument("--out", default=None, metavar="DIR", help="run folder; default: runs/<preset>")
     g.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
-                   help="continue from CKPT, or from the newest checkpoint in --out")
+                   help="continue from CKPT, or from the newest checkpoint in --out; checkpoints of --out newer than "
+                        "CKPT are moved into --out/after_step_<step of CKPT>/")
     g.add_argument("--overwrite", action="store_true",
-                   help="start over in an --out that holds an earlier run: delete its checkpoints, metrics, "
-                        "plot and hf/ export first (without --resume or --overwrite such a folder is refused)")
+                   help="start over in an --out that holds an earlier run: delete what train.py wrote there "
+                        "(listed in its train_files.json) first (without --resume or --overwrite such a folder is refused)")
     g.add_argument("--log-interval", type=POSITIVE_INT, default=10, help="steps between progress lines and metrics records")
     g.add_argument("--eval-interval", type=POSITIVE_INT, default=100, help="steps between validation losses")
     g.add_argument("--eval-iters", type=POSITIVE_INT, default=8, help="batches per validation loss")
     g.add_argument("--ckpt-interval", type=POSITIVE_INT, default=100,
                    help="steps between checkpoints (also written at the end and on SIGINT/SIGTERM)")
-    g.add_argument("--keep-ckpts", type=POSITIVE_INT, default=2, help="checkpoints kept in the run folder")
+    g.add_argument("--keep-ckpts", type=POSITIVE_INT, default=2,
+                   help="checkpoints kept in the run folder (only those train.py wrote there are ever deleted)")
     g.add_argument("--sample-tokens", type=COUNT, default=300, help="length of the final sample")
     return p
 
@@ -950,7 +956,7 @@ def main(argv=None):
         start_step, window, bad_steps = restore(ckpt, ckpt_path, raw_model, optimizer, scaler, train_sampler, args, setup)
         log(f"resumed from {ckpt_path} at step {start_step}")
         del ckpt
-    write_record = metrics_writer(os.path.join(args.out, "metrics.jsonl"), records, setup.master)
+    write_record = metrics_writer(folder.join("metrics.jsonl"), records, setup.master)
     peak_flops = args.peak_flops or measure_peak_flops(setup.dtype, setup.device)
     flops_per_tok = raw_model.estimate_flops_per_token(args.seq_len)  # training: forward + backward
     n_params = sum(p.numel() for p in raw_model.parameters())  # DTensor numel is the global size
