@@ -438,7 +438,7 @@ class RunFolder:
             found += [os.path.relpath(os.path.join(folder, n), self.path) for n in sorted(names + links)]
         return found
 
-    def take(self):
+    def take(self, command):
         """Lock the folder, then check it: None, or the one line that says why train.py may not write here
         (rank 0 only). The lock (LOCK, held until this process ends: the kernel lets go of it then, also
         after SIGKILL) comes first, so that no other run writes between the check and this run's writes;
@@ -470,7 +470,7 @@ class RunFolder:
         if previous := os.pread(fd, 4096, 0).decode(errors="replace").strip():  # a killed holder's line
             print(f"--out {self.path}: the lock of {previous}, which has ended, is taken over")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} ({shlex.join([os.path.basename(sys.executable), *sys.argv])})\n".encode(), 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({command})\n".encode(), 0)
         atexit.register(lambda: fd in _held_locks.values() and os.ftruncate(fd, 0))  # an orderly end empties it
         _held_locks[lock] = fd  # open for the life of the process: closing it would let go
         return None
@@ -536,7 +536,7 @@ class RunFolder:
 def open_run_folder(args, setup):
     """--out, checked and locked by rank 0; every rank stops with rank 0's line when it may not be used."""
     folder = RunFolder(args.out, exempt=[args.data_cache])
-    problem = folder.take() if setup.master else None
+    problem = folder.take(command_line(setup.world, sys.argv[1:])) if setup.master else None
     if setup.distributed:
         box = [problem]
         dist.broadcast_object_list(box, src=0)
@@ -794,6 +794,11 @@ class StopSignals:
         return bool(stop)
 
 
+def command_line(world, argv):
+    launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
+    return shlex.join([*launcher, "train.py", *argv])
+
+
 def resume_command(world, ckpt_path):
     """The command line that continues this run from ckpt_path: this one with --resume CKPT instead of
     --resume/--overwrite."""
@@ -805,8 +810,7 @@ def resume_command(world, ckpt_path):
         elif not (argv[i] in ("--resume", "--overwrite") or argv[i].startswith("--resume=")):
             kept.append(argv[i])
         i += 1
-    launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
-    return shlex.join([*launcher, "train.py", *kept, "--resume", ckpt_path])
+    return command_line(world, [*kept, "--resume", ckpt_path])
 
 
 # -----------------------------------------------------------------------------
