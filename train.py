@@ -546,7 +546,7 @@ def open_run_folder(args, setup):
     return folder
 
 
-def read_metrics(path, upto_step=math.inf, after=False):
+def read_metrics(path, upto_step, after=False):
     """The records of steps <= upto_step (> upto_step when `after`); a line cut short by a kill is dropped."""
     records = []
     if os.path.exists(path):
