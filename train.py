@@ -430,13 +430,12 @@ class RunFolder:
         return name == LOCK or name in self.files or any(name.startswith(f) for f in self.files if f.endswith("/"))
 
     def names(self):
-        """Every file, link or other non-folder entry under the folder, as a relative path, in order."""
-        found = []
+        """Every file, link or other non-folder entry under the folder, as a relative path, in order (lazily:
+        a check of a user's large folder stops at its first file)."""
         for folder, dirs, names in os.walk(self.path):
             links = [d for d in dirs if os.path.islink(os.path.join(folder, d))]
             dirs[:] = sorted(d for d in dirs if d not in links and os.path.realpath(os.path.join(folder, d)) not in self.exempt)
-            found += [os.path.relpath(os.path.join(folder, n), self.path) for n in sorted(names + links)]
-        return found
+            yield from (os.path.relpath(os.path.join(folder, n), self.path) for n in sorted(names + links))
 
     def take(self, command):
         """Lock the folder, then check it: None, or the one line that says why train.py may not write here
