@@ -2847,13 +2847,14 @@ def test_a_folder_with_files_train_py_did_not_write_is_refused_and_left_untouche
     _train_build_nothing(monkeypatch)
     for out, foreign in ((users, users / "ckpt_best.pt"), (run, run / "notes.txt")):
         before = _train_snapshot(out)
-        with pytest.raises(SystemExit, match=f"^train.py: error: --out {out} holds files train.py did not write "
-                                             f"\\(e.g. {foreign}\\); .*choose an empty or new --out$"):
+        with pytest.raises(SystemExit, match=f"^train.py: error: --out {out} holds files that are not train.py's "
+                                             f"\\(not listed in its {train.MANIFEST}\\), e.g. {foreign}: .*choose an empty "
+                                             f"or new --out$"):
             train.main(_train_args(out, train_setup, *extra))
         assert _train_snapshot(out) == before and not (users / train.LOCK).exists()
     before = _train_snapshot(users)
     monkeypatch.chdir(users)  # --out . where the user keeps their files
-    with pytest.raises(SystemExit, match=r"--out \. holds files train.py did not write \(e\.g\. \./ckpt_best\.pt\)"):
+    with pytest.raises(SystemExit, match=r"--out \. holds files that are not train.py's .*, e\.g\. \./ckpt_best\.pt:"):
         train.main(_train_args(".", train_setup, *extra))
     assert _train_snapshot(users) == before and not (users / train.LOCK).exists()
 

@@ -464,8 +464,8 @@ class RunFolder:
             if created:
                 os.remove(lock)
             os.close(fd)
-            return (f"--out {self.path} holds files train.py did not write (e.g. {self.join(foreign)}); "
-                    f"it never writes beside them: move them, or choose an empty or new --out")
+            return (f"--out {self.path} holds files that are not train.py's (not listed in its {MANIFEST}), e.g. "
+                    f"{self.join(foreign)}: train.py never writes beside them; move them, or choose an empty or new --out")
         if previous := os.pread(fd, 4096, 0).decode(errors="replace").strip():  # a killed holder's line
             print(f"--out {self.path}: the lock of {previous}, which has ended, is taken over")
         os.ftruncate(fd, 0)
