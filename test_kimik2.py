@@ -2848,12 +2848,14 @@ def test_bad_entries_in_a_folder_are_skipped_and_counted_and_nul_bytes_reported(
 
 
 # ==================================================================================================
-# train.py: the training program (issue 5)
+# train.py: the training program
 #
 # Tests of train.py: exact resume after SIGKILL and after SIGINT, atomic checkpoints (also on a full
 # disk), runs never lost to a rerun, resume checks before anything is built, DDP / FSDP2 against one
 # process, gradient accumulation, non-finite steps, the hf/ export through transformers' Auto classes,
-# and one-line errors that name the bad option, file or path.
+# and one-line errors that name the bad option, file or path. No run lost: one writer per run folder,
+# a user's own files never touched, a resume from an older checkpoint keeping the newer ones, corrupt
+# checkpoint bytes named, and any number of signals during a checkpoint write.
 #
 # Runs on CPU in float32 with tiny settings (a 2-layer, 8-expert cut of the tiny preset; 8 steps of
 # 4 x 32 tokens). Training subprocesses run with one thread each: PyTorch's multi-threaded CPU kernels
@@ -2929,6 +2931,10 @@ def test_run_folder_holds_config_metrics_checkpoints_export(train_reference):
     ckpts = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "ckpt_*.pt")))
     assert ckpts == ["ckpt_0000006.pt", "ckpt_0000008.pt"]  # the last --keep-ckpts 2
     assert os.path.exists(os.path.join(out, "hf", "config.json"))
+    # the manifest lists every file of the run, and nothing else
+    written = {str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file()} - {train.MANIFEST, train.LOCK}
+    assert set(json.loads((Path(out) / train.MANIFEST).read_text())["files"]) == written
+    assert (Path(out) / train.LOCK).read_text() == ""  # an orderly end lets go of the lock and its line
     assert "final val loss" in stdout and "unigram entropy" in stdout
 
 
@@ -2952,13 +2958,16 @@ def test_resume_after_sigkill_logs_exactly_the_uninterrupted_metrics(tmp_path, t
     assert not os.path.exists(out / "hf"), "killed too late"
     for path in glob.glob(str(out / "ckpt_*.pt")):  # every checkpoint on disk is whole
         assert train.load_checkpoint(path)["step"] >= 2
-    _train_run(_train_args(out, train_setup, "--resume"))
+    resumed = _train_run(_train_args(out, train_setup, "--resume"))
     assert _train_metrics(out) == _train_metrics(reference)
+    # the killed run's lock is taken over, in one line naming the process that held it
+    assert f"--out {out}: the lock of pid {proc.pid} (" in resumed.stdout
+    assert "which has ended, is taken over" in resumed.stdout
 
 
 def test_checkpoint_is_never_half_written(tmp_path, monkeypatch):
     first = {"step": 1, "model": {"w": torch.ones(3)}}
-    good = train.save_checkpoint(first, str(tmp_path), keep=2)
+    good = train.save_checkpoint(first, train.RunFolder(str(tmp_path)), keep=2)
 
     def torch_save_killed_midway(obj, f):
         f.write(b"PK\x03\x04 half a checkpoint")
@@ -2966,15 +2975,20 @@ def test_checkpoint_is_never_half_written(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", torch_save_killed_midway)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint({"step": 2, "model": {"w": torch.zeros(3)}}, str(tmp_path), keep=2)
+        train.save_checkpoint({"step": 2, "model": {"w": torch.zeros(3)}}, train.RunFolder(str(tmp_path)), keep=2)
     assert glob.glob(str(tmp_path / "ckpt_*.pt")) == [good]
     assert torch.equal(torch.load(good, weights_only=True)["model"]["w"], torch.ones(3))
 
 
-def test_checkpoints_beyond_keep_are_removed(tmp_path):
+def test_checkpoints_beyond_keep_are_removed_and_only_those_train_py_wrote(tmp_path):
+    users = tmp_path / "ckpt_0000000.pt"  # named like a checkpoint, but not written by this run
+    users.write_bytes(b"the user's own")
+    folder = train.RunFolder(str(tmp_path))
     for step in range(1, 5):
-        train.save_checkpoint({"step": step}, str(tmp_path), keep=2)
-    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
+        train.save_checkpoint({"step": step}, folder, keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000000.pt", "ckpt_0000003.pt", "ckpt_0000004.pt", train.MANIFEST]
+    assert users.read_bytes() == b"the user's own"
+    assert json.loads((tmp_path / train.MANIFEST).read_text())["files"] == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
 
 
 @pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
@@ -3057,8 +3071,8 @@ def test_bad_settings_fail_naming_them(tmp_path, train_setup, argv, named):
 def test_corrupt_checkpoint_fails_naming_the_file(tmp_path, train_setup):
     bad = tmp_path / "ckpt_0000002.pt"
     bad.write_bytes(b"\x00garbage, not a zip archive")
-    with pytest.raises(SystemExit, match=f"cannot read checkpoint {bad}"):
-        train.main(_train_args(tmp_path, train_setup, "--resume", str(bad)))
+    with pytest.raises(SystemExit, match=f"cannot read checkpoint {bad}: not a whole checkpoint"):
+        train.main(_train_args(tmp_path / "run", train_setup, "--resume", str(bad)))
 
 
 def _train_build_nothing(monkeypatch):
@@ -3073,22 +3087,28 @@ def test_resume_with_incompatible_config_fails_naming_the_field_and_builds_nothi
                                                                                    train_reference, monkeypatch):
     reference, _ = train_reference
     ckpt = sorted(glob.glob(os.path.join(reference, "ckpt_*.pt")))[-1]  # step 8
+    out = tmp_path / "run"
     _train_build_nothing(monkeypatch)
     with pytest.raises(SystemExit, match=r"different --seq-len \(32, this run: 16\)"):
-        train.main(_train_args(tmp_path, train_setup, "--seq-len", "16", "--resume", ckpt))
+        train.main(_train_args(out, train_setup, "--seq-len", "16", "--resume", ckpt))
     with pytest.raises(SystemExit, match="different --optimizer"):
-        train.main(_train_args(tmp_path, train_setup, "--optimizer", "adamw", "--resume", ckpt))
+        train.main(_train_args(out, train_setup, "--optimizer", "adamw", "--resume", ckpt))
+    # the precision changes the losses as much as any option checked here (bfloat16 autocast runs on CPU)
+    with pytest.raises(SystemExit, match=r"different --dtype \('float32', this run: 'bfloat16'\)$"):
+        train.main([*_train_args(out, train_setup, "--resume", ckpt), "--dtype", "bfloat16"])
     other = tmp_path / "three_layers.json"
     other.write_text(json.dumps({**json.load(open(train_setup[1])), "num_hidden_layers": 3}))
     with pytest.raises(SystemExit, match=r"different --preset/--config: num_hidden_layers 2 \(this run: 3\)$"):
-        train.main([*_train_args(tmp_path, train_setup, "--resume", ckpt), "--config", str(other)])
+        train.main([*_train_args(out, train_setup, "--resume", ckpt), "--config", str(other)])
     with pytest.raises(SystemExit, match=r"is at step 8, past --max-steps 5 \(give --max-steps 8 or more\)"):
-        train.main(_train_args(tmp_path, train_setup, "--max-steps", "5", "--resume", ckpt))
-    assert not (tmp_path / "config.json").exists()  # nor was the run folder touched
+        train.main(_train_args(out, train_setup, "--max-steps", "5", "--resume", ckpt))
+    assert os.listdir(out) == [train.LOCK]  # nor was the run folder written: only locked
 
 
 def _train_snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    """Every file's bytes, but the lock's line, which names whichever process last held the folder."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and p.name != train.LOCK}
 
 
 def test_rerun_without_resume_keeps_the_earlier_run(tmp_path, train_setup, train_reference, monkeypatch):
@@ -3102,8 +3122,9 @@ def test_rerun_without_resume_keeps_the_earlier_run(tmp_path, train_setup, train
     assert _train_snapshot(run) == before
     # --overwrite is the explicit way to start over: the earlier checkpoints, metrics and export go
     args = train.parse_args(_train_args(run, train_setup, "--overwrite"))
-    assert train.prepare_run_folder(args, 0, {"run": "new"}, master=True) == []
-    assert sorted(os.listdir(run)) == ["config.json", "metrics.jsonl"]
+    setup = train.Setup(False, 0, 1, torch.device("cpu"), torch.float32, 4)
+    assert train.prepare_run_folder(args, train.RunFolder(str(run)), None, None, {"run": "new"}, setup) == []
+    assert sorted(os.listdir(run)) == ["config.json", "metrics.jsonl", train.LOCK, train.MANIFEST]
     assert (run / "metrics.jsonl").read_text() == ""
 
 
@@ -3126,14 +3147,15 @@ def test_sigint_checkpoints_then_resume_logs_exactly_the_uninterrupted_metrics(t
     stopped = int(re.search(r"stopped by SIGINT after step (\d+), checkpointed", stdout)[1])
     assert stopped < _TRAIN_STEPS and os.path.exists(out / f"ckpt_{stopped:07d}.pt")
     command = stdout.rpartition("continue with: ")[2].split()
-    assert command[:2] == ["python", "train.py"] and command[-1] == "--resume"
+    assert command[:2] == ["python", "train.py"] and command[-2:] == ["--resume", str(out / f"ckpt_{stopped:07d}.pt")]
     _train_run(command[2:])
     assert _train_metrics(out) == _train_metrics(reference)
 
 
 @pytest.mark.parametrize("failure", ["torch.save", "fsync"])
 def test_full_disk_during_checkpoint_leaves_the_previous_one_and_no_temporary_file(tmp_path, monkeypatch, failure):
-    good = train.save_checkpoint({"step": 1, "model": {"w": torch.ones(3)}}, str(tmp_path), keep=2)
+    folder = train.RunFolder(str(tmp_path))
+    good = train.save_checkpoint({"step": 1, "model": {"w": torch.ones(3)}}, folder, keep=2)
     if failure == "torch.save":  # torch's own error for a full disk: /dev/full answers every write with ENOSPC
         save = torch.save
         monkeypatch.setattr(torch, "save", lambda obj, f: (f.write(b"PK\x03\x04 partial"), save(obj, open("/dev/full", "wb"))))
@@ -3142,20 +3164,186 @@ def test_full_disk_during_checkpoint_leaves_the_previous_one_and_no_temporary_fi
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         monkeypatch.setattr(os, "fsync", fsync_full)
     with pytest.raises(SystemExit, match=f"--out {tmp_path}: cannot write checkpoint .*ckpt_0000002.pt: No space left on device$"):
-        train.save_checkpoint({"step": 2, "model": {"w": torch.zeros(3)}}, str(tmp_path), keep=2)
-    assert os.listdir(tmp_path) == [os.path.basename(good)]
+        train.save_checkpoint({"step": 2, "model": {"w": torch.zeros(3)}}, folder, keep=2)
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(good), train.MANIFEST]
     assert torch.equal(torch.load(good, weights_only=True)["model"]["w"], torch.ones(3))
 
 
-def test_corrupt_newest_checkpoint_names_the_older_good_one(tmp_path, train_setup, train_reference):
+def _flip_tensor_bytes(path):
+    """64 bytes inside the largest tensor record overwritten, as by a failing disk: the zip still opens."""
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    raw = bytearray(path.read_bytes())
+    start = record.header_offset + 30 + len(record.filename) + len(record.extra) + record.file_size // 2  # in its data
+    raw[start:start + 64] = bytes(b ^ 0xFF for b in raw[start:start + 64])
+    path.write_bytes(bytes(raw))
+
+
+_NOT_WHOLE = r"not a whole checkpoint \(empty, cut short, or not a zip archive\)"
+
+
+@pytest.mark.parametrize("corrupt, reason", [
+    (lambda p: p.write_bytes(p.read_bytes()[:5000]), _NOT_WHOLE),  # cut short
+    (lambda p: p.write_bytes(b""), _NOT_WHOLE),
+    (lambda p: p.write_bytes(random.Random(0).randbytes(5000)), _NOT_WHOLE),
+    (_flip_tensor_bytes, r"corrupt bytes \(record archive/data/\d+ fails its CRC-32 check\)"),
+], ids=["cut", "empty", "random", "flipped"])
+def test_corrupt_newest_checkpoint_names_the_older_good_one(tmp_path, train_setup, train_reference, corrupt, reason):
     reference, _ = train_reference
-    for name in ("ckpt_0000006.pt", "ckpt_0000008.pt"):
-        shutil.copy(os.path.join(reference, name), tmp_path)
-    newest = tmp_path / "ckpt_0000008.pt"
-    newest.write_bytes(newest.read_bytes()[:5000])  # cut short, as by a failing disk
-    with pytest.raises(SystemExit, match=f"cannot read checkpoint {newest}: .*the older checkpoint next to it "
-                                         f"reads \\(step 6\\): --resume {tmp_path / 'ckpt_0000006.pt'}$"):
-        train.main(_train_args(tmp_path, train_setup, "--resume"))
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    newest = run / "ckpt_0000008.pt"
+    corrupt(newest)
+    before = _train_snapshot(run)
+    with pytest.raises(SystemExit) as e:
+        train.main(_train_args(run, train_setup, "--resume"))
+    message = str(e.value)
+    assert re.fullmatch(f"train.py: error: --resume: cannot read checkpoint {newest}: {reason}; the older checkpoint "
+                        f"next to it reads \\(step 6\\): --resume {run / 'ckpt_0000006.pt'}", message), message
+    assert "\n" not in message and "torch" not in message and "mmap" not in message  # torch's words never reach the user
+    assert _train_snapshot(run) == before
+
+
+def _train_users_files(folder):
+    """A folder of the user's own files, with names train.py also writes."""
+    (folder / "hf").mkdir(parents=True)
+    for name in ("config.json", "plot.png", "hf/model.safetensors", "ckpt_best.pt", "notes"):
+        (folder / name).write_text(f"the user's {name}")
+
+
+@pytest.mark.parametrize("extra", [[], ["--overwrite"], ["--resume"]], ids=["run", "overwrite", "resume"])
+def test_a_folder_with_files_train_py_did_not_write_is_refused_and_left_untouched(tmp_path, train_setup, train_reference,
+                                                                                  monkeypatch, extra):
+    reference, _ = train_reference
+    users, run = tmp_path / "users", tmp_path / "run"
+    _train_users_files(users)
+    shutil.copytree(reference, run)
+    (run / "notes.txt").write_text("the user's note in a train.py run folder")
+    _train_build_nothing(monkeypatch)
+    for out, foreign in ((users, users / "ckpt_best.pt"), (run, run / "notes.txt")):
+        before = _train_snapshot(out)
+        with pytest.raises(SystemExit, match=f"^train.py: error: --out {out} holds files that are not train.py's "
+                                             f"\\(not listed in its {train.MANIFEST}\\), e.g. {foreign}: .*choose an empty "
+                                             f"or new --out$"):
+            train.main(_train_args(out, train_setup, *extra))
+        assert _train_snapshot(out) == before and not (users / train.LOCK).exists()
+    before = _train_snapshot(users)
+    monkeypatch.chdir(users)  # --out . where the user keeps their files
+    with pytest.raises(SystemExit, match=r"--out \. holds files that are not train.py's .*, e\.g\. \./ckpt_best\.pt:"):
+        train.main(_train_args(".", train_setup, *extra))
+    assert _train_snapshot(users) == before and not (users / train.LOCK).exists()
+
+
+def test_overwrite_deletes_what_train_py_wrote_and_nothing_else(tmp_path, train_setup, train_reference):
+    reference, _ = train_reference
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    cache = run / "data_cache"  # another program's folder inside --out is neither foreign nor ours
+    shutil.copytree(train_setup[0], cache)
+    cached = _train_snapshot(cache)
+    args = _train_args(run, train_setup, "--overwrite", "--max-steps", "1", "--sample-tokens", "0", "--keep-ckpts", "1")
+    args[args.index("--data-cache") + 1] = str(cache)
+    _train_run(args)
+    assert _train_snapshot(cache) == cached
+    left = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and cache not in p.parents)
+    assert left == sorted(["ckpt_0000001.pt", "config.json", "metrics.jsonl", "plot.png", train.LOCK, train.MANIFEST,
+                           *[str(p.relative_to(reference)) for p in Path(reference, "hf").iterdir()]])
+    assert [r["step"] for r in _train_metrics(run) if "loss" in r] == [1]
+
+
+def test_one_writer_per_run_folder_names_the_holder(tmp_path, train_setup, train_reference):
+    """A run holds its folder: a second run, also a torchrun job, stops in one line naming the holder's pid
+    and command before writing anything, and the first run ends as if alone."""
+    reference, _ = train_reference
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "train.py", *_train_args(out, train_setup)], cwd=_HERE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_TRAIN_ENV)
+    lock, deadline = out / train.LOCK, time.time() + 120
+    while time.time() < deadline and not (lock.exists() and lock.read_text().endswith("\n")):
+        time.sleep(0.01)
+    first.send_signal(signal.SIGSTOP)  # holding the lock, wherever it is in its run
+    try:
+        before = _train_snapshot(out)
+        second = subprocess.run([sys.executable, "train.py", *_train_args(out, train_setup, "--seed", "7")], cwd=_HERE,
+                                capture_output=True, text=True, timeout=120, env=_TRAIN_ENV)
+        job = _torchrun(["train.py", *_train_args(out, train_setup, "--seed", "7")], env=_TRAIN_ENV)
+        assert _train_snapshot(out) == before
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert "Traceback" not in second.stderr
+    assert 'train.py", line' not in job.stderr  # torchrun adds its own report of a failed worker, no train.py traceback
+    for refused in (second, job):
+        assert refused.returncode != 0
+        holder = f"train.py: error: --out {out} is in use by pid {first.pid} (python"
+        assert any(line.startswith(holder) and "train.py --out" in line for line in refused.stderr.splitlines()), refused.stderr
+    assert first.wait(timeout=240) == 0, first.stderr.read()
+    assert _train_metrics(out) == _train_metrics(reference)
+
+
+def test_resume_from_an_older_checkpoint_keeps_the_newer_run_and_continues_its_own(tmp_path, train_setup, train_reference):
+    """--resume of ckpt 6 in a finished run: ckpt 8, its metrics, plot and export move aside (never deleted,
+    never pruned); a SIGTERM's "continue with" resumes this run's newest checkpoint; metrics and the final
+    loss are those of the uninterrupted run."""
+    reference, stdout = train_reference
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    proc = subprocess.Popen([sys.executable, "train.py", *_train_args(run, train_setup, "--keep-ckpts", "1",
+                                                                      "--resume", str(run / "ckpt_0000006.pt"))],
+                            cwd=_HERE, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**_TRAIN_ENV, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    while not lines or lines[-1] and not lines[-1].startswith(("step 7/8", "final val loss")):  # "": the run ended
+        lines.append(proc.stdout.readline())
+    proc.send_signal(signal.SIGTERM)  # in the loop: it stops after step 7 or 8, with a checkpoint
+    out, err = proc.communicate(timeout=120)
+    out = "".join(lines) + out
+    assert proc.returncode == train.INTERRUPTED and "Traceback" not in err, err
+    aside = run / "after_step_6"
+    assert f"the newer checkpoints (ckpt_0000008.pt) and their metrics, plot and export are kept in {aside}\n" in out
+    assert (aside / "ckpt_0000008.pt").read_bytes() == Path(reference, "ckpt_0000008.pt").read_bytes()
+    assert (aside / "hf" / "model.safetensors").read_bytes() == Path(reference, "hf", "model.safetensors").read_bytes()
+    assert _train_metrics(aside) == [r for r in _train_metrics(reference) if r["step"] > 6]
+    kept = _train_snapshot(aside)
+    command = out.rpartition("continue with: ")[2].split()
+    stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", out)[1])
+    assert command[-2:] == ["--resume", str(run / f"ckpt_{stopped:07d}.pt")]
+    finished = _train_run(command[2:])
+    assert _train_metrics(run) == _train_metrics(reference)
+    final = re.compile(r"final val loss [\d.]+")
+    assert final.search(finished.stdout)[0] == final.search(stdout)[0]
+    assert _train_snapshot(aside) == kept
+    assert sorted(p.name for p in run.glob("ckpt_*.pt")) == ["ckpt_0000008.pt"]  # --keep-ckpts 1 of this run's own
+
+
+def test_signals_during_a_checkpoint_write_exit_130_and_leave_it_whole(tmp_path, train_setup):
+    """Ctrl-C, Ctrl-C, SIGTERM, Ctrl-C while ckpt 2 is written (torch.save slowed so that they land in it):
+    the write completes, then the run stops with status 130 and one line, no traceback, no temporary file."""
+    out = tmp_path / "run"
+    slowed = ("import runpy, sys, time, torch\n"
+              "save = torch.save\n"
+              "class Slow:\n"
+              "    def __init__(self, f): self.f = f\n"
+              "    def write(self, b): time.sleep(0.02); return self.f.write(b)\n"
+              "    def flush(self): self.f.flush()\n"
+              "torch.save = lambda obj, f: save(obj, Slow(f))\n"
+              f"sys.argv = ['train.py', *{_train_args(out, train_setup)!r}]\n"
+              "runpy.run_path('train.py', run_name='__main__')\n")
+    proc = subprocess.Popen([sys.executable, "-c", slowed], cwd=_HERE, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_TRAIN_ENV)
+    tmp, deadline = out / "ckpt_0000002.pt.tmp", time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not tmp.exists():
+        time.sleep(0.005)
+    for sig in (signal.SIGINT, signal.SIGINT, signal.SIGTERM, signal.SIGINT):
+        proc.send_signal(sig)
+        time.sleep(0.05)
+    assert tmp.exists(), "the signals did not all land during the write"
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == train.INTERRUPTED, stderr
+    assert stderr.strip() == "train.py: interrupted"
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt_0000002.pt", "config.json", "metrics.jsonl", train.LOCK,
+                                                     train.MANIFEST]
+    assert train.load_checkpoint(str(out / "ckpt_0000002.pt"))["step"] == 2
 
 
 @pytest.mark.parametrize("make, argv, named", [
@@ -3200,7 +3388,7 @@ def test_wsd_schedule_warms_up_holds_then_decays_to_min_ratio():
 
 
 # --------------------------------------------------------------------------------------------------
-# Experiments (issue 11): --set, --val-data, --summarize, and the maths renderings of data.py
+# Experiments: --set, --val-data, --summarize, and the maths renderings of data.py
 
 
 def _run_model_config(tmp_path, train_setup, *overrides):

@@ -12,10 +12,14 @@ float16 with a grad scaler (CUDA); torch.compile; atomic checkpoints and an exac
 steps skipped; a run folder with config.json, metrics.jsonl, checkpoints, plot.png and a Hugging Face
 layout export (hf/, model and byte tokenizer).
 
-No run is lost: a run folder that holds checkpoints is continued with --resume or started over only
-with --overwrite; Ctrl-C (SIGINT) or SIGTERM checkpoints at the next step boundary, prints the command
-that continues the run and exits with status 130; a full disk or an unusable --out stops with one line
-naming the path and leaves no temporary file.
+No run is lost: one process writes a run folder (it holds train.lock; a second one is refused, naming
+it); train_files.json lists what train.py wrote there, and a folder holding anything else is refused,
+so a user's files are never touched; a run folder that holds checkpoints is continued with --resume or
+started over only with --overwrite, which deletes only what is listed; a resume from an older checkpoint
+moves the newer ones aside; a checkpoint is checked byte for byte (its zip CRCs) before it is loaded;
+Ctrl-C (SIGINT) or SIGTERM checkpoints at the next step boundary, prints the command that continues
+the run and exits with status 130; a full disk or an unusable --out stops with one line naming the
+path and leaves no temporary file.
 
     python train.py                                    # tiny preset, embedded corpus, minutes on 2 CPU cores
     python train.py --resume                           # continue a stopped run exactly (here runs/tiny)
@@ -34,18 +38,22 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import atexit
 import dataclasses
+import fcntl
 import glob
 import json
 import math
 import random
+import re
 import shlex
 import shutil
 import signal
 import sys
 import time
 import typing
-from contextlib import nullcontext, suppress
+import zipfile
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,11 +63,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from kimik2 import PRESETS, Config, KimiK2, count_params, flops_per_token
+from kimik2 import PRESETS, Config, KimiK2
 from muonclip import MuonClip
 
 # Options a checkpoint's run must share with the resuming run: they change what "step N" means.
-RESUME_MUST_MATCH = ("model", "optimizer", "batch_size", "seq_len", "data", "val_data")
+RESUME_MUST_MATCH = ("model", "optimizer", "batch_size", "seq_len", "data", "val_data", "dtype")
 CHECKPOINT_KEYS = {"step", "model", "optimizer", "optimizer_per_rank", "scaler", "sampler", "rng", "config",
                    "window", "bad_steps"}
 INTERRUPTED = 130  # exit status after a SIGINT or SIGTERM stop (128 + SIGINT, as a shell reports Ctrl-C)
@@ -153,20 +161,19 @@ def build_parser():
     g = p.add_argument_group("run folder")
     g.add_argument("--out", default=None, metavar="DIR", help="run folder; default: runs/<preset>")
     g.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
-                   help="continue from CKPT, or from the newest checkpoint in --out")
+                   help="continue from CKPT, or from the newest checkpoint in --out; checkpoints of --out newer than "
+                        "CKPT are moved into --out/after_step_<step of CKPT>/")
     g.add_argument("--overwrite", action="store_true",
-                   help="start over in an --out that holds an earlier run: delete its checkpoints, metrics, "
-                        "plot and hf/ export first (without --resume or --overwrite such a folder is refused)")
+                   help="start over in an --out that holds an earlier run: delete what train.py wrote there "
+                        "(listed in its train_files.json) first (without --resume or --overwrite such a folder is refused)")
     g.add_argument("--log-interval", type=POSITIVE_INT, default=10, help="steps between progress lines and metrics records")
     g.add_argument("--eval-interval", type=POSITIVE_INT, default=100, help="steps between validation losses")
     g.add_argument("--eval-iters", type=POSITIVE_INT, default=8, help="batches per validation loss")
     g.add_argument("--ckpt-interval", type=POSITIVE_INT, default=100,
                    help="steps between checkpoints (also written at the end and on SIGINT/SIGTERM)")
-    g.add_argument("--keep-ckpts", type=POSITIVE_INT, default=2, help="checkpoints kept in the run folder")
+    g.add_argument("--keep-ckpts", type=POSITIVE_INT, default=2,
+                   help="checkpoints kept in the run folder (only those train.py wrote there are ever deleted)")
     g.add_argument("--sample-tokens", type=COUNT, default=300, help="length of the final sample")
-    g.add_argument("--summarize", nargs="+", metavar="RUN_DIR",
-                   help="train nothing: tabulate and plot finished runs (final val loss, params, FLOPs to a target loss)")
-    g.add_argument("--plot", metavar="PNG", help="with --summarize: where to write the plot")
     return p
 
 
@@ -175,8 +182,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("argument --overwrite: not allowed with --resume (continue the run, or start it over)")
-    if args.plot and not args.summarize:
-        parser.error("argument --plot: only with --summarize")
     if args.out is None:
         args.out = os.path.join("runs", args.preset if args.config is None else "custom")
     return args
@@ -388,10 +393,160 @@ def lr_at(step, args):
 
 
 # -----------------------------------------------------------------------------
-# the run folder, checkpoints and resume
+# the run folder: one writer, and a list of what train.py wrote there
 
-def read_metrics(path, upto_step):
-    """The records of steps <= upto_step; a line cut short by a kill is dropped."""
+MANIFEST = "train_files.json"  # the files train.py wrote in the run folder
+LOCK = "train.lock"  # held by the process writing the run folder; its one line names that process
+CHECKPOINT_NAME = re.compile(r"ckpt_(\d{7})\.pt")
+_held_locks = {}  # lock path -> descriptor: a later main() in the same process (tests) takes its own lock over
+
+
+class RunFolder:
+    """--out and the list of the files train.py wrote there (MANIFEST). A name is listed before its file
+    is written, and MANIFEST is replaced atomically, so a kill at any moment leaves every file of the
+    run listed. Only listed files are ever replaced, moved or deleted; a folder holding anything else
+    is refused. A name ending in "/" claims a whole folder while it is written (the hf/ export)."""
+
+    def __init__(self, path, exempt=()):
+        self.path = path
+        self.exempt = {os.path.realpath(p) for p in exempt}  # folders of other programs (a --data-cache inside --out)
+        self.read_manifest()
+
+    def read_manifest(self):
+        self.files, self.listed = set(), False
+        with suppress(OSError, ValueError, KeyError, TypeError):
+            with open(self.join(MANIFEST)) as f:
+                manifest = json.load(f)
+            if manifest["written_by"] == "train.py":
+                self.files, self.listed = set(manifest["files"]), True
+
+    def join(self, name):
+        return os.path.join(self.path, name)
+
+    def ours(self, name):
+        if name == MANIFEST:
+            return self.listed
+        name = name.removesuffix(".tmp")  # data.write_atomically's temporary file of a listed name
+        return name == LOCK or name in self.files or any(name.startswith(f) for f in self.files if f.endswith("/"))
+
+    def names(self):
+        """Every file, link or other non-folder entry under the folder, as a relative path, in order (lazily:
+        a check of a user's large folder stops at its first file)."""
+        for folder, dirs, names in os.walk(self.path):
+            links = [d for d in dirs if os.path.islink(os.path.join(folder, d))]
+            dirs[:] = sorted(d for d in dirs if d not in links and os.path.realpath(os.path.join(folder, d)) not in self.exempt)
+            yield from (os.path.relpath(os.path.join(folder, n), self.path) for n in sorted(names + links))
+
+    def take(self, command):
+        """Lock the folder, then check it: None, or the one line that says why train.py may not write here
+        (rank 0 only). The lock (LOCK, held until this process ends: the kernel lets go of it then, also
+        after SIGKILL) comes first, so that no other run writes between the check and this run's writes;
+        a folder refused for holding files train.py did not write is left as it was."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            return f"--out {self.path}: exists and is not a folder"
+        lock = os.path.realpath(self.join(LOCK))
+        with suppress(KeyError):
+            os.close(_held_locks.pop(lock))
+        created = not os.path.exists(lock)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            return f"--out {self.path}: cannot write {e.filename}: {e.strerror}"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder(fd)
+            os.close(fd)
+            return f"--out {self.path} is in use by {holder}: wait for it or stop it, or choose another --out"
+        self.read_manifest()
+        if foreign := next((n for n in self.names() if not self.ours(n)), None):
+            if created:
+                os.remove(lock)
+            os.close(fd)
+            return (f"--out {self.path} holds files that are not train.py's (not listed in its {MANIFEST}), e.g. "
+                    f"{self.join(foreign)}: train.py never writes beside them; move them, or choose an empty or new --out")
+        if previous := os.pread(fd, 4096, 0).decode(errors="replace").strip():  # a killed holder's line
+            print(f"--out {self.path}: the lock of {previous}, which has ended, is taken over")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({command})\n".encode(), 0)
+        atexit.register(lambda: fd in _held_locks.values() and os.ftruncate(fd, 0))  # an orderly end empties it
+        _held_locks[lock] = fd  # open for the life of the process: closing it would let go
+        return None
+
+    @staticmethod
+    def _holder(fd):
+        for _ in range(100):  # the holder writes its line once it has checked the folder
+            if line := os.pread(fd, 4096, 0).decode(errors="replace").strip():
+                return line
+            time.sleep(0.01)
+        return "another process"
+
+    def claim(self, *names):
+        """List `names` as train.py's before they are written."""
+        if not self.files.issuperset(names):
+            self.files.update(names)
+            self._save()
+
+    def forget(self, *names):
+        self.files.difference_update(names)
+        self._save()
+
+    def _save(self):
+        data.write_atomically(self.join(MANIFEST),
+                              lambda f: json.dump({"written_by": "train.py", "files": sorted(self.files)}, f, indent=1))
+        self.listed = True
+
+    def write(self, name, write, mode="w"):
+        self.claim(name)
+        os.makedirs(os.path.dirname(self.join(name)), exist_ok=True)
+        data.write_atomically(self.join(name), write, mode)
+
+    def remove(self, *names):
+        """Delete listed files (and the folders they leave empty), then unlist them."""
+        for name in names:
+            if name.endswith("/"):
+                shutil.rmtree(self.join(name), ignore_errors=True)
+            else:
+                with suppress(FileNotFoundError):
+                    os.remove(self.join(name))
+            parent = os.path.dirname(name.rstrip("/"))
+            while parent:
+                with suppress(OSError):  # not empty: something else is still in it
+                    os.rmdir(self.join(parent))
+                parent = os.path.dirname(parent)
+        self.forget(*names)
+
+    def move(self, names, folder):
+        """Move listed files into the subfolder `folder`, keeping their relative names."""
+        moved = {name: os.path.join(folder, name) for name in names}
+        self.claim(*moved.values())
+        for old, new in moved.items():
+            os.makedirs(os.path.dirname(self.join(new.rstrip("/"))), exist_ok=True)
+            with suppress(FileNotFoundError):
+                os.rename(self.join(old), self.join(new))
+        self.forget(*moved)
+
+    def checkpoints(self):
+        """[(step, name)] of the checkpoints train.py wrote at the top of the folder, oldest first."""
+        return sorted((int(m[1]), n) for n in self.files if (m := CHECKPOINT_NAME.fullmatch(n)) and os.path.exists(self.join(n)))
+
+
+def open_run_folder(args, setup):
+    """--out, checked and locked by rank 0; every rank stops with rank 0's line when it may not be used."""
+    folder = RunFolder(args.out, exempt=[args.data_cache])
+    problem = folder.take(command_line(setup.world, sys.argv[1:])) if setup.master else None
+    if setup.distributed:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        fail(problem)
+    return folder
+
+
+def read_metrics(path, upto_step, after=False):
+    """The records of steps <= upto_step (> upto_step when `after`); a line cut short by a kill is dropped."""
     records = []
     if os.path.exists(path):
         with open(path) as f:
@@ -400,38 +555,52 @@ def read_metrics(path, upto_step):
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if record["step"] <= upto_step:
+                if (record["step"] > upto_step) == after:
                     records.append(record)
     return records
 
 
-def prepare_run_folder(args, start_step, run_config, master):
-    """Make --out ready and return the metrics records kept from before: a resumed run keeps those up
-    to its checkpoint's step, the ones it will not redo. A folder that holds an earlier run's
-    checkpoints is never reused silently: --resume continues it, --overwrite clears it first."""
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        fail(f"--out {args.out}: exists and is not a folder")
-    earlier = sorted(glob.glob(os.path.join(args.out, "ckpt_*.pt")))
+def prepare_run_folder(args, folder, ckpt, ckpt_path, run_config, setup):
+    """Make --out ready and return the metrics records kept from before. A folder that holds an
+    earlier run is never reused silently: --resume continues it, --overwrite deletes what train.py
+    wrote there first. A resumed run keeps the records up to its checkpoint's step; what a resume
+    from an older checkpoint would replace (newer checkpoints, their metrics, plot and hf/ export)
+    is moved into a subfolder, never deleted."""
+    earlier = folder.checkpoints()
     if earlier and not (args.resume or args.overwrite):
-        fail(f"--out {args.out} holds an earlier run (checkpoints up to {os.path.basename(earlier[-1])}): "
+        fail(f"--out {args.out} holds an earlier run (checkpoints up to {earlier[-1][1]}): "
              f"continue it with --resume, start over with --overwrite, or choose another --out")
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    records = read_metrics(metrics_path, start_step) if args.resume else []
-    if master:
-        try:
-            os.makedirs(args.out, exist_ok=True)
-            stale = glob.glob(os.path.join(args.out, "ckpt_*.pt.tmp"))  # a killed save's leftovers
-            if args.overwrite:
-                stale += earlier + glob.glob(os.path.join(args.out, "plot.png"))
-                shutil.rmtree(os.path.join(args.out, "hf"), ignore_errors=True)
-            for path in stale:
-                os.remove(path)
-            data.write_atomically(metrics_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records))
-            data.write_atomically(os.path.join(args.out, "config.json"), lambda f: json.dump(run_config, f, indent=2))
-        except OSError as e:
-            fail(f"--out {args.out}: cannot write {e.filename}: {e.strerror}")
+    from_elsewhere = ckpt and os.path.realpath(os.path.dirname(ckpt_path) or ".") != os.path.realpath(args.out)
+    if from_elsewhere and folder.files:
+        fail(f"--resume {ckpt_path}: a checkpoint of another run folder, and --out {args.out} holds a run of its "
+             f"own: resume into a new --out")
+    metrics = "metrics.jsonl"
+    step = ckpt["step"] if ckpt else 0
+    records = read_metrics(folder.join(metrics), step) if ckpt else []
+    if not setup.master:
+        return records
+    try:
+        folder.remove(*[n for n in folder.names() if n.endswith(".tmp") and folder.ours(n)])  # a kill's leftovers
+        if args.overwrite:
+            folder.remove(*folder.files)
+        if ckpt and (newer := [name for s, name in earlier if s > step]):
+            aside, tries = f"after_step_{step}", 1
+            while os.path.exists(folder.join(aside)):  # resumed from this step before
+                aside, tries = f"after_step_{step}_{tries + 1}", tries + 1
+            later = read_metrics(folder.join(metrics), step, after=True)
+            folder.write(os.path.join(aside, metrics), lambda f: f.writelines(json.dumps(r) + "\n" for r in later))
+            folder.move([*newer, *sorted(n for n in folder.files if n == "plot.png" or n.startswith("hf/"))], aside)
+            setup.log(f"--resume {ckpt_path}: the newer checkpoints ({', '.join(newer)}) and their metrics, plot and "
+                      f"export are kept in {folder.join(aside)}")
+        folder.write(metrics, lambda f: f.writelines(json.dumps(r) + "\n" for r in records))
+        folder.write("config.json", lambda f: json.dump(run_config, f, indent=2))
+    except OSError as e:
+        fail(f"--out {args.out}: cannot write {e.filename}: {e.strerror}")
     return records
 
+
+# -----------------------------------------------------------------------------
+# checkpoints and resume
 
 def rng_state():
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
@@ -471,35 +640,45 @@ def gather_training_state(raw_model, optimizer, args, setup):
     return model_state, optim_state
 
 
-def save_checkpoint(ckpt, out_dir, keep):
-    """Write ckpt_<step>.pt atomically (temporary file, fsync, rename) and keep the newest `keep`.
-    A kill at any moment leaves every ckpt_*.pt complete: the rename is the commit. A failed write
-    (a full disk) removes the temporary file and stops with one line naming the path; a model with
-    non-finite weights is never written."""
+def save_checkpoint(ckpt, folder, keep):
+    """Write ckpt_<step>.pt atomically (temporary file, fsync, rename) and keep the newest `keep` of the
+    checkpoints train.py wrote in the folder. A kill at any moment leaves every ckpt_*.pt complete: the
+    rename is the commit. A failed write (a full disk) removes the temporary file and stops with one
+    line naming the path; a model with non-finite weights is never written."""
     if not all(torch.isfinite(v).all() for v in ckpt.get("model", {}).values() if v.is_floating_point()):
         fail(f"step {ckpt['step']}: the model holds non-finite weights; not checkpointing it")
-    path = os.path.join(out_dir, f"ckpt_{ckpt['step']:07d}.pt")
+    name = f"ckpt_{ckpt['step']:07d}.pt"
     try:
-        data.write_atomically(path, lambda f: torch.save(ckpt, f), mode="wb")
+        folder.write(name, lambda f: torch.save(ckpt, f), mode="wb")
     except (OSError, RuntimeError) as e:
         # torch.save reports a failed write as RuntimeError("... unexpected pos ...") raised while
         # handling the OSError that says what happened
         cause = e if isinstance(e, OSError) else e.__context__
         if isinstance(cause, OSError):
-            fail(f"--out {out_dir}: cannot write checkpoint {path}: {cause.strerror or cause}")
+            fail(f"--out {folder.path}: cannot write checkpoint {folder.join(name)}: {cause.strerror or cause}")
         raise
-    for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-keep]:
-        os.remove(old)
-    return path
+    folder.remove(*[old for _, old in folder.checkpoints()[:-keep]])
+    return folder.join(name)
 
 
 def load_checkpoint(path):
-    """A train.py checkpoint, memory-mapped: tensors are read from disk when used, so opening one to
-    check it costs no load. ValueError names what is wrong with the file."""
+    """A train.py checkpoint, memory-mapped: tensors are read from disk when used. Every byte is first
+    checked against the CRC-32 that torch.save's zip archive stores for each record, which torch.load
+    never reads. ValueError names what is wrong with the file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            corrupt = archive.testzip()
+    except OSError as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    except Exception:  # zipfile's errors for an empty, cut or foreign file are many kinds
+        raise ValueError(f"cannot read checkpoint {path}: not a whole checkpoint (empty, cut short, or not a zip "
+                         f"archive)") from None
+    if corrupt:
+        raise ValueError(f"cannot read checkpoint {path}: corrupt bytes (record {corrupt} fails its CRC-32 check)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+    except Exception:  # a whole zip archive that is not a torch.save file
+        raise ValueError(f"cannot read checkpoint {path}: a zip archive, but not one torch.save wrote") from None
     missing = CHECKPOINT_KEYS - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise ValueError(f"{path} is not a train.py checkpoint (missing {', '.join(sorted(missing))})")
@@ -510,10 +689,10 @@ def open_checkpoint(args, run_config):
     """(checkpoint, path) that --resume names, checked against this run before anything is built. An
     unreadable checkpoint is named with the newest older one in its folder that reads."""
     if args.resume == "latest":
-        ckpts = sorted(glob.glob(os.path.join(args.out, "ckpt_*.pt")))
+        ckpts = RunFolder(args.out).checkpoints()
         if not ckpts:
             fail(f"--resume: no checkpoint in --out {args.out}")
-        path = ckpts[-1]
+        path = os.path.join(args.out, ckpts[-1][1])
     else:
         path = args.resume
         if not os.path.isfile(path):
@@ -574,17 +753,32 @@ def restore(ckpt, path, raw_model, optimizer, scaler, sampler, args, setup):
 
 class StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop at the next step boundary, after a checkpoint,
-    instead of killing it mid-step. A second SIGINT stops at once (KeyboardInterrupt)."""
+    instead of killing it mid-step. A second SIGINT stops at once (KeyboardInterrupt), except during a
+    checkpoint write (`deferred`), which completes first."""
 
     def __enter__(self):
-        self.received = None
+        self.received, self.deferring, self.urgent = None, False, False
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
         if signum == self.received == signal.SIGINT:
-            raise KeyboardInterrupt
+            self.urgent = True
+            if not self.deferring:
+                raise KeyboardInterrupt
         self.received = self.received or signum  # torchrun follows a Ctrl-C with SIGTERM: keep the first
+
+    @contextmanager
+    def deferred(self):
+        """A write no signal interrupts: raised inside torch.save, a KeyboardInterrupt became a torch
+        RuntimeError with a traceback; here the write ends, then a second Ctrl-C stops."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.urgent:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -599,8 +793,14 @@ class StopSignals:
         return bool(stop)
 
 
-def resume_command(world):
-    """The command line that continues this run: this one with --resume instead of --resume/--overwrite."""
+def command_line(world, argv):
+    launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
+    return shlex.join([*launcher, "train.py", *argv])
+
+
+def resume_command(world, ckpt_path):
+    """The command line that continues this run from ckpt_path: this one with --resume CKPT instead of
+    --resume/--overwrite."""
     argv, kept = sys.argv[1:], []
     i = 0
     while i < len(argv):
@@ -609,8 +809,7 @@ def resume_command(world):
         elif not (argv[i] in ("--resume", "--overwrite") or argv[i].startswith("--resume=")):
             kept.append(argv[i])
         i += 1
-    launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
-    return shlex.join([*launcher, "train.py", *kept, "--resume"])
+    return command_line(world, [*kept, "--resume", ckpt_path])
 
 
 # -----------------------------------------------------------------------------
@@ -704,112 +903,17 @@ def plot_metrics(records, tau, path):
     plt.close(fig)
 
 
-# -----------------------------------------------------------------------------
-# --summarize: compare finished runs (the experiments in the README)
-
-# Settings that tell runs apart without making them different experiments.
-_NOT_A_SETTING = {"seed", "out", "resume", "overwrite", "set", "summarize", "plot", "log_interval", "ckpt_interval",
-                  "keep_ckpts", "sample_tokens", "peak_flops", "data_cache"}
-
-
-def _settings(run_config):
-    """A run's config.json flattened to {name: value}, model fields as model.NAME."""
-    flat = {k: json.dumps(v) for k, v in run_config.items() if k != "model" and k not in _NOT_A_SETTING}
-    return {**flat, **{f"model.{k}": json.dumps(v) for k, v in run_config["model"].items()}}
-
-
-def _flops_to_reach(curve, target):
-    """The first training FLOPs at which a [(flops, val loss)] curve is at or below target, linear
-    between evaluations; None if it never gets there."""
-    for (f0, l0), (f1, l1) in zip(curve, curve[1:]):
-        if l1 <= target:
-            return f0 + (f1 - f0) * (l0 - target) / (l0 - l1) if l0 > target else f0
-    return None
-
-
-def summarize(run_dirs, plot_path=None):
-    """Compare finished runs (--summarize): runs that differ only in --seed form one group; a group
-    is named by the settings that differ between groups. Prints a Markdown table of total and
-    activated parameters, final validation loss (mean and per seed), its change against the first
-    group, and the training FLOPs each group's mean validation curve needs to reach the target loss
-    (the highest final mean loss, so every group reaches it) with their ratio to the fewest.
-    Writes the validation curves and final losses to plot_path (needs matplotlib)."""
-    runs = []
-    for folder in run_dirs:
-        try:
-            with open(os.path.join(folder, "config.json")) as f:
-                run_config = json.load(f)
-        except (OSError, ValueError) as e:
-            fail(f"--summarize: {folder} is not a train.py run folder ({e})")
-        val = [(r["step"], r["val_loss"]) for r in read_metrics(os.path.join(folder, "metrics.jsonl"), math.inf)
-               if "val_loss" in r]
-        if not val or val[-1][0] != run_config["max_steps"]:
-            fail(f"--summarize: {folder} has not finished (no validation loss at step {run_config['max_steps']})")
-        runs.append((folder, run_config, _settings(run_config), val))
-    differ = sorted(k for k in runs[0][2] if len({r[2].get(k) for r in runs}) > 1)
-    groups = {}
-    for folder, run_config, settings, val in runs:
-        label = ", ".join(f"{k.removeprefix('model.')}={json.loads(settings[k])}" for k in differ) or "all runs"
-        groups.setdefault(label, []).append((run_config, val))
-    rows = []
-    for label, members in groups.items():
-        run_config = members[0][0]
-        config = Config(**run_config["model"])
-        counts = count_params(config)
-        flops_per_step = flops_per_token(config, (run_config["seq_len"] + 1) / 2, training=True) * run_config["tokens_per_step"]
-        steps = [s for s, _ in members[0][1]]
-        if any([s for s, _ in val] != steps for _, val in members):
-            fail(f"--summarize: the runs of {label} were evaluated at different steps")
-        mean = [sum(val[i][1] for _, val in members) / len(members) for i in range(len(steps))]
-        rows.append(dict(label=label, seeds=[c["seed"] for c, _ in members], total=counts["total"],
-                         activated=counts["activated"], finals=[val[-1][1] for _, val in members],
-                         curve=[(s * flops_per_step, l) for s, l in zip(steps, mean)]))
-    target = max(row["curve"][-1][1] for row in rows)
-    for row in rows:
-        row["to_target"] = _flops_to_reach(row["curve"], target)
-    fewest = min(row["to_target"] for row in rows)
-    first = rows[0]["curve"][-1][1]
-    print(f"| runs | seeds | total params | activated params | final val loss (mean) | per seed | vs first | "
-          f"training FLOPs to val loss {target:.4f} | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        final = row["curve"][-1][1]
-        print(f"| {row['label']} | {', '.join(map(str, row['seeds']))} | {row['total']:,} | {row['activated']:,} | "
-              f"{final:.4f} | {', '.join(f'{v:.4f}' for v in row['finals'])} | {100 * (final / first - 1):+.2f}% | "
-              f"{row['to_target']:.3g} | {row['to_target'] / fewest:.2f} |")
-    if plot_path:
-        _plot_summary(rows, target, plot_path)
-    return rows
-
-
-def _plot_summary(rows, target, path):
-    if (plt := _pyplot(path)) is None:
-        return
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    for row in rows:
-        ax[0].plot(*zip(*row["curve"]), "o-", ms=3, label=row["label"])
-    ax[0].axhline(target, color="k", linestyle="--", linewidth=0.8, label=f"target {target:.3f}")
-    ax[0].set(title="validation loss (mean over seeds)", xlabel="training FLOPs", ylabel="nats/token", xscale="log")
-    ax[0].set_ylim(top=min(ax[0].get_ylim()[1], 2 * target))
-    ax[0].legend(fontsize=7)
-    for i, row in enumerate(rows):
-        ax[1].plot([i] * len(row["finals"]), row["finals"], "o", color=f"C{i}")
-    ax[1].plot(range(len(rows)), [row["curve"][-1][1] for row in rows], "k-", linewidth=0.8)
-    ax[1].set_xticks(range(len(rows)), [row["label"] for row in rows], rotation=20, fontsize=7, ha="right")
-    ax[1].set(title="final validation loss (each seed; line: mean)", ylabel="nats/token")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def export_and_sample(model_state, config, out, sample_tokens, val_tokens, log):
+def export_and_sample(model_state, config, folder, sample_tokens, val_tokens, log):
     """hf/: the final model and the byte tokenizer in the Hugging Face layout (AutoModelForCausalLM
     and AutoTokenizer load it); then a sample continuing the first validation tokens."""
     export = KimiK2(config)  # a plain, unsharded copy for the export and the sample
     export.load_state_dict(model_state)
     tokenizer = data.ByteTokenizer()
-    export.save_pretrained(os.path.join(out, "hf"))
-    tokenizer.save_pretrained(os.path.join(out, "hf"))
+    folder.claim("hf/")  # the writers choose the file names: the folder is claimed whole until they are listed
+    export.save_pretrained(folder.join("hf"))
+    tokenizer.save_pretrained(folder.join("hf"))
+    folder.claim(*[name for name in folder.names() if name.startswith("hf" + os.sep)])
+    folder.forget("hf/")
     if sample_tokens:
         prompt = torch.from_numpy(val_tokens[:16].astype(np.int64))[None]  # (1, 16)
         sample = export.eval().generate(prompt, sample_tokens, temperature=0.8, top_k=40)
@@ -818,8 +922,6 @@ def export_and_sample(model_state, config, out, sample_tokens, val_tokens, log):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.summarize:
-        return summarize(args.summarize, args.plot)
 
     # -------------------------------------------------------------------------
     # config and init: processes, device, dtype; a checkpoint to resume is checked before anything is built
@@ -832,8 +934,9 @@ def main(argv=None):
     run_config = {**vars(args), "model": config.to_dict(), "data": args.data or "embedded",
                   "processes": setup.world, "micro_batch": setup.micro_batch, "tokens_per_step": tokens_per_step,
                   "dtype": str(setup.dtype).removeprefix("torch."), "device": str(setup.device)}
+    folder = open_run_folder(args, setup)  # rank 0 holds its lock until the process ends
     ckpt, ckpt_path = open_checkpoint(args, run_config) if args.resume else (None, None)
-    records = prepare_run_folder(args, ckpt["step"] if ckpt else 0, run_config, setup.master)
+    records = prepare_run_folder(args, folder, ckpt, ckpt_path, run_config, setup)
     torch.manual_seed(args.seed)  # same seed on every rank: identical initial weights before sharding
 
     # -------------------------------------------------------------------------
@@ -851,12 +954,12 @@ def main(argv=None):
     attention, gates = raw_model.attention_modules(), list(raw_model.moe_gates())
     tau = args.qk_clip_tau or None
     optimizer = build_optimizer(args, raw_model, tau, setup)
-    start_step, window, bad_steps = 0, None, 0
+    start_step, window, bad_steps, last_ckpt = 0, None, 0, ckpt_path
     if ckpt:
         start_step, window, bad_steps = restore(ckpt, ckpt_path, raw_model, optimizer, scaler, train_sampler, args, setup)
         log(f"resumed from {ckpt_path} at step {start_step}")
         del ckpt
-    write_record = metrics_writer(os.path.join(args.out, "metrics.jsonl"), records, setup.master)
+    write_record = metrics_writer(folder.join("metrics.jsonl"), records, setup.master)
     peak_flops = args.peak_flops or measure_peak_flops(setup.dtype, setup.device)
     flops_per_tok = raw_model.estimate_flops_per_token(args.seq_len)  # training: forward + backward
     n_params = sum(p.numel() for p in raw_model.parameters())  # DTensor numel is the global size
@@ -874,20 +977,24 @@ def main(argv=None):
     with StopSignals() as stop:
         for step in range(start_step, max_steps + 1):  # step = optimizer updates done so far
             stopping = stop.agreed(setup)  # Ctrl-C or SIGTERM: checkpoint this step, then stop
-            # Evaluate, then checkpoint, the model after `step` updates; a resumed run did both before it stopped.
-            if step > start_step or step == 0:
-                if step % args.eval_interval == 0 or step == max_steps:
-                    val_loss = estimate_val_loss(model, val_tokens, args, setup)
-                    write_record({"step": step, "val_loss": val_loss})
-                    log(f"step {step}: val loss {val_loss:.4f}")
-                if step > 0 and (step % args.ckpt_interval == 0 or step == max_steps or stopping):
-                    model_state, optim_state = gather_training_state(raw_model, optimizer, args, setup)
-                    if setup.master:
-                        save_checkpoint({"step": step, "model": model_state, "optimizer": optim_state,
-                                         "optimizer_per_rank": args.fsdp, "scaler": scaler.state_dict(),
-                                         "sampler": train_sampler.state_dict(), "rng": rng_state(),
-                                         "window": to_cpu(window), "bad_steps": bad_steps, "config": run_config},
-                                        args.out, args.keep_ckpts)
+            # Evaluate, then checkpoint, the model after `step` updates; a resumed run did both before it
+            # stopped (it evaluates again only where its metrics lack the record: a resume into a new --out).
+            resumed_here = step == start_step > 0
+            if (step % args.eval_interval == 0 or step == max_steps) and not (
+                    resumed_here and any(r["step"] == step and "val_loss" in r for r in records)):
+                val_loss = estimate_val_loss(model, val_tokens, args, setup)
+                write_record({"step": step, "val_loss": val_loss})
+                log(f"step {step}: val loss {val_loss:.4f}")
+            if step > 0 and not resumed_here and (step % args.ckpt_interval == 0 or step == max_steps or stopping):
+                model_state, optim_state = gather_training_state(raw_model, optimizer, args, setup)
+                if setup.master:
+                    with stop.deferred():
+                        last_ckpt = save_checkpoint(
+                            {"step": step, "model": model_state, "optimizer": optim_state,
+                             "optimizer_per_rank": args.fsdp, "scaler": scaler.state_dict(),
+                             "sampler": train_sampler.state_dict(), "rng": rng_state(),
+                             "window": to_cpu(window), "bad_steps": bad_steps, "config": run_config},
+                            folder, args.keep_ckpts)
             if step == max_steps or stopping:
                 break
 
@@ -908,10 +1015,7 @@ def main(argv=None):
                 bad_steps = 0
             else:
                 # Drop this step's statistics with its gradient: they were measured on a diverging model.
-                for m in attention:
-                    m.reset_max_logits_()
-                for gate in gates:
-                    gate.expert_load.zero_()
+                raw_model.reset_step_statistics_()
                 bad_steps += 1
                 write_record({"step": step + 1, "skipped": "non-finite loss or gradient",
                               "loss": loss.item(), "grad_norm": grad_norm.item()})
@@ -945,12 +1049,13 @@ def main(argv=None):
     if stopping:
         by = signal.Signals(stop.received).name if stop.received else "a signal to another rank"
         log(f"stopped by {by} after step {step}" +
-            (f", checkpointed; continue with: {resume_command(setup.world)}" if step > 0 else ", before any update"))
+            (f", checkpointed; continue with: {resume_command(setup.world, last_ckpt)}" if step > 0 else ", before any update"))
     else:
         final_state = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if setup.master:
-            export_and_sample(final_state, config, args.out, args.sample_tokens, val_tokens, log)
-            plot_metrics(records, tau, os.path.join(args.out, "plot.png"))
+            export_and_sample(final_state, config, folder, args.sample_tokens, val_tokens, log)
+            folder.claim("plot.png")
+            plot_metrics(records, tau, folder.join("plot.png"))
             verdict = "below" if val_loss < entropy else "NOT below"
             log(f"final val loss {val_loss:.4f} nats/token vs unigram entropy {entropy:.4f} nats/token "
                 f"({verdict} the best context-free model); run folder {args.out}")
