@@ -597,6 +597,17 @@ def attach_qk_clip(model, rules=None):
     return found
 
 
+def trainer_optimizer(**kwargs):
+    """MuonClip for transformers' Trainer: Trainer(..., optimizer_cls_and_kwargs=
+    muonclip.trainer_optimizer(lr=2e-3, weight_decay=0.1, qk_clip_tau=100.0)).
+
+    Returns (factory, kwargs): Trainer calls the factory, then its result with (its model, **kwargs),
+    so MuonClip gets the model itself (roles, fused blocks, attention modules) and kwargs is never
+    changed: the same pair serves a second Trainer (a resume). The form (MuonClip, {"model": model,
+    ...}) works once: Trainer removes "model" from the very dict it is given."""
+    return (lambda: MuonClip), kwargs
+
+
 def _hf_clip_rule(name, m):
     """The qk_clip_ of a transformers attention module, or the reason it cannot have one."""
     what = f"{name} ({type(m).__name__})"
@@ -699,7 +710,8 @@ def _hf_visibility(module, query, key, mask, config, kwargs):
         if mask is None:
             return dict(causal=False, attention_mask=None)
         # causal, padding, windows: all in the mask, bool (True = keep) or additive (dtype min = masked)
-        real = (mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min).diagonal(Tk - Tq, -2, -1)
+        visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
+        real = visible.diagonal(visible.shape[-1] - visible.shape[-2], -2, -1)   # each query's own key
         real = real[..., None]                                                # (B|1, H|1, Tq, 1)
         return dict(causal=False, attention_mask=mask & real if mask.dtype == torch.bool
                     else mask.masked_fill(~real, -math.inf))

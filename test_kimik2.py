@@ -1546,32 +1546,80 @@ def test_nanogpt_style_fused_model_trains_with_clip_and_post_clip_logits_never_e
 
 # --------------------------------------------------------------- 10. transformers models
 
+_MUON_HF_COMMON = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+
+
+def _muon_hf_config(kind):
+    """(model class name, config) of a tiny random decoder of each family; 4 query heads."""
+    import transformers as tf
+    c = _MUON_HF_COMMON
+    gpt_like = dict(vocab_size=61, num_hidden_layers=2, num_attention_heads=4, initializer_range=0.2)
+    return {
+        "llama": lambda: ("LlamaForCausalLM", tf.LlamaConfig(**c)),
+        "qwen2": lambda: ("Qwen2ForCausalLM", tf.Qwen2Config(**c)),
+        "mistral": lambda: ("MistralForCausalLM", tf.MistralConfig(sliding_window=4, **c)),
+        "mixtral": lambda: ("MixtralForCausalLM", tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **c)),
+        "gemma2": lambda: ("Gemma2ForCausalLM", tf.Gemma2Config(head_dim=8, query_pre_attn_scalar=12, sliding_window=4,
+                                                                attn_logit_softcapping=2.0, **c)),
+        "gpt_oss": lambda: ("GptOssForCausalLM", tf.GptOssConfig(head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                                                                 sliding_window=4, **c)),
+        "olmo2": lambda: ("Olmo2ForCausalLM", tf.Olmo2Config(**c)),
+        "phi3": lambda: ("Phi3ForCausalLM", tf.Phi3Config(pad_token_id=0, **c)),
+        "deepseek_v3": lambda: ("DeepseekV3ForCausalLM", tf.DeepseekV3Config(
+            q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
+            num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=16, n_group=1, topk_group=1,
+            **{**c, "num_key_value_heads": 4})),
+        "gpt2": lambda: ("GPT2LMHeadModel", tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=61,
+                                                          initializer_range=0.2, scale_attn_by_inverse_layer_idx=True,
+                                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+        "gpt_neox": lambda: ("GPTNeoXForCausalLM", tf.GPTNeoXConfig(hidden_size=32, intermediate_size=48, rotary_pct=0.5,
+                                                                    **gpt_like)),
+        "falcon_grouped": lambda: ("FalconForCausalLM", tf.FalconConfig(hidden_size=32, new_decoder_architecture=True,
+                                                                        num_kv_heads=2, alibi=False, **gpt_like)),
+        "falcon_multi_query": lambda: ("FalconForCausalLM", tf.FalconConfig(hidden_size=32, multi_query=True, alibi=False,
+                                                                            new_decoder_architecture=False, **gpt_like)),
+        "falcon_mha": lambda: ("FalconForCausalLM", tf.FalconConfig(hidden_size=32, multi_query=False, alibi=False,
+                                                                    new_decoder_architecture=False, **gpt_like)),
+        "falcon_alibi": lambda: ("FalconForCausalLM", tf.FalconConfig(hidden_size=32, alibi=True, **gpt_like)),
+        "qwen3": lambda: ("Qwen3ForCausalLM", tf.Qwen3Config(head_dim=8, **c)),
+        "gemma3": lambda: ("Gemma3ForCausalLM", tf.Gemma3TextConfig(head_dim=8, query_pre_attn_scalar=8, **c)),
+    }[kind]()
+
+
+# Every family attach_qk_clip clips: its key heads per layer, and its eager-only families.
+_MUON_HF_KEY_HEADS = {"llama": 2, "qwen2": 2, "mistral": 2, "mixtral": 2, "gemma2": 2, "gpt_oss": 2, "olmo2": 2,
+                      "phi3": 2, "deepseek_v3": 4, "gpt2": 4, "gpt_neox": 4, "falcon_grouped": 2,
+                      "falcon_multi_query": 1, "falcon_mha": 4}
+_MUON_HF_EAGER_ONLY = ("gemma2", "gpt_oss")                     # soft-capping, sinks: no sdpa in transformers
+
+
 def _muon_hf_model(kind, attn="sdpa", layers=2):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    common = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, attn_implementation=attn)
-    if kind == "llama":
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    if kind == "qwen3":
-        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=8, **common))
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    with torch.no_grad():                                  # non-zero q/k biases, so the bias rule shows
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.bias.normal_(0, 0.3)
-            layer.self_attn.k_proj.bias.normal_(0, 0.3)
+    name, config = _muon_hf_config(kind)
+    config.num_hidden_layers = layers
+    config._attn_implementation = "eager" if kind in _MUON_HF_EAGER_ONLY else attn
+    model = getattr(transformers, name)(config)
+    if kind == "qwen2":
+        with torch.no_grad():                              # non-zero q/k biases, so the bias rule shows
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.bias.normal_(0, 0.3)
+                layer.self_attn.k_proj.bias.normal_(0, 0.3)
     return model
 
 
 class _MuonHFAdapter(nn.Module):
-    """model(x, x) -> (logits, loss) for a transformers causal LM, as the helpers above call it."""
+    """model(x, x) -> (logits, loss) for a transformers causal LM, as the helpers above call it, with
+    a fixed padding mask if given."""
 
-    def __init__(self, hf):
+    def __init__(self, hf, attention_mask=None):
         super().__init__()
-        self.hf = hf
+        self.hf, self.attention_mask = hf, attention_mask
 
     def forward(self, idx, targets, attention_mask=None):
-        out = self.hf(input_ids=idx, attention_mask=attention_mask, labels=targets)
+        mask = self.attention_mask if attention_mask is None else attention_mask
+        out = self.hf(input_ids=idx, attention_mask=mask, labels=targets, use_cache=False)
         return out.logits, out.loss
 
 
@@ -1580,40 +1628,154 @@ def _muon_hf_padding(batch, length, seed):
     idx = torch.randint(0, 61, (batch, length), generator=gen)
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[0, :2] = 0                                          # left padding
-    mask[-1, -3:] = 0                                        # right padding
+    mask[-1, -5:] = 0                                        # right padding
     return idx, mask
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_hf_tracked_max_equals_explicit_logits_with_padding(kind, attn, monkeypatch):
-    """The statistic is the max over causal positions whose key is not padding, of q.k * scaling
-    computed here from the rotated q and k, whatever attention implementation runs."""
-    model = _muon_hf_model(kind, attn)
+def _muon_hf_spy_qk(monkeypatch, model):
+    """[(query, key)] each attention layer attends with, in layer order: caught at torch's SDPA, or
+    at the modeling file's eager function (the eager-only families)."""
+    seen = []
+    if model.config._attn_implementation == "eager":
+        modeling = sys.modules[type(model).__module__]
+        eager = modeling.eager_attention_forward
+        monkeypatch.setattr(modeling, "eager_attention_forward", lambda module, q, k, *a, **kw: (
+            seen.append((q.detach(), k.detach())), eager(module, q, k, *a, **kw))[1])
+    else:
+        sdpa = F.scaled_dot_product_attention
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda q, k, *a, **kw: (
+            seen.append((q.detach(), k.detach())), sdpa(q, k, *a, **kw))[1])
+    return seen
+
+
+def _muon_hf_hand_max(kind, config, layer, q, k, mask, real_queries_only=True):
+    """Per-head max of scale * q.k over causal, in-window positions whose key (and query) is a real
+    token, from the family's config: the scale and window as its modeling file sets them."""
+    H, T = q.shape[1], q.shape[2]
+    scale = config.query_pre_attn_scalar ** -0.5 if kind == "gemma2" else q.shape[-1] ** -0.5
+    scale /= layer + 1 if kind == "gpt2" else 1                   # scale_attn_by_inverse_layer_idx
+    i, j = torch.arange(T)[:, None], torch.arange(T)
+    visible = j <= i                                              # (T, T)
+    types, window = getattr(config, "layer_types", None), getattr(config, "sliding_window", None)
+    if window is not None and (types is None or types[layer] == "sliding_attention"):
+        visible = visible & (i - j < window)
+    real = mask.bool()                                            # (B, T)
+    visible = visible & real[:, None, :] & (real[:, :, None] if real_queries_only else True)   # (B, T, T)
+    logits = (q.float() @ k.float().repeat_interleave(H // k.shape[1], 1).mT) * scale           # (B, H, T, T)
+    return logits.masked_fill(~visible[:, None], -math.inf).amax(dim=(0, 2, 3))
+
+
+@pytest.mark.parametrize("kind", sorted(_MUON_HF_KEY_HEADS))
+def test_hf_family_records_the_max_logit_of_real_tokens(kind, monkeypatch):
+    """The statistic is the max over causal, in-window positions of real tokens (keys and queries:
+    padding rows do not count) of scale * q.k, computed here from the q and k the model attends
+    with and the family's own scale and window (Gemma2: before the soft-cap); eval and no-grad
+    forwards do not feed it."""
+    model = _muon_hf_model(kind)
     modules = attach_qk_clip(model)
-    modeling = sys.modules[type(modules[0]).__module__]
-    seen, rotate = [], modeling.apply_rotary_pos_emb
-
-    def spy(q, k, *args, **kwargs):
-        q, k = rotate(q, k, *args, **kwargs)
-        seen.append((q.detach(), k.detach()))
-        return q, k
-
-    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", spy)
-    idx, mask = _muon_hf_padding(3, 9, 0)
+    seen = _muon_hf_spy_qk(monkeypatch, model)
+    idx, mask = _muon_hf_padding(3, 9, 2)
     model.train()
     model(input_ids=idx, attention_mask=mask)
-    visible = torch.ones(9, 9, dtype=torch.bool).tril() & mask.bool()[:, None, None, :]      # (B, 1, T, T)
-    for m, (q, k) in zip(modules, seen):
-        logits = (q @ k.repeat_interleave(2, 1).mT) * m.scaling                            # (B, H, T, T)
-        expected = logits.masked_fill(~visible, -math.inf).amax(dim=(0, 2, 3))
-        assert torch.allclose(m.max_logits, expected, rtol=1e-5, atol=1e-6)
+    assert len(seen) == len(modules) == 2
+    padded_rows_count = []
+    for layer, (m, (q, k)) in enumerate(zip(modules, seen)):
+        expected = _muon_hf_hand_max(kind, model.config, layer, q, k, mask)
+        assert (m.max_logits - expected).abs().max() < 1e-4, (layer, m.max_logits, expected)
+        padded_rows_count.append(_muon_hf_hand_max(kind, model.config, layer, q, k, mask, real_queries_only=False))
+    assert (torch.stack(padded_rows_count) > torch.stack([m.max_logits for m in modules])).any()  # padding would show
+    if kind == "gemma2":                                          # the soft-cap bounds what softmax sees, not S
+        assert torch.stack([m.max_logits for m in modules]).max() > model.config.attn_logit_softcapping
     before = torch.stack([m.max_logits.clone() for m in modules])
     model.eval()
     model(input_ids=idx, attention_mask=mask)                               # eval: not fed
     with torch.no_grad():
         model.train()(input_ids=idx)                                        # no grad: not fed
     assert torch.equal(torch.stack([m.max_logits for m in modules]), before)
+
+
+def _muon_hf_fused_maps(kind):
+    """{parameter name: [map]} of each family's fused weights, read off its modeling file: a map takes
+    a tensor shaped like the weight and returns that map's matrix (or expert stack)."""
+    def rows(*sizes):
+        ends = np.cumsum((0,) + sizes)
+        return [lambda w, a=a, b=b: w[..., a:b, :] for a, b in zip(ends[:-1], ends[1:])]
+
+    def per_group(groups, *sizes):                               # rows: `groups` x [block 0 | block 1 | ...]
+        ends = np.cumsum((0,) + sizes)
+        return [lambda w, a=a, b=b: w.unflatten(0, (groups, -1))[:, a:b].flatten(0, 1) for a, b in zip(ends[:-1], ends[1:])]
+
+    layers = range(2)
+    return {
+        "gpt2": {f"transformer.h.{l}.attn.c_attn.weight": [lambda w, i=i: w[:, 32 * i:32 * (i + 1)] for i in range(3)]
+                 for l in layers},                                # Conv1D (in, out): q, k, v are column blocks
+        "phi3": {**{f"model.layers.{l}.self_attn.qkv_proj.weight": rows(32, 16, 16) for l in layers},
+                 **{f"model.layers.{l}.mlp.gate_up_proj.weight": rows(48, 48) for l in layers}},
+        "gpt_neox": {f"gpt_neox.layers.{l}.attention.query_key_value.weight": per_group(4, 8, 8, 8) for l in layers},
+        "falcon_grouped": {f"transformer.h.{l}.self_attention.query_key_value.weight": per_group(2, 16, 8, 8)
+                           for l in layers},
+        "falcon_multi_query": {f"transformer.h.{l}.self_attention.query_key_value.weight": rows(32, 8, 8)
+                               for l in layers},
+        "falcon_mha": {f"transformer.h.{l}.self_attention.query_key_value.weight": per_group(4, 8, 8, 8)
+                       for l in layers},
+        "mixtral": {f"model.layers.{l}.mlp.experts.gate_up_proj": rows(48, 48) for l in layers},
+        "gpt_oss": {f"model.layers.{l}.mlp.experts.gate_up_proj": [lambda w: w[..., ::2], lambda w: w[..., 1::2]]
+                    for l in layers},                             # (E, D, 2I), gate and up columns alternate
+        "deepseek_v3": {"model.layers.1.mlp.experts.gate_up_proj": rows(16, 16)},
+    }.get(kind, {})
+
+
+@pytest.mark.parametrize("kind", sorted(_MUON_HF_KEY_HEADS))
+def test_hf_family_post_clip_logits_never_exceed_tau(kind):
+    """A clip-only step at tau between the heads' maxima: each layer replayed on the (padded) input
+    its max came from has logits scaled by sqrt(gamma_h * smallest gamma of the key group) (MLA:
+    gamma_h), so <= tau; only q/k weights (or OLMo2's q/k norm gains) move, v maps stay."""
+    model = _muon_hf_model(kind)
+    attach_qk_clip(model)
+    idx, mask = _muon_hf_padding(3, 9, 2)
+    adapter = _MuonHFAdapter(model, mask)
+    inputs = _muon_record_attention_inputs(adapter, idx)
+    before = _muon_replay_max_logits(adapter, inputs)
+    tau = float(before.median())
+    weights = _muon_snapshot(model)
+    _, opt = _muon_clip_only_step(adapter, idx, tau)
+    after = _muon_replay_max_logits(adapter, inputs)
+    gamma, kv = qk_clip_gamma(before, tau), _MUON_HF_KEY_HEADS[kind]                   # (L, H)
+    group_min = gamma.view(-1, kv, 4 // kv).amin(-1).repeat_interleave(4 // kv, -1)    # (L, H)
+    factor = gamma if kind == "deepseek_v3" else (gamma * group_min).sqrt()
+    assert (before > tau).any() and (after <= tau * (1 + 1e-5)).all()
+    assert torch.allclose(after, before * factor, rtol=1e-5, atol=1e-6)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, weights[n])}
+    assert moved and all(re.search(r"\.(q|k|qkv|q_b|kv_b)_proj\.|c_attn|query_key_value|[qk]_norm", n) for n in moved), moved
+    params = dict(model.named_parameters())
+    for name, maps in _muon_hf_fused_maps(kind).items():
+        if len(maps) == 3:                                        # q | k | v: the v map is untouched
+            assert torch.equal(maps[2](params[name]), maps[2](weights[name])), name
+
+
+@pytest.mark.parametrize("kind", sorted(k for k in _MUON_HF_KEY_HEADS if _muon_hf_fused_maps(k)))
+def test_hf_family_fused_weights_are_orthogonalised_map_by_map(kind):
+    """MuonClip.for_model alone (no attach_qk_clip) declares each family's fused weights: one step
+    moves each map (as the modeling file splits it) by its own Muon update, not by the update of
+    the whole weight as one matrix."""
+    model = _muon_hf_model(kind)
+    maps = _muon_hf_fused_maps(kind)
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    grads = {name: torch.randn(params[name].shape, generator=gen) for name in maps}
+    start = {name: params[name].detach().clone() for name in maps}
+    opt = MuonClip.for_model(model, lr=0.1, weight_decay=0.0, qk_clip_tau=None, ns_dtype=torch.float32)
+    for name, p in params.items():
+        p.grad = grads.get(name)
+    opt.step()
+    for name, split in maps.items():
+        step = params[name].detach() - start[name]
+        for piece in split:
+            g = piece(grads[name])
+            assert torch.allclose(piece(step), -0.1 * muon_update(g, torch.zeros_like(g), ns_dtype=torch.float32),
+                                  atol=1e-5), name
+        whole = -0.1 * muon_update(grads[name], torch.zeros_like(grads[name]), ns_dtype=torch.float32)
+        assert not torch.allclose(step, whole, atol=1e-3), name
 
 
 def test_hf_flash_visibility_is_what_flash_attends():
