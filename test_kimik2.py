@@ -1461,6 +1461,27 @@ def test_head_is_found_by_structure_and_conv_kernels_go_to_adamw():
     assert {id(model.output.weight), id(model.conv.weight), id(model.embed.weight)} <= adamw
 
 
+def test_fused_weight_of_unknown_layout_warns_with_the_line_that_declares_it():
+    """for_model declares the fused weights whose layout it can read (nn.MultiheadAttention's
+    in_proj_weight) and, for one only named as fused, warns with a mark_fused line; that line,
+    run as printed, declares it, and the warning stops."""
+    import warnings
+    model = nn.Module()
+    model.mha = nn.MultiheadAttention(8, 2)
+    model.block = nn.Module()
+    model.block.qkv = nn.Linear(8, 24)
+    with pytest.warns(UserWarning, match=r"block\.qkv\.weight \(24, 8\) is named as fused") as caught:
+        MuonClip.for_model(model, lr=0.01, weight_decay=0.0, qk_clip_tau=None)
+    assert fused_blocks(model)[id(model.mha.in_proj_weight)].sizes == (8, 8, 8)
+    line = re.search(r"muonclip\.mark_fused\(.*?, 'weight'\)", str(caught[0].message)).group(0)
+    assert line == "muonclip.mark_fused(model.get_submodule('block.qkv'), [8, 8, 8], 'weight')"
+    exec(line, {"muonclip": sys.modules["muonclip"], "model": model})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MuonClip.for_model(model, lr=0.01, weight_decay=0.0, qk_clip_tau=None)
+    assert fused_blocks(model)[id(model.block.qkv.weight)].sizes == (8, 8, 8)
+
+
 def test_import_muonclip_needs_only_torch():
     """transformers blocked: import muonclip and a MuonClip step still work; the HF helper alone fails."""
     code = ("import sys; sys.modules['transformers'] = None\n"
@@ -1801,10 +1822,42 @@ def test_hf_flash_visibility_is_what_flash_attends():
         assert torch.allclose(got, expected, rtol=1e-6)
 
 
-def test_hf_qk_norm_model_is_refused_with_the_reason():
-    model = _muon_hf_model("qwen3")
-    with pytest.raises(ValueError, match="QK-norm.*undoes any scaling"):
+def _muon_hf_unknown_attention():
+    """A Llama whose first attention module has lost q_proj for a fused `wqkv` of unknown layout."""
+    model = _muon_hf_model("llama")
+    attn = model.model.layers[0].self_attn
+    attn.wqkv = nn.Linear(32, 64, bias=False)
+    del attn.q_proj
+    return model
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("qwen3", r"per head .*QK-norm over head_dim.*undoes any scaling.*qk_clip_tau=None"),
+    ("gemma3", r"per head .*QK-norm over head_dim.*undoes any scaling.*qk_clip_tau=None"),
+    ("falcon_alibi", r"ALiBi.*bias does not scale with the weights"),
+    ("unknown", r"LlamaAttention\) has neither.*rules=\{LlamaAttention: fn\(module, gamma\)\}.*recipe 4"),
+])
+def test_hf_refusals_name_the_reason_and_the_way_out(kind, reason):
+    model = _muon_hf_unknown_attention() if kind == "unknown" else _muon_hf_model(kind)
+    with pytest.raises(ValueError, match=reason):
         attach_qk_clip(model)
+
+
+def test_hf_rules_give_an_unknown_attention_class_its_clip_and_the_statistic_comes_free():
+    """attach_qk_clip(model, rules={cls: fn}): fn(module, gamma) is the module's qk_clip_, the
+    statistic is read through the attention interface as for a known class."""
+    model = _muon_hf_unknown_attention()
+    calls = []
+    modules = attach_qk_clip(model, rules={"LlamaAttention": lambda m, gamma: calls.append((m, gamma))})
+    modules[0].qk_clip_(torch.ones(4))
+    assert len(modules) == 2 and calls[0][0] is modules[0] and calls[0][1].shape == (4,)
+    calls.clear()
+    model = _muon_hf_model("llama")                                # a class it knows: the rule replaces its own
+    modules = attach_qk_clip(model, rules={type(model.model.layers[0].self_attn): lambda m, gamma: calls.append(m)})
+    opt = MuonClip.for_model(model, lr=0.0, weight_decay=0.0, qk_clip_tau=1e-3)
+    model.train()(input_ids=torch.randint(0, 61, (2, 6)), labels=torch.randint(0, 61, (2, 6))).loss.backward()
+    opt.step()
+    assert calls == modules and opt.clip_stats["max_logits"].isfinite().all()
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
