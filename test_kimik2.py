@@ -1175,6 +1175,32 @@ def test_clip_acts_after_the_update_and_only_on_heads_above_tau():
     assert differ and all(".q_proj." in n or ".k_proj." in n for n in differ)
 
 
+def test_after_a_real_step_each_head_logits_are_its_factor_times_the_updated_weights_logits():
+    """What holds with lr > 0 (K2's Algorithm 1: S measured in the forward, the clip applied after
+    the update): each layer replayed on the input its max came from has logits sqrt(gamma_h *
+    smallest gamma of its key group) times those of the updated, unclipped weights (a twin run
+    without the clip), so <= tau only where the update did not raise them."""
+    model = _muon_model("mha", 5)
+    twin = copy.deepcopy(model)
+    idx = torch.randint(0, 61, (2, 8), generator=torch.Generator().manual_seed(5))
+    inputs = _muon_record_attention_inputs(model, idx)
+    tau = _muon_tau_between(_muon_replay_max_logits(model, inputs), 2)
+    opt = MuonClip.for_model(model, lr=0.05, weight_decay=0.1, qk_clip_tau=tau, ns_dtype=torch.float32)
+    twin_opt = MuonClip.for_model(twin, lr=0.05, weight_decay=0.1, qk_clip_tau=None, ns_dtype=torch.float32)
+    for m, o in ((model, opt), (twin, twin_opt)):
+        m(idx, idx)[1].backward()
+        o.step()
+    S = opt.clip_stats["max_logits"]                                       # (L, H), before the update
+    gamma = qk_clip_gamma(S, tau)
+    group_min = gamma.view(-1, 2, 2).amin(-1).repeat_interleave(2, -1)     # 2 query heads per key head
+    updated = _muon_replay_max_logits(twin, inputs)
+    after = _muon_replay_max_logits(model, inputs)
+    assert (S > tau).any() and not torch.allclose(updated, S, rtol=1e-3)  # the update moved the logits
+    assert torch.allclose(after, updated * (gamma * group_min).sqrt(), rtol=1e-5)
+    smallest = (S > tau) & (gamma == group_min)
+    assert not torch.allclose(after[smallest], torch.full_like(after[smallest], tau), rtol=1e-4)  # not exactly tau
+
+
 # ---------------------------------------------------------------------- 4. gradient accumulation
 
 @pytest.mark.parametrize("kind", ["mha", "mla"])
@@ -1903,6 +1929,70 @@ def test_hf_model_trains_through_trainer_with_clip_and_post_clip_logits_never_ex
     assert torch.allclose(after, before * (gamma * group_min).sqrt(), rtol=1e-5)
     smallest = (before > tau) & (gamma == group_min)                       # these end exactly at tau
     assert smallest.any() and torch.allclose(after[smallest], torch.full_like(after[smallest], tau), rtol=1e-5)
+
+
+def _muon_hf_trainer_run(out_dir, world=1, steps=3):
+    """A tiny Llama through Trainer with MuonClip (trainer_optimizer, tau low enough to clip): 4
+    sequences of equal length, one global batch of 4 per step (4 // world per process); returns
+    (parameters, clip_stats of the last step)."""
+    import transformers
+    from muonclip import trainer_optimizer
+    model = _muon_hf_model("llama")
+    attach_qk_clip(model)
+    ids = torch.randint(0, 61, (4, 12), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": i, "labels": i} for i in ids]
+    args = transformers.TrainingArguments(out_dir, max_steps=steps, per_device_train_batch_size=4 // world,
+                                          report_to="none", save_strategy="no", use_cpu=True, seed=0,
+                                          dataloader_num_workers=0, logging_strategy="no", disable_tqdm=True,
+                                          ddp_broadcast_buffers=False)   # each rank keeps its own running max
+    optimizer = trainer_optimizer(lr=0.02, weight_decay=0.1, qk_clip_tau=2.5, ns_dtype=torch.float32)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=optimizer)
+    trainer.train()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, trainer.optimizer.optimizer.clip_stats
+
+
+def _muon_hf_trainer_worker(out_dir):
+    torch.set_num_threads(1)
+    params, stats = _muon_hf_trainer_run(out_dir, world=int(os.environ["WORLD_SIZE"]))
+    torch.save((params, stats), os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
+
+
+def test_hf_trainer_on_two_processes_matches_one_process(tmp_path):
+    """torchrun --nproc_per_node=2 (gloo, CPU): Trainer wraps the model in DDP and MuonClip
+    all-reduces the max logits, so both ranks clip alike and end where one process ends, within
+    fp32 rounding (the gradient is averaged over ranks instead of summed in one process)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    proc = _torchrun([os.path.abspath(__file__), "muonclip-hf-trainer", str(tmp_path)], timeout=300,
+                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (rank0, stats0), (rank1, stats1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    single, stats = _muon_hf_trainer_run(str(tmp_path / "single"))
+    assert int(stats["heads_clipped"]) > 0
+    assert torch.equal(stats0["max_logits"], stats1["max_logits"])
+    assert torch.allclose(stats0["max_logits"], stats["max_logits"], rtol=1e-5)
+    for name in single:
+        assert torch.equal(rank0[name], rank1[name]), name
+        assert (rank0[name] - single[name]).abs().max() < 1e-5, name
+
+
+def test_hf_trainer_optimizer_pair_serves_a_second_trainer(tmp_path):
+    """The (factory, kwargs) pair of trainer_optimizer is never changed by Trainer, so a second
+    Trainer (a resume, a new run) takes it as it is."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from muonclip import trainer_optimizer
+    model = _muon_hf_model("llama")
+    attach_qk_clip(model)
+    pair = trainer_optimizer(lr=0.02, weight_decay=0.1, qk_clip_tau=100.0)
+    data = [{"input_ids": i, "labels": i} for i in torch.randint(0, 61, (4, 8))]
+    args = transformers.TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to="none",
+                                          save_strategy="no", use_cpu=True, logging_strategy="no", disable_tqdm=True)
+    for _ in range(2):
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=pair)
+        trainer.train()
+        assert len(trainer.optimizer.optimizer.attention_modules) == 2
+    assert pair[1] == dict(lr=0.02, weight_decay=0.1, qk_clip_tau=100.0)
 
 
 def test_hf_deepseek_v3_and_kimik2_train_alike_with_muonclip(tmp_path):
@@ -3215,3 +3305,5 @@ if __name__ == "__main__":
         _model_router_bias_worker(sys.argv[2])
     elif sys.argv[1] == "muonclip-dist":
         _muon_dist_worker(sys.argv[2])
+    elif sys.argv[1] == "muonclip-hf-trainer":
+        _muon_hf_trainer_worker(sys.argv[2])
