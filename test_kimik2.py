@@ -1534,17 +1534,35 @@ def _muon_run_recipe(index):
     return namespace
 
 
-@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
 def test_readme_muonclip_recipes_run(index, tmp_path, monkeypatch):
-    assert len(_muon_readme_recipes()) == 3
-    if index == 2:
+    assert len(_muon_readme_recipes()) == 4
+    if index >= 2:
         pytest.importorskip("transformers")
+    if index == 2:
         pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
     monkeypatch.chdir(tmp_path)                          # Trainer writes into its output_dir
     namespace = _muon_run_recipe(index)
     opt = namespace["trainer"].optimizer.optimizer if index == 2 else namespace["opt"]
     assert len(opt.attention_modules) == 2 and opt.clip_stats["max_logits"].shape == (2, 4)
     assert opt.clip_stats["max_logits"].isfinite().all()            # every layer's statistic was fed
+    if index == 3:                  # the rule by hand: a clip-only step scales each head by its factor
+        model = namespace["model"]
+        for m in model.modules():                                    # dropout off, so a replay repeats
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+            if hasattr(m, "attn_dropout"):                           # a float in GPT-BigCode
+                m.attn_dropout = 0.0
+        adapter = _MuonHFAdapter(model)
+        idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+        inputs = _muon_record_attention_inputs(adapter, idx)
+        before = _muon_replay_max_logits(adapter, inputs)
+        tau = float(before.median())
+        _muon_clip_only_step(adapter, idx, tau)
+        gamma = qk_clip_gamma(before, tau)
+        after = _muon_replay_max_logits(adapter, inputs)
+        assert (before > tau).any() and (after <= tau * (1 + 1e-5)).all()
+        assert torch.allclose(after, before * (gamma * gamma.amin(-1, keepdim=True)).sqrt(), rtol=1e-5)  # one key head
 
 
 @pytest.fixture(scope="module")
