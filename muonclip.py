@@ -341,9 +341,13 @@ class RowBlocks:
 
     def check(self, p, name):
         if p.dim() < 2 or self.groups * sum(self.sizes) != p.shape[self.dim]:
-            what = "rows" if self.dim == -2 else "columns"
-            raise ValueError(f"mark_fused: {self.groups} x blocks {list(self.sizes)} must cover the {what} of "
-                             f"{name} {tuple(p.shape)}")
+            what, hint = (("rows", "columns: pass columns=True") if self.dim == -2
+                          else ("columns", "rows: drop columns=True"))
+            other = p.shape[-1] if self.dim == -2 else p.shape[-2] if p.dim() >= 2 else None
+            hint = f" (they sum to its {hint})" if self.groups * sum(self.sizes) == other else ""
+            repeat = f"{self.groups} x " if self.groups > 1 else ""
+            raise ValueError(f"mark_fused: {repeat}blocks {list(self.sizes)} must sum to the {what} of {name} "
+                             f"{tuple(p.shape)}{hint}")
 
     def split(self, x):
         grouped = x.unflatten(-2, (self.groups, sum(self.sizes)))                  # (..., groups, rows/groups, B)
@@ -459,12 +463,13 @@ def _warn_undeclared_fused(model):
         leaf = owner.rpartition(".")[2] if pname == "weight" else pname
         if p.dim() < 2 or leaf.lower() not in fused_names or id(p) in blocks:
             continue
-        parts = 2 if "gate" in leaf.lower() else 3
+        parts, rows = (2 if "gate" in leaf.lower() else 3), p.shape[-2]
+        sizes = [rows // parts] * parts if rows % parts == 0 else "[the row counts of its maps]"
         warnings.warn(f"MuonClip: {name} {tuple(p.shape)} is named as fused (several maps in one weight) but its "
                       f"layout is unknown, so Muon would orthogonalise it as one matrix; declare its maps, e.g. "
-                      f"for {parts} equal row blocks: muonclip.mark_fused(model.get_submodule({owner!r}), "
-                      f"{[p.shape[-2] // parts] * parts}, {pname!r}) (columns=True for blocks of columns, "
-                      f"groups=n for blocks repeated per head; see RowBlocks)", stacklevel=3)
+                      f"for {parts} row blocks: muonclip.mark_fused(model.get_submodule({owner!r}), {sizes}, "
+                      f"{pname!r}) (columns=True for blocks of columns, groups=n for blocks repeated per head; "
+                      "see RowBlocks)", stacklevel=3)
 
 
 def fused_blocks(model):
