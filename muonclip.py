@@ -566,6 +566,11 @@ def attach_qk_clip(model, rules=None):
     pre-cap score at tau bounds the capped one by softcap * tanh(tau / softcap), and the rule scales
     exactly that pre-cap score by gamma (the cap of a clipped score is not gamma times the cap).
     GPT-OSS's sinks (a learned per-head logit beside the keys, not a q.k product) are not counted.
+
+    What holds after a step: S_h comes from the step's forwards and the clip scales the weights the
+    update produced (K2 report, Algorithm 1), so on the input S_h was measured on the head's logits
+    are its factor (gamma_h, or sqrt(gamma_h * its key group's smallest gamma)) times those of the
+    updated weights: <= tau for a clip-only step, not whenever the update raised them.
     """
     from transformers import AttentionInterface
     AttentionInterface.register(_HF_ATTENTION, _hf_attention)
@@ -627,8 +632,9 @@ def _hf_clip_rule(name, m):
                 "scale one head, so QK-Clip cannot cap its logits; train it with qk_clip_tau=None")
         return functools.partial(_hf_qk_clip_norm_gains_, m)    # OLMo2: one norm over all heads together
     if getattr(m, "is_cross_attention", False):
-        raise ValueError(f"{what} is cross-attention (q and k from different inputs): its clip rule is not "
-                         "known here; pass attach_qk_clip(model, rules={...}) (README, \"MuonClip in your model\")")
+        raise ValueError(f"{what} is cross-attention (queries from the decoder, keys from the encoder states), "
+                         "which attach_qk_clip does not handle; give its modules the surface by hand (README, "
+                         "\"MuonClip in your model\", recipe 1) or train with qk_clip_tau=None")
     if hasattr(m, "kv_b_proj"):
         return functools.partial(_hf_qk_clip_mla_, m)
     if all(isinstance(getattr(m, proj, None), nn.Linear) for proj in ("q_proj", "k_proj")):
