@@ -1730,13 +1730,15 @@ def _muon_hf_hand_max(kind, config, layer, q, k, mask, real_queries_only=True):
     return logits.masked_fill(~visible[:, None], -math.inf).amax(dim=(0, 2, 3))
 
 
-@pytest.mark.parametrize("kind", sorted(_MUON_HF_KEY_HEADS))
-def test_hf_family_records_the_max_logit_of_real_tokens(kind, monkeypatch):
+@pytest.mark.parametrize("kind, attn", [(kind, "eager" if kind in _MUON_HF_EAGER_ONLY else "sdpa")
+                                        for kind in sorted(_MUON_HF_KEY_HEADS)] +
+                         [(kind, "eager") for kind in ("llama", "qwen2", "phi3", "gpt2", "gpt_neox")])
+def test_hf_family_records_the_max_logit_of_real_tokens(kind, attn, monkeypatch):
     """The statistic is the max over causal, in-window positions of real tokens (keys and queries:
     padding rows do not count) of scale * q.k, computed here from the q and k the model attends
     with and the family's own scale and window (Gemma2: before the soft-cap); eval and no-grad
     forwards do not feed it."""
-    model = _muon_hf_model(kind)
+    model = _muon_hf_model(kind, attn)
     modules = attach_qk_clip(model)
     seen = _muon_hf_spy_qk(monkeypatch, model)
     idx, mask = _muon_hf_padding(6, 9, 0)
