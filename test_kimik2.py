@@ -1852,7 +1852,7 @@ def test_hf_family_fused_weights_are_orthogonalised_map_by_map(kind):
 def test_hf_flash_visibility_is_what_flash_attends():
     """Under flash attention transformers passes no 4-D mask: a (B, T) padding mask or None, with
     packed documents in position_ids and a sliding window as kwargs. The visibility handed to
-    causal_max_logits is causal & same document & inside the window & key not padding."""
+    causal_max_logits is causal & same document & inside the window & key and query not padding."""
     from muonclip import _hf_visibility
     module = types.SimpleNamespace(is_causal=True)
     config = types.SimpleNamespace(_attn_implementation="flash_attention_2")
@@ -1862,9 +1862,9 @@ def test_hf_flash_visibility_is_what_flash_attends():
     positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
     doc = (positions == 0).cumsum(-1)                                                   # (B, T)
     padding = torch.ones(2, 9, dtype=torch.bool)
-    padding[1, :3] = False
+    padding[1, :3] = padding[0, -3:] = False                                            # left, right padding
     cases = [(None, dict(position_ids=positions), (j <= i) & (doc[:, :, None] == doc[:, None, :])),
-             (padding, dict(sliding_window=4), (j <= i) & (i - j < 4) & padding[:, None, :])]
+             (padding, dict(sliding_window=4), (j <= i) & (i - j < 4) & padding[:, None, :] & padding[:, :, None])]
     for mask, kwargs, visible in cases:
         got = causal_max_logits(q, k, 0.5, **_hf_visibility(module, q, k, mask, config, kwargs))
         logits = (q @ k.repeat_interleave(2, 1).mT) * 0.5                                # (B, H, T, T)
