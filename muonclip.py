@@ -538,13 +538,14 @@ def attach_qk_clip(model, rules=None):
       fused gate/up weights (Phi-3's gate_up_proj, experts of Mixtral, DeepseekV3, GPT-OSS);
     - DeepseekV3's MLA (q_b_proj or, without a q LoRA, q_proj; kv_b_proj): qk_clip_mla_, the rule of
       kimik2.MLA;
-    - OLMo2's QK-norm over all heads together (q_norm over num_heads * head_dim): the norm undoes
-      any scale of q_proj's rows, but its gain comes after the normalisation and holds one entry per
-      row of each head, so qk_clip_mha_ on the q_norm and k_norm gains scales the head's logits.
-    Refused, with the reason: a per-head QK-norm (Qwen3, Gemma3: one gain of head_dim shared by
-    all heads, after a norm that undoes any scale of the projections), Falcon with ALiBi (the
-    position bias is added to q.k and does not scale with the weights), cross-attention, an
-    unknown class (pass `rules`), flex_attention (its BlockMask cannot be read).
+    - a QK-norm whose gain holds one entry per row of each head and multiplies the normalised
+      output (OLMo2: one norm over all heads together; Cohere with use_qk_norm: per head, gains
+      (H, hd)): the norm undoes any scale of q_proj's rows, but the gain comes after it, so
+      qk_clip_mha_ on the q and k norm gains scales the head's logits (checked on a probe).
+    Refused, with the reason: any other QK-norm (Qwen3, Gemma3: one gain of head_dim shared by all
+    heads; StableLM's per-head LayerNorm: a bias after the gain), Falcon with ALiBi (the position
+    bias is added to q.k and does not scale with the weights), cross-attention, an unknown class
+    (pass `rules`), flex_attention (its BlockMask cannot be read).
 
     rules: {attention class or class name: qk_clip_(module, gamma)}, the public path for a class this
     helper does not know (or to replace its rule): the function rescales the module's weights in
@@ -602,8 +603,9 @@ def attach_qk_clip(model, rules=None):
                 m.config = _AttentionConfigView(m.config)
         found.append(m)
     if not found:
-        raise ValueError(f"attach_qk_clip: no attention module (class name ending in 'Attention') in "
-                         f"{type(model).__name__}")
+        raise ValueError(f"attach_qk_clip: no attention module it can read (a class name ending in 'Attention', "
+                         f"with a config) in {type(model).__name__}; give yours the surface by hand (README, "
+                         "\"MuonClip in your model\", recipe 1)")
     return found
 
 
@@ -621,16 +623,18 @@ def trainer_optimizer(**kwargs):
 def _hf_clip_rule(name, m):
     """The qk_clip_ of a transformers attention module, or the reason it cannot have one."""
     what = f"{name} ({type(m).__name__})"
-    q_norm, k_norm = getattr(m, "q_norm", None), getattr(m, "k_norm", None)
+    q_norm, k_norm = (next((getattr(m, n) for n in names if getattr(m, n, None) is not None), None)
+                      for names in (("q_norm", "q_layernorm"), ("k_norm", "k_layernorm")))
     if q_norm is not None or k_norm is not None:
         H, hd = m.config.num_attention_heads, m.head_dim
-        gains = [getattr(n, "weight", None) for n in (q_norm, k_norm)]
-        if any(g is None for g in gains) or gains[0].numel() != H * hd:
-            raise ValueError(
-                f"{what} normalises q and k per head after the projections (QK-norm over head_dim, one gain "
-                "shared by all heads): the norm undoes any scaling of q_proj/k_proj and the shared gain cannot "
-                "scale one head, so QK-Clip cannot cap its logits; train it with qk_clip_tau=None")
-        return functools.partial(_hf_qk_clip_norm_gains_, m)    # OLMo2: one norm over all heads together
+        Hkv = getattr(m.config, "num_key_value_heads", H)
+        if _gain_scales_each_row(q_norm, H * hd) and _gain_scales_each_row(k_norm, Hkv * hd):
+            return functools.partial(_hf_qk_clip_norm_gains_, q_norm, k_norm, Hkv)   # OLMo2, Cohere
+        raise ValueError(
+            f"{what} normalises q and k after the projections (QK-norm) with no gain that scales each head's "
+            "output on its own (Qwen3, Gemma3: one gain of head_dim shared by all heads; StableLM: a LayerNorm "
+            "bias after the gain): the norm undoes any scaling of q_proj/k_proj, so QK-Clip cannot cap its "
+            "logits; train it with qk_clip_tau=None")
     if getattr(m, "is_cross_attention", False):
         raise ValueError(f"{what} is cross-attention (queries from the decoder, keys from the encoder states), "
                          "which attach_qk_clip does not handle; give its modules the surface by hand (README, "
@@ -638,7 +642,9 @@ def _hf_clip_rule(name, m):
     if hasattr(m, "kv_b_proj"):
         return functools.partial(_hf_qk_clip_mla_, m)
     if all(isinstance(getattr(m, proj, None), nn.Linear) for proj in ("q_proj", "k_proj")):
-        return functools.partial(_hf_qk_clip_mha_, m)
+        # key heads from the shapes (q and k share head_dim): GPT-J's, OPT's configs do not name them
+        kv_heads = m.k_proj.out_features * m.config.num_attention_heads // m.q_proj.out_features
+        return functools.partial(_hf_qk_clip_mha_, m, kv_heads)
     fused = _qkv_layout(m)
     if fused is not None and getattr(m.config, "alibi", False):
         raise ValueError(f"{what} uses ALiBi: its logits are (q.k + a position bias) * scale, and the bias does "
@@ -748,8 +754,7 @@ def _hf_visibility(module, query, key, mask, config, kwargs):
     return dict(causal=False, attention_mask=keep[:, None])                   # (B|1, 1, Tq, Tk)
 
 
-def _hf_qk_clip_mha_(m, gamma):
-    kv_heads = m.config.num_key_value_heads
+def _hf_qk_clip_mha_(m, kv_heads, gamma):
     qk_clip_mha_(m.q_proj.weight, m.k_proj.weight, gamma, kv_heads)
     if m.q_proj.bias is not None:
         qk_clip_mha_(m.q_proj.bias, m.k_proj.bias, gamma, kv_heads)
@@ -761,8 +766,25 @@ def _hf_qk_clip_fused_(proj, layout, num_kv_heads, gamma):
             qk_clip_fused_mha_(t, gamma, num_kv_heads, layout)
 
 
-def _hf_qk_clip_norm_gains_(m, gamma):
-    qk_clip_mha_(m.q_norm.weight, m.k_norm.weight, gamma, m.config.num_key_value_heads)
+def _gain_scales_each_row(norm, rows):
+    """Whether norm has one gain per output row (rows of them, head-major) that multiplies its output,
+    tried on a probe: doubling the gain doubles the output (not so for a (1 + w) gain or a bias)."""
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.numel() != rows:
+        return False
+    with torch.no_grad():
+        x = torch.randn(2, *w.shape, dtype=w.dtype, device=w.device)
+        y = norm(x)
+        w.mul_(2)
+        twice = norm(x)
+        w.div_(2)                                                # exact: powers of two
+    return torch.allclose(twice, 2 * y)
+
+
+def _hf_qk_clip_norm_gains_(q_norm, k_norm, num_kv_heads, gamma):
+    """The gain of a QK-norm comes after the normalisation: scaling head h's gain entries scales
+    its q (k) exactly, where scaling q_proj's rows would be divided out."""
+    qk_clip_mha_(q_norm.weight, k_norm.weight, gamma, num_kv_heads)
 
 
 def _hf_qk_clip_mla_(m, gamma):

@@ -1628,7 +1628,18 @@ def _muon_hf_config(kind):
         "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(head_dim=8, query_pre_attn_scalar=12, sliding_window=4,
                                                               attn_logit_softcapping=2.0, **llama)),
         "gpt_oss": ("GptOssForCausalLM", "GptOssConfig", dict(head_dim=8, sliding_window=4, **moe, **llama)),
+        "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2,
+                                                                    moe_intermediate_size=16,
+                                                                    shared_expert_intermediate_size=16, **llama)),
+        "starcoder2": ("Starcoder2ForCausalLM", "Starcoder2Config", llama),
+        "phi": ("PhiForCausalLM", "PhiConfig", dict(partial_rotary_factor=0.5, **llama)),
+        "gptj": ("GPTJForCausalLM", "GPTJConfig", dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, vocab_size=61,
+                                                       initializer_range=0.2)),
+        "opt": ("OPTForCausalLM", "OPTConfig", dict(hidden_size=32, ffn_dim=48, word_embed_proj_dim=32, dropout=0.0,
+                                                    attention_dropout=0.0, **gpt)),
         "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", llama),
+        "cohere": ("CohereForCausalLM", "CohereConfig", dict(use_qk_norm=True, **llama)),
+        "stablelm": ("StableLmForCausalLM", "StableLmConfig", dict(qk_layernorm=True, **llama)),
         "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(pad_token_id=0, **llama)),
         "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
             q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
@@ -1654,7 +1665,7 @@ def _muon_hf_config(kind):
 
 # Every family attach_qk_clip clips: its key heads per layer, and its eager-only families.
 _MUON_HF_KEY_HEADS = {"llama": 2, "qwen2": 2, "mistral": 2, "mixtral": 2, "gemma2": 2, "gpt_oss": 2, "olmo2": 2,
-                      "phi3": 2, "deepseek_v3": 4, "gpt2": 4, "gpt_neox": 4, "falcon_grouped": 2,
+                      "cohere": 2, "qwen2_moe": 2, "starcoder2": 2, "phi": 2, "gptj": 4, "opt": 4, "phi3": 2, "deepseek_v3": 4, "gpt2": 4, "gpt_neox": 4, "falcon_grouped": 2,
                       "falcon_multi_query": 1, "falcon_mha": 4}
 _MUON_HF_EAGER_ONLY = ("gemma2", "gpt_oss")                     # soft-capping, sinks: no sdpa in transformers
 
@@ -1718,6 +1729,7 @@ def _muon_hf_hand_max(kind, config, layer, q, k, mask, real_queries_only=True):
     token, from the family's config: the scale and window as its modeling file sets them."""
     H, T = q.shape[1], q.shape[2]
     scale = config.query_pre_attn_scalar ** -0.5 if kind == "gemma2" else q.shape[-1] ** -0.5
+    scale = 1.0 if kind == "opt" else scale                       # OPT scales q before attending
     scale /= layer + 1 if kind == "gpt2" else 1                   # scale_attn_by_inverse_layer_idx
     i, j = torch.arange(T)[:, None], torch.arange(T)
     visible = j <= i                                              # (T, T)
@@ -1792,6 +1804,7 @@ def _muon_hf_fused_maps(kind):
         "gpt_oss": {f"model.layers.{l}.mlp.experts.gate_up_proj": [lambda w: w[..., ::2], lambda w: w[..., 1::2]]
                     for l in layers},                             # (E, D, 2I), gate and up columns alternate
         "deepseek_v3": {"model.layers.1.mlp.experts.gate_up_proj": rows(16, 16)},
+        "qwen2_moe": {f"model.layers.{l}.mlp.experts.gate_up_proj": rows(16, 16) for l in layers},
     }.get(kind, {})
 
 
@@ -1882,8 +1895,9 @@ def _muon_hf_unknown_attention():
 
 
 @pytest.mark.parametrize("kind, reason", [
-    ("qwen3", r"per head .*QK-norm over head_dim.*undoes any scaling.*qk_clip_tau=None"),
-    ("gemma3", r"per head .*QK-norm over head_dim.*undoes any scaling.*qk_clip_tau=None"),
+    ("qwen3", r"QK-norm\) with no gain that scales each head.*undoes any scaling.*qk_clip_tau=None"),
+    ("gemma3", r"QK-norm\) with no gain that scales each head.*undoes any scaling.*qk_clip_tau=None"),
+    ("stablelm", r"QK-norm\) with no gain that scales each head.*undoes any scaling.*qk_clip_tau=None"),
     ("falcon_alibi", r"ALiBi.*bias does not scale with the weights"),
     ("unknown", r"LlamaAttention\) has neither.*rules=\{LlamaAttention: fn\(module, gamma\)\}.*recipe 4"),
 ])
