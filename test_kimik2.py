@@ -1658,6 +1658,12 @@ def _muon_hf_config(kind):
                                                                  **falcon)),
         "falcon_alibi": ("FalconForCausalLM", "FalconConfig", dict(falcon, alibi=True)),
         "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=8, **llama)),
+        "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                                                    moe_intermediate_size=16, **llama)),
+        "codegen": ("CodeGenForCausalLM", "CodeGenConfig", dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                                                                vocab_size=61)),
+        "bloom": ("BloomForCausalLM", "BloomConfig", dict(hidden_size=32, n_layer=2, n_head=4, vocab_size=61)),
+        "mpt": ("MptForCausalLM", "MptConfig", dict(d_model=32, n_heads=4, n_layers=2, vocab_size=61)),
         "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(head_dim=8, query_pre_attn_scalar=8, **llama)),
     }[kind]
     return model, getattr(transformers, config)(**fields)
@@ -1667,7 +1673,7 @@ def _muon_hf_config(kind):
 _MUON_HF_KEY_HEADS = {"llama": 2, "qwen2": 2, "mistral": 2, "mixtral": 2, "gemma2": 2, "gpt_oss": 2, "olmo2": 2,
                       "cohere": 2, "qwen2_moe": 2, "starcoder2": 2, "phi": 2, "gptj": 4, "opt": 4, "phi3": 2, "deepseek_v3": 4, "gpt2": 4, "gpt_neox": 4, "falcon_grouped": 2,
                       "falcon_multi_query": 1, "falcon_mha": 4}
-_MUON_HF_EAGER_ONLY = ("gemma2", "gpt_oss")                     # soft-capping, sinks: no sdpa in transformers
+_MUON_HF_EAGER_ONLY = ("gemma2", "gpt_oss", "bloom", "mpt")     # soft-capping, sinks, ALiBi: no sdpa in transformers
 
 
 def _muon_hf_model(kind, attn="sdpa", layers=2):
@@ -1898,6 +1904,10 @@ def _muon_hf_unknown_attention():
     ("qwen3", r"QK-norm\) with no gain that scales each head.*undoes any scaling.*qk_clip_tau=None"),
     ("gemma3", r"QK-norm\) with no gain that scales each head.*undoes any scaling.*qk_clip_tau=None"),
     ("stablelm", r"QK-norm\) with no gain that scales each head.*undoes any scaling.*qk_clip_tau=None"),
+    ("qwen3_moe", r"QK-norm\) with no gain that scales each head.*undoes any scaling.*qk_clip_tau=None"),
+    ("codegen", r"CodeGenAttention\) has neither.*rules=\{CodeGenAttention: fn\(module, gamma\)\}"),
+    ("bloom", r"no attention module it can read.*recipe 1"),
+    ("mpt", r"no attention module it can read.*recipe 1"),
     ("falcon_alibi", r"ALiBi.*bias does not scale with the weights"),
     ("unknown", r"LlamaAttention\) has neither.*rules=\{LlamaAttention: fn\(module, gamma\)\}.*recipe 4"),
 ])
