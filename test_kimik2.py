@@ -1911,12 +1911,14 @@ def _muon_hf_unknown_attention():
     ("falcon_alibi", r"ALiBi.*bias does not scale with the weights"),
     ("unknown", r"LlamaAttention\) has neither.*rules=\{LlamaAttention: fn\(module, gamma\)\}.*recipe 4"),
 ])
+@pytest.mark.filterwarnings("ignore:MuonClip.*is named as fused")   # wqkv: unknown on purpose
 def test_hf_refusals_name_the_reason_and_the_way_out(kind, reason):
     model = _muon_hf_unknown_attention() if kind == "unknown" else _muon_hf_model(kind)
     with pytest.raises(ValueError, match=reason):
         attach_qk_clip(model)
 
 
+@pytest.mark.filterwarnings("ignore:MuonClip.*is named as fused")   # wqkv: unknown on purpose
 def test_hf_rules_give_an_unknown_attention_class_its_clip_and_the_statistic_comes_free():
     """attach_qk_clip(model, rules={cls: fn}): fn(module, gamma) is the module's qk_clip_, the
     statistic is read through the attention interface as for a known class."""
