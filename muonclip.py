@@ -199,6 +199,8 @@ def qk_clip_fused_mha_(w_qkv, gamma, num_kv_heads, layout):
     w_qkv: the fused weight, or its bias (1-D, along the fused dimension). Within the q and k maps
     the heads are consecutive (head-major), as every layout above lays them out."""
     layout = layout if hasattr(layout, "split") else RowBlocks(layout)
+    if w_qkv.dim() > 1:
+        layout.check(w_qkv, "w_qkv", "qk_clip_fused_mha_")
     n = w_qkv.shape[layout.dim] if w_qkv.dim() > 1 else w_qkv.numel()
     q, k, v = layout.split(torch.ones((n, 1) if layout.dim == -2 else (1, n), device=gamma.device))
     q_factor, k_factor = _mha_head_factors(gamma, num_kv_heads)
@@ -339,14 +341,14 @@ class RowBlocks:
     def __repr__(self):
         return f"{type(self).__name__}({list(self.sizes)}, groups={self.groups})"
 
-    def check(self, p, name):
+    def check(self, p, name, caller="mark_fused"):
         if p.dim() < 2 or self.groups * sum(self.sizes) != p.shape[self.dim]:
-            what, hint = (("rows", "columns: pass columns=True") if self.dim == -2
-                          else ("columns", "rows: drop columns=True"))
+            what, hint = (("rows", "columns: ColumnBlocks, mark_fused(..., columns=True)") if self.dim == -2
+                          else ("columns", "rows: RowBlocks, mark_fused without columns=True"))
             other = p.shape[-1] if self.dim == -2 else p.shape[-2] if p.dim() >= 2 else None
             hint = f" (they sum to its {hint})" if self.groups * sum(self.sizes) == other else ""
             repeat = f"{self.groups} x " if self.groups > 1 else ""
-            raise ValueError(f"mark_fused: {repeat}blocks {list(self.sizes)} must sum to the {what} of {name} "
+            raise ValueError(f"{caller}: {repeat}blocks {list(self.sizes)} must sum to the {what} of {name} "
                              f"{tuple(p.shape)}{hint}")
 
     def split(self, x):

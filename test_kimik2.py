@@ -1508,6 +1508,19 @@ def test_fused_weight_of_unknown_layout_warns_with_the_line_that_declares_it():
     assert fused_blocks(model)[id(model.block.qkv.weight)].sizes == (8, 8, 8)
 
 
+def test_fused_layout_along_the_wrong_dimension_names_the_fix():
+    """GPT-2's c_attn weight is (D, 3D) (Conv1D, y = x @ W): row blocks of it are refused, at the
+    declaration and at the clip, naming the column layout; the column layout is accepted."""
+    conv = nn.Module()
+    conv.weight = nn.Parameter(torch.zeros(8, 24))
+    with pytest.raises(ValueError, match=r"mark_fused: blocks \[8, 8, 8\] must sum to the rows of weight "
+                                         r"\(8, 24\) \(they sum to its columns: ColumnBlocks"):
+        mark_fused(conv, [8] * 3)
+    with pytest.raises(ValueError, match=r"qk_clip_fused_mha_: .* \(they sum to its columns"):
+        sys.modules["muonclip"].qk_clip_fused_mha_(conv.weight, torch.ones(2), 2, [8] * 3)
+    assert type(mark_fused(conv, [8] * 3, columns=True)).__name__ == "ColumnBlocks"
+
+
 def test_import_muonclip_needs_only_torch():
     """transformers blocked: import muonclip and a MuonClip step still work; the HF helper alone fails."""
     code = ("import sys; sys.modules['transformers'] = None\n"
