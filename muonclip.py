@@ -563,7 +563,8 @@ def attach_qk_clip(model, rules=None):
     flash applies them), over the query rows of real tokens only (a query whose own position is
     masked is padding), then calls that implementation unchanged. The model builds its masks with
     its real config, so nothing else changes. Falcon, which computes attention inline, is read by a
-    forward pre-hook that takes q and k from the same inputs as its forward. What is recorded is
+    forward pre-hook that takes q and k from the same inputs as its forward (one more no-grad
+    projection per layer). What is recorded is
     scaling * q.k before anything else is applied: for Gemma2 the score before the tanh soft-cap
     (softcap * tanh(s / softcap)). That suits the clip rule: the cap is monotone, so clipping the
     pre-cap score at tau bounds the capped one by softcap * tanh(tau / softcap), and the rule scales
