@@ -564,9 +564,8 @@ def attach_qk_clip(model, rules=None):
     masked is padding), then calls that implementation unchanged. The model builds its masks with
     its real config, so nothing else changes. Falcon, which computes attention inline, is read by a
     forward pre-hook that takes q and k from the same inputs as its forward (one more no-grad
-    projection per layer). What is recorded is
-    scaling * q.k before anything else is applied: for Gemma2 the score before the tanh soft-cap
-    (softcap * tanh(s / softcap)). That suits the clip rule: the cap is monotone, so clipping the
+    projection per layer). What is recorded is scaling * q.k before anything else is applied: for
+    Gemma2 the score before the tanh soft-cap (softcap * tanh(s / softcap)). That suits the clip rule: the cap is monotone, so clipping the
     pre-cap score at tau bounds the capped one by softcap * tanh(tau / softcap), and the rule scales
     exactly that pre-cap score by gamma (the cap of a clipped score is not gamma times the cap).
     GPT-OSS's sinks (a learned per-head logit beside the keys, not a q.k product) are not counted.
