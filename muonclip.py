@@ -83,6 +83,7 @@ fused model and a transformers model with Trainer.
 Run the tests: `python -m pytest test_kimik2.py -k "muon or clip or newton"`.
 """
 import functools
+import inspect
 import math
 import sys
 import warnings
@@ -190,15 +191,25 @@ def qk_clip_mha_(w_q, w_k, gamma, num_kv_heads):
 
 
 @torch.no_grad()
-def qk_clip_fused_mha_(w_qkv, gamma, num_kv_heads, sizes):
-    """qk_clip_mha_ on one fused tensor whose rows are [q | k | v] blocks of `sizes` rows (e.g.
-    nanoGPT's c_attn weight (3D, D) or bias (3D,): sizes (D, D, D)); the v block is untouched."""
-    q_rows, k_rows, v_rows = sizes
+def qk_clip_fused_mha_(w_qkv, gamma, num_kv_heads, layout):
+    """qk_clip_mha_ on one fused tensor holding q, k and v, in place; the v block is untouched.
+
+    layout: the fused layout whose split gives [q, k, v] (RowBlocks, ColumnBlocks), or a list of
+    row sizes [q, k, v] (plain row stacking: nanoGPT's c_attn weight (3D, D) or bias (3D,): (D, D, D)).
+    w_qkv: the fused weight, or its bias (1-D, along the fused dimension). Within the q and k maps
+    the heads are consecutive (head-major), as every layout above lays them out."""
+    layout = layout if hasattr(layout, "split") else RowBlocks(layout)
+    if w_qkv.dim() > 1:
+        layout.check(w_qkv, "w_qkv", "qk_clip_fused_mha_")
+    n = w_qkv.shape[layout.dim] if w_qkv.dim() > 1 else w_qkv.numel()
+    q, k, v = layout.split(torch.ones((n, 1) if layout.dim == -2 else (1, n), device=gamma.device))
     q_factor, k_factor = _mha_head_factors(gamma, num_kv_heads)
-    rows = torch.cat([q_factor.repeat_interleave(q_rows // q_factor.numel()),
-                      k_factor.repeat_interleave(k_rows // k_factor.numel()),
-                      gamma.new_ones(v_rows)])                                      # (q+k+v,)
-    _scale_rows_(w_qkv, rows)
+    factor = layout.join([q * q_factor.repeat_interleave(q.numel() // q_factor.numel()).view(q.shape),
+                          k * k_factor.repeat_interleave(k.numel() // k_factor.numel()).view(k.shape),
+                          v])                                                        # (n, 1) or (1, n)
+    factor = factor.to(w_qkv.dtype)
+    factor = factor.expand(w_qkv.shape) if w_qkv.dim() > 1 else factor.flatten()
+    _local(w_qkv).mul_(_local_part(factor, w_qkv))
 
 
 @torch.no_grad()
@@ -313,32 +324,154 @@ HEAD_NAMES = ("lm_head", "output", "head")
 
 
 class RowBlocks:
-    """A fused layout: several maps stacked along the rows, (..., sum(sizes), B). The layout protocol
-    the optimizer reads: split(x) -> the independent matrices (stacks) of x, each (..., A_i, B_i);
-    join(parts) -> a tensor shaped like x from parts shaped like split's."""
+    """A fused layout: several maps stored along the rows of one weight (..., rows, B). The rows are
+    `groups` repeats of [block 0 | block 1 | ...] of `sizes` rows; map i is its block gathered from
+    every group, a (..., groups * sizes[i], B) matrix. groups=1 is plain stacking (nanoGPT's c_attn
+    (3D, D): sizes (D, D, D); Phi-3's qkv_proj: (H*hd, Hkv*hd, Hkv*hd); a gate/up: (I, I)); GPT-NeoX's
+    query_key_value is per head [q | k | v]: sizes (hd, hd, hd), groups H; Falcon's grouped one is per
+    key head [its query heads | k | v]: sizes (G*hd, hd, hd), groups Hkv.
 
-    def __init__(self, sizes):
-        self.sizes = tuple(int(s) for s in sizes)
+    The layout protocol the optimizer reads: split(x) -> the independent matrices (stacks) of x,
+    each (..., A_i, B_i); join(parts) -> a tensor shaped like x from parts shaped like split's."""
+    dim = -2                                                     # the fused dimension
 
-    def check(self, p, name):
-        if p.dim() < 2 or sum(self.sizes) != p.shape[-2]:
-            raise ValueError(f"mark_fused: blocks {list(self.sizes)} must sum to the rows of {name} {tuple(p.shape)}")
+    def __init__(self, sizes, groups=1):
+        self.sizes, self.groups = tuple(int(s) for s in sizes), int(groups)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({list(self.sizes)}, groups={self.groups})"
+
+    def check(self, p, name, caller="mark_fused"):
+        if p.dim() < 2 or self.groups * sum(self.sizes) != p.shape[self.dim]:
+            what, hint = (("rows", "columns: ColumnBlocks, mark_fused(..., columns=True)") if self.dim == -2
+                          else ("columns", "rows: RowBlocks, mark_fused without columns=True"))
+            other = p.shape[-1] if self.dim == -2 else p.shape[-2] if p.dim() >= 2 else None
+            hint = f" (they sum to its {hint})" if self.groups * sum(self.sizes) == other else ""
+            repeat = f"{self.groups} x " if self.groups > 1 else ""
+            raise ValueError(f"{caller}: {repeat}blocks {list(self.sizes)} must sum to the {what} of {name} "
+                             f"{tuple(p.shape)}{hint}")
 
     def split(self, x):
-        return list(x.split(self.sizes, dim=-2))
+        grouped = x.unflatten(-2, (self.groups, sum(self.sizes)))                  # (..., groups, rows/groups, B)
+        return [b.flatten(-3, -2) for b in grouped.split(self.sizes, dim=-2)]      # (..., groups * size_i, B)
 
     def join(self, parts):
-        return torch.cat(parts, dim=-2)
+        return torch.cat([p.unflatten(-2, (self.groups, s)) for p, s in zip(parts, self.sizes)], -2).flatten(-3, -2)
 
 
-def mark_fused(module, sizes, name="weight"):
-    """Declare that module.<name> (..., sum(sizes), B) holds several maps stacked along its rows, so
-    Muon orthogonalises each block of `sizes` rows on its own (e.g. nanoGPT's c_attn: sizes (D, D, D);
-    a fused gate/up: (I, I)). Stored on the module (it survives deepcopy and FSDP2's parameter
-    swap); the optimizer reads it when given the model (for_model, or model=)."""
-    layout = RowBlocks(sizes)
+class ColumnBlocks(RowBlocks):
+    """RowBlocks along the columns (..., A, groups * sum(sizes)): the maps of a transposed weight,
+    e.g. GPT-2's Conv1D c_attn (D, 3D), y = x @ W: sizes (D, D, D); GPT-OSS's experts gate_up_proj
+    (E, D, 2I), gate and up columns alternating: sizes (1, 1), groups I. Each map is an (..., A, n_i)
+    matrix; Newton-Schulz of a transpose is the transpose of Newton-Schulz, so it is orthogonalised
+    as it stands."""
+    dim = -1
+
+    def split(self, x):
+        return [b.mT for b in super().split(x.mT)]
+
+    def join(self, parts):
+        return super().join([p.mT for p in parts]).mT
+
+
+def mark_fused(module, sizes, name="weight", *, columns=False, groups=1):
+    """Declare that module.<name> holds several maps, so Muon orthogonalises each on its own: by
+    default `sizes` row blocks ([q | k | v] of nanoGPT's c_attn: (D, D, D); a gate/up: (I, I));
+    columns=True for a transposed weight (GPT-2's Conv1D); groups=n for blocks repeated n times
+    (interleaved per head or per key head, see RowBlocks). Stored on the module (it survives
+    deepcopy and FSDP2's parameter swap); the optimizer reads it when given the model (for_model,
+    or model=). Returns the layout."""
+    layout = (ColumnBlocks if columns else RowBlocks)(sizes, groups)
     layout.check(getattr(module, name), name)
     module.__dict__.setdefault("muon_blocks", {})[name] = layout
+    return layout
+
+
+# Names under which libraries store several maps in one weight. A weight of this name that no
+# declaration covers and whose layout mark_known_fused cannot read gets a warning, never a silent
+# orthogonalisation as one matrix.
+FUSED_NAMES = ("c_attn", "qkv_proj", "query_key_value", "gate_up_proj", "qkv", "w_pack", "in_proj_weight",
+               "wqkv", "Wqkv")
+
+
+def _qkv_layout(m):
+    """(projection, layout [q, k, v], number of key heads) of an attention module whose q, k and v
+    come out of one projection in a layout read from the module itself, else None. The layouts
+    are transformers' (read in each model's modeling file): GPT-2, Phi-3, Falcon, GPT-NeoX."""
+    c_attn = getattr(m, "c_attn", None)
+    if type(c_attn).__name__ == "Conv1D" and hasattr(m, "split_size") and not getattr(m, "is_cross_attention", 0):
+        return c_attn, ColumnBlocks([m.split_size] * 3), m.num_heads      # GPT-2: y = x @ W, W (D, 3D)
+    qkv = getattr(m, "qkv_proj", None)
+    if isinstance(qkv, nn.Linear) and hasattr(m, "num_key_value_heads") and hasattr(m, "head_dim"):
+        q_rows = qkv.out_features - 2 * m.num_key_value_heads * m.head_dim        # Phi-3: [q | k | v]
+        return qkv, RowBlocks([q_rows] + [m.num_key_value_heads * m.head_dim] * 2), m.num_key_value_heads
+    qkv = getattr(m, "query_key_value", None)
+    if isinstance(qkv, nn.Linear) and hasattr(m, "new_decoder_architecture"):  # Falcon
+        H, hd = m.num_heads, m.head_dim
+        if m.new_decoder_architecture:                           # per key head: [its query heads | k | v]
+            return qkv, RowBlocks([H // m.num_kv_heads * hd, hd, hd], groups=m.num_kv_heads), m.num_kv_heads
+        if m.multi_query:                                        # [all queries | the key | the value]
+            return qkv, RowBlocks([H * hd, hd, hd]), 1
+        return qkv, RowBlocks([hd] * 3, groups=H), H             # per head [q | k | v]
+    if isinstance(qkv, nn.Linear) and hasattr(m, "head_size"):  # GPT-NeoX: per head [q | k | v]
+        H = qkv.out_features // (3 * m.head_size)
+        return qkv, RowBlocks([m.head_size] * 3, groups=H), H
+    return None
+
+
+def _known_fused_layouts(m):
+    """[(module, parameter name, layout)] for the fused weights of module m (itself or its direct
+    children) whose layout can be read from m."""
+    found = _qkv_layout(m)
+    known = [(found[0], "weight", found[1])] if found else []
+    if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+        known.append((m, "in_proj_weight", RowBlocks([m.embed_dim] * 3)))         # rows [q | k | v]
+    w = getattr(m, "gate_up_proj", None)
+    if isinstance(w, nn.Parameter) and w.dim() == 3 and hasattr(m, "is_transposed"):    # transformers experts
+        inner = w.shape[-1 if m.is_transposed else -2] // 2
+        sizes, groups = ([inner, inner], 1) if getattr(m, "is_concatenated", True) else ([1, 1], inner)
+        known.append((m, "gate_up_proj", (ColumnBlocks if m.is_transposed else RowBlocks)(sizes, groups)))
+    if isinstance(w, nn.Linear) and w.out_features % 2 == 0:    # Phi-3, GLM: gate, up = out.chunk(2)
+        known.append((w, "weight", RowBlocks([w.out_features // 2] * 2)))
+    return known
+
+
+def mark_known_fused(model):
+    """Declare every fused weight of `model` whose layout can be read from its modules: the q|k|v
+    projections of GPT-2 (Conv1D columns), Phi-3, GPT-NeoX and Falcon (rows, see RowBlocks),
+    nn.MultiheadAttention's in_proj_weight, a transformers experts gate_up_proj in each of its four
+    layouts (rows or columns, [gate | up] or alternating), an nn.Linear gate_up_proj as [gate | up].
+    Weights already declared keep their declaration. Then warn, with the line to add, for every
+    matrix whose name says fused (FUSED_NAMES) that no declaration covers. MuonClip calls it
+    whenever it is given the model. Returns {qualified parameter name: layout} it declared."""
+    names = {m: n for n, m in model.named_modules()}
+    declared = {}
+    for m in model.modules():
+        for owner, name, layout in _known_fused_layouts(m):
+            if name not in owner.__dict__.get("muon_blocks", {}):
+                layout.check(getattr(owner, name), name)
+                owner.__dict__.setdefault("muon_blocks", {})[name] = layout
+                declared[f"{names[owner]}.{name}".lstrip(".")] = layout
+    _warn_undeclared_fused(model)
+    return declared
+
+
+def _warn_undeclared_fused(model):
+    """Warn, with the line to add, for each matrix named as fused (FUSED_NAMES) that no declaration
+    covers: Muon would orthogonalise its maps together, as one matrix."""
+    blocks, fused_names = fused_blocks(model), {n.lower() for n in FUSED_NAMES}
+    for name, p in model.named_parameters():
+        owner, _, pname = name.rpartition(".")
+        leaf = owner.rpartition(".")[2] if pname == "weight" else pname
+        if p.dim() < 2 or leaf.lower() not in fused_names or id(p) in blocks:
+            continue
+        parts, rows = (2 if "gate" in leaf.lower() else 3), p.shape[-2]
+        sizes = [rows // parts] * parts if rows % parts == 0 else "[the row counts of its maps]"
+        warnings.warn(f"MuonClip: {name} {tuple(p.shape)} is named as fused (several maps in one weight) but its "
+                      f"layout is unknown, so Muon would orthogonalise it as one matrix; declare its maps, e.g. "
+                      f"for {parts} row blocks: muonclip.mark_fused(model.get_submodule({owner!r}), {sizes}, "
+                      f"{pname!r}) (columns=True for blocks of columns, groups=n for blocks repeated per head; "
+                      "see RowBlocks)", stacklevel=3)
 
 
 def fused_blocks(model):
@@ -395,63 +528,144 @@ def _check_attention_module(m):
 _HF_ATTENTION = "muonclip_qk_clip"
 
 
-def attach_qk_clip(model):
+def attach_qk_clip(model, rules=None):
     """Give every attention module of a transformers decoder the QK-Clip surface; returns them.
 
-    Llama / Mistral / Qwen2-style attention (separate q_proj and k_proj, GQA, optional biases) gets
-    the qk_clip_mha_ rule on weights and biases; DeepseekV3's MLA (q_b_proj or, with q_lora_rank
-    None, q_proj; kv_b_proj) gets qk_clip_mla_, the rule of kimik2.MLA. DeepseekV3's fused expert
-    gate_up_proj (E, 2I, D) (rows [gate | up], as `intermediate_dim` says) is declared as two blocks
-    (mark_fused), so Muon treats gate and up as the separate maps they are; other fused layouts
-    (e.g. interleaved columns) are not recognised and need their own declaration.
+    The clip rule, by what the module has (each read from transformers' modeling files):
+    - separate q_proj / k_proj (Llama, Mistral, Mixtral, Qwen2, Gemma2, GPT-OSS; GQA, q/k biases):
+      qk_clip_mha_ on weights and biases;
+    - one fused q|k|v projection (GPT-2's Conv1D c_attn, Phi-3's qkv_proj, GPT-NeoX's and Falcon's
+      query_key_value, in the layouts of _qkv_layout): qk_clip_fused_mha_ on that layout, which is
+      also declared (mark_known_fused) so Muon orthogonalises q, k and v as separate maps; likewise
+      fused gate/up weights (Phi-3's gate_up_proj, experts of Mixtral, DeepseekV3, GPT-OSS);
+    - DeepseekV3's MLA (q_b_proj or, without a q LoRA, q_proj; kv_b_proj): qk_clip_mla_, the rule of
+      kimik2.MLA;
+    - a QK-norm whose gain holds one entry per row of each head and multiplies the normalised
+      output (OLMo2: one norm over all heads together; Cohere with use_qk_norm: per head, gains
+      (H, hd)): the norm undoes any scale of q_proj's rows, but the gain comes after it, so
+      qk_clip_mha_ on the q and k norm gains scales the head's logits (checked on a probe).
+    Refused, with the reason: any other QK-norm (Qwen3, Gemma3: one gain of head_dim shared by all
+    heads; StableLM's per-head LayerNorm: a bias after the gain), Falcon with ALiBi (the position
+    bias is added to q.k and does not scale with the weights), cross-attention, an unknown class
+    (pass `rules`), flex_attention (its BlockMask cannot be read).
 
-    The statistic: each module's config is replaced by a view of the model's config whose attention
-    implementation is a registered wrapper that, on training forwards, takes the exact max
-    (causal_max_logits) of the logits the model's own implementation (eager, sdpa, flash...; read
-    from the model's config at every call) computes on the same q, k, scaling and mask (a 4-D mask
-    as given; flash's 2-D padding mask, causal flag, sliding window and packed position_ids as
-    flash applies them), then calls that implementation unchanged. The model builds its masks with
-    its real config, so nothing else changes. Models with QK-norm (Qwen3, OLMo2, Gemma3: q_norm and
-    k_norm after the projections) raise: the norm divides out any scale on q_proj/k_proj, so QK-Clip
-    cannot act on them. flex_attention is refused (its BlockMask is not a tensor mask).
+    rules: {attention class or class name: qk_clip_(module, gamma)}, the public path for a class this
+    helper does not know (or to replace its rule): the function rescales the module's weights in
+    place (use qk_clip_mha_ / qk_clip_fused_mha_ / qk_clip_mla_). The statistic comes for free when
+    the class computes attention through transformers' AttentionInterface (ALL_ATTENTION_FUNCTIONS,
+    as nearly every decoder of transformers 5 does); a fused projection also needs mark_fused.
+
+    The statistic, S_h: each module's config is replaced by a view of the model's config whose
+    attention implementation is a registered wrapper that, on training forwards, takes the exact
+    max (causal_max_logits) of the logits the model's own implementation (eager, sdpa, flash...;
+    read from the model's config at every call) computes on the same q, k, scaling and mask (a 4-D
+    mask as given; flash's 2-D padding mask, causal flag, sliding window and packed position_ids as
+    flash applies them), over the query rows of real tokens only (a query whose own position is
+    masked is padding), then calls that implementation unchanged. The model builds its masks with
+    its real config, so nothing else changes. Falcon, which computes attention inline, is read by a
+    forward pre-hook that takes q and k from the same inputs as its forward (one more no-grad
+    projection per layer). What is recorded is scaling * q.k before anything else is applied: for
+    Gemma2 the score before the tanh soft-cap (softcap * tanh(s / softcap)). That suits the clip rule: the cap is monotone, so clipping the
+    pre-cap score at tau bounds the capped one by softcap * tanh(tau / softcap), and the rule scales
+    exactly that pre-cap score by gamma (the cap of a clipped score is not gamma times the cap).
+    GPT-OSS's sinks (a learned per-head logit beside the keys, not a q.k product) are not counted.
+
+    What holds after a step: S_h comes from the step's forwards and the clip scales the weights the
+    update produced (K2 report, Algorithm 1), so on the input S_h was measured on the head's logits
+    are its factor (gamma_h, or sqrt(gamma_h * its key group's smallest gamma)) times those of the
+    updated weights: <= tau for a clip-only step, not whenever the update raised them.
     """
     from transformers import AttentionInterface
     AttentionInterface.register(_HF_ATTENTION, _hf_attention)
     if str(model.config._attn_implementation).startswith("flex"):
         raise ValueError("attach_qk_clip: flex_attention's BlockMask cannot be read; load the model "
                          "with attn_implementation='sdpa', 'eager' or a flash one")
+    rules = {k if isinstance(k, str) else k.__name__: rule for k, rule in (rules or {}).items()}
+    mark_known_fused(model)
     found = []
     for name, m in model.named_modules():
-        experts, inner = getattr(m, "gate_up_proj", None), getattr(m, "intermediate_dim", None)
-        if isinstance(experts, nn.Parameter) and experts.dim() == 3 and experts.shape[1] == 2 * (inner or 0):
-            mark_fused(m, [inner, inner], "gate_up_proj")                    # (E, [gate | up], D)
-        if type(m).__name__.endswith("Attention") and hasattr(m, "config"):
-            if not isinstance(m.config, _AttentionConfigView):          # a second call changes nothing
-                m.qk_clip_ = _hf_clip_rule(name, m)
-                m.num_heads = m.config.num_attention_heads
-                device = next(m.parameters()).device
-                m.register_buffer("max_logits", torch.full((m.num_heads,), -math.inf, device=device),
-                                  persistent=False)
+        what = type(m).__name__
+        if not (what.rstrip("0123456789").endswith("Attention") and hasattr(m, "config")):
+            continue
+        if "max_logits" not in m._buffers:                       # a second call changes nothing
+            rule = functools.partial(rules[what], m) if what in rules else _hf_clip_rule(name, m)
+            inline = hasattr(m, "_split_heads") and hasattr(m, "new_decoder_architecture")   # Falcon
+            if not inline and not _hf_calls_attention_interface(m):
+                raise ValueError(f"attach_qk_clip: {name} ({what}) does not compute attention through "
+                                 "transformers' ALL_ATTENTION_FUNCTIONS, so its logits cannot be read; give it "
+                                 "the surface by hand (muonclip.record_max_logits_ in its forward)")
+            m.qk_clip_ = rule
+            m.num_heads = m.config.num_attention_heads
+            device = next(m.parameters()).device
+            m.register_buffer("max_logits", torch.full((m.num_heads,), -math.inf, device=device),
+                              persistent=False)
+            if inline:
+                m.register_forward_pre_hook(_hf_record_inline, with_kwargs=True)
+            else:
                 m.config = _AttentionConfigView(m.config)
-            found.append(m)
+        found.append(m)
     if not found:
-        raise ValueError(f"attach_qk_clip: no attention module (class name ending in 'Attention') in "
-                         f"{type(model).__name__}")
+        raise ValueError(f"attach_qk_clip: no attention module it can read (a class name ending in 'Attention', "
+                         f"with a config) in {type(model).__name__}; give yours the surface by hand (README, "
+                         "\"MuonClip in your model\", recipe 1)")
     return found
+
+
+def trainer_optimizer(**kwargs):
+    """MuonClip for transformers' Trainer: Trainer(..., optimizer_cls_and_kwargs=
+    muonclip.trainer_optimizer(lr=2e-3, weight_decay=0.1, qk_clip_tau=100.0)).
+
+    Returns (factory, kwargs): Trainer calls the factory, then its result with (its model, **kwargs),
+    so MuonClip gets the model itself (roles, fused blocks, attention modules) and kwargs is never
+    changed: the same pair serves a second Trainer (a resume). The form (MuonClip, {"model": model,
+    ...}) works once: Trainer removes "model" from the very dict it is given."""
+    return (lambda: MuonClip), kwargs
 
 
 def _hf_clip_rule(name, m):
     """The qk_clip_ of a transformers attention module, or the reason it cannot have one."""
-    if getattr(m, "q_norm", None) is not None or getattr(m, "k_norm", None) is not None:
-        raise ValueError(f"{name} ({type(m).__name__}) normalises q and k per head after the projections "
-                         "(QK-norm): the norm undoes any scaling of q_proj/k_proj, so QK-Clip cannot cap "
-                         "its logits; train it with qk_clip_tau=None")
+    what = f"{name} ({type(m).__name__})"
+    q_norm, k_norm = (next((getattr(m, n) for n in names if getattr(m, n, None) is not None), None)
+                      for names in (("q_norm", "q_layernorm"), ("k_norm", "k_layernorm")))
+    if q_norm is not None or k_norm is not None:
+        H, hd = m.config.num_attention_heads, m.head_dim
+        Hkv = getattr(m.config, "num_key_value_heads", H)
+        if _gain_scales_each_row(q_norm, H * hd) and _gain_scales_each_row(k_norm, Hkv * hd):
+            return functools.partial(_hf_qk_clip_norm_gains_, q_norm, k_norm, Hkv)   # OLMo2, Cohere
+        raise ValueError(
+            f"{what} normalises q and k after the projections (QK-norm) with no gain that scales each head's "
+            "output on its own (Qwen3, Gemma3: one gain of head_dim shared by all heads; StableLM: a LayerNorm "
+            "bias after the gain): the norm undoes any scaling of q_proj/k_proj, so QK-Clip cannot cap its "
+            "logits; train it with qk_clip_tau=None")
+    if getattr(m, "is_cross_attention", False):
+        raise ValueError(f"{what} is cross-attention (queries from the decoder, keys from the encoder states), "
+                         "which attach_qk_clip does not handle; give its modules the surface by hand (README, "
+                         "\"MuonClip in your model\", recipe 1) or train with qk_clip_tau=None")
     if hasattr(m, "kv_b_proj"):
         return functools.partial(_hf_qk_clip_mla_, m)
     if all(isinstance(getattr(m, proj, None), nn.Linear) for proj in ("q_proj", "k_proj")):
-        return functools.partial(_hf_qk_clip_mha_, m)
-    raise ValueError(f"{name} ({type(m).__name__}) has neither separate q_proj/k_proj nor MLA's "
-                     "kv_b_proj: give it the QK-Clip surface by hand (see muonclip's docstring)")
+        # key heads from the shapes (q and k share head_dim): GPT-J's, OPT's configs do not name them
+        kv_heads = m.k_proj.out_features * m.config.num_attention_heads // m.q_proj.out_features
+        return functools.partial(_hf_qk_clip_mha_, m, kv_heads)
+    fused = _qkv_layout(m)
+    if fused is not None and getattr(m.config, "alibi", False):
+        raise ValueError(f"{what} uses ALiBi: its logits are (q.k + a position bias) * scale, and the bias does "
+                         "not scale with the weights, so QK-Clip cannot scale the head's logits by gamma; train "
+                         "it with qk_clip_tau=None")
+    if fused is not None:
+        return functools.partial(_hf_qk_clip_fused_, *fused)
+    raise ValueError(f"{what} has neither separate q_proj/k_proj, a known fused q|k|v projection nor MLA's "
+                     "kv_b_proj: pass its clip rule, attach_qk_clip(model, rules={" + type(m).__name__ +
+                     ": fn(module, gamma)}) (README, \"MuonClip in your model\", recipe 4)")
+
+
+def _hf_calls_attention_interface(m):
+    """Whether the module's forward dispatches through transformers' attention registry (what the
+    config view relies on); a class whose source cannot be read is taken at its word."""
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(type(m).forward)
+    except (OSError, TypeError):
+        return True
 
 
 class _AttentionConfigView:
@@ -475,28 +689,56 @@ def _hf_attention(module, query, key, value, attention_mask, *args, **kwargs):
     """The registered wrapper: record the exact max logit, then run the model's own attention."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     config = module.config.wrapped
-    eager = sys.modules[type(module).__module__].eager_attention_forward
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)
     if is_training_forward(module):
         scale = kwargs.get("scaling")
         scale = query.shape[-1] ** -0.5 if scale is None else scale
         record_max_logits_(module, query, key, scale,
                            **_hf_visibility(module, query, key, attention_mask, config, kwargs))
+    if config._attn_implementation == "eager" and getattr(module, "reorder_and_upcast_attn", False):
+        return module._upcast_and_reordered_attn(query, key, value, attention_mask)   # GPT-2's eager option
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)
     return attention(module, query, key, value, attention_mask, *args, **kwargs)
 
 
+def _hf_record_inline(m, args, kwargs):
+    """Forward pre-hook of an attention module that computes attention inline (Falcon): q and k as
+    its forward makes them from the same inputs (fused projection, head split, rotary), then the max
+    of scale * q.k over what its sdpa / eager / flash path masks."""
+    if not is_training_forward(m):
+        return
+    call = inspect.signature(m.forward).bind(*args, **kwargs).arguments
+    with torch.no_grad():
+        q, k, _ = m._split_heads(m.query_key_value(call["hidden_states"]))      # (B, T, H|Hkv, hd)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                              # (B, H|Hkv, T, hd)
+        cos, sin = call["position_embeddings"]
+        q, k = sys.modules[type(m).__module__].apply_rotary_pos_emb(q, k, cos, sin)
+    visibility = _hf_visibility(m, q, k, call.get("attention_mask"), m.config,
+                                {"position_ids": call.get("position_ids")})
+    record_max_logits_(m, q, k, m.inv_norm_factor, **visibility)
+
+
 def _hf_visibility(module, query, key, mask, config, kwargs):
-    """causal_max_logits' causal/attention_mask for what the model's implementation masks."""
+    """causal_max_logits' causal/attention_mask for what the model's implementation masks, on the
+    query rows of real tokens: a query whose own position is not visible to it is padding (a
+    right-padded row would otherwise count the real keys before it)."""
     if mask is not None and not isinstance(mask, torch.Tensor):
         raise TypeError(f"attach_qk_clip: cannot read an attention mask of type {type(mask).__name__}")
+    Tq, Tk = query.shape[2], key.shape[2]
     if (mask is not None and mask.dim() == 4) or config._attn_implementation == "eager":
-        return dict(causal=False, attention_mask=mask)   # causal, padding, windows: all in the mask
+        if mask is None:
+            return dict(causal=False, attention_mask=None)
+        # causal, padding, windows: all in the mask, bool (True = keep) or additive (dtype min = masked)
+        visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
+        real = visible.diagonal(visible.shape[-1] - visible.shape[-2], -2, -1)   # each query's own key
+        real = real[..., None]                                                # (B|1, H|1, Tq, 1)
+        return dict(causal=False, attention_mask=mask & real if mask.dtype == torch.bool
+                    else mask.masked_fill(~real, -math.inf))
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
-    if "flash" not in config._attn_implementation:
-        return dict(causal=causal, attention_mask=mask)
-    # flash: the mask is None or (B, Tk) padding; the window and packed sequences come as kwargs
-    Tq, Tk = query.shape[2], key.shape[2]
+    if mask is None and "flash" not in config._attn_implementation:
+        return dict(causal=causal, attention_mask=None)                       # sdpa, no padding
+    # a (B, Tk) padding mask, or flash: the window and packed sequences come as kwargs
     i = torch.arange(Tq, device=query.device)[:, None] + (Tk - Tq)            # (Tq, 1)
     j = torch.arange(Tk, device=query.device)                                 # (Tk,)
     keep = (j <= i) if causal else torch.ones(Tq, Tk, dtype=torch.bool, device=query.device)
@@ -510,14 +752,41 @@ def _hf_visibility(module, query, key, mask, config, kwargs):
         keep = keep & (doc[:, :, None] == doc[:, None, :])
     if mask is not None:
         keep = keep & mask.bool()[:, None, :]
+        keep = keep & keep.diagonal(Tk - Tq, -2, -1)[..., None]               # real query rows
     return dict(causal=False, attention_mask=keep[:, None])                   # (B|1, 1, Tq, Tk)
 
 
-def _hf_qk_clip_mha_(m, gamma):
-    kv_heads = m.config.num_key_value_heads
+def _hf_qk_clip_mha_(m, kv_heads, gamma):
     qk_clip_mha_(m.q_proj.weight, m.k_proj.weight, gamma, kv_heads)
     if m.q_proj.bias is not None:
         qk_clip_mha_(m.q_proj.bias, m.k_proj.bias, gamma, kv_heads)
+
+
+def _hf_qk_clip_fused_(proj, layout, num_kv_heads, gamma):
+    for t in (proj.weight, proj.bias):
+        if t is not None:
+            qk_clip_fused_mha_(t, gamma, num_kv_heads, layout)
+
+
+def _gain_scales_each_row(norm, rows):
+    """Whether norm has one gain per output row (rows of them, head-major) that multiplies its output,
+    tried on a probe: doubling the gain doubles the output (not so for a (1 + w) gain or a bias)."""
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.numel() != rows:
+        return False
+    with torch.no_grad():
+        x = torch.randn(2, *w.shape, dtype=w.dtype, device=w.device)
+        y = norm(x)
+        w.mul_(2)
+        twice = norm(x)
+        w.div_(2)                                                # exact: powers of two
+    return torch.allclose(twice, 2 * y)
+
+
+def _hf_qk_clip_norm_gains_(q_norm, k_norm, num_kv_heads, gamma):
+    """The gain of a QK-norm comes after the normalisation: scaling head h's gain entries scales
+    its q (k) exactly, where scaling q_proj's rows would be divided out."""
+    qk_clip_mha_(q_norm.weight, k_norm.weight, gamma, num_kv_heads)
 
 
 def _hf_qk_clip_mla_(m, gamma):
@@ -579,6 +848,8 @@ class MuonClip(torch.optim.Optimizer):
         if isinstance(params, nn.Module):
             model, params = params, None
         self._muon_ids = {id(p) for p in split_params(model)[0]} if model is not None else None
+        if model is not None:
+            mark_known_fused(model)                       # declares known fused layouts, warns for others
         self._blocks = fused_blocks(model) if model is not None else {}
         if params is None:
             params = [{"params": [p for p in model.parameters() if p.requires_grad]}]
