@@ -85,6 +85,7 @@ Run the tests: `python -m pytest test_kimik2.py -k "muon or clip or newton"`.
 import functools
 import math
 import sys
+import time
 import warnings
 from collections import defaultdict
 
@@ -97,34 +98,128 @@ if dist.is_available():
 else:
     DTensor = ()  # isinstance(x, ()) is False: no tensor is ever a DTensor
 
-# Keller Jordan's quintic: the coefficients maximise the slope at zero, so 5 steps push every
-# singular value into roughly [0.7, 1.2] instead of converging exactly to 1.
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-
-
 # ----------------------------------------------------------------------------------- Muon maths
 
-def newton_schulz(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
+# Keller Jordan's quintic ("jordan"): the coefficients maximise the slope at zero, so 5 steps push
+# every singular value into roughly [0.7, 1.2] instead of converging exactly to 1.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# Polar Express (arXiv 2505.16932, Algorithm 1): a different minimax-optimal quintic per iteration,
+# each divided by a safety factor 1.01 (a / 1.01, b / 1.01^3, c / 1.01^5; the last one, which later
+# iterations repeat, is left as is) so that bf16 rounding cannot push a singular value past the
+# interval the next polynomial was fitted on; the input is normalised by 1.01 * its norm likewise.
+_POLAR_EXPRESS_SAFETY = 1.01
+POLAR_EXPRESS_COEFFICIENTS = tuple(
+    [(a / _POLAR_EXPRESS_SAFETY, b / _POLAR_EXPRESS_SAFETY ** 3, c / _POLAR_EXPRESS_SAFETY ** 5) for a, b, c in (
+        (8.28721201814563, -23.595886519098837, 17.300387312530933),
+        (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+        (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+        (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+        (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+        (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+        (1.8750014808534479, -1.2500016453999487, 0.3750001645474248))]
+    + [(1.875, -1.25, 0.375)])
+# "gram": the Polar Express polynomials applied through the small Gram matrix (Dao-AILab's Gram
+# Newton-Schulz): after this many iterations the accumulated transform is applied and the Gram matrix
+# recomputed from the result, so rounding in the (A, A) products cannot build up over all steps.
+GRAM_RESTART = 2
+NS_VARIANTS = ("jordan", "polar_express", "gram")
+
+
+@functools.lru_cache(maxsize=None)
+def default_ns_dtype(device_type):
+    """The Newton-Schulz precision used when the caller does not choose one (ns_dtype=None).
+
+    bfloat16 on CUDA (as reference Muon) and on a CPU with bf16 matmul instructions; float32 on every
+    other CPU, where bf16 matmul is emulated and about 10x slower than float32. The CPU is judged by
+    the flags Linux reports for x86 (avx512_bf16, amx_bf16), else (macOS, ARM) by timing bf16 against
+    float32 matmul once per process. Pass ns_dtype=torch.float32 or torch.bfloat16 to choose yourself."""
+    if device_type == "cuda":
+        return torch.bfloat16
+    if device_type != "cpu":
+        return torch.float32
+    flags = _cpu_flags()
+    fast = bool(flags & {"avx512_bf16", "amx_bf16"}) if flags is not None else _bf16_matmul_is_faster()
+    return torch.bfloat16 if fast else torch.float32
+
+
+def _cpu_flags():
+    """The x86 instruction-set flags of /proc/cpuinfo, or None where there are none to read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
+
+
+def _bf16_matmul_is_faster():
+    """Whether a batch of (128, 128) products runs faster in bf16 than in float32 (best of 5)."""
+    x = torch.randn(8, 128, 128)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        y = x.to(dtype)
+        torch.bmm(y, y)                                           # the first call warms up
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            torch.bmm(y, y)
+            times.append(time.perf_counter() - start)
+        best[dtype] = min(times)
+    return best[torch.bfloat16] < best[torch.float32]
+
+
+def newton_schulz(G, steps=5, eps=1e-7, dtype=None, variant="jordan"):
     """Approximate orthogonalisation U V^T of each matrix G = U S V^T (Moonlight sec. 2).
 
-    G: (..., A, B), leading dims are a batch of independent matrices. Returns (..., A, B) in `dtype`.
-    The one place that handles orientation: a tall G is worked on transposed, so X X^T is always
-    the small Gram matrix.
+    G: (..., A, B), leading dims are a batch of independent matrices. Returns (..., A, B) in `dtype`
+    (None: default_ns_dtype of G's device). The one place that handles orientation: a tall G is
+    worked on transposed, so X X^T is always the small Gram matrix. variant: "jordan" (Keller
+    Jordan's quintic every step), "polar_express" (the per-step quintics of arXiv 2505.16932) or
+    "gram" (the same per-step quintics, iterated on the Gram matrix; see _gram_iterations).
     """
-    a, b, c = NS_COEFFICIENTS
-    X = G.to(dtype).reshape(-1, *G.shape[-2:])                  # (N, A, B)
+    if variant not in NS_VARIANTS:
+        raise ValueError(f"newton_schulz: variant {variant!r} is not one of {NS_VARIANTS}")
+    X = G.to(dtype or default_ns_dtype(G.device.type)).reshape(-1, *G.shape[-2:])   # (N, A, B)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT.contiguous()                                     # (N, B, A), now wide (and laid out so)
     # Frobenius norm >= spectral norm, so every singular value starts in [0, 1]
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):
-        A = X @ X.mT                                              # (N, small, small)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)               # b*A + c*A@A
-        X = torch.baddbmm(X, B, X, beta=a)                        # a*X + B@X
+    if variant == "jordan":
+        X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+        coefficients = [NS_COEFFICIENTS] * steps
+    else:
+        X = X / (X.norm(dim=(-2, -1), keepdim=True) * _POLAR_EXPRESS_SAFETY + eps)
+        table = POLAR_EXPRESS_COEFFICIENTS
+        coefficients = [table[min(i, len(table) - 1)] for i in range(steps)]
+    if variant == "gram":
+        X = _gram_iterations(X, coefficients)
+    else:
+        for a, b, c in coefficients:
+            A = X @ X.mT                                          # (N, small, small)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)           # b*A + c*A@A
+            X = torch.baddbmm(X, B, X, beta=a)                    # a*X + B@X
     if tall:
         X = X.mT
     return X.reshape(G.shape)
+
+
+def _gram_iterations(X, coefficients):
+    """The quintic steps X <- p(X X^T) X with p(R) = a I + b R + c R^2, carried out on the (N, m, m)
+    Gram matrix R of the wide (N, m, n) X: with X_t = Q_t X_0, Q <- P Q and R <- P R P (P is a
+    polynomial in R, so symmetric and commuting with it), and X = Q X_0 at the end. Each step costs
+    O(m^3) instead of O(m^2 n), a gain when n >> m; restarted after GRAM_RESTART steps."""
+    eye = torch.eye(X.size(-2), dtype=X.dtype, device=X.device)
+    Q, R = None, X @ X.mT                                         # Q None: the identity
+    for i, (a, b, c) in enumerate(coefficients):
+        if i == GRAM_RESTART and Q is not None:
+            X, Q = Q @ X, None
+            R = X @ X.mT
+        P = torch.baddbmm(R, R, R, beta=b, alpha=c) + a * eye     # a I + b R + c R^2, (N, m, m)
+        Q = P if Q is None else P @ Q
+        R = P @ R @ P
+    return X if Q is None else Q @ X
 
 
 def rms_matching_scale(shape):
@@ -143,13 +238,71 @@ def muon_momentum_(grad, momentum_buffer, beta=0.95, nesterov=True):
     return grad.add(momentum_buffer, alpha=beta) if nesterov else momentum_buffer
 
 
-def muon_update(grad, momentum_buffer, beta=0.95, nesterov=True, ns_steps=5, ns_dtype=torch.bfloat16):
-    """The Muon update of one matrix, or a stack (..., A, B) of independent ones: the step to
-    subtract (times lr) from the weight, before weight decay. Updates momentum_buffer in place.
-    MuonClip.step computes this, batched over every matrix of the same shape (it passes the scale
-    as the add's alpha, -lr * scale, so the product is rounded once)."""
-    x = muon_momentum_(grad, momentum_buffer, beta, nesterov)
-    return newton_schulz(x, ns_steps, dtype=ns_dtype).to(grad.dtype) * rms_matching_scale(x.shape)
+@torch.no_grad()
+def muon_update(weights, grads, momentum_buffers, lr, weight_decay=0.0, beta=0.95, nesterov=True,
+                 ns_steps=5, ns_dtype=None, ns_variant="jordan", layouts=None, shapes=None,
+                 orthogonalise=None):
+    """One Muon step on a list of weights, in place (Moonlight sec. 2, eq. 4): the rule, batched.
+
+        M <- beta M + G;  O = NS(G + beta M) per matrix;  W <- W (1 - lr wd) - lr 0.2 sqrt(max(A, B)) O
+
+    Each weight is a matrix (A, B), a stack (E, A, B) of independent matrices (e.g. MoE experts), or a
+    fused tensor with a layout (see RowBlocks) whose split parts are orthogonalised and scaled each on
+    its own. The Newton-Schulz units are every matrix of every stack and part; all units of one shape
+    go through one batched newton_schulz call (orthogonalise_by_shape). MuonClip.step calls this with
+    the local shards of its parameters, their full `shapes`, and an `orthogonalise` that shares the
+    units out among the processes. momentum_buffers are updated in place.
+    """
+    layouts = layouts or [None] * len(weights)
+    shapes = shapes or [w.shape for w in weights]
+    inputs = [muon_momentum_(g, m, beta, nesterov) for g, m in zip(grads, momentum_buffers)]
+    dtype = ns_dtype or default_ns_dtype(weights[0].device.type)
+    ns = functools.partial(newton_schulz, steps=ns_steps, dtype=dtype, variant=ns_variant)
+    directions = (orthogonalise or orthogonalise_by_shape)(inputs, layouts, ns)
+    torch._foreach_mul_(weights, 1 - lr * weight_decay)           # decoupled weight decay
+    for w, d, layout, shape in zip(weights, directions, layouts, shapes):
+        # a fused weight's parts carry their own scales; otherwise the scale rides on alpha, so
+        # -lr * scale * O is rounded once (a bf16 O is added as if upcast first)
+        w.add_(d, alpha=-lr * (1.0 if layout else rms_matching_scale(shape)))
+
+
+def orthogonalise_by_shape(inputs, layouts, ns):
+    """Each input's direction for muon_update: `ns` applied to every unit, one call per unit shape.
+    A plain input's direction is its units' NS output; a fused input's is its parts' outputs, each
+    times its own rms_matching_scale, joined by the layout."""
+    parts = [_parts(x, layout) for x, layout in zip(inputs, layouts)]
+    flat = [q for ps in parts for q in ps]
+    done = iter(ns_by_shape(flat, ns))
+    return [_direction([next(done) for _ in ps], layout, x.dtype) for x, ps, layout in zip(inputs, parts, layouts)]
+
+
+def ns_by_shape(tensors, ns):
+    """ns of every tensor (..., A, B), batched: all matrices of one (A, B) go through one call.
+    Returns results shaped like the inputs (in ns's dtype). Batching does not change a result: on the
+    CPU a matrix's NS is bitwise the same alone or in any batch (a test checks this)."""
+    by_shape = defaultdict(list)                                  # (A, B) -> indices into tensors
+    for i, t in enumerate(tensors):
+        by_shape[tuple(t.shape[-2:])].append(i)
+    out = [None] * len(tensors)
+    for shape, members in by_shape.items():
+        stack = torch.cat([tensors[i].reshape(-1, *shape) for i in members])   # (N, A, B)
+        counts = [math.prod(tensors[i].shape[:-2]) for i in members]           # matrices per tensor
+        for i, o in zip(members, ns(stack).split(counts)):
+            out[i] = o.reshape(tensors[i].shape)
+    return out
+
+
+def _parts(x, layout):
+    """The independent parts of x: its layout's split, or x itself (a matrix or a stack)."""
+    return layout.split(x) if layout is not None else [x]
+
+
+def _direction(outputs, layout, dtype):
+    """A weight's direction from its parts' NS outputs (see orthogonalise_by_shape)."""
+    if layout is None:
+        return outputs[0].to(dtype)
+    return layout.join([o.to(dtype) * rms_matching_scale(o.shape) for o in outputs])
+
 
 
 # ------------------------------------------------------------------------------- QK-Clip maths
@@ -555,6 +708,164 @@ def _local_part(full, p):
     return replicated.redistribute(p.device_mesh, p.placements).to_local()
 
 
+def _flat_ranges(p, world):
+    """[(lo, hi)] per rank: the positions of p's flattened full tensor that each rank holds (a
+    replicated tensor: all of them on every rank; FSDP2's Shard(0): torch.chunk's rows), or None
+    for placements the exchange does not read (a mesh other than the whole world in rank order)."""
+    n = p.numel()
+    if not isinstance(p, DTensor):
+        return [(0, n)] * world
+    mesh, (placement, *more) = p.device_mesh, p.placements
+    if more or mesh.mesh.flatten().tolist() != list(range(world)):
+        return None
+    if placement.is_replicate():
+        return [(0, n)] * world
+    if not (placement.is_shard() and placement.dim == 0):
+        return None
+    rows = p.shape[0]
+    chunk, row = -(-rows // world), n // max(rows, 1)
+    return [(min(r * chunk, rows) * row, min((r + 1) * chunk, rows) * row) for r in range(world)]
+
+
+def _assign_owners(costs, holders, world):
+    """Greedy bin-packing (longest first) of the units' NS costs onto ranks: each unit goes to the
+    least-loaded rank, on a tie to the rank that holds its data. Deterministic: every rank computes
+    the same assignment from the same list."""
+    load, owners = [0.0] * world, [0] * len(costs)
+    for u in sorted(range(len(costs)), key=lambda u: -costs[u]):
+        owners[u] = min(range(world), key=lambda r: (load[r], r != holders[u], r))
+        load[owners[u]] += costs[u]
+    return owners
+
+
+def _ns_cost(shape):
+    """FLOPs of one Newton-Schulz step on an (A, B) matrix, up to a constant: m^2 (2n + m), m <= n."""
+    m, n = sorted(shape)
+    return m * m * (2 * n + m)
+
+
+def _exchange(send, recv_sizes, dtype, device):
+    """One all-to-all of packed buffers: send[r] (1-D tensors) goes to rank r; returns per source
+    rank the 1-D buffer it sent here. bf16 travels as int16 (same bits; not every backend reduces
+    or moves bf16)."""
+    wire = torch.int16 if dtype == torch.bfloat16 else dtype
+    pieces = [t.reshape(-1) for ts in send for t in ts]
+    out = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
+    dist.all_to_all_single(out.view(wire), torch.cat(pieces).view(wire) if pieces else out.new_empty(0).view(wire),
+                           output_split_sizes=list(recv_sizes),
+                           input_split_sizes=[sum(t.numel() for t in ts) for ts in send])
+    return list(out.split(list(recv_sizes)))
+
+
+def orthogonalise_across_ranks(inputs, layouts, ns, *, params, dtype):
+    """orthogonalise_by_shape for data-parallel processes: each unit (a matrix, an expert, a part of a
+    fused layout) orthogonalised on exactly one rank, and each rank given the part it holds.
+
+    Units are assigned by _assign_owners (balanced by NS cost); a rank batches its own units by shape.
+    Under FSDP2 (Shard(0) DTensors) a unit's input is spread over ranks: one all-to-all brings each
+    owner the rows of its units, a second sends each rank only its shard of every result. Replicated
+    tensors (DDP) need only the second, in which every rank receives the whole results. `inputs` are
+    this rank's shards of `params`; directions come back shaped like them. Other placements are
+    gathered whole first (as every rank did before). On every rank the same units, in the same order.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ranges = [_flat_ranges(p, world) for p in params]
+    gathered = [r is None for r in ranges]
+    inputs = [_full(x, p) if g else x for x, p, g in zip(inputs, params, gathered)]
+    ranges = [[(0, p.numel())] * world if g else r for r, p, g in zip(ranges, params, gathered)]
+    device = inputs[0].device
+    units = []                                    # (tensor, part, matrix of the part, (A, B))
+    positions = {}                                # sharded tensor -> per part (matrices, A*B) flat positions
+    for i, (p, layout) in enumerate(zip(params, layouts)):
+        for j, part in enumerate(_parts(torch.empty(p.shape, device="meta"), layout)):
+            units += [(i, j, k, tuple(part.shape[-2:])) for k in range(math.prod(part.shape[:-2]))]
+        if any(r != (0, p.numel()) for r in ranges[i]):
+            idx = torch.arange(p.numel(), device=device).view(p.shape)
+            positions[i] = [q.reshape(q.shape[:-2].numel(), -1) for q in _parts(idx, layout)]
+
+    def held(u, r):                               # unit u's elements held by rank r: a mask, or None for all
+        i, j, k, _ = units[u]
+        if i not in positions:
+            return None
+        lo, hi = ranges[i][r]
+        return (positions[i][j][k] >= lo) & (positions[i][j][k] < hi)
+    masks = [[held(u, r) for r in range(world)] for u in range(len(units))]
+    holders = [-1 if m[0] is None else next(r for r in range(world) if m[r].any()) for m in masks]
+    owners = _assign_owners([_ns_cost(shape) for *_, shape in units], holders, world)
+    mine = [u for u in range(len(units)) if owners[u] == rank]
+    local = {i: inputs[i].to(dtype).reshape(-1) for i in positions}
+    by_tensor = defaultdict(list)                 # tensor -> its units, in order
+    for u, (i, *_) in enumerate(units):
+        by_tensor[i].append(u)
+
+    def own_elements(u):                          # this rank's elements of sharded unit u, in unit order
+        i, j, k, _ = units[u]
+        return local[i][positions[i][j][k][masks[u][rank]] - ranges[i][rank][0]]
+
+    # 1. inputs to owners (only sharded tensors are not whole on their owner)
+    received = [iter(())] * world
+    if positions:
+        send = [[own_elements(u) for u in range(len(units)) if owners[u] == r and r != rank and units[u][0] in positions]
+                for r in range(world)]
+        sizes = [0 if s == rank else sum(int(masks[u][s].sum()) for u in mine if units[u][0] in positions)
+                 for s in range(world)]
+        received = [iter(()) if s == rank else iter(b.split([int(masks[u][s].sum()) for u in mine if units[u][0] in positions]))
+                    for s, b in enumerate(_exchange(send, sizes, dtype, device))]
+    whole = [None if i in positions else _parts(x, layout) for i, (x, layout) in enumerate(zip(inputs, layouts))]
+    unit_inputs = []
+    for u in mine:
+        i, j, k, shape = units[u]
+        if i not in positions:
+            unit_inputs.append(whole[i][j].reshape(-1, *shape)[k])
+            continue
+        x = torch.empty(math.prod(shape), dtype=dtype, device=device)
+        for s in range(world):
+            x[masks[u][s]] = own_elements(u) if s == rank else next(received[s])
+        unit_inputs.append(x.view(shape))
+    results = dict(zip(mine, ns_by_shape(unit_inputs, ns)))
+
+    # 2. results to every rank that holds a part of them: whole for replicated tensors, else its shard
+    def wanted(u, r):
+        return results[u].reshape(-1) if masks[u][r] is None else results[u].reshape(-1)[masks[u][r]]
+    send = [[] if r == rank else [wanted(u, r) for u in mine] for r in range(world)]
+    sizes = [0 if s == rank else sum(math.prod(units[u][3]) if masks[u][rank] is None else int(masks[u][rank].sum())
+                                     for u in range(len(units)) if owners[u] == s) for s in range(world)]
+    mine_set, pieces = set(mine), {}
+    for s, buffer in enumerate(_exchange(send, sizes, dtype, device)):
+        theirs = [u for u in range(len(units)) if owners[u] == s and s != rank]
+        counts = [math.prod(units[u][3]) if masks[u][rank] is None else int(masks[u][rank].sum()) for u in theirs]
+        pieces.update(zip(theirs, buffer.split(counts)))
+    directions = []
+    for i, (x, p, layout) in enumerate(zip(inputs, params, layouts)):
+        ids = by_tensor[i]
+        if i not in positions:                    # whole on every rank: the parts, then the layout's join
+            outs = defaultdict(list)
+            for u in ids:
+                outs[units[u][1]].append(results[u] if u in mine_set else pieces[u].view(units[u][3]))
+            shapes = [q.shape for q in whole[i]]
+            d = _direction([torch.stack(outs[j]).reshape(shapes[j]) for j in sorted(outs)], layout, x.dtype)
+            directions.append(_local_part(d, p) if gathered[i] else d)
+            continue
+        d = torch.empty(x.numel(), dtype=x.dtype, device=device)
+        for u in ids:
+            _, j, k, shape = units[u]
+            values = (wanted(u, rank) if u in mine_set else pieces[u]).to(x.dtype)
+            d[positions[i][j][k][masks[u][rank]] - ranges[i][rank][0]] = (
+                values * rms_matching_scale(shape) if layout is not None else values)
+        directions.append(d.view(x.shape))
+    return directions
+
+
+def orthogonalise_everywhere(inputs, layouts, ns, *, params):
+    """orthogonalise_by_shape on every rank for every unit (MuonClip(distribute=False), the way
+    before orthogonalise_across_ranks; kept to measure against): FSDP2 shards whose matrices are
+    split are gathered whole, and each rank keeps its own part of the result."""
+    gather = [_matrices_are_split(p) for p in params]
+    whole = [_full(x, p) if g else x for x, p, g in zip(inputs, params, gather)]
+    directions = orthogonalise_by_shape(whole, layouts, ns)
+    return [_local_part(d, p) if g else d for d, p, g in zip(directions, params, gather)]
+
+
 # ---------------------------------------------------------------------------------- the optimizer
 
 class MuonClip(torch.optim.Optimizer):
@@ -566,7 +877,11 @@ class MuonClip(torch.optim.Optimizer):
       without one (e.g. Trainer's weight-decay groups) is split by role, which needs model=.
     lr: one learning rate for both halves (Muon updates are RMS-matched to AdamW's).
     weight_decay: decoupled, W -= lr * weight_decay * W, both halves.
-    momentum, nesterov, ns_steps, ns_dtype: Muon. betas, eps: AdamW.
+    momentum, nesterov, ns_steps: Muon. betas, eps: AdamW.
+    ns_dtype: Newton-Schulz precision; None: default_ns_dtype (bf16 on CUDA and on CPUs with fast bf16
+      matmul, float32 elsewhere). ns_variant: newton_schulz's variant ("jordan", the default).
+    distribute: with several processes, orthogonalise each unit on one rank and share the results
+      (orthogonalise_across_ranks); False: every rank orthogonalises everything (the way before).
     qk_clip_tau: logit cap (K2: 100); None turns the clip off (the statistic is still reduced,
       reset and reported in clip_stats). With tau set and no attention module it raises.
     attention_modules: modules with the surface in the module docstring; default: found in model.
@@ -575,15 +890,19 @@ class MuonClip(torch.optim.Optimizer):
 
     def __init__(self, params, lr=2e-4, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
                  betas=(0.9, 0.95), eps=1e-8, qk_clip_tau=100.0, attention_modules=None,
-                 ns_dtype=torch.bfloat16, model=None):
+                 ns_dtype=None, model=None, ns_variant="jordan", distribute=True):
         if isinstance(params, nn.Module):
             model, params = params, None
         self._muon_ids = {id(p) for p in split_params(model)[0]} if model is not None else None
         self._blocks = fused_blocks(model) if model is not None else {}
         if params is None:
             params = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        if ns_variant not in NS_VARIANTS:
+            raise ValueError(f"ns_variant {ns_variant!r} is not one of {NS_VARIANTS}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_steps=ns_steps, ns_dtype=ns_dtype, betas=betas, eps=eps)
+                        ns_steps=ns_steps, ns_dtype=ns_dtype, ns_variant=ns_variant, betas=betas, eps=eps)
+        self.distribute = distribute
+        self.newton_schulz_matrices = 0           # matrices this process orthogonalised in the last step
         super().__init__(params, defaults)
         if attention_modules is None:
             attention_modules = find_attention_modules(model) if model is not None else ()
@@ -603,6 +922,11 @@ class MuonClip(torch.optim.Optimizer):
             warnings.warn(f"MuonClip: parameters in {sorted(map(str, low))}, not float32: updates below half "
                           "an ulp are lost (bf16: weight decay at lr*wd = 1e-3 does nothing); keep fp32 "
                           "master weights and use autocast", stacklevel=2)
+
+    def __setstate__(self, state):                # a checkpoint from before ns_variant existed
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("ns_variant", "jordan")
 
     @classmethod
     def for_model(cls, model, lr, weight_decay, qk_clip_tau=100.0, **kw):
@@ -638,6 +962,7 @@ class MuonClip(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.newton_schulz_matrices = 0
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
@@ -647,41 +972,26 @@ class MuonClip(torch.optim.Optimizer):
         return loss
 
     def _muon_step(self, group, params):
-        """muon_update for every parameter, with the matrices of one shape in one batched
-        Newton-Schulz call; fused parameters contribute one matrix (stack) per declared block."""
-        lr, wd = group["lr"], group["weight_decay"]
+        """muon_update on this rank's shards, its Newton-Schulz units shared out among the processes."""
         grads = [_local(p.grad) for p in params]
         for p, g in zip(params, grads):
             if not self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(g)
-        inputs = [muon_momentum_(g, self.state[p]["momentum_buffer"], group["momentum"], group["nesterov"])
-                  for p, g in zip(params, grads)]
-        # Newton-Schulz needs whole matrices: gather only where a matrix dim is sharded
-        gather = [_matrices_are_split(p) for p in params]
-        whole = [_full(x, p) if g else x for x, p, g in zip(inputs, params, gather)]
-        blocks = [self._blocks[id(p)].split(x) if id(p) in self._blocks else [x]
-                  for x, p in zip(whole, params)]
-        by_shape = defaultdict(list)                              # (A, B) -> [(param, block)]
-        for i, bs in enumerate(blocks):
-            for j, b in enumerate(bs):
-                by_shape[tuple(b.shape[-2:])].append((i, j))
+        dtype = group["ns_dtype"] or default_ns_dtype(grads[0].device.type)
+        if self.distribute and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            orthogonalise = functools.partial(orthogonalise_across_ranks, params=params, dtype=dtype)
+        else:
+            orthogonalise = functools.partial(orthogonalise_everywhere, params=params)
 
-        local_params = [_local(p) for p in params]
-        torch._foreach_mul_(local_params, 1 - lr * wd)            # decoupled weight decay
-        ortho = [list(bs) for bs in blocks]                       # -> (orthogonalised block, its scale)
-        for shape, members in by_shape.items():
-            stack = torch.cat([blocks[i][j].reshape(-1, *shape) for i, j in members])   # (N, A, B)
-            out = newton_schulz(stack, group["ns_steps"], dtype=group["ns_dtype"])
-            counts = [math.prod(blocks[i][j].shape[:-2]) for i, j in members]         # matrices per block
-            for (i, j), o in zip(members, out.split(counts)):
-                ortho[i][j] = (o.reshape(blocks[i][j].shape), rms_matching_scale(shape))
-        for p, local, parts, g in zip(params, local_params, ortho, gather):
-            if len(parts) == 1:  # the scale rides on alpha, as muon_update's -lr * scale
-                o, scale = parts[0]                               # (a bf16 o is added as if upcast first)
-                local.add_(_local_part(o.to(local.dtype), p) if g else o, alpha=-lr * scale)
-                continue
-            update = self._blocks[id(p)].join([o.to(local.dtype) * scale for o, scale in parts])
-            local.add_(_local_part(update, p) if g else update, alpha=-lr)
+        def counted(inputs, layouts, ns):         # counts the matrices that go through ns here
+            def ns_counted(stack):
+                self.newton_schulz_matrices += stack.shape[0]
+                return ns(stack)
+            return orthogonalise(inputs, layouts, ns_counted)
+        muon_update([_local(p) for p in params], grads, [self.state[p]["momentum_buffer"] for p in params],
+                    group["lr"], group["weight_decay"], group["momentum"], group["nesterov"], group["ns_steps"],
+                    dtype, group["ns_variant"], layouts=[self._blocks.get(id(p)) for p in params],
+                    shapes=[p.shape for p in params], orthogonalise=counted)
 
     def _adamw_step(self, group, params):
         lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
