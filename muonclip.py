@@ -1,86 +1,38 @@
 """MuonClip: Muon for hidden matrices, AdamW for the rest, then per-head QK-Clip (Kimi-K2).
 
-Kimi-K2 (arXiv 2507.20534, sec. 2.1) trains with MuonClip: the Muon optimizer in Moonlight's form
-("Muon is Scalable for LLM Training", arXiv 2502.16982, sec. 2) followed, after every update, by
-QK-Clip (K2 report sec. 2.1, Algorithm 1): each attention head whose largest pre-softmax logit of the
-step S_h exceeded tau gets its query/key weights rescaled by gamma_h = tau / S_h. This file is the
-algorithm, top to bottom: pure functions first (Newton-Schulz, the Muon update, the clip rules, the
-exact max logit), then the parameter split, the Hugging Face adapter, and the optimizer class, which
-only does bookkeeping, shape batching and the distributed parts. It imports only torch (transformers
-only inside `attach_qk_clip`), so it can be copied alone into any project.
+Kimi-K2 (arXiv 2507.20534, sec. 2.1) trains with MuonClip: Muon in Moonlight's form ("Muon is
+Scalable for LLM Training", arXiv 2502.16982, sec. 2) followed, after every update, by QK-Clip (K2
+report sec. 2.1, Algorithm 1). Needs torch only (transformers only inside `attach_qk_clip`): copy it
+alone into any project.
 
     opt = MuonClip.for_model(model, lr=2e-4, weight_decay=0.1, qk_clip_tau=100.0)
     loss.backward(); opt.step(); opt.zero_grad()
     opt.clip_stats  # {'max_logits': (L, H) before clipping, 'heads_clipped': scalar} - no host sync
 
-Features
-- Muon (`muon_update`): momentum M = mu*M + G, Nesterov input G + mu*M (mu 0.95), Newton-Schulz
-  orthogonalisation (5 quintic steps in bf16, on the wide orientation), update scaled by
-  0.2*sqrt(max(A, B)) so its RMS matches AdamW's and one lr and weight decay serve both halves
-  (Moonlight eq. 4); decoupled weight decay.
-- Stacked weights (E, A, B), e.g. MoE experts, are E matrices, each orthogonalised on its own; a
-  fused weight declared with `mark_fused` (a (3D, D) QKV, a fused gate/up) is orthogonalised block by
-  block. All matrices of the same shape, across parameters, go through one batched Newton-Schulz call.
-- AdamW (betas 0.9, 0.95) for everything that is not a hidden matrix; same maths as torch.optim.AdamW.
-- QK-Clip for every module with the attention surface below; per-head factor gamma = tau / S_h only
-  for heads with S_h > tau (others are multiplied by exactly 1, so they stay bitwise the same), no
-  per-head host sync. Rules: `qk_clip_mha_` (multi-head / grouped-query), `qk_clip_fused_mha_` (one
-  fused q|k|v tensor), `qk_clip_mla_` (DeepSeek's multi-head latent attention).
-- `causal_max_logits`: the exact per-head max logit, chunked (memory-bounded), for modules whose
-  attention kernel (SDPA, flash) does not expose its logits; `record_max_logits_` feeds a module's
-  statistic from it on training forwards only. `attach_qk_clip(model)` gives a transformers decoder
-  (Llama, Mistral, Qwen2, DeepseekV3, ...) the whole surface in one call.
-- `clip_stats` is filled after every step, also with qk_clip_tau=None (then nothing is scaled and
-  heads_clipped is 0), whenever attention modules are known: the max logits are reduced and reset
-  by `reduce_max_logits_`, which a trainer with another optimizer can call itself.
-- Distributed (torchrun): under DDP the (L, H) max-logit matrix is all-reduced with MAX in one
-  collective, so all replicas clip alike. Under FSDP2 (`fully_shard`, DTensor
-  parameters) Muon gathers each matrix for Newton-Schulz and keeps its own shard (stacked experts
-  sharded on the expert dim need no gather); momentum and AdamW state are local shards. On one
-  process all of it is a no-op. Under DDP pass broadcast_buffers=False, or rank 0's max_logits
-  overwrite every other rank's running max at each forward and micro-batches seen only by other
-  ranks are lost.
-- Parameters should be fp32 master weights (use autocast for bf16 compute). The optimizer warns on
-  other dtypes rather than keeping fp32 copies itself: a bf16 weight loses every update smaller than
-  half its ulp (2^-9 relative: weight decay at lr*wd = 1e-3 does nothing), and a master copy here
-  would double the memory of callers that keep one already (AMP, FSDP2 mixed precision) and would
-  undo the clip of the copy those callers run.
-
-What post-clip <= tau guarantees (K2 report sec. 2.1): for each layer, on the very input its max was
-measured on, the clipped head's logits are multiplied by gamma_h (MLA, MHA) or by
-sqrt(gamma_h * min gamma of its key group) <= gamma_h (GQA), so they are <= tau, right after the clip.
-It does not promise that a later forward stays below tau: the next update moves the weights again,
-and clipping layer l changes the input of layer l+1, so an end-to-end re-forward may exceed tau; the
-report's claim is that the max logits stay bounded over training.
+The rule (`muon_update`, the code the optimizer runs), for each hidden matrix W (A, B) with gradient G:
+    M <- mu M + G;  O = NewtonSchulz(G + mu M);  W <- W (1 - lr wd) - lr 0.2 sqrt(max(A, B)) O
+(mu 0.95, Nesterov; 0.2 sqrt(max(A, B)) matches AdamW's update RMS, so one lr and weight decay serve
+both halves, Moonlight eq. 4). Every other parameter gets AdamW (betas 0.9, 0.95). Then QK-Clip: each
+head whose largest pre-softmax logit of the step S_h exceeded tau gets its query/key weights rescaled
+so that its logits shrink by gamma_h = tau / S_h; other heads are multiplied by exactly 1.
 
 Where Muon must NOT be used (split_params sends these to AdamW)
-- Embeddings: a lookup table, not a linear map; each step's gradient touches only the rows of the
-  tokens seen, and orthogonalising spreads that update over every row (rare tokens drift). Its rows
-  are independent vectors, so the "steepest descent under the spectral norm" argument behind Muon
-  does not apply.
-- The output head: also a table of independent per-token vectors (often tied to the embedding);
-  Keller Jordan's and Moonlight's experiments train it better with AdamW. It is found by structure,
-  not by any name deep in the model: `model.get_output_embeddings()` where the model has it
-  (transformers), else a direct child of the model named lm_head / output / head, or a tied weight.
-- Vectors (norm gains, biases, the router bias): Newton-Schulz needs a matrix; a vector has no
-  singular-value structure to whiten. (K2's router bias is a buffer moved by the load rule, not by
-  any optimizer.)
-- Convolution kernels (nn.Conv1d/2d/3d weights): neither a matrix nor a stack of independent
-  matrices; this file sends them to AdamW, and a Muon group refuses tensors of more than 3 dims.
-- Several maps stored in one tensor (a fused QKV weight, a fused gate/up) must not be orthogonalised
-  as one matrix: that couples maps that are independent. Declare the blocks with `mark_fused`.
+- Embeddings and the output head: tables of independent per-token vectors, not linear maps; each
+  step touches only the rows of the tokens seen, and orthogonalising spreads that over every row.
+- Vectors (norm gains, biases) and convolution kernels: no matrix to orthogonalise.
+- Several maps in one tensor (a fused QKV, a fused gate/up): orthogonalised as one matrix they would
+  be coupled; declare the blocks with `mark_fused` and each is orthogonalised on its own.
+A stack (E, A, B), e.g. MoE experts, is E independent matrices.
 
 The attention surface QK-Clip talks to (duck-typed; the module has it, this file does not import it)
 - `num_heads` int; `max_logits`: (num_heads,) fp32 tensor, the running max over every training
-  forward since the last reset of the head's scaled, masked pre-softmax logits, -inf when reset.
-- `qk_clip_(gamma)`: gamma (num_heads,) tensor; rescale in place, without grad, so that the head's
-  logits on the same input are multiplied by gamma_h (or at most gamma_h, GQA). Must scale only the
-  local rows when its weights are DTensor shards.
+  forward since the last reset of the head's scaled, masked pre-softmax logits, -inf when reset
+  (`record_max_logits_` feeds it from `causal_max_logits` when the kernel hides its logits).
+- `qk_clip_(gamma)`: gamma (num_heads,); rescale in place, without grad, so that the head's logits
+  on the same input are multiplied by gamma_h (or at most gamma_h, GQA); under FSDP2 only the local
+  rows. Rules: `qk_clip_mha_`, `qk_clip_fused_mha_`, `qk_clip_mla_`.
 - optional `reset_max_logits_()`; without it max_logits is filled with -inf here.
-The README's "MuonClip in your model" section shows the surface for an own module, a nanoGPT-style
-fused model and a transformers model with Trainer.
-
-Run the tests: `python -m pytest test_kimik2.py -k "muon or clip or newton"`.
+`attach_qk_clip(model)` gives a transformers decoder (Llama, Qwen2, DeepseekV3, ...) the whole surface.
 """
 import functools
 import math
@@ -886,6 +838,17 @@ class MuonClip(torch.optim.Optimizer):
       reset and reported in clip_stats). With tau set and no attention module it raises.
     attention_modules: modules with the surface in the module docstring; default: found in model.
     model: the model the groups come from, for roles, fused blocks and attention modules.
+
+    Distributed (torchrun): on one process every collective below is skipped. Under DDP and FSDP2
+    (`fully_shard`, DTensor parameters) each Newton-Schulz unit is orthogonalised on one rank and the
+    results shared (orthogonalise_across_ranks); momentum and AdamW state are this rank's shards, as
+    its gradients. The (L, H) max-logit matrix is all-reduced with MAX in one collective, so every
+    replica clips alike. Under DDP pass broadcast_buffers=False, or rank 0's max_logits overwrite the
+    other ranks' running max at each forward and micro-batches seen only by other ranks are lost.
+    Parameters should be fp32 master weights (autocast for bf16 compute): a bf16 weight loses every
+    update below half its ulp (weight decay at lr*wd = 1e-3 does nothing), so other dtypes warn; a
+    master copy kept here would double the memory of callers that keep one (AMP, FSDP2 mixed
+    precision) and would undo the clip of the copy they run.
     """
 
     def __init__(self, params, lr=2e-4, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
@@ -1017,7 +980,13 @@ class MuonClip(torch.optim.Optimizer):
 
     def _qk_clip(self):
         """QK-Clip after the update (K2 report sec. 2.1, Algorithm 1): the step's reduced max logits,
-        gamma per head, every module called (unclipped heads get exactly 1: no host sync)."""
+        gamma per head, every module called (unclipped heads get exactly 1: no host sync).
+
+        What it guarantees: for each layer, on the very input its max was measured on, a clipped
+        head's logits are multiplied by gamma_h (MLA, MHA) or by sqrt(gamma_h * min gamma of its key
+        group) <= gamma_h (GQA), so they are <= tau right after the clip. Not that a later forward
+        stays below tau: the next update moves the weights again, and clipping layer l changes the
+        input of layer l+1; the report's claim is that the max logits stay bounded over training."""
         max_logits = reduce_max_logits_(self.attention_modules)  # (L, H)
         if self.qk_clip_tau is None:
             clipped = torch.zeros((), dtype=torch.long, device=max_logits.device)
