@@ -35,6 +35,7 @@ The attention surface QK-Clip talks to (duck-typed; the module has it, this file
 `attach_qk_clip(model)` gives a transformers decoder (Llama, Qwen2, DeepseekV3, ...) the whole surface.
 """
 import functools
+import itertools
 import math
 import sys
 import time
@@ -709,16 +710,110 @@ def _exchange(send, recv_sizes, dtype, device):
     return list(out.split(list(recv_sizes)))
 
 
-def orthogonalise_across_ranks(inputs, layouts, ns, *, params, dtype):
+class _Moves:
+    """dst[to] = src[frm] for fixed 1-D index tensors: as slice copies when the indices run in long
+    contiguous stretches (a block of rows is one stretch), else as one indexed copy."""
+
+    def __init__(self, to, frm):
+        self.size = to.numel()
+        breaks = (((to[1:] - to[:-1]) != 1) | ((frm[1:] - frm[:-1]) != 1)).nonzero().flatten() + 1
+        starts, ends = [0, *breaks.tolist()], [*breaks.tolist(), self.size]
+        self.runs = None
+        if self.size and self.size >= 32 * len(starts):
+            self.runs = [(int(to[a]), int(frm[a]), b - a) for a, b in zip(starts, ends)]
+        self.to, self.frm = to, frm
+
+    def __call__(self, dst, src):
+        if self.runs is None:
+            dst[self.to] = src[self.frm]
+            return
+        for t, f, n in self.runs:
+            dst[t:t + n] = src[f:f + n]
+
+    def packed(self, src):
+        """src[frm] as a new 1-D tensor (with to = 0, 1, ...)."""
+        out = src.new_empty(self.size)
+        self(out, src)
+        return out
+
+
+class _ExchangePlan:
+    """Who orthogonalises which unit, and which elements orthogonalise_across_ranks moves where, for
+    one list of parameters on this rank. It depends only on shapes, layouts and placements, so it is
+    built once and reused at every step (int64 indices of the sharded elements this rank holds or owns).
+
+    Units are (tensor, part, matrix of the part, (A, B)) in the same order on every rank. Sharded
+    tensors (FSDP2's Shard(0)) move by index: `local` is the concatenation of this rank's flattened
+    shards, `owned` that of its own units' elements; replicated tensors (DDP) move whole units."""
+
+    def __init__(self, params, layouts, ranges, rank, device):
+        world = len(ranges[0])
+        self.units, self.sharded = [], [any(r != (0, p.numel()) for r in rs) for p, rs in zip(params, ranges)]
+        positions = {}                            # sharded tensor -> per part (matrices, A*B) flat positions
+        for i, (p, layout) in enumerate(zip(params, layouts)):
+            for j, part in enumerate(_parts(torch.empty(p.shape, device="meta"), layout)):
+                self.units += [(i, j, k, tuple(part.shape[-2:])) for k in range(math.prod(part.shape[:-2]))]
+            if self.sharded[i]:
+                idx = torch.arange(p.numel(), device=device).view(p.shape)
+                positions[i] = [q.reshape(q.shape[:-2].numel(), -1) for q in _parts(idx, layout)]
+        base = dict(zip(positions, itertools.accumulate(
+            [0] + [ranges[i][rank][1] - ranges[i][rank][0] for i in positions])))   # offset of each shard in `local`
+
+        def held(u, r):                           # positions (in the unit) of its elements that rank r holds
+            i, j, k, _ = self.units[u]
+            lo, hi = ranges[i][r]
+            pos = positions[i][j][k]
+            return ((pos >= lo) & (pos < hi)).nonzero().flatten()
+        holders = [next((r for r in range(world) if held(u, r).numel()), -1) if self.sharded[i] else -1
+                   for u, (i, *_) in enumerate(self.units)]
+        self.owners = _assign_owners([_ns_cost(shape) for *_, shape in self.units], holders, world)
+        self.mine = [u for u, o in enumerate(self.owners) if o == rank]
+        owned = [u for u in self.mine if self.sharded[self.units[u][0]]]
+        self.offsets = dict(zip(owned, itertools.accumulate([0] + [math.prod(self.units[u][3]) for u in owned])))
+        self.owned_size = sum(math.prod(self.units[u][3]) for u in owned)
+
+        def in_local(u, r):                       # where rank r's elements of unit u sit in its `local`
+            i, j, k, _ = self.units[u]
+            return base[i] + positions[i][j][k][held(u, r)] - ranges[i][r][0]
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        cat = lambda ts: torch.cat([empty, *ts])  # noqa: E731
+        sharded_units = [u for u, (i, *_) in enumerate(self.units) if self.sharded[i]]
+        packed = lambda index: _Moves(torch.arange(index.numel(), device=device), index)  # noqa: E731
+        unpack = lambda index: _Moves(index, torch.arange(index.numel(), device=device))  # noqa: E731
+        # 1. inputs: my elements of units others own -> them; theirs of my units -> `owned`
+        self.send_inputs = [packed(cat([in_local(u, rank) for u in sharded_units if self.owners[u] == r != rank]))
+                            for r in range(world)]
+        self.receive_inputs = [unpack(cat([self.offsets[u] + held(u, s) for u in owned]) if s != rank else empty)
+                               for s in range(world)]
+        own_local, own_owned = cat([in_local(u, rank) for u in owned]), cat([self.offsets[u] + held(u, rank) for u in owned])
+        self.own_inputs, self.own_results = _Moves(own_owned, own_local), _Moves(own_local, own_owned)
+        # 2. results: of my units, the elements each rank holds -> it; of theirs, mine -> my `local`
+        self.send_results = [packed(cat([self.offsets[u] + held(u, r) for u in owned]) if r != rank else empty)
+                             for r in range(world)]
+        self.receive_results = [unpack(cat([in_local(u, rank) for u in sharded_units if self.owners[u] == s != rank]))
+                                for s in range(world)]
+        self.whole_units = [[u for u in range(len(self.units)) if self.owners[u] == s != rank
+                             and not self.sharded[self.units[u][0]]] for s in range(world)]
+        self.local_size = sum(ranges[i][rank][1] - ranges[i][rank][0] for i in positions)
+        # a fused sharded tensor's parts carry their own scales (see _direction): per local element
+        self.scales = torch.ones(self.local_size, device=device)
+        for u in sharded_units:
+            i, j, k, shape = self.units[u]
+            if layouts[i] is not None:
+                self.scales[in_local(u, rank)] = rms_matching_scale(shape)
+
+
+def orthogonalise_across_ranks(inputs, layouts, ns, *, params, dtype, plans):
     """orthogonalise_by_shape for data-parallel processes: each unit (a matrix, an expert, a part of a
     fused layout) orthogonalised on exactly one rank, and each rank given the part it holds.
 
-    Units are assigned by _assign_owners (balanced by NS cost); a rank batches its own units by shape.
-    Under FSDP2 (Shard(0) DTensors) a unit's input is spread over ranks: one all-to-all brings each
-    owner the rows of its units, a second sends each rank only its shard of every result. Replicated
-    tensors (DDP) need only the second, in which every rank receives the whole results. `inputs` are
-    this rank's shards of `params`; directions come back shaped like them. Other placements are
-    gathered whole first (as every rank did before). On every rank the same units, in the same order.
+    Units go to ranks by _assign_owners (balanced by NS cost); a rank batches its own units by shape.
+    Two all-to-alls of packed buffers: under FSDP2 (Shard(0) DTensors) the first brings each owner
+    the rows of its units that other ranks hold, and the second sends each rank only its shard of
+    every result; replicated tensors (DDP) need only the second, in which each rank receives the whole
+    results it did not compute. `inputs` are this rank's shards of `params`; directions come back
+    shaped like them. Other placements are gathered whole first (as every rank did before). `plans`
+    caches the _ExchangePlan of each parameter list.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     ranges = [_flat_ranges(p, world) for p in params]
@@ -726,85 +821,64 @@ def orthogonalise_across_ranks(inputs, layouts, ns, *, params, dtype):
     inputs = [_full(x, p) if g else x for x, p, g in zip(inputs, params, gathered)]
     ranges = [[(0, p.numel())] * world if g else r for r, p, g in zip(ranges, params, gathered)]
     device = inputs[0].device
-    units = []                                    # (tensor, part, matrix of the part, (A, B))
-    positions = {}                                # sharded tensor -> per part (matrices, A*B) flat positions
-    for i, (p, layout) in enumerate(zip(params, layouts)):
-        for j, part in enumerate(_parts(torch.empty(p.shape, device="meta"), layout)):
-            units += [(i, j, k, tuple(part.shape[-2:])) for k in range(math.prod(part.shape[:-2]))]
-        if any(r != (0, p.numel()) for r in ranges[i]):
-            idx = torch.arange(p.numel(), device=device).view(p.shape)
-            positions[i] = [q.reshape(q.shape[:-2].numel(), -1) for q in _parts(idx, layout)]
+    key = (dtype, *((id(p), tuple(p.shape), id(layout)) for p, layout in zip(params, layouts)))
+    if key not in plans:
+        plans[key] = _ExchangePlan(params, layouts, ranges, rank, device)
+    plan = plans[key]
+    sharded = [x for x, s in zip(inputs, plan.sharded) if s]
+    local = torch.cat([x.reshape(-1).to(dtype) for x in sharded]) if sharded else torch.empty(0, dtype=dtype)
+    whole = [None if s else _parts(x, layout) for x, layout, s in zip(inputs, layouts, plan.sharded)]
 
-    def held(u, r):                               # unit u's elements held by rank r: a mask, or None for all
-        i, j, k, _ = units[u]
-        if i not in positions:
-            return None
-        lo, hi = ranges[i][r]
-        return (positions[i][j][k] >= lo) & (positions[i][j][k] < hi)
-    masks = [[held(u, r) for r in range(world)] for u in range(len(units))]
-    holders = [-1 if m[0] is None else next(r for r in range(world) if m[r].any()) for m in masks]
-    owners = _assign_owners([_ns_cost(shape) for *_, shape in units], holders, world)
-    mine = [u for u in range(len(units)) if owners[u] == rank]
-    local = {i: inputs[i].to(dtype).reshape(-1) for i in positions}
-    by_tensor = defaultdict(list)                 # tensor -> its units, in order
-    for u, (i, *_) in enumerate(units):
-        by_tensor[i].append(u)
-
-    def own_elements(u):                          # this rank's elements of sharded unit u, in unit order
-        i, j, k, _ = units[u]
-        return local[i][positions[i][j][k][masks[u][rank]] - ranges[i][rank][0]]
+    def unit(parts, u):                           # unit u of a replicated tensor, from its parts
+        _, j, k, shape = plan.units[u]
+        return parts[j].reshape(-1, *shape)[k]
 
     # 1. inputs to owners (only sharded tensors are not whole on their owner)
-    received = [iter(())] * world
-    if positions:
-        send = [[own_elements(u) for u in range(len(units)) if owners[u] == r and r != rank and units[u][0] in positions]
-                for r in range(world)]
-        sizes = [0 if s == rank else sum(int(masks[u][s].sum()) for u in mine if units[u][0] in positions)
-                 for s in range(world)]
-        received = [iter(()) if s == rank else iter(b.split([int(masks[u][s].sum()) for u in mine if units[u][0] in positions]))
-                    for s, b in enumerate(_exchange(send, sizes, dtype, device))]
-    whole = [None if i in positions else _parts(x, layout) for i, (x, layout) in enumerate(zip(inputs, layouts))]
-    unit_inputs = []
-    for u in mine:
-        i, j, k, shape = units[u]
-        if i not in positions:
-            unit_inputs.append(whole[i][j].reshape(-1, *shape)[k])
-            continue
-        x = torch.empty(math.prod(shape), dtype=dtype, device=device)
-        for s in range(world):
-            x[masks[u][s]] = own_elements(u) if s == rank else next(received[s])
-        unit_inputs.append(x.view(shape))
-    results = dict(zip(mine, ns_by_shape(unit_inputs, ns)))
+    owned = torch.empty(plan.owned_size, dtype=dtype, device=device)
+    if any(plan.sharded):
+        received = _exchange([[moves.packed(local)] for moves in plan.send_inputs],
+                             [moves.size for moves in plan.receive_inputs], dtype, device)
+        for moves, values in zip(plan.receive_inputs, received):
+            moves(owned, values)
+    plan.own_inputs(owned, local)
+    unit_inputs = [owned[plan.offsets[u]:plan.offsets[u] + math.prod(plan.units[u][3])].view(plan.units[u][3])
+                   if plan.sharded[plan.units[u][0]] else unit(whole[plan.units[u][0]], u) for u in plan.mine]
+    results = dict(zip(plan.mine, ns_by_shape(unit_inputs, ns)))
 
     # 2. results to every rank that holds a part of them: whole for replicated tensors, else its shard
-    def wanted(u, r):
-        return results[u].reshape(-1) if masks[u][r] is None else results[u].reshape(-1)[masks[u][r]]
-    send = [[] if r == rank else [wanted(u, r) for u in mine] for r in range(world)]
-    sizes = [0 if s == rank else sum(math.prod(units[u][3]) if masks[u][rank] is None else int(masks[u][rank].sum())
-                                     for u in range(len(units)) if owners[u] == s) for s in range(world)]
-    mine_set, pieces = set(mine), {}
+    for u in plan.offsets:
+        owned[plan.offsets[u]:plan.offsets[u] + results[u].numel()] = results[u].reshape(-1)
+    whole_mine = [u for u in plan.mine if not plan.sharded[plan.units[u][0]]]
+    send = [[] if r == rank else [plan.send_results[r].packed(owned), *(results[u] for u in whole_mine)]
+            for r in range(world)]
+    sizes = [moves.size + sum(math.prod(plan.units[u][3]) for u in us)
+             for moves, us in zip(plan.receive_results, plan.whole_units)]
+    directions_local = torch.empty(plan.local_size, dtype=dtype, device=device)
+    plan.own_results(directions_local, owned)
     for s, buffer in enumerate(_exchange(send, sizes, dtype, device)):
-        theirs = [u for u in range(len(units)) if owners[u] == s and s != rank]
-        counts = [math.prod(units[u][3]) if masks[u][rank] is None else int(masks[u][rank].sum()) for u in theirs]
-        pieces.update(zip(theirs, buffer.split(counts)))
-    directions = []
-    for i, (x, p, layout) in enumerate(zip(inputs, params, layouts)):
-        ids = by_tensor[i]
-        if i not in positions:                    # whole on every rank: the parts, then the layout's join
-            outs = defaultdict(list)
-            for u in ids:
-                outs[units[u][1]].append(results[u] if u in mine_set else pieces[u].view(units[u][3]))
-            shapes = [q.shape for q in whole[i]]
-            d = _direction([torch.stack(outs[j]).reshape(shapes[j]) for j in sorted(outs)], layout, x.dtype)
-            directions.append(_local_part(d, p) if gathered[i] else d)
+        if s == rank:
             continue
-        d = torch.empty(x.numel(), dtype=x.dtype, device=device)
-        for u in ids:
-            _, j, k, shape = units[u]
-            values = (wanted(u, rank) if u in mine_set else pieces[u]).to(x.dtype)
-            d[positions[i][j][k][masks[u][rank]] - ranges[i][rank][0]] = (
-                values * rms_matching_scale(shape) if layout is not None else values)
-        directions.append(d.view(x.shape))
+        n = plan.receive_results[s].size
+        plan.receive_results[s](directions_local, buffer[:n])
+        counts = [math.prod(plan.units[u][3]) for u in plan.whole_units[s]]
+        results.update((u, b.view(plan.units[u][3])) for u, b in zip(plan.whole_units[s], buffer[n:].split(counts)))
+
+    directions, offset = [], 0
+    for i, (x, p, layout) in enumerate(zip(inputs, params, layouts)):
+        if plan.sharded[i]:
+            n = x.numel()
+            d = directions_local[offset:offset + n].to(x.dtype)
+            if layout is not None:
+                d = d * plan.scales[offset:offset + n].to(x.dtype)
+            directions.append(d.view(x.shape))
+            offset += n
+            continue
+        outs = defaultdict(list)                  # part -> its matrices' results, in order
+        for u, (ui, j, *_) in enumerate(plan.units):
+            if ui == i:
+                outs[j].append(results[u])
+        d = _direction([torch.stack(outs[j]).reshape(q.shape) for j, q in enumerate(whole[i])], layout, x.dtype)
+        directions.append(_local_part(d, p) if gathered[i] else d)
     return directions
 
 
@@ -865,6 +939,7 @@ class MuonClip(torch.optim.Optimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_steps=ns_steps, ns_dtype=ns_dtype, ns_variant=ns_variant, betas=betas, eps=eps)
         self.distribute = distribute
+        self._exchange_plans = {}                 # orthogonalise_across_ranks' plan per parameter list
         self.newton_schulz_matrices = 0           # matrices this process orthogonalised in the last step
         super().__init__(params, defaults)
         if attention_modules is None:
@@ -942,7 +1017,8 @@ class MuonClip(torch.optim.Optimizer):
                 self.state[p]["momentum_buffer"] = torch.zeros_like(g)
         dtype = group["ns_dtype"] or default_ns_dtype(grads[0].device.type)
         if self.distribute and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            orthogonalise = functools.partial(orthogonalise_across_ranks, params=params, dtype=dtype)
+            orthogonalise = functools.partial(orthogonalise_across_ranks, params=params, dtype=dtype,
+                                              plans=self._exchange_plans)
         else:
             orthogonalise = functools.partial(orthogonalise_everywhere, params=params)
 
