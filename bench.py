@@ -15,7 +15,15 @@ timed round-robin, A B A B ..., so that load from other processes hits both side
   6. peak memory of a training step (VmHWM of a fresh subprocess, or CUDA max_memory_allocated)
   7. decoding at a long context: the absorbed latent cache (model.generate's path) against a full
      per-head K/V cache, tokens/s and cache bytes per token
+  9. MuonClip's optimizer step with its default Newton-Schulz precision (muonclip.default_ns_dtype)
+     against float32 and bf16 given explicitly
+  10. Newton-Schulz variants (Keller Jordan's quintic, Polar Express, Gram Newton-Schulz) on K2's
+     matrix shapes / 16: time, and the worst max |sigma - 1| of the output against an SVD
+  11. the optimizer step of `tiny` under torchrun --nproc_per_node 2 (DDP, FSDP2; one thread per
+     process) against the same model's 1-process step: each Newton-Schulz unit on one rank (now)
+     beside every rank orthogonalising everything (MuonClip(distribute=False), before)
   On CUDA also: the `small` preset's bf16 training MFU against the GPU's measured bf16 matmul peak.
+  Every MuonClip here uses train.py's Newton-Schulz precision (printed in the header).
 
 The reference optimizer. torch.optim.Muon takes only 2-D parameters; a stack of E expert matrices
 enters it as E leaf 2-D views that share the stack's storage (transformers' fused gate_up_proj
@@ -33,6 +41,8 @@ causal context (T+1)/2; elementwise work is not counted. Time is the whole step,
     python bench.py                 the table (about 2-3 minutes on 2 CPU cores)
     python bench.py --json          one JSON object
     python bench.py --reps 5 --warmup 1 --decode-context 1024   quicker, noisier
+    python bench.py --ns-variant-losses 100   row 12 alone: train.py cut to 100 steps with each
+                                    Newton-Schulz variant (one thread), the logged losses
     python bench.py --threads-study row 8 alone: train.py's step with 1 thread, 2 threads, and 2 threads
                                     waiting passively (OMP_WAIT_POLICY=PASSIVE, train.py's default), each
                                     alone and beside a busy 2-thread process that the bench starts
@@ -749,7 +759,8 @@ def targets(res) -> dict:
 def print_table(res):
     m, s = res["machine"], res["settings"]
     print(f"kimik2 bench: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}; "
-          f"bf16 CPU instructions: {', '.join(m['bf16_cpu_flags']) or 'none'}")
+          f"bf16 CPU instructions: {', '.join(m['bf16_cpu_flags']) or 'none'}; "
+          f"Newton-Schulz in {m['train_ns_dtype']} (as train.py)")
     print(f"preset {s['preset']}, batch {s['batch']} x {s['seq_len']} tokens, fp32 unless stated; "
           f"medians of {s['reps']} reps after {s['warmup']} warm-up; 1-min load average "
           f"{m['load_average_at_start']:.1f} at start, {m['load_average_at_end']:.1f} at end"

@@ -216,7 +216,7 @@ def muon_update(weights, grads, momentum_buffers, lr, weight_decay=0.0, beta=0.9
     for w, d, layout, shape in zip(weights, directions, layouts, shapes):
         # a fused weight's parts carry their own scales; otherwise the scale rides on alpha, so
         # -lr * scale * O is rounded once (a bf16 O is added as if upcast first)
-        w.add_(d, alpha=-lr * (1.0 if layout else rms_matching_scale(shape)))
+        w.add_(d, alpha=-lr * (1.0 if layout is not None else rms_matching_scale(shape)))
 
 
 def orthogonalise_by_shape(inputs, layouts, ns):
@@ -388,8 +388,8 @@ def is_training_forward(module):
 
 def record_max_logits_(module, q, k, scale, **visibility):
     """module.max_logits = max(module.max_logits, causal_max_logits(q, k, scale, **visibility)) on
-    training forwards only (module.training and grad enabled): eval and no-grad forwards never feed
-    the statistic (K2 report sec. 2.1: S is the max of the training step)."""
+    training forwards only (is_training_forward): the one place this file raises the statistic;
+    reduce_max_logits_ is the one that resets it."""
     if is_training_forward(module):
         s = causal_max_logits(q.detach(), k.detach(), scale, **visibility)
         torch.maximum(module.max_logits, s.to(module.max_logits.device), out=module.max_logits)

@@ -1271,14 +1271,12 @@ def test_state_dict_round_trip_resumes_bitwise():
 _MUON_DIST_STEPS, _MUON_DIST_MICRO, _MUON_DIST_BATCH, _MUON_DIST_T = 3, 2, 4, 8
 
 
-def _muon_train(kind, wrap=None, rank=0, world=1):
-    """A few MuonClip steps (2 micro-batches each, low tau, fp32 NS) on this rank's share of a fixed
-    global batch; returns the full parameters and the number of heads clipped per step."""
-    model = _muon_model(kind, 0)
-    raw = model
+def _muon_wrap(raw, kind, wrap, world):
+    """raw under DDP or FSDP2 (wrap None: itself), and its MuonClip (low tau, fp32 NS)."""
+    model = raw
     if wrap == "ddp":
         # broadcast_buffers=False: rank 0's max_logits would overwrite the other ranks' running max
-        model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        model = nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False)
     elif wrap == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -1287,7 +1285,14 @@ def _muon_train(kind, wrap=None, rank=0, world=1):
             fully_shard(layer, mesh=mesh)
         fully_shard(raw, mesh=mesh)
     tau = {"mha": 0.9, "mla": 4.5}[kind]                  # between the heads' initial maxima
-    opt = MuonClip.for_model(raw, lr=0.02, weight_decay=0.1, qk_clip_tau=tau, ns_dtype=torch.float32)
+    return model, MuonClip.for_model(raw, lr=0.02, weight_decay=0.1, qk_clip_tau=tau, ns_dtype=torch.float32)
+
+
+def _muon_train(kind, wrap=None, rank=0, world=1):
+    """A few MuonClip steps (2 micro-batches each) on this rank's share of a fixed global batch;
+    returns the full parameters and the number of heads clipped per step."""
+    raw = _muon_model(kind, 0)
+    model, opt = _muon_wrap(raw, kind, wrap, world)
     gen = torch.Generator().manual_seed(1234)
     share = _MUON_DIST_BATCH // world
     clipped = []
@@ -1348,18 +1353,7 @@ _MUON_EXACT_STEPS, _MUON_EXACT_RESUME = 4, 2
 def _muon_exact_model(kind, wrap, world):
     torch.manual_seed(0)
     raw = _muon_mla_model(0) if kind == "mla" else _MuonFusedLM()
-    model = raw
-    if wrap == "ddp":
-        model = nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False)
-    elif wrap == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in (raw.model.layers if kind == "mla" else raw.layers):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(raw, mesh=mesh)
-    tau = {"mha": 0.9, "mla": 4.5}[kind]
-    return raw, model, MuonClip.for_model(raw, lr=0.02, weight_decay=0.1, qk_clip_tau=tau, ns_dtype=torch.float32)
+    return (raw, *_muon_wrap(raw, kind, wrap, world))
 
 
 def _muon_exact_steps(model, opt, steps):
