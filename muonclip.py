@@ -699,14 +699,14 @@ def _ns_cost(shape):
 
 def _exchange(send, recv_sizes, dtype, device):
     """One all-to-all of packed buffers: send[r] (1-D tensors) goes to rank r; returns per source
-    rank the 1-D buffer it sent here. bf16 travels as int16 (same bits; not every backend reduces
-    or moves bf16)."""
-    wire = torch.int16 if dtype == torch.bfloat16 else dtype
+    rank the 1-D buffer it sent here. It travels as bytes: gloo moves no bf16 or int16."""
+    size = torch.empty(0, dtype=dtype).element_size()
     pieces = [t.reshape(-1) for ts in send for t in ts]
     out = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
-    dist.all_to_all_single(out.view(wire), torch.cat(pieces).view(wire) if pieces else out.new_empty(0).view(wire),
-                           output_split_sizes=list(recv_sizes),
-                           input_split_sizes=[sum(t.numel() for t in ts) for ts in send])
+    data = torch.cat(pieces) if pieces else out.new_empty(0)
+    dist.all_to_all_single(out.view(torch.uint8), data.view(torch.uint8),
+                           output_split_sizes=[n * size for n in recv_sizes],
+                           input_split_sizes=[sum(t.numel() for t in ts) * size for ts in send])
     return list(out.split(list(recv_sizes)))
 
 

@@ -1271,7 +1271,7 @@ def test_state_dict_round_trip_resumes_bitwise():
 _MUON_DIST_STEPS, _MUON_DIST_MICRO, _MUON_DIST_BATCH, _MUON_DIST_T = 3, 2, 4, 8
 
 
-def _muon_wrap(raw, kind, wrap, world):
+def _muon_wrap(raw, kind, wrap, world, ns_dtype=torch.float32):
     """raw under DDP or FSDP2 (wrap None: itself), and its MuonClip (low tau, fp32 NS)."""
     model = raw
     if wrap == "ddp":
@@ -1285,7 +1285,7 @@ def _muon_wrap(raw, kind, wrap, world):
             fully_shard(layer, mesh=mesh)
         fully_shard(raw, mesh=mesh)
     tau = {"mha": 0.9, "mla": 4.5}[kind]                  # between the heads' initial maxima
-    return model, MuonClip.for_model(raw, lr=0.02, weight_decay=0.1, qk_clip_tau=tau, ns_dtype=torch.float32)
+    return model, MuonClip.for_model(raw, lr=0.02, weight_decay=0.1, qk_clip_tau=tau, ns_dtype=ns_dtype)
 
 
 def _muon_train(kind, wrap=None, rank=0, world=1):
@@ -1350,10 +1350,10 @@ class _MuonFusedLM(_MuonLM):
 _MUON_EXACT_STEPS, _MUON_EXACT_RESUME = 4, 2
 
 
-def _muon_exact_model(kind, wrap, world):
+def _muon_exact_model(kind, wrap, world, ns_dtype):
     torch.manual_seed(0)
     raw = _muon_mla_model(0) if kind == "mla" else _MuonFusedLM()
-    return (raw, *_muon_wrap(raw, kind, wrap, world))
+    return (raw, *_muon_wrap(raw, kind, wrap, world, ns_dtype))
 
 
 def _muon_exact_steps(model, opt, steps):
@@ -1375,17 +1375,17 @@ def _muon_full_params(raw):
             for n, p in raw.named_parameters()}
 
 
-def _muon_exact(kind, wrap=None, world=1):
-    """fp32 NS, _MUON_EXACT_STEPS steps; then the same run resumed from a checkpoint (through bytes)
-    taken after _MUON_EXACT_RESUME steps. Returns (full parameters, resumed run's, NS counts)."""
-    raw, model, opt = _muon_exact_model(kind, wrap, world)
+def _muon_exact(kind, wrap=None, world=1, ns_dtype=torch.float32):
+    """_MUON_EXACT_STEPS steps; then the same run resumed from a checkpoint (through bytes) taken
+    after _MUON_EXACT_RESUME steps. Returns (full parameters, resumed run's, NS counts)."""
+    raw, model, opt = _muon_exact_model(kind, wrap, world, ns_dtype)
     counts = _muon_exact_steps(model, opt, range(_MUON_EXACT_RESUME))
     buffer = io.BytesIO()
     torch.save({"model": raw.state_dict(), "opt": opt.state_dict()}, buffer)
     counts += _muon_exact_steps(model, opt, range(_MUON_EXACT_RESUME, _MUON_EXACT_STEPS))
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=False)
-    twin_raw, twin, twin_opt = _muon_exact_model(kind, wrap, world)
+    twin_raw, twin, twin_opt = _muon_exact_model(kind, wrap, world, ns_dtype)
     twin_raw.load_state_dict(checkpoint["model"])
     twin_opt.load_state_dict(checkpoint["opt"])
     _muon_exact_steps(twin, twin_opt, range(_MUON_EXACT_RESUME, _MUON_EXACT_STEPS))
@@ -1401,6 +1401,8 @@ def _muon_dist_worker(out_dir):
             result = _muon_train(kind, wrap, rank, world)
             torch.save(result, os.path.join(out_dir, f"{kind}-{wrap}-{rank}.pt"))
             torch.save(_muon_exact(kind, wrap, world), os.path.join(out_dir, f"exact-{kind}-{wrap}-{rank}.pt"))
+    for wrap in ("ddp", "fsdp"):
+        torch.save(_muon_exact("mha", wrap, world, torch.bfloat16), os.path.join(out_dir, f"bf16-{wrap}-{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -1447,6 +1449,17 @@ def test_two_processes_orthogonalise_each_matrix_once_and_match_one_process_bitw
         for weights in (rank0, rank1, resumed0, resumed1):
             assert torch.equal(weights[name], single[name]), name
     assert [a + b for a, b in zip(counts0, counts1)] == counts and all(c > 0 for c in counts0 + counts1)
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
+def test_two_processes_with_bf16_newton_schulz_hold_equal_weights(_muon_dist_results, wrap):
+    """bf16 NS (its results travel between ranks as bytes): both ranks end with the same weights,
+    those of one process up to bf16 NS rounding (0.2 * lr * 4 steps bounds each weight's drift)."""
+    (rank0, resumed0, _), (rank1, resumed1, _) = (_muon_dist_results[f"bf16-{wrap}-{r}.pt"] for r in (0, 1))
+    single = _muon_exact("mha", ns_dtype=torch.bfloat16)[0]
+    for name in single:
+        assert torch.equal(rank0[name], rank1[name]) and torch.equal(resumed0[name], rank0[name]), name
+        assert (rank0[name] - single[name]).abs().max() < 0.2 * 0.02 * 4, name
 
 
 # ---------------------------------------------------------- 6. the pure Muon update and fused blocks
