@@ -764,6 +764,15 @@ class _ExchangePlan:
             lo, hi = ranges[i][r]
             pos = positions[i][j][k]
             return ((pos >= lo) & (pos < hi)).nonzero().flatten()
+        # every rank must list the same units (data-parallel replicas); checked once per plan
+        signature = torch.tensor([len(self.units), sum(p.numel() for p in params)], device=device)
+        everyone = [torch.empty_like(signature) for _ in range(world)]
+        dist.all_gather(everyone, signature)
+        if any(not torch.equal(s, signature) for s in everyone):
+            raise RuntimeError(
+                f"MuonClip: the processes step different Muon parameters ((units, elements) per rank: "
+                f"{[s.tolist() for s in everyone]}); sharing Newton-Schulz out needs data-parallel "
+                "replicas (DDP, FSDP2); for other layouts pass distribute=False")
         holders = [next((r for r in range(world) if held(u, r).numel()), -1) if self.sharded[i] else -1
                    for u, (i, *_) in enumerate(self.units)]
         self.owners = _assign_owners([_ns_cost(shape) for *_, shape in self.units], holders, world)
