@@ -1011,6 +1011,25 @@ def test_expert_stack_is_orthogonalised_per_expert():
     assert (as_one - per_expert).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("shape", [(16, 40), (40, 16), (24, 24)])
+def test_polar_express_converges_to_the_polar_factor_and_gram_form_computes_the_same(shape):
+    """Polar Express's per-step quintics (arXiv 2505.16932) converge to U V^T of the SVD, where Keller
+    Jordan's quintic stalls about 0.3 away by design; the Gram form (Q, R iterated on the small Gram
+    matrix, with its restart) is the same polynomial, so in float64 it agrees to rounding."""
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], min(shape), generator=gen, dtype=torch.float64))
+    s = torch.logspace(-1, 0, min(shape), dtype=torch.float64)                 # condition number 10
+    g = u @ torch.diag(s) @ v.T
+    polar = u @ v.T
+    express = newton_schulz(g, steps=10, dtype=torch.float64, variant="polar_express")
+    gram = newton_schulz(g, steps=10, dtype=torch.float64, variant="gram")
+    jordan = newton_schulz(g, steps=10, dtype=torch.float64, variant="jordan")
+    assert (express - polar).abs().max() < 1e-6
+    assert (gram - express).abs().max() < 1e-9
+    assert (jordan - polar).abs().max() > 0.05
+
+
 @pytest.mark.parametrize("flags, faster, expected", [
     ({"avx2", "fma"}, True, torch.float32),              # x86 without bf16 instructions: emulated bf16
     ({"avx512f", "avx512_bf16"}, False, torch.bfloat16),
