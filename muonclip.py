@@ -747,7 +747,9 @@ class _ExchangePlan:
     shards, `owned` that of its own units' elements; replicated tensors (DDP) move whole units."""
 
     def __init__(self, params, layouts, ranges, rank, device):
-        world = len(ranges[0])
+        world = dist.get_world_size()
+        self.gathered = [r is None for r in ranges]          # placements read whole (see _flat_ranges)
+        ranges = [[(0, p.numel())] * world if r is None else r for r, p in zip(ranges, params)]
         self.units, self.sharded = [], [any(r != (0, p.numel()) for r in rs) for p, rs in zip(params, ranges)]
         positions = {}                            # sharded tensor -> per part (matrices, A*B) flat positions
         for i, (p, layout) in enumerate(zip(params, layouts)):
@@ -825,15 +827,12 @@ def orthogonalise_across_ranks(inputs, layouts, ns, *, params, dtype, plans):
     caches the _ExchangePlan of each parameter list.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
-    ranges = [_flat_ranges(p, world) for p in params]
-    gathered = [r is None for r in ranges]
-    inputs = [_full(x, p) if g else x for x, p, g in zip(inputs, params, gathered)]
-    ranges = [[(0, p.numel())] * world if g else r for r, p, g in zip(ranges, params, gathered)]
-    device = inputs[0].device
     key = (dtype, *((id(p), tuple(p.shape), id(layout)) for p, layout in zip(params, layouts)))
     if key not in plans:
-        plans[key] = _ExchangePlan(params, layouts, ranges, rank, device)
+        plans[key] = _ExchangePlan(params, layouts, [_flat_ranges(p, world) for p in params], rank, inputs[0].device)
     plan = plans[key]
+    inputs = [_full(x, p) if g else x for x, p, g in zip(inputs, params, plan.gathered)]
+    device = inputs[0].device
     sharded = [x for x, s in zip(inputs, plan.sharded) if s]
     local = torch.cat([x.reshape(-1).to(dtype) for x in sharded]) if sharded else torch.empty(0, dtype=dtype)
     whole = [None if s else _parts(x, layout) for x, layout, s in zip(inputs, layouts, plan.sharded)]
@@ -887,7 +886,7 @@ def orthogonalise_across_ranks(inputs, layouts, ns, *, params, dtype, plans):
             if ui == i:
                 outs[j].append(results[u])
         d = _direction([torch.stack(outs[j]).reshape(q.shape) for j, q in enumerate(whole[i])], layout, x.dtype)
-        directions.append(_local_part(d, p) if gathered[i] else d)
+        directions.append(_local_part(d, p) if plan.gathered[i] else d)
     return directions
 
 
