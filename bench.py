@@ -237,6 +237,15 @@ def train_step_fn(model, opt, x, y, autocast_dtype=None, transformers_model=Fals
     return step
 
 
+def step_with_grads(opt, grads: dict):
+    """An optimizer step on fixed gradients {parameter: gradient}, set afresh before each step."""
+    def step():
+        for p, g in grads.items():
+            p.grad = g
+        opt.step()
+    return step
+
+
 def set_tracking(model: KimiK2, on: bool):
     for attn in model.attention_modules():
         attn.track_max_logits = on
@@ -511,14 +520,7 @@ def bench_ns_precision(model, grads, reps, warmup) -> dict:
     explicitly, one optimizer step each on the same parameters and gradients, round-robin."""
     opts = {name: muonclip_for(model, ns_dtype=dtype)
             for name, dtype in (("default", None), ("float32", torch.float32), ("bfloat16", torch.bfloat16))}
-
-    def stepper(opt):
-        def step():
-            for p, g in grads.items():
-                p.grad = g
-            opt.step()
-        return step
-    t = race({name: stepper(opt) for name, opt in opts.items()}, reps, warmup)
+    t = race({name: step_with_grads(opt, grads) for name, opt in opts.items()}, reps, warmup)
     return dict(default_dtype=str(default_ns_dtype("cpu")).removeprefix("torch."),
                 **{f"{name}_ms": s * 1e3 for name, s in t.items()})
 
@@ -685,14 +687,8 @@ def run(args) -> dict:
     model(x, y)[1].backward()
     grads = {p: p.grad.clone() for p in model.parameters()}
     muonclip, reference = muonclip_for(model), reference_for_kimik2(model)
-
-    def with_grads(opt):
-        def step():
-            for p, g in grads.items():
-                p.grad = g
-            opt.step()
-        return step
-    t = race({"muonclip": with_grads(muonclip), "torch": with_grads(reference)}, args.reps * 2, args.warmup)
+    t = race({"muonclip": step_with_grads(muonclip, grads), "torch": step_with_grads(reference, grads)},
+             args.reps * 2, args.warmup)
     res["optimizer"] = dict(muonclip_ms=t["muonclip"] * 1e3, torch_muon_adamw_ms=t["torch"] * 1e3,
                             ratio=t["muonclip"] / t["torch"])
     res["ns_precision"] = bench_ns_precision(model, grads, args.reps, args.warmup)

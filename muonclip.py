@@ -751,10 +751,13 @@ class _ExchangePlan:
         self.gathered = [r is None for r in ranges]          # placements read whole (see _flat_ranges)
         ranges = [[(0, p.numel())] * world if r is None else r for r, p in zip(ranges, params)]
         self.units, self.sharded = [], [any(r != (0, p.numel()) for r in rs) for p, rs in zip(params, ranges)]
+        self.of_tensor = [[] for _ in params]     # per tensor: its units by part, [[u, ...] per part]
         positions = {}                            # sharded tensor -> per part (matrices, A*B) flat positions
         for i, (p, layout) in enumerate(zip(params, layouts)):
             for j, part in enumerate(_parts(torch.empty(p.shape, device="meta"), layout)):
-                self.units += [(i, j, k, tuple(part.shape[-2:])) for k in range(math.prod(part.shape[:-2]))]
+                count = math.prod(part.shape[:-2])
+                self.of_tensor[i].append(list(range(len(self.units), len(self.units) + count)))
+                self.units += [(i, j, k, tuple(part.shape[-2:])) for k in range(count)]
             if self.sharded[i]:
                 idx = torch.arange(p.numel(), device=device).view(p.shape)
                 positions[i] = [q.reshape(q.shape[:-2].numel(), -1) for q in _parts(idx, layout)]
@@ -834,7 +837,7 @@ def orthogonalise_across_ranks(inputs, layouts, ns, *, params, dtype, plans):
     inputs = [_full(x, p) if g else x for x, p, g in zip(inputs, params, plan.gathered)]
     device = inputs[0].device
     sharded = [x for x, s in zip(inputs, plan.sharded) if s]
-    local = torch.cat([x.reshape(-1).to(dtype) for x in sharded]) if sharded else torch.empty(0, dtype=dtype)
+    local = torch.cat([x.reshape(-1).to(dtype) for x in sharded]) if sharded else torch.empty(0, dtype=dtype, device=device)
     whole = [None if s else _parts(x, layout) for x, layout, s in zip(inputs, layouts, plan.sharded)]
 
     def unit(parts, u):                           # unit u of a replicated tensor, from its parts
@@ -881,11 +884,8 @@ def orthogonalise_across_ranks(inputs, layouts, ns, *, params, dtype, plans):
             directions.append(d.view(x.shape))
             offset += n
             continue
-        outs = defaultdict(list)                  # part -> its matrices' results, in order
-        for u, (ui, j, *_) in enumerate(plan.units):
-            if ui == i:
-                outs[j].append(results[u])
-        d = _direction([torch.stack(outs[j]).reshape(q.shape) for j, q in enumerate(whole[i])], layout, x.dtype)
+        d = _direction([torch.stack([results[u] for u in us]).reshape(q.shape)
+                        for us, q in zip(plan.of_tensor[i], whole[i])], layout, x.dtype)
         directions.append(_local_part(d, p) if plan.gathered[i] else d)
     return directions
 
