@@ -15,7 +15,17 @@ timed round-robin, A B A B ..., so that load from other processes hits both side
   6. peak memory of a training step (VmHWM of a fresh subprocess, or CUDA max_memory_allocated)
   7. decoding at a long context: the absorbed latent cache (model.generate's path) against a full
      per-head K/V cache, tokens/s and cache bytes per token
+  9. MuonClip's optimizer step with its default Newton-Schulz precision (muonclip.default_ns_dtype)
+     against float32 and bf16 given explicitly
+  10. Newton-Schulz variants (Keller Jordan's quintic, Polar Express, Gram Newton-Schulz) on K2's
+     matrix shapes / 16: time, and the worst max |sigma - 1| of the output against an SVD
+  11. the optimizer step of `tiny` under torchrun --nproc_per_node 2 (DDP, FSDP2; one thread per
+     process) against the same model's 1-process step: each Newton-Schulz unit on one rank (now)
+     beside every rank orthogonalising everything (MuonClip(distribute=False), before)
+  12. (--ns-variant-losses) the default training run's losses with each Newton-Schulz variant
+  13. (python bench.py rephrase) data.py's rephrasing pairs/s by concurrency against a fake server
   On CUDA also: the `small` preset's bf16 training MFU against the GPU's measured bf16 matmul peak.
+  Every MuonClip here uses train.py's Newton-Schulz precision (printed in the header).
 
 The reference optimizer. torch.optim.Muon takes only 2-D parameters; a stack of E expert matrices
 enters it as E leaf 2-D views that share the stack's storage (transformers' fused gate_up_proj
@@ -33,7 +43,9 @@ causal context (T+1)/2; elementwise work is not counted. Time is the whole step,
     python bench.py                 the table (about 2-3 minutes on 2 CPU cores)
     python bench.py --json          one JSON object
     python bench.py --reps 5 --warmup 1 --decode-context 1024   quicker, noisier
-    python bench.py rephrase        row 9 alone: data.py's rephrasing pairs/s by concurrency against a fake
+    python bench.py --ns-variant-losses 100   row 12 alone: train.py cut to 100 steps with each
+                                    Newton-Schulz variant (one thread), the logged losses
+    python bench.py rephrase        row 13 alone: data.py's rephrasing pairs/s by concurrency against a fake
                                     OpenAI-compatible server on 127.0.0.1 (python bench.py rephrase --help)
     python bench.py --threads-study row 8 alone: train.py's step with 1 thread, 2 threads, and 2 threads
                                     waiting passively (OMP_WAIT_POLICY=PASSIVE, train.py's default), each
@@ -47,6 +59,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import collections
 import contextlib
+import functools
 import http.server
 import json
 import multiprocessing
@@ -58,15 +71,16 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from kimik2 import Config, KimiK2
 import data
-from muonclip import MuonClip, split_params
-from train import measure_peak_flops
+from kimik2 import Config, KimiK2
+from muonclip import NS_VARIANTS, MuonClip, default_ns_dtype, newton_schulz, split_params
+from train import build_optimizer, measure_peak_flops, parse_args as parse_train_args
 
 # Targets from issue 6 (2-core CPU, ratios within one run)
 TARGETS = {
@@ -196,17 +210,17 @@ def reference_for_kimik2(model: KimiK2) -> ReferenceOptimizer:
 
 
 def reference_for_transformers(twin) -> ReferenceOptimizer:
-    matrices, others = [], []
-    for name, p in twin.named_parameters():
-        if p.ndim < 2 or "embed_tokens" in name or name.startswith("lm_head"):
-            others.append(p)
-        else:
-            matrices.append((p, 2 if name.endswith("gate_up_proj") else 1))
-    return ReferenceOptimizer(matrices, others)
+    """The reference on transformers' parameters, roles from split_params; its fused expert
+    gate_up_proj (E, 2I, D) enters as gate and up halves."""
+    muon, adamw = split_params(twin)
+    fused = {id(p) for name, p in twin.named_parameters() if name.endswith("gate_up_proj")}
+    return ReferenceOptimizer([(p, 2 if id(p) in fused else 1) for p in muon], adamw)
 
 
-def muonclip_for(model: KimiK2) -> MuonClip:
-    return MuonClip.for_model(model, lr=LR, weight_decay=WEIGHT_DECAY)
+def muonclip_for(model: KimiK2, **kw) -> MuonClip:
+    """MuonClip as train.py makes it (lr, weight decay, Newton-Schulz precision), kw overriding."""
+    ns_dtype = train_ns_dtype(next(model.parameters()).device)
+    return MuonClip.for_model(model, lr=LR, weight_decay=WEIGHT_DECAY, **{"ns_dtype": ns_dtype, **kw})
 
 
 def train_step_fn(model, opt, x, y, autocast_dtype=None, transformers_model=False):
@@ -230,6 +244,15 @@ def train_step_fn(model, opt, x, y, autocast_dtype=None, transformers_model=Fals
         else:
             opt.step()
             opt.zero_grad()
+    return step
+
+
+def step_with_grads(opt, grads: dict):
+    """An optimizer step on fixed gradients {parameter: gradient}, set afresh before each step."""
+    def step():
+        for p, g in grads.items():
+            p.grad = g
+        opt.step()
     return step
 
 
@@ -492,7 +515,152 @@ def print_threads(res):
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. Rephrasing throughput: data.rephrase_corpus against a fake OpenAI-compatible server
+# 9-11. MuonClip at scale: Newton-Schulz precision, variants, and the step under torchrun
+
+@functools.lru_cache(maxsize=None)
+def train_ns_dtype(device=torch.device("cpu")) -> torch.dtype:
+    """The Newton-Schulz precision of train.py's optimizer on this device (read off the optimizer
+    train.build_optimizer makes, so the bench times what train.py runs)."""
+    opt = build_optimizer(parse_train_args([]), torch.nn.Linear(4, 4), None, types.SimpleNamespace(device=device))
+    return opt.param_groups[0]["ns_dtype"] or default_ns_dtype(device.type)
+
+
+def bench_ns_precision(model, grads, reps, warmup) -> dict:
+    """Row 9: MuonClip.for_model's default Newton-Schulz precision against float32 and bf16 given
+    explicitly, one optimizer step each on the same parameters and gradients, round-robin."""
+    opts = {name: muonclip_for(model, ns_dtype=dtype)
+            for name, dtype in (("default", None), ("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    t = race({name: step_with_grads(opt, grads) for name, opt in opts.items()}, reps, warmup)
+    return dict(default_dtype=str(default_ns_dtype("cpu")).removeprefix("torch."),
+                **{f"{name}_ms": s * 1e3 for name, s in t.items()})
+
+
+# K2's Muon matrices (hidden 7168, q LoRA 1536, kv LoRA 512, 64 heads of 128 + 64 / 128, expert width
+# 2048, dense width 18432) with every dim / 16, as (count, A, B): the shapes one K2 layer orthogonalises
+K2_SHAPES_16 = {"q_a_proj": (1, 96, 448), "q_b_proj": (1, 768, 96), "kv_a_proj": (1, 36, 448),
+                "kv_b_proj": (1, 1024, 32), "o_proj": (1, 448, 512), "expert gate/up": (16, 128, 448),
+                "expert down": (16, 448, 128), "dense up": (1, 1152, 448)}
+
+
+def bench_ns_variants(dtype, reps) -> dict:
+    """Row 10: each newton_schulz variant on K2_SHAPES_16: median time of orthogonalising every shape
+    once (one batched call per shape) and the worst max |sigma - 1| over the shapes, sigma the
+    singular values (SVD in float64) of the output, for inputs whose singular values spread
+    log-uniformly over [1e-3, 1] (a gradient's spectrum decays over orders of magnitude)."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = []
+    for count, a, b in K2_SHAPES_16.values():
+        k = min(a, b)
+        u, _ = torch.linalg.qr(torch.randn(count, a, k, generator=gen))
+        v, _ = torch.linalg.qr(torch.randn(count, b, k, generator=gen))
+        s = torch.logspace(-3, 0, k)[torch.randperm(k, generator=gen)]
+        inputs.append(u @ torch.diag_embed(s.expand(count, k)) @ v.mT)
+    out = {}
+    fns = {v: (lambda v=v: [newton_schulz(g, dtype=dtype, variant=v) for g in inputs]) for v in NS_VARIANTS}
+    t = race(fns, reps, 1)
+    for variant in NS_VARIANTS:
+        error = max((torch.linalg.svdvals(newton_schulz(g, dtype=dtype, variant=variant).double()) - 1).abs().max().item()
+                    for g in inputs)
+        out[variant] = dict(ms=t[variant] * 1e3, max_sigma_error=error)
+    return out
+
+
+def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int) -> dict:
+    """Run under torchrun (or alone for 1 process), one thread per process: one forward + backward
+    of `preset` on this rank's share of the batch, then MuonClip steps on those gradients, timed
+    between barriers, round-robin between distribute=True (each Newton-Schulz unit on one rank) and
+    distribute=False (every rank orthogonalises every unit, the way before)."""
+    torch.set_num_threads(1)
+    world = 1
+    if wrap != "single":
+        torch.distributed.init_process_group("gloo")
+        world = torch.distributed.get_world_size()
+    model = build_kimik2(preset)
+    raw = model
+    if wrap == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False)
+    elif wrap == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for layer in raw.model.layers:
+            fully_shard(layer)
+        fully_shard(raw)
+    x, y = make_batch(raw.config, batch // world, seq_len)
+    model(x, y)[1].backward()
+    dtype = train_ns_dtype()
+    opts = {"new": muonclip_for(raw, ns_dtype=dtype), "old": muonclip_for(raw, ns_dtype=dtype, distribute=False)}
+
+    def timed(opt):
+        def step():
+            if world > 1:
+                torch.distributed.barrier()
+            opt.step()
+            if world > 1:
+                torch.distributed.barrier()
+        return step
+    t = race({name: timed(opt) for name, opt in opts.items()}, reps, 2)
+    res = dict(ns_dtype=str(dtype).removeprefix("torch."), world=world,
+               ns_matrices=opts["new"].newton_schulz_matrices, **{f"{k}_ms": v * 1e3 for k, v in t.items()})
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return res
+
+
+def bench_distributed(args) -> dict:
+    """Row 11: the optimizer step of `tiny` under torchrun --nproc_per_node 2 (DDP, FSDP2; gloo, one
+    thread per process) against the same model's step in one process with one thread."""
+    def launch(wrap):
+        worker = [os.path.abspath(__file__), "--dist-worker", wrap, "--preset", args.preset, "--batch-size",
+                  str(args.batch_size), "--seq-len", str(args.seq_len), "--reps", str(args.reps)]
+        cmd = ([sys.executable, *worker] if wrap == "single" else
+               [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *worker])
+        # gloo can deadlock a worker at interpreter exit after its work is done (PyTorch issue
+        # 56297): a run whose result is printed counts, the hung launcher and workers are killed
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            stdout, stderr = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            stdout, stderr = proc.communicate()
+        result = [line for line in stdout.splitlines() if line.startswith("{")]
+        if not result:
+            raise RuntimeError(f"distributed worker ({wrap}) failed: {stderr[-2000:]}")
+        return json.loads(result[0])
+    res = {wrap: launch(wrap) for wrap in ("single", "ddp", "fsdp")}
+    res["load_average"] = os.getloadavg()
+    return res
+
+
+# train.py with MuonClip's Newton-Schulz variant replaced, in a subprocess: argv[1] the variant, the rest train.py's
+_TRAIN_WITH_VARIANT = """
+import functools, sys, muonclip, train
+init = muonclip.MuonClip.__init__
+muonclip.MuonClip.__init__ = functools.partialmethod(lambda self, *a, **k: init(self, *a, **{"ns_variant": sys.argv[1], **k}))
+train.main(sys.argv[2:])
+"""
+
+
+def bench_ns_variant_losses(steps: int) -> dict:
+    """Row 12 (--ns-variant-losses STEPS): the default train.py run cut to STEPS optimizer steps with
+    each Newton-Schulz variant (one thread), its logged training and validation losses."""
+    out = {}
+    for variant in NS_VARIANTS:
+        with tempfile.TemporaryDirectory() as d:
+            cmd = [sys.executable, "-c", _TRAIN_WITH_VARIANT, variant, "--max-steps", str(steps), "--out", d]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=os.path.dirname(os.path.abspath(__file__)))
+            if done.returncode:
+                raise RuntimeError(f"train.py with {variant} failed: {done.stderr[-2000:]}")
+            with open(os.path.join(d, "metrics.jsonl")) as f:
+                records = [json.loads(line) for line in f]
+        out[variant] = dict(loss={r["step"]: r["loss"] for r in records if "loss" in r},
+                            val_loss={r["step"]: r["val_loss"] for r in records if "val_loss" in r})
+    out["load_average"] = os.getloadavg()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 13. Rephrasing throughput: data.rephrase_corpus against a fake OpenAI-compatible server
 #
 # The fake server is also the one the tests of data.py talk to: one server, scripted per model name.
 
@@ -692,6 +860,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     res = dict(machine=dict(cpu=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
                             torch=torch.__version__, bf16_cpu_flags=cpu_bf16_flags(),
+                            train_ns_dtype=str(train_ns_dtype()).removeprefix("torch."),
                             load_average_at_start=os.getloadavg()[0]),
                settings=dict(preset=args.preset, batch=args.batch_size, seq_len=args.seq_len,
                              reps=args.reps, warmup=args.warmup, lr=LR, weight_decay=WEIGHT_DECAY))
@@ -722,17 +891,15 @@ def run(args) -> dict:
     model(x, y)[1].backward()
     grads = {p: p.grad.clone() for p in model.parameters()}
     muonclip, reference = muonclip_for(model), reference_for_kimik2(model)
-
-    def with_grads(opt):
-        def step():
-            for p, g in grads.items():
-                p.grad = g
-            opt.step()
-        return step
-    t = race({"muonclip": with_grads(muonclip), "torch": with_grads(reference)}, args.reps * 2, args.warmup)
+    t = race({"muonclip": step_with_grads(muonclip, grads), "torch": step_with_grads(reference, grads)},
+             args.reps * 2, args.warmup)
     res["optimizer"] = dict(muonclip_ms=t["muonclip"] * 1e3, torch_muon_adamw_ms=t["torch"] * 1e3,
                             ratio=t["muonclip"] / t["torch"])
+    res["ns_precision"] = bench_ns_precision(model, grads, args.reps, args.warmup)
     del muonclip, reference, grads
+    res["ns_variants"] = {str(dtype).removeprefix("torch."): bench_ns_variants(dtype, args.reps)
+                          for dtype in (torch.float32, torch.bfloat16)}
+    res["distributed"] = bench_distributed(args)
 
     # 3, 4, 5. tracking, bf16, MFU: kimik2 training steps
     model = build_kimik2(args.preset)
@@ -792,7 +959,8 @@ def targets(res) -> dict:
 def print_table(res):
     m, s = res["machine"], res["settings"]
     print(f"kimik2 bench: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}; "
-          f"bf16 CPU instructions: {', '.join(m['bf16_cpu_flags']) or 'none'}")
+          f"bf16 CPU instructions: {', '.join(m['bf16_cpu_flags']) or 'none'}; "
+          f"Newton-Schulz in {m['train_ns_dtype']} (as train.py)")
     print(f"preset {s['preset']}, batch {s['batch']} x {s['seq_len']} tokens, fp32 unless stated; "
           f"medians of {s['reps']} reps after {s['warmup']} warm-up; 1-min load average "
           f"{m['load_average_at_start']:.1f} at start, {m['load_average_at_end']:.1f} at end"
@@ -844,6 +1012,7 @@ def print_table(res):
     rows.append(("  cache bytes/token (fp32), absorbed vs full",
                  f"{a['cache_bytes_per_token']:,.0f} vs {f['cache_bytes_per_token']:,.0f} "
                  f"= 1/{f['cache_bytes_per_token'] / a['cache_bytes_per_token']:.1f}", None))
+    rows += muon_rows(res)
     c = res["cuda_small"]
     rows.append(("CUDA small bf16 MFU", f"skipped: {c['skipped']}" if "skipped" in c else
                  f"{c['gpu']}: {c['tokens_per_s']:,.0f} tok/s, {c['mfu']:.1%} of {c['bf16_peak_flops'] / 1e12:.0f} TFLOP/s", None))
@@ -854,6 +1023,34 @@ def print_table(res):
             tgt = res["targets"][target]
             verdict = f"target {tgt['target']}: " + {True: "met", False: "MISSED", None: "n/a"}[tgt["met"]]
         print(f"{label:{width}s}  {value:46s}  {verdict}")
+
+
+def print_ns_variant_losses(res):
+    print(f"train.py, 1 thread, each Newton-Schulz variant; load average {', '.join(f'{x:.1f}' for x in res['load_average'])} at end")
+    steps = sorted(res["jordan"]["loss"])
+    print(f"{'variant':14s} " + " ".join(f"{s:>7d}" for s in steps) + "   val loss at end")
+    for variant in NS_VARIANTS:
+        r = res[variant]
+        print(f"{variant:14s} " + " ".join(f"{r['loss'][s]:7.4f}" for s in steps) + f"   {r['val_loss'][max(r['val_loss'])]:.4f}")
+
+
+def muon_rows(res) -> list:
+    """Rows 9-11 of the table."""
+    n, d = res["ns_precision"], res["distributed"]
+    rows = [(f"9 MuonClip step, NS default ({n['default_dtype']}) / fp32 / bf16",
+             f"{n['default_ms']:.1f} / {n['float32_ms']:.1f} / {n['bfloat16_ms']:.1f} ms", None)]
+    for dtype, table in res["ns_variants"].items():
+        jordan = table["jordan"]["ms"]
+        rows.append((f"10 NS variants, K2 shapes / 16, {dtype}", ", ".join(
+            f"{v} {r['ms']:.0f} ms ({r['ms'] / jordan:.2f}x) |s-1| <= {r['max_sigma_error']:.2f}"
+            for v, r in table.items()), None))
+    single = d["single"]["new_ms"]
+    for wrap in ("ddp", "fsdp"):
+        w = d[wrap]
+        rows.append((f"11 opt step, 2 procs {wrap.upper()} / 1 proc (1 thread each)",
+                     f"new {w['new_ms']:.1f} / {single:.1f} ms = {w['new_ms'] / single:.2f}x; before "
+                     f"{w['old_ms']:.1f} ms = {w['old_ms'] / single:.2f}x (NS {w['ns_dtype']})", None))
+    return rows
 
 
 def main(argv=None):
@@ -879,6 +1076,9 @@ def main(argv=None):
                    help="only run row 8's competing busy 2-thread process, until killed (to time anything beside it)")
     p.add_argument("--memory-worker", choices=("kimik2", "transformers"), help=argparse.SUPPRESS)
     p.add_argument("--step-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dist-worker", choices=("single", "ddp", "fsdp"), help=argparse.SUPPRESS)
+    p.add_argument("--ns-variant-losses", type=int, metavar="STEPS",
+                   help="only row 12: train.py cut to STEPS steps with each Newton-Schulz variant, its losses")
     args = p.parse_args(argv)
     if args.busy:  # this process becomes the busy one, so killing its pid stops the load
         os.execve(sys.executable, [sys.executable, "-c", BUSY_PROCESS], _default_wait_policy())
@@ -887,6 +1087,15 @@ def main(argv=None):
         return
     if args.step_worker:
         print(json.dumps(step_worker(args.preset, args.batch_size, args.seq_len, args.reps)))
+        return
+    if args.dist_worker:
+        res = dist_worker(args.dist_worker, args.preset, args.batch_size, args.seq_len, args.reps)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(res))
+        return
+    if args.ns_variant_losses:
+        res = bench_ns_variant_losses(args.ns_variant_losses)
+        print(json.dumps(res, indent=2)) if args.json else print_ns_variant_losses(res)
         return
     if args.threads_study:
         res = bench_threads(args)

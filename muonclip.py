@@ -1,91 +1,45 @@
 """MuonClip: Muon for hidden matrices, AdamW for the rest, then per-head QK-Clip (Kimi-K2).
 
-Kimi-K2 (arXiv 2507.20534, sec. 2.1) trains with MuonClip: the Muon optimizer in Moonlight's form
-("Muon is Scalable for LLM Training", arXiv 2502.16982, sec. 2) followed, after every update, by
-QK-Clip (K2 report sec. 2.1, Algorithm 1): each attention head whose largest pre-softmax logit of the
-step S_h exceeded tau gets its query/key weights rescaled by gamma_h = tau / S_h. This file is the
-algorithm, top to bottom: pure functions first (Newton-Schulz, the Muon update, the clip rules, the
-exact max logit), then the parameter split, the Hugging Face adapter, and the optimizer class, which
-only does bookkeeping, shape batching and the distributed parts. It imports only torch (transformers
-only inside `attach_qk_clip`), so it can be copied alone into any project.
+Kimi-K2 (arXiv 2507.20534, sec. 2.1) trains with MuonClip: Muon in Moonlight's form ("Muon is
+Scalable for LLM Training", arXiv 2502.16982, sec. 2) followed, after every update, by QK-Clip (K2
+report sec. 2.1, Algorithm 1). Needs torch only (transformers only inside `attach_qk_clip`): copy it
+alone into any project.
 
     opt = MuonClip.for_model(model, lr=2e-4, weight_decay=0.1, qk_clip_tau=100.0)
     loss.backward(); opt.step(); opt.zero_grad()
     opt.clip_stats  # {'max_logits': (L, H) before clipping, 'heads_clipped': scalar} - no host sync
 
-Features
-- Muon (`muon_update`): momentum M = mu*M + G, Nesterov input G + mu*M (mu 0.95), Newton-Schulz
-  orthogonalisation (5 quintic steps in bf16, on the wide orientation), update scaled by
-  0.2*sqrt(max(A, B)) so its RMS matches AdamW's and one lr and weight decay serve both halves
-  (Moonlight eq. 4); decoupled weight decay.
-- Stacked weights (E, A, B), e.g. MoE experts, are E matrices, each orthogonalised on its own; a
-  fused weight declared with `mark_fused` (a (3D, D) QKV, a fused gate/up) is orthogonalised block by
-  block. All matrices of the same shape, across parameters, go through one batched Newton-Schulz call.
-- AdamW (betas 0.9, 0.95) for everything that is not a hidden matrix; same maths as torch.optim.AdamW.
-- QK-Clip for every module with the attention surface below; per-head factor gamma = tau / S_h only
-  for heads with S_h > tau (others are multiplied by exactly 1, so they stay bitwise the same), no
-  per-head host sync. Rules: `qk_clip_mha_` (multi-head / grouped-query), `qk_clip_fused_mha_` (one
-  fused q|k|v tensor), `qk_clip_mla_` (DeepSeek's multi-head latent attention).
-- `causal_max_logits`: the exact per-head max logit, chunked (memory-bounded), for modules whose
-  attention kernel (SDPA, flash) does not expose its logits; `record_max_logits_` feeds a module's
-  statistic from it on training forwards only. `attach_qk_clip(model)` gives a transformers decoder
-  (Llama, Mistral, Qwen2, DeepseekV3, ...) the whole surface in one call.
-- `clip_stats` is filled after every step, also with qk_clip_tau=None (then nothing is scaled and
-  heads_clipped is 0), whenever attention modules are known: the max logits are reduced and reset
-  by `reduce_max_logits_`, which a trainer with another optimizer can call itself.
-- Distributed (torchrun): under DDP the (L, H) max-logit matrix is all-reduced with MAX in one
-  collective, so all replicas clip alike. Under FSDP2 (`fully_shard`, DTensor
-  parameters) Muon gathers each matrix for Newton-Schulz and keeps its own shard (stacked experts
-  sharded on the expert dim need no gather); momentum and AdamW state are local shards. On one
-  process all of it is a no-op. Under DDP pass broadcast_buffers=False, or rank 0's max_logits
-  overwrite every other rank's running max at each forward and micro-batches seen only by other
-  ranks are lost.
-- Parameters should be fp32 master weights (use autocast for bf16 compute). The optimizer warns on
-  other dtypes rather than keeping fp32 copies itself: a bf16 weight loses every update smaller than
-  half its ulp (2^-9 relative: weight decay at lr*wd = 1e-3 does nothing), and a master copy here
-  would double the memory of callers that keep one already (AMP, FSDP2 mixed precision) and would
-  undo the clip of the copy those callers run.
-
-What post-clip <= tau guarantees (K2 report sec. 2.1): for each layer, on the very input its max was
-measured on, the clipped head's logits are multiplied by gamma_h (MLA, MHA) or by
-sqrt(gamma_h * min gamma of its key group) <= gamma_h (GQA), so they are <= tau, right after the clip.
-It does not promise that a later forward stays below tau: the next update moves the weights again,
-and clipping layer l changes the input of layer l+1, so an end-to-end re-forward may exceed tau; the
-report's claim is that the max logits stay bounded over training.
+The rule (`muon_update`, the code the optimizer runs), for each hidden matrix W (A, B) with gradient G:
+    M <- mu M + G;  O = NewtonSchulz(G + mu M);  W <- W (1 - lr wd) - lr 0.2 sqrt(max(A, B)) O
+(mu 0.95, Nesterov; 0.2 sqrt(max(A, B)) matches AdamW's update RMS, so one lr and weight decay serve
+both halves, Moonlight eq. 4). Every other parameter gets AdamW (betas 0.9, 0.95). Then QK-Clip: each
+head whose largest pre-softmax logit of the step S_h exceeded tau gets its query/key weights rescaled
+so that its logits shrink by gamma_h = tau / S_h; other heads are multiplied by exactly 1.
 
 Where Muon must NOT be used (split_params sends these to AdamW)
-- Embeddings: a lookup table, not a linear map; each step's gradient touches only the rows of the
-  tokens seen, and orthogonalising spreads that update over every row (rare tokens drift). Its rows
-  are independent vectors, so the "steepest descent under the spectral norm" argument behind Muon
-  does not apply.
-- The output head: also a table of independent per-token vectors (often tied to the embedding);
-  Keller Jordan's and Moonlight's experiments train it better with AdamW. It is found by structure,
-  not by any name deep in the model: `model.get_output_embeddings()` where the model has it
-  (transformers), else a direct child of the model named lm_head / output / head, or a tied weight.
-- Vectors (norm gains, biases, the router bias): Newton-Schulz needs a matrix; a vector has no
-  singular-value structure to whiten. (K2's router bias is a buffer moved by the load rule, not by
-  any optimizer.)
-- Convolution kernels (nn.Conv1d/2d/3d weights): neither a matrix nor a stack of independent
-  matrices; this file sends them to AdamW, and a Muon group refuses tensors of more than 3 dims.
-- Several maps stored in one tensor (a fused QKV weight, a fused gate/up) must not be orthogonalised
-  as one matrix: that couples maps that are independent. Declare the blocks with `mark_fused`.
+- Embeddings and the output head: tables of independent per-token vectors, not linear maps; each
+  step touches only the rows of the tokens seen, and orthogonalising spreads that over every row.
+- Vectors (norm gains, biases) and convolution kernels: no matrix to orthogonalise.
+- Several maps in one tensor (a fused QKV, a fused gate/up): orthogonalised as one matrix they would
+  be coupled; declare the blocks with `mark_fused` and each is orthogonalised on its own.
+A stack (E, A, B), e.g. MoE experts, is E independent matrices.
 
 The attention surface QK-Clip talks to (duck-typed; the module has it, this file does not import it)
 - `num_heads` int; `max_logits`: (num_heads,) fp32 tensor, the running max over every training
-  forward since the last reset of the head's scaled, masked pre-softmax logits, -inf when reset.
-- `qk_clip_(gamma)`: gamma (num_heads,) tensor; rescale in place, without grad, so that the head's
-  logits on the same input are multiplied by gamma_h (or at most gamma_h, GQA). Must scale only the
-  local rows when its weights are DTensor shards.
+  forward since the last reset of the head's scaled, masked pre-softmax logits, -inf when reset
+  (`record_max_logits_` feeds it from `causal_max_logits` when the kernel hides its logits).
+- `qk_clip_(gamma)`: gamma (num_heads,); rescale in place, without grad, so that the head's logits
+  on the same input are multiplied by gamma_h (or at most gamma_h, GQA); under FSDP2 only the local
+  rows. Rules: `qk_clip_mha_`, `qk_clip_fused_mha_`, `qk_clip_mla_`.
 - optional `reset_max_logits_()`; without it max_logits is filled with -inf here.
-The README's "MuonClip in your model" section shows the surface for an own module, a nanoGPT-style
-fused model and a transformers model with Trainer.
-
-Run the tests: `python -m pytest test_kimik2.py -k "muon or clip or newton"`.
+`attach_qk_clip(model)` gives a transformers decoder (Llama, Qwen2, DeepseekV3, ...) the whole surface.
 """
 import functools
 import inspect
+import itertools
 import math
 import sys
+import time
 import warnings
 from collections import defaultdict
 
@@ -98,34 +52,128 @@ if dist.is_available():
 else:
     DTensor = ()  # isinstance(x, ()) is False: no tensor is ever a DTensor
 
-# Keller Jordan's quintic: the coefficients maximise the slope at zero, so 5 steps push every
-# singular value into roughly [0.7, 1.2] instead of converging exactly to 1.
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-
-
 # ----------------------------------------------------------------------------------- Muon maths
 
-def newton_schulz(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
+# Keller Jordan's quintic ("jordan"): the coefficients maximise the slope at zero, so 5 steps push
+# every singular value into roughly [0.7, 1.2] instead of converging exactly to 1.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# Polar Express (arXiv 2505.16932, Algorithm 1): a different minimax-optimal quintic per iteration,
+# each divided by a safety factor 1.01 (a / 1.01, b / 1.01^3, c / 1.01^5; the last one, which later
+# iterations repeat, is left as is) so that bf16 rounding cannot push a singular value past the
+# interval the next polynomial was fitted on; the input is normalised by 1.01 * its norm likewise.
+_POLAR_EXPRESS_SAFETY = 1.01
+POLAR_EXPRESS_COEFFICIENTS = tuple(
+    [(a / _POLAR_EXPRESS_SAFETY, b / _POLAR_EXPRESS_SAFETY ** 3, c / _POLAR_EXPRESS_SAFETY ** 5) for a, b, c in (
+        (8.28721201814563, -23.595886519098837, 17.300387312530933),
+        (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+        (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+        (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+        (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+        (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+        (1.8750014808534479, -1.2500016453999487, 0.3750001645474248))]
+    + [(1.875, -1.25, 0.375)])
+# "gram": the Polar Express polynomials applied through the small Gram matrix (Dao-AILab's Gram
+# Newton-Schulz): after this many iterations the accumulated transform is applied and the Gram matrix
+# recomputed from the result, so rounding in the (A, A) products cannot build up over all steps.
+GRAM_RESTART = 2
+NS_VARIANTS = ("jordan", "polar_express", "gram")
+
+
+@functools.lru_cache(maxsize=None)
+def default_ns_dtype(device_type):
+    """The Newton-Schulz precision used when the caller does not choose one (ns_dtype=None).
+
+    bfloat16 on CUDA (as reference Muon) and on a CPU with bf16 matmul instructions; float32 on every
+    other CPU, where bf16 matmul is emulated and about 10x slower than float32. The CPU is judged by
+    the flags Linux reports for x86 (avx512_bf16, amx_bf16), else (macOS, ARM) by timing bf16 against
+    float32 matmul once per process. Pass ns_dtype=torch.float32 or torch.bfloat16 to choose yourself."""
+    if device_type == "cuda":
+        return torch.bfloat16
+    if device_type != "cpu":
+        return torch.float32
+    flags = _cpu_flags()
+    fast = bool(flags & {"avx512_bf16", "amx_bf16"}) if flags is not None else _bf16_matmul_is_faster()
+    return torch.bfloat16 if fast else torch.float32
+
+
+def _cpu_flags():
+    """The x86 instruction-set flags of /proc/cpuinfo, or None where there are none to read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
+
+
+def _bf16_matmul_is_faster():
+    """Whether a batch of (128, 128) products runs faster in bf16 than in float32 (best of 5)."""
+    x = torch.randn(8, 128, 128)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        y = x.to(dtype)
+        torch.bmm(y, y)                                           # the first call warms up
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            torch.bmm(y, y)
+            times.append(time.perf_counter() - start)
+        best[dtype] = min(times)
+    return best[torch.bfloat16] < best[torch.float32]
+
+
+def newton_schulz(G, steps=5, eps=1e-7, dtype=None, variant="jordan"):
     """Approximate orthogonalisation U V^T of each matrix G = U S V^T (Moonlight sec. 2).
 
-    G: (..., A, B), leading dims are a batch of independent matrices. Returns (..., A, B) in `dtype`.
-    The one place that handles orientation: a tall G is worked on transposed, so X X^T is always
-    the small Gram matrix.
+    G: (..., A, B), leading dims are a batch of independent matrices. Returns (..., A, B) in `dtype`
+    (None: default_ns_dtype of G's device). The one place that handles orientation: a tall G is
+    worked on transposed, so X X^T is always the small Gram matrix. variant: "jordan" (Keller
+    Jordan's quintic every step), "polar_express" (the per-step quintics of arXiv 2505.16932) or
+    "gram" (the same per-step quintics, iterated on the Gram matrix; see _gram_iterations).
     """
-    a, b, c = NS_COEFFICIENTS
-    X = G.to(dtype).reshape(-1, *G.shape[-2:])                  # (N, A, B)
+    if variant not in NS_VARIANTS:
+        raise ValueError(f"newton_schulz: variant {variant!r} is not one of {NS_VARIANTS}")
+    X = G.to(dtype or default_ns_dtype(G.device.type)).reshape(-1, *G.shape[-2:])   # (N, A, B)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT.contiguous()                                     # (N, B, A), now wide (and laid out so)
     # Frobenius norm >= spectral norm, so every singular value starts in [0, 1]
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):
-        A = X @ X.mT                                              # (N, small, small)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)               # b*A + c*A@A
-        X = torch.baddbmm(X, B, X, beta=a)                        # a*X + B@X
+    if variant == "jordan":
+        X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+        coefficients = [NS_COEFFICIENTS] * steps
+    else:
+        X = X / (X.norm(dim=(-2, -1), keepdim=True) * _POLAR_EXPRESS_SAFETY + eps)
+        table = POLAR_EXPRESS_COEFFICIENTS
+        coefficients = [table[min(i, len(table) - 1)] for i in range(steps)]
+    if variant == "gram":
+        X = _gram_iterations(X, coefficients)
+    else:
+        for a, b, c in coefficients:
+            A = X @ X.mT                                          # (N, small, small)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)           # b*A + c*A@A
+            X = torch.baddbmm(X, B, X, beta=a)                    # a*X + B@X
     if tall:
         X = X.mT
     return X.reshape(G.shape)
+
+
+def _gram_iterations(X, coefficients):
+    """The quintic steps X <- p(X X^T) X with p(R) = a I + b R + c R^2, carried out on the (N, m, m)
+    Gram matrix R of the wide (N, m, n) X: with X_t = Q_t X_0, Q <- P Q and R <- P R P (P is a
+    polynomial in R, so symmetric and commuting with it), and X = Q X_0 at the end. Each step costs
+    O(m^3) instead of O(m^2 n), a gain when n >> m; restarted after GRAM_RESTART steps."""
+    eye = torch.eye(X.size(-2), dtype=X.dtype, device=X.device)
+    Q, R = None, X @ X.mT                                         # Q None: the identity
+    for i, (a, b, c) in enumerate(coefficients):
+        if i == GRAM_RESTART and Q is not None:
+            X, Q = Q @ X, None
+            R = X @ X.mT
+        P = torch.baddbmm(R, R, R, beta=b, alpha=c) + a * eye     # a I + b R + c R^2, (N, m, m)
+        Q = P if Q is None else P @ Q
+        R = P @ R @ P
+    return X if Q is None else Q @ X
 
 
 def rms_matching_scale(shape):
@@ -144,13 +192,71 @@ def muon_momentum_(grad, momentum_buffer, beta=0.95, nesterov=True):
     return grad.add(momentum_buffer, alpha=beta) if nesterov else momentum_buffer
 
 
-def muon_update(grad, momentum_buffer, beta=0.95, nesterov=True, ns_steps=5, ns_dtype=torch.bfloat16):
-    """The Muon update of one matrix, or a stack (..., A, B) of independent ones: the step to
-    subtract (times lr) from the weight, before weight decay. Updates momentum_buffer in place.
-    MuonClip.step computes this, batched over every matrix of the same shape (it passes the scale
-    as the add's alpha, -lr * scale, so the product is rounded once)."""
-    x = muon_momentum_(grad, momentum_buffer, beta, nesterov)
-    return newton_schulz(x, ns_steps, dtype=ns_dtype).to(grad.dtype) * rms_matching_scale(x.shape)
+@torch.no_grad()
+def muon_update(weights, grads, momentum_buffers, lr, weight_decay=0.0, beta=0.95, nesterov=True,
+                 ns_steps=5, ns_dtype=None, ns_variant="jordan", layouts=None, shapes=None,
+                 orthogonalise=None):
+    """One Muon step on a list of weights, in place (Moonlight sec. 2, eq. 4): the rule, batched.
+
+        M <- beta M + G;  O = NS(G + beta M) per matrix;  W <- W (1 - lr wd) - lr 0.2 sqrt(max(A, B)) O
+
+    Each weight is a matrix (A, B), a stack (E, A, B) of independent matrices (e.g. MoE experts), or a
+    fused tensor with a layout (see RowBlocks) whose split parts are orthogonalised and scaled each on
+    its own. The Newton-Schulz units are every matrix of every stack and part; all units of one shape
+    go through one batched newton_schulz call (orthogonalise_by_shape). MuonClip.step calls this with
+    the local shards of its parameters, their full `shapes`, and an `orthogonalise` that shares the
+    units out among the processes. momentum_buffers are updated in place.
+    """
+    layouts = layouts or [None] * len(weights)
+    shapes = shapes or [w.shape for w in weights]
+    inputs = [muon_momentum_(g, m, beta, nesterov) for g, m in zip(grads, momentum_buffers)]
+    dtype = ns_dtype or default_ns_dtype(weights[0].device.type)
+    ns = functools.partial(newton_schulz, steps=ns_steps, dtype=dtype, variant=ns_variant)
+    directions = (orthogonalise or orthogonalise_by_shape)(inputs, layouts, ns)
+    torch._foreach_mul_(weights, 1 - lr * weight_decay)           # decoupled weight decay
+    for w, d, layout, shape in zip(weights, directions, layouts, shapes):
+        # a fused weight's parts carry their own scales; otherwise the scale rides on alpha, so
+        # -lr * scale * O is rounded once (a bf16 O is added as if upcast first)
+        w.add_(d, alpha=-lr * (1.0 if layout is not None else rms_matching_scale(shape)))
+
+
+def orthogonalise_by_shape(inputs, layouts, ns):
+    """Each input's direction for muon_update: `ns` applied to every unit, one call per unit shape.
+    A plain input's direction is its units' NS output; a fused input's is its parts' outputs, each
+    times its own rms_matching_scale, joined by the layout."""
+    parts = [_parts(x, layout) for x, layout in zip(inputs, layouts)]
+    flat = [q for ps in parts for q in ps]
+    done = iter(ns_by_shape(flat, ns))
+    return [_direction([next(done) for _ in ps], layout, x.dtype) for x, ps, layout in zip(inputs, parts, layouts)]
+
+
+def ns_by_shape(tensors, ns):
+    """ns of every tensor (..., A, B), batched: all matrices of one (A, B) go through one call.
+    Returns results shaped like the inputs (in ns's dtype). Batching does not change a result: on the
+    CPU a matrix's NS is bitwise the same alone or in any batch (a test checks this)."""
+    by_shape = defaultdict(list)                                  # (A, B) -> indices into tensors
+    for i, t in enumerate(tensors):
+        by_shape[tuple(t.shape[-2:])].append(i)
+    out = [None] * len(tensors)
+    for shape, members in by_shape.items():
+        stack = torch.cat([tensors[i].reshape(-1, *shape) for i in members])   # (N, A, B)
+        counts = [math.prod(tensors[i].shape[:-2]) for i in members]           # matrices per tensor
+        for i, o in zip(members, ns(stack).split(counts)):
+            out[i] = o.reshape(tensors[i].shape)
+    return out
+
+
+def _parts(x, layout):
+    """The independent parts of x: its layout's split, or x itself (a matrix or a stack)."""
+    return layout.split(x) if layout is not None else [x]
+
+
+def _direction(outputs, layout, dtype):
+    """A weight's direction from its parts' NS outputs (see orthogonalise_by_shape)."""
+    if layout is None:
+        return outputs[0].to(dtype)
+    return layout.join([o.to(dtype) * rms_matching_scale(o.shape) for o in outputs])
+
 
 
 # ------------------------------------------------------------------------------- QK-Clip maths
@@ -293,8 +399,8 @@ def is_training_forward(module):
 
 def record_max_logits_(module, q, k, scale, **visibility):
     """module.max_logits = max(module.max_logits, causal_max_logits(q, k, scale, **visibility)) on
-    training forwards only (module.training and grad enabled): eval and no-grad forwards never feed
-    the statistic (K2 report sec. 2.1: S is the max of the training step)."""
+    training forwards only (is_training_forward): the one place this file raises the statistic;
+    reduce_max_logits_ is the one that resets it."""
     if is_training_forward(module):
         s = causal_max_logits(q.detach(), k.detach(), scale, **visibility)
         torch.maximum(module.max_logits, s.to(module.max_logits.device), out=module.max_logits)
@@ -824,6 +930,245 @@ def _local_part(full, p):
     return replicated.redistribute(p.device_mesh, p.placements).to_local()
 
 
+def _flat_ranges(p, world):
+    """[(lo, hi)] per rank: the positions of p's flattened full tensor that each rank holds (a
+    replicated tensor: all of them on every rank; FSDP2's Shard(0): torch.chunk's rows), or None
+    for placements the exchange does not read (a mesh other than the whole world in rank order)."""
+    n = p.numel()
+    if not isinstance(p, DTensor):
+        return [(0, n)] * world
+    mesh, (placement, *more) = p.device_mesh, p.placements
+    if more or mesh.mesh.flatten().tolist() != list(range(world)):
+        return None
+    if placement.is_replicate():
+        return [(0, n)] * world
+    if not (placement.is_shard() and placement.dim == 0):
+        return None
+    rows = p.shape[0]
+    chunk, row = -(-rows // world), n // max(rows, 1)
+    return [(min(r * chunk, rows) * row, min((r + 1) * chunk, rows) * row) for r in range(world)]
+
+
+def _assign_owners(costs, holders, world):
+    """Greedy bin-packing (longest first) of the units' NS costs onto ranks: each unit goes to the
+    least-loaded rank, on a tie to the rank that holds its data. Deterministic: every rank computes
+    the same assignment from the same list."""
+    load, owners = [0.0] * world, [0] * len(costs)
+    for u in sorted(range(len(costs)), key=lambda u: -costs[u]):
+        owners[u] = min(range(world), key=lambda r: (load[r], r != holders[u], r))
+        load[owners[u]] += costs[u]
+    return owners
+
+
+def _ns_cost(shape):
+    """FLOPs of one Newton-Schulz step on an (A, B) matrix, up to a constant: m^2 (2n + m), m <= n."""
+    m, n = sorted(shape)
+    return m * m * (2 * n + m)
+
+
+def _exchange(send, recv_sizes, dtype, device):
+    """One all-to-all of packed buffers: send[r] (1-D tensors) goes to rank r; returns per source
+    rank the 1-D buffer it sent here. It travels as bytes: gloo moves no bf16 or int16."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    pieces = [t.reshape(-1) for ts in send for t in ts]
+    out = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
+    data = torch.cat(pieces) if pieces else out.new_empty(0)
+    dist.all_to_all_single(out.view(torch.uint8), data.view(torch.uint8),
+                           output_split_sizes=[n * size for n in recv_sizes],
+                           input_split_sizes=[sum(t.numel() for t in ts) * size for ts in send])
+    return list(out.split(list(recv_sizes)))
+
+
+class _Moves:
+    """dst[to] = src[frm] for fixed 1-D index tensors: as slice copies when the indices run in long
+    contiguous stretches (a block of rows is one stretch), else as one indexed copy."""
+
+    def __init__(self, to, frm):
+        self.size = to.numel()
+        breaks = (((to[1:] - to[:-1]) != 1) | ((frm[1:] - frm[:-1]) != 1)).nonzero().flatten() + 1
+        starts, ends = [0, *breaks.tolist()], [*breaks.tolist(), self.size]
+        self.runs = None
+        if self.size and self.size >= 32 * len(starts):
+            self.runs = [(int(to[a]), int(frm[a]), b - a) for a, b in zip(starts, ends)]
+        self.to, self.frm = to, frm
+
+    def __call__(self, dst, src):
+        if self.runs is None:
+            dst[self.to] = src[self.frm]
+            return
+        for t, f, n in self.runs:
+            dst[t:t + n] = src[f:f + n]
+
+    def packed(self, src):
+        """src[frm] as a new 1-D tensor (with to = 0, 1, ...)."""
+        out = src.new_empty(self.size)
+        self(out, src)
+        return out
+
+
+class _ExchangePlan:
+    """Who orthogonalises which unit, and which elements orthogonalise_across_ranks moves where, for
+    one list of parameters on this rank. It depends only on shapes, layouts and placements, so it is
+    built once and reused at every step (int64 indices of the sharded elements this rank holds or owns).
+
+    Units are (tensor, part, matrix of the part, (A, B)) in the same order on every rank. Sharded
+    tensors (FSDP2's Shard(0)) move by index: `local` is the concatenation of this rank's flattened
+    shards, `owned` that of its own units' elements; replicated tensors (DDP) move whole units."""
+
+    def __init__(self, params, layouts, ranges, rank, device):
+        world = dist.get_world_size()
+        self.gathered = [r is None for r in ranges]          # placements read whole (see _flat_ranges)
+        ranges = [[(0, p.numel())] * world if r is None else r for r, p in zip(ranges, params)]
+        self.units, self.sharded = [], [any(r != (0, p.numel()) for r in rs) for p, rs in zip(params, ranges)]
+        self.of_tensor = [[] for _ in params]     # per tensor: its units by part, [[u, ...] per part]
+        positions = {}                            # sharded tensor -> per part (matrices, A*B) flat positions
+        for i, (p, layout) in enumerate(zip(params, layouts)):
+            for j, part in enumerate(_parts(torch.empty(p.shape, device="meta"), layout)):
+                count = math.prod(part.shape[:-2])
+                self.of_tensor[i].append(list(range(len(self.units), len(self.units) + count)))
+                self.units += [(i, j, k, tuple(part.shape[-2:])) for k in range(count)]
+            if self.sharded[i]:
+                idx = torch.arange(p.numel(), device=device).view(p.shape)
+                positions[i] = [q.reshape(q.shape[:-2].numel(), -1) for q in _parts(idx, layout)]
+        base = dict(zip(positions, itertools.accumulate(
+            [0] + [ranges[i][rank][1] - ranges[i][rank][0] for i in positions])))   # offset of each shard in `local`
+
+        def held(u, r):                           # positions (in the unit) of its elements that rank r holds
+            i, j, k, _ = self.units[u]
+            lo, hi = ranges[i][r]
+            pos = positions[i][j][k]
+            return ((pos >= lo) & (pos < hi)).nonzero().flatten()
+        # every rank must list the same units (data-parallel replicas); checked once per plan
+        signature = torch.tensor([len(self.units), sum(p.numel() for p in params)], device=device)
+        everyone = [torch.empty_like(signature) for _ in range(world)]
+        dist.all_gather(everyone, signature)
+        if any(not torch.equal(s, signature) for s in everyone):
+            raise RuntimeError(
+                f"MuonClip: the processes step different Muon parameters ((units, elements) per rank: "
+                f"{[s.tolist() for s in everyone]}); sharing Newton-Schulz out needs data-parallel "
+                "replicas (DDP, FSDP2); for other layouts pass distribute=False")
+        holders = [next((r for r in range(world) if held(u, r).numel()), -1) if self.sharded[i] else -1
+                   for u, (i, *_) in enumerate(self.units)]
+        self.owners = _assign_owners([_ns_cost(shape) for *_, shape in self.units], holders, world)
+        self.mine = [u for u, o in enumerate(self.owners) if o == rank]
+        owned = [u for u in self.mine if self.sharded[self.units[u][0]]]
+        self.offsets = dict(zip(owned, itertools.accumulate([0] + [math.prod(self.units[u][3]) for u in owned])))
+        self.owned_size = sum(math.prod(self.units[u][3]) for u in owned)
+
+        def in_local(u, r):                       # where rank r's elements of unit u sit in its `local`
+            i, j, k, _ = self.units[u]
+            return base[i] + positions[i][j][k][held(u, r)] - ranges[i][r][0]
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        cat = lambda ts: torch.cat([empty, *ts])  # noqa: E731
+        sharded_units = [u for u, (i, *_) in enumerate(self.units) if self.sharded[i]]
+        packed = lambda index: _Moves(torch.arange(index.numel(), device=device), index)  # noqa: E731
+        unpack = lambda index: _Moves(index, torch.arange(index.numel(), device=device))  # noqa: E731
+        # 1. inputs: my elements of units others own -> them; theirs of my units -> `owned`
+        self.send_inputs = [packed(cat([in_local(u, rank) for u in sharded_units if self.owners[u] == r != rank]))
+                            for r in range(world)]
+        self.receive_inputs = [unpack(cat([self.offsets[u] + held(u, s) for u in owned]) if s != rank else empty)
+                               for s in range(world)]
+        own_local, own_owned = cat([in_local(u, rank) for u in owned]), cat([self.offsets[u] + held(u, rank) for u in owned])
+        self.own_inputs, self.own_results = _Moves(own_owned, own_local), _Moves(own_local, own_owned)
+        # 2. results: of my units, the elements each rank holds -> it; of theirs, mine -> my `local`
+        self.send_results = [packed(cat([self.offsets[u] + held(u, r) for u in owned]) if r != rank else empty)
+                             for r in range(world)]
+        self.receive_results = [unpack(cat([in_local(u, rank) for u in sharded_units if self.owners[u] == s != rank]))
+                                for s in range(world)]
+        self.whole_units = [[u for u in range(len(self.units)) if self.owners[u] == s != rank
+                             and not self.sharded[self.units[u][0]]] for s in range(world)]
+        self.local_size = sum(ranges[i][rank][1] - ranges[i][rank][0] for i in positions)
+        # a fused sharded tensor's parts carry their own scales (see _direction): per local element
+        self.scales = torch.ones(self.local_size, device=device)
+        for u in sharded_units:
+            i, j, k, shape = self.units[u]
+            if layouts[i] is not None:
+                self.scales[in_local(u, rank)] = rms_matching_scale(shape)
+
+
+def orthogonalise_across_ranks(inputs, layouts, ns, *, params, dtype, plans):
+    """orthogonalise_by_shape for data-parallel processes: each unit (a matrix, an expert, a part of a
+    fused layout) orthogonalised on exactly one rank, and each rank given the part it holds.
+
+    Units go to ranks by _assign_owners (balanced by NS cost); a rank batches its own units by shape.
+    Two all-to-alls of packed buffers: under FSDP2 (Shard(0) DTensors) the first brings each owner
+    the rows of its units that other ranks hold, and the second sends each rank only its shard of
+    every result; replicated tensors (DDP) need only the second, in which each rank receives the whole
+    results it did not compute. `inputs` are this rank's shards of `params`; directions come back
+    shaped like them. Other placements are gathered whole first (as every rank did before). `plans`
+    caches the _ExchangePlan of each parameter list.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    key = (dtype, *((id(p), tuple(p.shape), id(layout)) for p, layout in zip(params, layouts)))
+    if key not in plans:
+        plans[key] = _ExchangePlan(params, layouts, [_flat_ranges(p, world) for p in params], rank, inputs[0].device)
+    plan = plans[key]
+    inputs = [_full(x, p) if g else x for x, p, g in zip(inputs, params, plan.gathered)]
+    device = inputs[0].device
+    sharded = [x for x, s in zip(inputs, plan.sharded) if s]
+    local = torch.cat([x.reshape(-1).to(dtype) for x in sharded]) if sharded else torch.empty(0, dtype=dtype, device=device)
+    whole = [None if s else _parts(x, layout) for x, layout, s in zip(inputs, layouts, plan.sharded)]
+
+    def unit(parts, u):                           # unit u of a replicated tensor, from its parts
+        _, j, k, shape = plan.units[u]
+        return parts[j].reshape(-1, *shape)[k]
+
+    # 1. inputs to owners (only sharded tensors are not whole on their owner)
+    owned = torch.empty(plan.owned_size, dtype=dtype, device=device)
+    if any(plan.sharded):
+        received = _exchange([[moves.packed(local)] for moves in plan.send_inputs],
+                             [moves.size for moves in plan.receive_inputs], dtype, device)
+        for moves, values in zip(plan.receive_inputs, received):
+            moves(owned, values)
+    plan.own_inputs(owned, local)
+    unit_inputs = [owned[plan.offsets[u]:plan.offsets[u] + math.prod(plan.units[u][3])].view(plan.units[u][3])
+                   if plan.sharded[plan.units[u][0]] else unit(whole[plan.units[u][0]], u) for u in plan.mine]
+    results = dict(zip(plan.mine, ns_by_shape(unit_inputs, ns)))
+
+    # 2. results to every rank that holds a part of them: whole for replicated tensors, else its shard
+    for u in plan.offsets:
+        owned[plan.offsets[u]:plan.offsets[u] + results[u].numel()] = results[u].reshape(-1)
+    whole_mine = [u for u in plan.mine if not plan.sharded[plan.units[u][0]]]
+    send = [[] if r == rank else [plan.send_results[r].packed(owned), *(results[u] for u in whole_mine)]
+            for r in range(world)]
+    sizes = [moves.size + sum(math.prod(plan.units[u][3]) for u in us)
+             for moves, us in zip(plan.receive_results, plan.whole_units)]
+    directions_local = torch.empty(plan.local_size, dtype=dtype, device=device)
+    plan.own_results(directions_local, owned)
+    for s, buffer in enumerate(_exchange(send, sizes, dtype, device)):
+        if s == rank:
+            continue
+        n = plan.receive_results[s].size
+        plan.receive_results[s](directions_local, buffer[:n])
+        counts = [math.prod(plan.units[u][3]) for u in plan.whole_units[s]]
+        results.update((u, b.view(plan.units[u][3])) for u, b in zip(plan.whole_units[s], buffer[n:].split(counts)))
+
+    directions, offset = [], 0
+    for i, (x, p, layout) in enumerate(zip(inputs, params, layouts)):
+        if plan.sharded[i]:
+            n = x.numel()
+            d = directions_local[offset:offset + n].to(x.dtype)
+            if layout is not None:
+                d = d * plan.scales[offset:offset + n].to(x.dtype)
+            directions.append(d.view(x.shape))
+            offset += n
+            continue
+        d = _direction([torch.stack([results[u] for u in us]).reshape(q.shape)
+                        for us, q in zip(plan.of_tensor[i], whole[i])], layout, x.dtype)
+        directions.append(_local_part(d, p) if plan.gathered[i] else d)
+    return directions
+
+
+def orthogonalise_everywhere(inputs, layouts, ns, *, params):
+    """orthogonalise_by_shape on every rank for every unit (MuonClip(distribute=False), the way
+    before orthogonalise_across_ranks; kept to measure against): FSDP2 shards whose matrices are
+    split are gathered whole, and each rank keeps its own part of the result."""
+    gather = [_matrices_are_split(p) for p in params]
+    whole = [_full(x, p) if g else x for x, p, g in zip(inputs, params, gather)]
+    directions = orthogonalise_by_shape(whole, layouts, ns)
+    return [_local_part(d, p) if g else d for d, p, g in zip(directions, params, gather)]
+
+
 # ---------------------------------------------------------------------------------- the optimizer
 
 class MuonClip(torch.optim.Optimizer):
@@ -835,16 +1180,31 @@ class MuonClip(torch.optim.Optimizer):
       without one (e.g. Trainer's weight-decay groups) is split by role, which needs model=.
     lr: one learning rate for both halves (Muon updates are RMS-matched to AdamW's).
     weight_decay: decoupled, W -= lr * weight_decay * W, both halves.
-    momentum, nesterov, ns_steps, ns_dtype: Muon. betas, eps: AdamW.
+    momentum, nesterov, ns_steps: Muon. betas, eps: AdamW.
+    ns_dtype: Newton-Schulz precision; None: default_ns_dtype (bf16 on CUDA and on CPUs with fast bf16
+      matmul, float32 elsewhere). ns_variant: newton_schulz's variant ("jordan", the default).
+    distribute: with several processes, orthogonalise each unit on one rank and share the results
+      (orthogonalise_across_ranks); False: every rank orthogonalises everything (the way before).
     qk_clip_tau: logit cap (K2: 100); None turns the clip off (the statistic is still reduced,
       reset and reported in clip_stats). With tau set and no attention module it raises.
     attention_modules: modules with the surface in the module docstring; default: found in model.
     model: the model the groups come from, for roles, fused blocks and attention modules.
+
+    Distributed (torchrun): on one process every collective below is skipped. Under DDP and FSDP2
+    (`fully_shard`, DTensor parameters) each Newton-Schulz unit is orthogonalised on one rank and the
+    results shared (orthogonalise_across_ranks); momentum and AdamW state are this rank's shards, as
+    its gradients. The (L, H) max-logit matrix is all-reduced with MAX in one collective, so every
+    replica clips alike. Under DDP pass broadcast_buffers=False, or rank 0's max_logits overwrite the
+    other ranks' running max at each forward and micro-batches seen only by other ranks are lost.
+    Parameters should be fp32 master weights (autocast for bf16 compute): a bf16 weight loses every
+    update below half its ulp (weight decay at lr*wd = 1e-3 does nothing), so other dtypes warn; a
+    master copy kept here would double the memory of callers that keep one (AMP, FSDP2 mixed
+    precision) and would undo the clip of the copy they run.
     """
 
     def __init__(self, params, lr=2e-4, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
                  betas=(0.9, 0.95), eps=1e-8, qk_clip_tau=100.0, attention_modules=None,
-                 ns_dtype=torch.bfloat16, model=None):
+                 ns_dtype=None, model=None, ns_variant="jordan", distribute=True):
         if isinstance(params, nn.Module):
             model, params = params, None
         self._muon_ids = {id(p) for p in split_params(model)[0]} if model is not None else None
@@ -853,8 +1213,13 @@ class MuonClip(torch.optim.Optimizer):
         self._blocks = fused_blocks(model) if model is not None else {}
         if params is None:
             params = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        if ns_variant not in NS_VARIANTS:
+            raise ValueError(f"ns_variant {ns_variant!r} is not one of {NS_VARIANTS}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_steps=ns_steps, ns_dtype=ns_dtype, betas=betas, eps=eps)
+                        ns_steps=ns_steps, ns_dtype=ns_dtype, ns_variant=ns_variant, betas=betas, eps=eps)
+        self.distribute = distribute
+        self._exchange_plans = {}                 # orthogonalise_across_ranks' plan per parameter list
+        self.newton_schulz_matrices = 0           # matrices this process orthogonalised in the last step
         super().__init__(params, defaults)
         if attention_modules is None:
             attention_modules = find_attention_modules(model) if model is not None else ()
@@ -874,6 +1239,11 @@ class MuonClip(torch.optim.Optimizer):
             warnings.warn(f"MuonClip: parameters in {sorted(map(str, low))}, not float32: updates below half "
                           "an ulp are lost (bf16: weight decay at lr*wd = 1e-3 does nothing); keep fp32 "
                           "master weights and use autocast", stacklevel=2)
+
+    def __setstate__(self, state):                # a checkpoint from before ns_variant existed
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("ns_variant", "jordan")
 
     @classmethod
     def for_model(cls, model, lr, weight_decay, qk_clip_tau=100.0, **kw):
@@ -909,6 +1279,7 @@ class MuonClip(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.newton_schulz_matrices = 0
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
@@ -918,41 +1289,27 @@ class MuonClip(torch.optim.Optimizer):
         return loss
 
     def _muon_step(self, group, params):
-        """muon_update for every parameter, with the matrices of one shape in one batched
-        Newton-Schulz call; fused parameters contribute one matrix (stack) per declared block."""
-        lr, wd = group["lr"], group["weight_decay"]
+        """muon_update on this rank's shards, its Newton-Schulz units shared out among the processes."""
         grads = [_local(p.grad) for p in params]
         for p, g in zip(params, grads):
             if not self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(g)
-        inputs = [muon_momentum_(g, self.state[p]["momentum_buffer"], group["momentum"], group["nesterov"])
-                  for p, g in zip(params, grads)]
-        # Newton-Schulz needs whole matrices: gather only where a matrix dim is sharded
-        gather = [_matrices_are_split(p) for p in params]
-        whole = [_full(x, p) if g else x for x, p, g in zip(inputs, params, gather)]
-        blocks = [self._blocks[id(p)].split(x) if id(p) in self._blocks else [x]
-                  for x, p in zip(whole, params)]
-        by_shape = defaultdict(list)                              # (A, B) -> [(param, block)]
-        for i, bs in enumerate(blocks):
-            for j, b in enumerate(bs):
-                by_shape[tuple(b.shape[-2:])].append((i, j))
+        dtype = group["ns_dtype"] or default_ns_dtype(grads[0].device.type)
+        if self.distribute and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            orthogonalise = functools.partial(orthogonalise_across_ranks, params=params, dtype=dtype,
+                                              plans=self._exchange_plans)
+        else:
+            orthogonalise = functools.partial(orthogonalise_everywhere, params=params)
 
-        local_params = [_local(p) for p in params]
-        torch._foreach_mul_(local_params, 1 - lr * wd)            # decoupled weight decay
-        ortho = [list(bs) for bs in blocks]                       # -> (orthogonalised block, its scale)
-        for shape, members in by_shape.items():
-            stack = torch.cat([blocks[i][j].reshape(-1, *shape) for i, j in members])   # (N, A, B)
-            out = newton_schulz(stack, group["ns_steps"], dtype=group["ns_dtype"])
-            counts = [math.prod(blocks[i][j].shape[:-2]) for i, j in members]         # matrices per block
-            for (i, j), o in zip(members, out.split(counts)):
-                ortho[i][j] = (o.reshape(blocks[i][j].shape), rms_matching_scale(shape))
-        for p, local, parts, g in zip(params, local_params, ortho, gather):
-            if len(parts) == 1:  # the scale rides on alpha, as muon_update's -lr * scale
-                o, scale = parts[0]                               # (a bf16 o is added as if upcast first)
-                local.add_(_local_part(o.to(local.dtype), p) if g else o, alpha=-lr * scale)
-                continue
-            update = self._blocks[id(p)].join([o.to(local.dtype) * scale for o, scale in parts])
-            local.add_(_local_part(update, p) if g else update, alpha=-lr)
+        def counted(inputs, layouts, ns):         # counts the matrices that go through ns here
+            def ns_counted(stack):
+                self.newton_schulz_matrices += stack.shape[0]
+                return ns(stack)
+            return orthogonalise(inputs, layouts, ns_counted)
+        muon_update([_local(p) for p in params], grads, [self.state[p]["momentum_buffer"] for p in params],
+                    group["lr"], group["weight_decay"], group["momentum"], group["nesterov"], group["ns_steps"],
+                    dtype, group["ns_variant"], layouts=[self._blocks.get(id(p)) for p in params],
+                    shapes=[p.shape for p in params], orthogonalise=counted)
 
     def _adamw_step(self, group, params):
         lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
@@ -978,7 +1335,13 @@ class MuonClip(torch.optim.Optimizer):
 
     def _qk_clip(self):
         """QK-Clip after the update (K2 report sec. 2.1, Algorithm 1): the step's reduced max logits,
-        gamma per head, every module called (unclipped heads get exactly 1: no host sync)."""
+        gamma per head, every module called (unclipped heads get exactly 1: no host sync).
+
+        What it guarantees: for each layer, on the very input its max was measured on, a clipped
+        head's logits are multiplied by gamma_h (MLA, MHA) or by sqrt(gamma_h * min gamma of its key
+        group) <= gamma_h (GQA), so they are <= tau right after the clip. Not that a later forward
+        stays below tau: the next update moves the weights again, and clipping layer l changes the
+        input of layer l+1; the report's claim is that the max logits stay bounded over training."""
         max_logits = reduce_max_logits_(self.attention_modules)  # (L, H)
         if self.qk_clip_tau is None:
             clipped = torch.zeros((), dtype=torch.long, device=max_logits.device)

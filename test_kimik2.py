@@ -1179,7 +1179,7 @@ def test_newton_schulz_equals_torch_reference_on_one_matrix():
     for shape in [(24, 40), (40, 24)]:
         g = torch.randn(shape)
         ref = torch_muon._zeropower_via_newtonschulz(g, (3.4445, -4.7750, 2.0315), 5, 1e-7)
-        assert (newton_schulz(g).float() - ref.float()).abs().max() < 1e-2
+        assert (newton_schulz(g, dtype=torch.bfloat16).float() - ref.float()).abs().max() < 1e-2
 
 
 def test_adamw_half_matches_torch_adamw():
@@ -1253,6 +1253,52 @@ def test_expert_stack_is_orthogonalised_per_expert():
     as_one = newton_schulz(grad.reshape(64, 24)).reshape(4, 16, 24).float()
     per_expert = newton_schulz(grad).float()
     assert (as_one - per_expert).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("shape", [(16, 40), (40, 16), (24, 24)])
+def test_polar_express_converges_to_the_polar_factor_and_gram_form_computes_the_same(shape):
+    """Polar Express's per-step quintics (arXiv 2505.16932) converge to U V^T of the SVD, where Keller
+    Jordan's quintic stalls about 0.3 away by design; the Gram form (Q, R iterated on the small Gram
+    matrix, with its restart) is the same polynomial, so in float64 it agrees to rounding."""
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], min(shape), generator=gen, dtype=torch.float64))
+    s = torch.logspace(-1, 0, min(shape), dtype=torch.float64)                 # condition number 10
+    g = u @ torch.diag(s) @ v.T
+    polar = u @ v.T
+    express = newton_schulz(g, steps=10, dtype=torch.float64, variant="polar_express")
+    gram = newton_schulz(g, steps=10, dtype=torch.float64, variant="gram")
+    jordan = newton_schulz(g, steps=10, dtype=torch.float64, variant="jordan")
+    assert (express - polar).abs().max() < 1e-6
+    assert (gram - express).abs().max() < 1e-9
+    assert (jordan - polar).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("flags, faster, expected", [
+    ({"avx2", "fma"}, True, torch.float32),              # x86 without bf16 instructions: emulated bf16
+    ({"avx512f", "avx512_bf16"}, False, torch.bfloat16),
+    ({"amx_bf16"}, False, torch.bfloat16),
+    (None, True, torch.bfloat16),                        # no x86 flags to read: the timing decides
+    (None, False, torch.float32)])
+def test_default_ns_precision_follows_the_device(monkeypatch, flags, faster, expected):
+    """ns_dtype=None: bf16 on CUDA and on a CPU with bf16 matmul, float32 elsewhere; the optimizer's
+    step with the default is bitwise its step with that precision given explicitly."""
+    import muonclip
+    monkeypatch.setattr(muonclip, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(muonclip, "_bf16_matmul_is_faster", lambda: faster)
+    muonclip.default_ns_dtype.cache_clear()
+    try:
+        assert muonclip.default_ns_dtype("cuda") == torch.bfloat16
+        assert muonclip.default_ns_dtype("cpu") == expected
+        weights = []
+        for ns_dtype in (None, expected):
+            p = torch.randn(16, 24, generator=torch.Generator().manual_seed(0), requires_grad=True)
+            p.grad = torch.randn(16, 24, generator=torch.Generator().manual_seed(1))
+            MuonClip([{"params": [p], "use_muon": True}], lr=0.1, qk_clip_tau=None, ns_dtype=ns_dtype).step()
+            weights.append(p.detach())
+        assert torch.equal(*weights)
+    finally:
+        muonclip.default_ns_dtype.cache_clear()
 
 
 # ------------------------------------------------------------------------------ parameter split
@@ -1514,14 +1560,12 @@ def test_state_dict_round_trip_resumes_bitwise():
 _MUON_DIST_STEPS, _MUON_DIST_MICRO, _MUON_DIST_BATCH, _MUON_DIST_T = 3, 2, 4, 8
 
 
-def _muon_train(kind, wrap=None, rank=0, world=1):
-    """A few MuonClip steps (2 micro-batches each, low tau, fp32 NS) on this rank's share of a fixed
-    global batch; returns the full parameters and the number of heads clipped per step."""
-    model = _muon_model(kind, 0)
-    raw = model
+def _muon_wrap(raw, kind, wrap, world, ns_dtype=torch.float32):
+    """raw under DDP or FSDP2 (wrap None: itself), and its MuonClip (low tau, fp32 NS)."""
+    model = raw
     if wrap == "ddp":
         # broadcast_buffers=False: rank 0's max_logits would overwrite the other ranks' running max
-        model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        model = nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False)
     elif wrap == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -1530,7 +1574,14 @@ def _muon_train(kind, wrap=None, rank=0, world=1):
             fully_shard(layer, mesh=mesh)
         fully_shard(raw, mesh=mesh)
     tau = {"mha": 0.9, "mla": 4.5}[kind]                  # between the heads' initial maxima
-    opt = MuonClip.for_model(raw, lr=0.02, weight_decay=0.1, qk_clip_tau=tau, ns_dtype=torch.float32)
+    return model, MuonClip.for_model(raw, lr=0.02, weight_decay=0.1, qk_clip_tau=tau, ns_dtype=ns_dtype)
+
+
+def _muon_train(kind, wrap=None, rank=0, world=1):
+    """A few MuonClip steps (2 micro-batches each) on this rank's share of a fixed global batch;
+    returns the full parameters and the number of heads clipped per step."""
+    raw = _muon_model(kind, 0)
+    model, opt = _muon_wrap(raw, kind, wrap, world)
     gen = torch.Generator().manual_seed(1234)
     share = _MUON_DIST_BATCH // world
     clipped = []
@@ -1552,6 +1603,84 @@ def _muon_train(kind, wrap=None, rank=0, world=1):
     return params, clipped
 
 
+class _MuonColumnBlocks:
+    """A fused layout with the maps side by side along the columns, (..., A, sum(sizes)): the layout
+    protocol (split / join) with parts that every row shard of the tensor cuts through."""
+
+    def __init__(self, sizes):
+        self.sizes = sizes
+
+    def split(self, x):
+        return list(x.split(self.sizes, dim=-1))
+
+    def join(self, parts):
+        return torch.cat(parts, dim=-1)
+
+
+class _MuonFusedLM(_MuonLM):
+    """_MuonLM with a fused residual branch: a (21, 24) weight of row blocks (5, 7, 9), which FSDP2's
+    row shards (11 + 10 rows) cut inside a block, and a (24, 21) weight of column blocks (10, 11)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fused_in, self.fused_out = nn.Linear(24, 21, bias=False), nn.Linear(21, 24, bias=False)
+        mark_fused(self.fused_in, [5, 7, 9])
+        self.fused_out.__dict__["muon_blocks"] = {"weight": _MuonColumnBlocks([10, 11])}   # as mark_fused stores
+
+    def forward(self, idx, targets):
+        x = self.embed(idx)
+        x = x + self.fused_out(F.gelu(self.fused_in(x)))
+        for layer in self.layers:
+            x = layer(x)
+        logits = self.lm_head(self.norm(x))
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+_MUON_EXACT_STEPS, _MUON_EXACT_RESUME = 4, 2
+
+
+def _muon_exact_model(kind, wrap, world, ns_dtype):
+    torch.manual_seed(0)
+    raw = _muon_mla_model(0) if kind == "mla" else _MuonFusedLM()
+    return (raw, *_muon_wrap(raw, kind, wrap, world, ns_dtype))
+
+
+def _muon_exact_steps(model, opt, steps):
+    """Steps with the whole batch on every rank: DDP's and FSDP2's gradient mean over 2 equal
+    gradients is exact, so any difference from one process is the optimizer's. Returns the number
+    of matrices that went through Newton-Schulz on this rank at each step."""
+    counts = []
+    for step in steps:
+        x = torch.randint(0, 61, (2, 8), generator=torch.Generator().manual_seed(step))
+        model(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        counts.append(opt.newton_schulz_matrices)
+    return counts
+
+
+def _muon_full_params(raw):
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in raw.named_parameters()}
+
+
+def _muon_exact(kind, wrap=None, world=1, ns_dtype=torch.float32):
+    """_MUON_EXACT_STEPS steps; then the same run resumed from a checkpoint (through bytes) taken
+    after _MUON_EXACT_RESUME steps. Returns (full parameters, resumed run's, NS counts)."""
+    raw, model, opt = _muon_exact_model(kind, wrap, world, ns_dtype)
+    counts = _muon_exact_steps(model, opt, range(_MUON_EXACT_RESUME))
+    buffer = io.BytesIO()
+    torch.save({"model": raw.state_dict(), "opt": opt.state_dict()}, buffer)
+    counts += _muon_exact_steps(model, opt, range(_MUON_EXACT_RESUME, _MUON_EXACT_STEPS))
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=False)
+    twin_raw, twin, twin_opt = _muon_exact_model(kind, wrap, world, ns_dtype)
+    twin_raw.load_state_dict(checkpoint["model"])
+    twin_opt.load_state_dict(checkpoint["opt"])
+    _muon_exact_steps(twin, twin_opt, range(_MUON_EXACT_RESUME, _MUON_EXACT_STEPS))
+    return _muon_full_params(raw), _muon_full_params(twin_raw), counts
+
+
 def _muon_dist_worker(out_dir):
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -1560,6 +1689,9 @@ def _muon_dist_worker(out_dir):
         for wrap in ("ddp", "fsdp"):
             result = _muon_train(kind, wrap, rank, world)
             torch.save(result, os.path.join(out_dir, f"{kind}-{wrap}-{rank}.pt"))
+            torch.save(_muon_exact(kind, wrap, world), os.path.join(out_dir, f"exact-{kind}-{wrap}-{rank}.pt"))
+    for wrap in ("ddp", "fsdp"):
+        torch.save(_muon_exact("mha", wrap, world, torch.bfloat16), os.path.join(out_dir, f"bf16-{wrap}-{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -1584,28 +1716,71 @@ def test_distributed_training_matches_single_process(_muon_dist_results, kind, w
         assert (rank0[name] - single[name]).abs().max() < 1e-5, name
 
 
+@pytest.mark.parametrize("kind", ["mha", "mla"])
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
+def test_two_processes_orthogonalise_each_matrix_once_and_match_one_process_bitwise(_muon_dist_results, kind, wrap):
+    """fp32 NS, the same batch on both ranks: after 4 steps (with QK-Clip active) both ranks' weights
+    are bitwise those of one process, so each rank received every result it holds; the matrices that
+    went through Newton-Schulz on the two ranks add up, at every step, to the one process's count (no
+    unit twice), split between both; a run resumed from the 2-process checkpoint ends bitwise alike.
+    The mha model has fused row blocks that FSDP2's row shards cut, and column blocks."""
+    (rank0, resumed0, counts0), (rank1, resumed1, counts1) = (
+        _muon_dist_results[f"exact-{kind}-{wrap}-{r}.pt"] for r in (0, 1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                  # as the workers: kernels may round differently per thread count
+    try:
+        single, single_resumed, counts = _muon_exact(kind)
+    finally:
+        torch.set_num_threads(threads)
+    assert rank0.keys() == single.keys()
+    for name in single:
+        assert torch.equal(single_resumed[name], single[name]), name
+        for weights in (rank0, rank1, resumed0, resumed1):
+            assert torch.equal(weights[name], single[name]), name
+    assert [a + b for a, b in zip(counts0, counts1)] == counts and all(c > 0 for c in counts0 + counts1)
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
+def test_two_processes_with_bf16_newton_schulz_hold_equal_weights(_muon_dist_results, wrap):
+    """bf16 NS (its results travel between ranks as bytes): both ranks end with the same weights,
+    those of one process up to bf16 NS rounding (0.2 * lr * 4 steps bounds each weight's drift)."""
+    (rank0, resumed0, _), (rank1, resumed1, _) = (_muon_dist_results[f"bf16-{wrap}-{r}.pt"] for r in (0, 1))
+    single = _muon_exact("mha", ns_dtype=torch.bfloat16)[0]
+    for name in single:
+        assert torch.equal(rank0[name], rank1[name]) and torch.equal(resumed0[name], rank0[name]), name
+        assert (rank0[name] - single[name]).abs().max() < 0.2 * 0.02 * 4, name
+
+
 # ---------------------------------------------------------- 6. the pure Muon update and fused blocks
 
-def test_optimizer_step_is_muon_update_per_matrix():
-    """The class only batches: each parameter (a matrix, a stack, tall or wide, several sharing a
-    shape) moves by exactly -lr * (muon_update + wd * W), over several steps of momentum."""
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_optimizer_step_is_muon_update_per_parameter(ns_dtype):
+    """The class only batches and shares out: each parameter (a matrix, a stack, tall or wide,
+    several sharing a shape) ends bitwise where muon_update called on it alone puts it, over several
+    steps of momentum, and that is -lr * (0.2 sqrt(max(A, B)) NS(G + mu M) + wd W) per step."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(12, 20), (20, 12), (12, 20), (3, 8, 5), (7, 7)]
     params = [torch.randn(s, generator=gen, requires_grad=True) for s in shapes]
-    ref = [p.detach().clone() for p in params]
-    bufs = [torch.zeros_like(p) for p in params]
+    alone = [p.detach().clone() for p in params]
+    formula = [p.detach().clone() for p in params]
+    bufs, formula_bufs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
     lr, wd = 0.05, 0.1
     opt = MuonClip([{"params": params, "use_muon": True}], lr=lr, weight_decay=wd, qk_clip_tau=None,
-                   ns_dtype=torch.float32)
+                   ns_dtype=ns_dtype)
     for _ in range(3):
         grads = [torch.randn(s, generator=gen) for s in shapes]
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
-        for i, (g, b) in enumerate(zip(grads, bufs)):
-            ref[i] = ref[i] * (1 - lr * wd) - lr * muon_update(g, b, 0.95, True, 5, torch.float32)
-    for p, r in zip(params, ref):
-        assert (p.detach() - r).abs().max() < 1e-6
+        for w, g, b in zip(alone, grads, bufs):
+            muon_update([w], [g], [b], lr, wd, ns_dtype=ns_dtype)
+        for i, (g, b) in enumerate(zip(grads, formula_bufs)):
+            b.mul_(0.95).add_(g)
+            o = newton_schulz(g + 0.95 * b, dtype=ns_dtype).float()
+            formula[i] = formula[i] * (1 - lr * wd) - lr * rms_matching_scale(g.shape) * o
+    for p, w, f in zip(params, alone, formula):
+        assert torch.equal(p.detach(), w)
+        assert (p.detach() - f).abs().max() < 1e-6
 
 
 def _muon_fused_linear(rows, cols, sizes):
@@ -1645,7 +1820,7 @@ def test_fused_weight_is_orthogonalised_block_by_block():
         mark_fused(nn.Linear(4, 6), [2, 2])
 
 
-# ---------------------------------------------------------------- 7. the exact max logit (C1)
+# ---------------------------------------------------------------- 7. the exact max logit
 
 @given(batch=st.integers(1, 2), kv_heads=st.integers(1, 3), group=st.integers(1, 3), tq=st.integers(1, 9),
        extra=st.integers(0, 4), dim=st.integers(1, 6), mask=st.sampled_from(["none", "padding", "bool", "additive"]),
