@@ -1257,8 +1257,10 @@ class MuonClip(torch.optim.Optimizer):
         if "use_muon" not in param_group:
             if self._muon_ids is None:
                 raise ValueError("every parameter group needs 'use_muon' (True or False), or pass "
-                                 "model= so MuonClip can split the group by role (split_params); with "
-                                 "Trainer(optimizer_cls_and_kwargs=...), put \"model\": model in the kwargs")
+                                 "model= so MuonClip can split the group by role (split_params). With "
+                                 "Trainer(optimizer_cls_and_kwargs=(MuonClip, kwargs)): Trainer removes \"model\" "
+                                 "from the kwargs dict it is given, so a second Trainer given the same dict gets "
+                                 "none; use muonclip.trainer_optimizer(...), which any number of Trainers can share")
             for use_muon in (True, False):
                 part = [p for p in params if (id(p) in self._muon_ids) == use_muon]
                 if part:

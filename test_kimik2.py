@@ -1329,8 +1329,10 @@ def test_for_model_finds_attention_modules_and_groups():
     assert [g["use_muon"] for g in opt.param_groups] == [True, False]
 
 
-def test_group_without_use_muon_is_rejected():
-    with pytest.raises(ValueError, match="use_muon"):
+def test_group_without_use_muon_is_rejected_saying_what_trainer_did():
+    """A Trainer given (MuonClip, kwargs) pops "model" from kwargs: a second Trainer with the same
+    dict reaches MuonClip without it, and the message says so and names the form that works."""
+    with pytest.raises(ValueError, match="use_muon.*Trainer removes \"model\".*trainer_optimizer"):
         MuonClip([{"params": [torch.zeros(2, 2, requires_grad=True)]}])
 
 
