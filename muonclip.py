@@ -1339,11 +1339,14 @@ class MuonClip(torch.optim.Optimizer):
         """QK-Clip after the update (K2 report sec. 2.1, Algorithm 1): the step's reduced max logits,
         gamma per head, every module called (unclipped heads get exactly 1: no host sync).
 
-        What it guarantees: for each layer, on the very input its max was measured on, a clipped
-        head's logits are multiplied by gamma_h (MLA, MHA) or by sqrt(gamma_h * min gamma of its key
-        group) <= gamma_h (GQA), so they are <= tau right after the clip. Not that a later forward
-        stays below tau: the next update moves the weights again, and clipping layer l changes the
-        input of layer l+1; the report's claim is that the max logits stay bounded over training."""
+        What it guarantees, exactly: S_h was measured in the forward, before this step's update, and
+        the clip scales the *updated* weights (Algorithm 1). So for each layer, on the very input S_h
+        was measured on, a clipped head's logits become gamma_h (MLA, MHA) or sqrt(gamma_h * min gamma
+        of its key group) <= gamma_h (GQA) times the logits of the updated, unclipped weights. That is
+        <= tau when the update did not raise the head's max (always for a clip-only step, lr = 0); a
+        step that raised it by d leaves gamma_h * (S_h + d) = tau (1 + d / S_h). A later forward may
+        exceed tau too (clipping layer l changes the input of layer l+1); the report's claim is that
+        the max logits stay bounded over training."""
         max_logits = reduce_max_logits_(self.attention_modules)  # (L, H)
         if self.qk_clip_tau is None:
             clipped = torch.zeros((), dtype=torch.long, device=max_logits.device)
