@@ -1343,8 +1343,9 @@ class MuonClip(torch.optim.Optimizer):
         the clip scales the *updated* weights (Algorithm 1). So for each layer, on the very input S_h
         was measured on, a clipped head's logits become gamma_h (MLA, MHA) or sqrt(gamma_h * min gamma
         of its key group) <= gamma_h (GQA) times the logits of the updated, unclipped weights. That is
-        <= tau when the update did not raise the head's max (always for a clip-only step, lr = 0); a
-        step that raised it by d leaves gamma_h * (S_h + d) = tau (1 + d / S_h). A later forward may
+        <= tau when the update did not raise the head's max (always for a clip-only step, lr = 0); if
+        the updated weights' max on that input is S'_h, the clipped max is tau * S'_h / S_h (MLA, MHA).
+        A later forward may
         exceed tau too (clipping layer l changes the input of layer l+1); the report's claim is that
         the max logits stay bounded over training."""
         max_logits = reduce_max_logits_(self.attention_modules)  # (L, H)
