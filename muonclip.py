@@ -1345,9 +1345,8 @@ class MuonClip(torch.optim.Optimizer):
         of its key group) <= gamma_h (GQA) times the logits of the updated, unclipped weights. That is
         <= tau when the update did not raise the head's max (always for a clip-only step, lr = 0); if
         the updated weights' max on that input is S'_h, the clipped max is tau * S'_h / S_h (MLA, MHA).
-        A later forward may
-        exceed tau too (clipping layer l changes the input of layer l+1); the report's claim is that
-        the max logits stay bounded over training."""
+        A later forward may exceed tau too (clipping layer l changes the input of layer l+1); the
+        report's claim is that the max logits stay bounded over training."""
         max_logits = reduce_max_logits_(self.attention_modules)  # (L, H)
         if self.qk_clip_tau is None:
             clipped = torch.zeros((), dtype=torch.long, device=max_logits.device)
