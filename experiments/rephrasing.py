@@ -174,7 +174,7 @@ def pages(passes: list[list[str]], page_size: int, rng: random.Random) -> list[s
     return docs
 
 
-def corpora(n_people=100, k=10, seed=0, page_size=8) -> dict:
+def corpora(n_people=40, k=20, seed=0, page_size=8) -> dict:
     """{"texts": {arm: training documents}, "questions": {set: [{"attribute", "prompt", "answer"}]},
     "validation": texts train.py validates on, "people"}. The first half of the people have trained
     questions, the second half are the test people."""
@@ -294,7 +294,7 @@ def run(args) -> int:
     folders = {(arm, seed): str(Path(args.out) / f"{arm}-s{seed}") for seed in args.seeds for arm in args.arms}
     summarize.train_all({folder: ["--data", str(data_dir / f"{arm}.jsonl"), "--val-data", str(data_dir / "validation.jsonl"),
                                   "--seed", str(seed), "--max-steps", str(steps), "--eval-interval", str(steps // 4),
-                                  "--ckpt-interval", str(steps), "--keep-ckpts", "1", "--sample-tokens", "0",
+                                  "--ckpt-interval", str(steps // 4), "--keep-ckpts", "1", "--sample-tokens", "0",
                                   *args.train_args]
                          for (arm, seed), folder in folders.items()}, args.jobs)
     questions = json.loads((data_dir / "questions.json").read_text())
@@ -313,8 +313,9 @@ def main(argv=None) -> int:
     commands = p.add_subparsers(dest="command", required=True)
     for name in ("data", "run"):
         c = commands.add_parser(name)
-        c.add_argument("--people", type=data.number(int, 4), default=100, help="people (half of them test people)")
-        c.add_argument("--k", type=data.number(int, 2), default=10, help="repetitions, or rewrites, per biography")
+        c.add_argument("--people", type=data.number(int, 4, len(FIRST) * len(LAST)), default=40,
+                       help="people (half of them test people)")
+        c.add_argument("--k", type=data.number(int, 2), default=20, help="repetitions, or rewrites, per biography")
         c.add_argument("--seed", type=int, default=0, help="seed of the people and the texts")
         c.add_argument("--out", required=True, help="data folder (data), or experiment folder (run)")
     run_parser = commands.choices["run"]
@@ -325,11 +326,14 @@ def main(argv=None) -> int:
     run_parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                             help="the rest of the line goes to train.py (e.g. --set n_routed_experts=8)")
     args = p.parse_args(argv)
-    if args.command == "data":
+    try:
+        if args.command == "run":
+            return run(args)
         for arm, n in write_data(Path(args.out), args.people, args.k, args.seed).items():
             print(f"{args.out}/{arm}.jsonl: {n:,} byte tokens")
         return 0
-    return run(args)
+    except OSError as e:  # --out is a file, or cannot be written
+        raise SystemExit(f"--out {args.out}: {e.strerror or e}: {e.filename}")
 
 
 if __name__ == "__main__":

@@ -21,11 +21,12 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import data  # noqa: E402  (the repository's modules, importable from any working directory)
+sys.path.insert(0, ROOT)  # the repository's modules, importable from any working directory
+import train  # noqa: E402  (first: it sets OMP_WAIT_POLICY=PASSIVE before torch loads; see train.py)
+import torch  # noqa: E402
+
+import data  # noqa: E402
 from kimik2 import Config, KimiK2, count_params, flops_per_token  # noqa: E402
 from train import _pyplot, read_metrics  # noqa: E402
 
