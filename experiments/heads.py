@@ -16,15 +16,16 @@ Each 8-head run is
 import argparse
 import os
 
+import summarize  # first: it puts the repository's modules on the path
 import sparsity
-import summarize
+from data import number
 from kimik2 import Config, heads_cost
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--jobs", type=number(int, 1), default=1, help="runs at a time (with OMP_NUM_THREADS=1 each)")
     p.add_argument("--out", default="runs/heads")
     p.add_argument("--sparsity-out", default="runs/sparsity", help="where experiment (c)'s runs are")
     p.add_argument("--plot", help="PNG (needs matplotlib)")

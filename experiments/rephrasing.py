@@ -6,17 +6,18 @@ questions, scored by accuracy) 10 rephrasings x 1 epoch scored 28.94, one rephra
 "Physics of Language Models, Part 3.1" (Allen-Zhu and Li, 2023): synthetic people with five
 attributes (birth date, birth city, university, major, employer), stated in short biographies.
 
-The arms train on the same number of tokens (the same steps of the same batches):
+The arms train on the same number of tokens (the same number of steps of 16 x 128 tokens, at most
+one pass over any arm's text), and state every fact k times:
 
-- raw:        each biography in its original form (template 0 of every attribute, fixed sentence
-              order), repeated k times;
+- raw:        each biography in its original form (the original template of every attribute,
+              fixed sentence order), repeated k times;
 - rephrased1: one rewritten biography per person (other templates, other sentence order),
               repeated k times (the report's middle row);
 - rephrased:  k different biographies per person, the original among them, once each.
 
 Every arm also trains on the same question-answer pages, k times: questions about the first half
-of the people in two question forms (mixed training, Physics 3.1 sec. 4: the model learns what a
-question asks from them). Nothing else differs between the arms: page sizes, the order of pages
+of the people in two question forms (Physics 3.1's mixed training: the model learns what a question
+asks from them). Nothing else differs between the arms: page sizes, the order of pages
 and which person shares a page with whom come from the same seeded shuffles.
 
 Scored on the other half of the people only, whose facts the model saw in biographies alone:
@@ -33,7 +34,8 @@ forcing: greedy decoding reproduces a string exactly when every token of it is t
 the tokens before it, so one forward pass per question decides it.
 
     python experiments/rephrasing.py data --out runs/rephrase/data      # the corpora and question sets
-    python experiments/rephrasing.py run --seeds 0 1 2 --out runs/rephrase --plot assets/exp-e-rephrase.png
+    OMP_NUM_THREADS=1 python experiments/rephrasing.py run --seeds 0 1 2 --jobs 3 --out runs/rephrase \
+        --plot assets/exp-e-rephrase.png
 
 `run` writes the data, trains every (arm, seed) with `python train.py` (a finished run is kept, a
 stopped one resumed), scores each final model and prints one Markdown table per question set.
@@ -42,6 +44,7 @@ each run is printed before it starts.
 """
 import argparse
 import json
+import math
 import random
 from pathlib import Path
 
@@ -66,6 +69,7 @@ LAST = ("Abbott", "Berger", "Castillo", "Dahl", "Eklund", "Fischer", "Gallo", "H
         "Silva", "Tanaka", "Urban", "Varga", "Weber", "Yilmaz", "Zeller")
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
           "October", "November", "December")
+DAYS, YEARS = range(1, 29), range(1950, 2000)
 VALUES = {
     "birth_city": ("Lisbon", "Krakow", "Osaka", "Nairobi", "Lima", "Oslo", "Porto", "Tbilisi", "Hanoi",
                    "Quito", "Dublin", "Tunis", "Perth", "Bergen", "Seville", "Leipzig", "Turin", "Austin",
@@ -90,7 +94,7 @@ def people(n: int, seed=0) -> list[dict]:
     rng = random.Random(f"people:{seed}")
     names = rng.sample([f"{f} {s}" for f in FIRST for s in LAST], n)
     return [{"name": name,
-             "birth_date": f"{rng.choice(MONTHS)} {rng.randint(1, 28)}, {rng.randint(1950, 1999)}",
+             "birth_date": f"{rng.choice(MONTHS)} {rng.choice(DAYS)}, {rng.choice(YEARS)}",
              **{a: rng.choice(VALUES[a]) for a in ATTRIBUTES[1:]}} for name in names]
 
 
@@ -247,6 +251,14 @@ def score_tokens(model, pairs, batch=64) -> dict:
     return {"answer_loss": sum(losses) / len(losses), "exact_match": sum(exact) / len(exact), "n": len(pairs)}
 
 
+def prior_answer_loss(items) -> float:
+    """The answer loss of a model that knows the question format and each attribute's list of
+    values but nothing about the person: -log(1 / number of values) per answer, spread over its
+    tokens, averaged over questions. Above it, a model is confidently wrong."""
+    choices = {"birth_date": len(MONTHS) * len(DAYS) * len(YEARS), **{a: len(v) for a, v in VALUES.items()}}
+    return sum(math.log(choices[it["attribute"]]) / len(it["answer"].encode()) for it in items) / len(items)
+
+
 def score_run(run_dir: Path, questions: dict) -> dict:
     model = KimiK2.from_pretrained(str(run_dir / "hf"))
     return {name: score(model, items) for name, items in questions.items()}
@@ -255,19 +267,21 @@ def score_run(run_dir: Path, questions: dict) -> dict:
 # -----------------------------------------------------------------------------------------------
 # Driving train.py and reporting
 
-def table(scores: dict, arms, seeds, question_set: str) -> str:
+def table(scores: dict, arms, seeds, items, question_set: str) -> str:
     lines = ["| arm | answer loss, mean | per seed | exact match, mean | per seed |", "|---|---|---|---|---|"]
     for arm in arms:
         runs = [scores[f"{arm}-s{s}"][question_set] for s in seeds]
         loss, em = [r["answer_loss"] for r in runs], [r["exact_match"] for r in runs]
         lines.append(f"| {arm} | {sum(loss) / len(loss):.3f} | {', '.join(f'{v:.3f}' for v in loss)} | "
                      f"{100 * sum(em) / len(em):.1f}% | {', '.join(f'{100 * v:.1f}%' for v in em)} |")
+    lines.append(f"| knows the lists of values, not the person | {prior_answer_loss(items):.3f} | | | |")
     return "\n".join(lines)
 
 
-def plot(scores: dict, arms, seeds, question_sets, path: str):
+def plot(scores: dict, arms, seeds, questions: dict, path: str):
     if (plt := _pyplot(path)) is None:
         return
+    question_sets = list(questions)
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(arms)
     for i, arm in enumerate(arms):
@@ -277,6 +291,8 @@ def plot(scores: dict, arms, seeds, question_sets, path: str):
             ax[j].bar(x, [sum(v) / len(v) for v in per_seed], width, label=arm, color=f"C{i}", alpha=0.6)
             for xi, v in zip(x, per_seed):
                 ax[j].plot([xi] * len(v), v, "k.", ms=4)
+    ax[1].plot(range(len(question_sets)), [prior_answer_loss(questions[q]) for q in question_sets], "k_", ms=30,
+               label="knows the values, not the person")
     for j, title in enumerate(("exact-match accuracy, % (bars: mean; dots: seeds)", "answer loss, nats/token")):
         ax[j].set_xticks(range(len(question_sets)), question_sets, fontsize=8)
         ax[j].set_title(title)
@@ -302,9 +318,9 @@ def run(args) -> int:
     data.write_atomically(Path(args.out) / "scores.json", lambda f: json.dump(scores, f, indent=1))
     for question_set, items in questions.items():
         print(f"\n{question_set} ({len(items)} questions)\n")
-        print(table(scores, args.arms, args.seeds, question_set))
+        print(table(scores, args.arms, args.seeds, items, question_set))
     if args.plot:
-        plot(scores, args.arms, args.seeds, list(questions), args.plot)
+        plot(scores, args.arms, args.seeds, questions, args.plot)
     return 0
 
 

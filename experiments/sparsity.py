@@ -18,7 +18,8 @@ it), then the scores, then the table. Each run is
 import argparse
 import os
 
-import summarize
+import summarize  # first: it puts the repository's modules on the path
+from data import number
 
 EXPERTS = (8, 16, 32, 64, 128)
 
@@ -36,7 +37,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experts", type=int, nargs="+", default=list(EXPERTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--jobs", type=number(int, 1), default=1, help="runs at a time (with OMP_NUM_THREADS=1 each)")
     p.add_argument("--out", default="runs/sparsity")
     p.add_argument("--plot", help="PNG (needs matplotlib)")
     args = p.parse_args(argv)
