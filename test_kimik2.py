@@ -3109,6 +3109,16 @@ def test_answer_scoring_scores_exactly_the_answer_tokens():
     assert rephrasing.score(_Bigram(table), items)["answer_loss"] == before
 
 
+def test_the_prior_reference_is_a_uniform_bet_over_the_values_spread_over_the_answer_tokens():
+    city = {"attribute": "birth_city", "prompt": "Q: Where was Ada Berg born?\nA:", "answer": " Lisbon."}
+    date = {"attribute": "birth_date", "prompt": "Ada Berg's birth date is", "answer": " May 1, 1950."}
+    assert rephrasing.prior_answer_loss([city]) == pytest.approx(math.log(20) / 8)
+    assert rephrasing.prior_answer_loss([city, date]) == pytest.approx((math.log(20) / 8 + math.log(12 * 28 * 50) / 13) / 2)
+    people = rephrasing.people(200, seed=1)  # and those are the choices the people are drawn from
+    assert {p["birth_city"] for p in people} <= set(rephrasing.VALUES["birth_city"]) and \
+        len({p["birth_city"] for p in people}) == 20
+
+
 def test_exact_match_is_greedy_decoding_and_padding_changes_no_score():
     config = Config(**{**PRESETS["tiny"], "num_hidden_layers": 2, "n_routed_experts": 4, "num_experts_per_tok": 2})
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ Each 8-head run is
 import argparse
 import os
 
-import summarize  # first: it puts the repository's modules on the path
+import summarize  # first: it puts the repository's modules on the path, and train.py's thread policy
 import sparsity
 from data import number
 from kimik2 import Config, heads_cost

@@ -17,12 +17,12 @@ import json
 import math
 import os
 
+import summarize  # first: it puts the repository's modules on the path, and train.py's thread policy
 import torch
 
-import summarize
+import data
 from kimik2 import KimiK2
 from train import read_metrics
-import data
 
 RUNS = {"no clip": ("runs/exp-a-noclip", "0"), "MuonClip, tau 30": ("runs/exp-a-clip30", "30")}
 STEPS = (70, 130, 190, 280)

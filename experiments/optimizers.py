@@ -11,7 +11,7 @@ import argparse
 import math
 import os
 
-import summarize
+import summarize  # first: it puts the repository's modules on the path, and train.py's thread policy
 from train import read_metrics
 
 GRID = {"muonclip": ("3e-3", "1e-2", "3e-2"), "adamw": ("1e-3", "3e-3", "1e-2")}

@@ -48,10 +48,10 @@ import math
 import random
 from pathlib import Path
 
+import summarize  # first: it puts the repository's modules on the path, and train.py's thread policy
 import torch
 import torch.nn.functional as F
 
-import summarize  # first: it puts the repository's modules on the path
 import data
 from kimik2 import KimiK2
 from train import _pyplot

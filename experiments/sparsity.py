@@ -18,7 +18,7 @@ it), then the scores, then the table. Each run is
 import argparse
 import os
 
-import summarize  # first: it puts the repository's modules on the path
+import summarize  # first: it puts the repository's modules on the path, and train.py's thread policy
 from data import number
 
 EXPERTS = (8, 16, 32, 64, 128)
