@@ -21,6 +21,7 @@ import summarize  # first: it puts the repository's modules on the path, and tra
 import torch
 
 import data
+from data import number
 from kimik2 import KimiK2
 from train import read_metrics
 
@@ -51,9 +52,11 @@ def row(run_dir) -> dict:
 
 
 def main(argv=None):
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--jobs", type=number(int, 1), default=1, help="runs at a time (with OMP_NUM_THREADS=1 each)")
+    args = p.parse_args(argv)
     common = ["--lr", "3e-2", "--weight-decay", "0", "--max-steps", "300", "--eval-interval", "50"]
-    summarize.train_all({folder: ["--qk-clip-tau", tau, *common] for folder, tau in RUNS.values()})
+    summarize.train_all({folder: ["--qk-clip-tau", tau, *common] for folder, tau in RUNS.values()}, args.jobs)
     rows = {name: row(folder) for name, (folder, _) in RUNS.items()}
     print("| | " + " | ".join(rows) + " |\n|---|" + "---|" * len(rows))
     print(f"| max attention logit at step {' / '.join(map(str, STEPS))} | " +
