@@ -3053,7 +3053,7 @@ def test_test_people_are_asked_only_about_facts_seen_in_biographies(bios):
     assert all(q["prompt"] + q["answer"] in raw for q in bios["questions"]["bio_original"])
 
 
-def test_arms_train_on_equal_tokens_and_identical_question_pages(bios):
+def test_arms_train_on_equal_tokens_and_identical_question_pages(bios, tmp_path):
     texts = bios["texts"]
     qa_pages = {arm: [d for d in docs if d.startswith("Q: ")] for arm, docs in texts.items()}
     assert qa_pages["raw"] == qa_pages["rephrased"] == qa_pages["rephrased1"]
@@ -3066,12 +3066,9 @@ def test_arms_train_on_equal_tokens_and_identical_question_pages(bios):
     rephrased_bios = [b for d in texts["rephrased"] if not d.startswith("Q: ") for b in d.split("\n\n")]
     assert len(set(raw_bios)) == 40 and len(raw_bios) == 240  # one text per person, 6 times
     assert len(set(rephrased_bios)) == 240  # 6 different texts per person, once each
-    tmp = Path(tempfile.mkdtemp())
-    try:  # run() trains every arm min(tokens) // tokens per step steps: at most one pass of any arm
-        written = rephrasing.write_data(tmp, 40, 6, 3)
-        assert written == sizes
-    finally:
-        shutil.rmtree(tmp)
+    # the files train.py reads hold these documents (run() trains every arm the same number of steps)
+    assert rephrasing.write_data(tmp_path, 40, 6, 3) == sizes
+    assert [json.loads(line)["text"] for line in (tmp_path / "raw.jsonl").read_text().splitlines()] == texts["raw"]
 
 
 class _Bigram(nn.Module):
