@@ -4024,8 +4024,21 @@ def test_val_data_is_the_whole_validation_set_and_all_of_data_trains(tmp_path, t
     assert evaluated and all(sorted(v) == sorted(t.encode() for t in val_texts) for v in evaluated)
 
 
+# ==================================================================================================
+# Experiments: experiments/ (the README's experiments (a)-(e))
+#
+# The sweep summary (groups, FLOPs to a target loss, fixed validation batches) and experiment (e)'s
+# corpora and scoring: what each arm trains on, what no arm trains on, and that only answer tokens
+# are scored. No training runs: models are tiny and random, or stand-ins with known logits.
+# ==================================================================================================
+
+sys.path.insert(0, os.path.join(_HERE, "experiments"))
+import rephrasing  # noqa: E402
+import summarize  # noqa: E402
+
+
 def _run_folder(folder, experts, seed, val_losses, eval_every=10):
-    """A finished train.py run folder as --summarize reads it, with these validation losses."""
+    """A finished train.py run folder as summarize reads it, with these validation losses."""
     model = {**PRESETS["tiny"], "n_routed_experts": experts}
     folder.mkdir()
     steps = [eval_every * i for i in range(len(val_losses))]
@@ -4040,7 +4053,7 @@ def test_summarize_groups_seeds_and_finds_the_flops_to_reach_the_target_loss(tmp
     _run_folder(tmp_path / "a1", 8, 1, [3.0, 1.9, 1.7])     # group n_routed_experts=8: mean 3, 2, 1.8
     _run_folder(tmp_path / "b0", 64, 0, [3.0, 2.4, 1.2])
     _run_folder(tmp_path / "b1", 64, 1, [3.0, 2.2, 1.0])    # group 64: mean 3, 2.3, 1.1
-    rows = train.summarize([str(tmp_path / n) for n in ("a0", "a1", "b0", "b1")])
+    rows = summarize.summarize([str(tmp_path / n) for n in ("a0", "a1", "b0", "b1")])
     assert [r["label"] for r in rows] == ["n_routed_experts=8", "n_routed_experts=64"]
     assert [r["seeds"] for r in rows] == [[0, 1], [0, 1]]
     assert rows[0]["activated"] == count_params(Config(**{**PRESETS["tiny"], "n_routed_experts": 8}))["activated"]
@@ -4054,59 +4067,183 @@ def test_summarize_groups_seeds_and_finds_the_flops_to_reach_the_target_loss(tmp
     assert "| n_routed_experts=64 | 0, 1 |" in table and "1.1000 | 1.2000, 1.0000 | -38.89%" in table
 
 
+def test_flops_to_reach_interpolates_and_says_never():
+    curve = [(0, 3.0), (10, 2.0), (20, 1.0)]
+    assert summarize.flops_to_reach(curve, 2.5) == pytest.approx(5)
+    assert summarize.flops_to_reach(curve, 1.0) == pytest.approx(20)
+    assert summarize.flops_to_reach(curve, 3.5) == 0  # already below at the first evaluation
+    assert summarize.flops_to_reach(curve, 0.5) is None
+    assert summarize.flops_to_reach([(0, 3.0), (10, 1.0), (20, 2.0)], 1.5) == pytest.approx(7.5)  # the first crossing
+
+
+def test_summarize_reports_the_fixed_batch_loss_and_refuses_a_mix(tmp_path, capsys):
+    for name, seed, fixed in (("a0", 0, 1.5), ("a1", 1, 1.7)):
+        _run_folder(tmp_path / name, 8, seed, [3.0, 2.0])
+        (tmp_path / name / "fixed_val.json").write_text(json.dumps({"val_loss": fixed}))
+    rows = summarize.summarize([str(tmp_path / "a0"), str(tmp_path / "a1")])
+    assert rows[0]["finals"] == [1.5, 1.7] and rows[0]["final"] == pytest.approx(1.6)
+    _run_folder(tmp_path / "a2", 8, 2, [3.0, 2.0])  # no fixed_val.json: its final loss is another measurement
+    with pytest.raises(SystemExit, match="some runs of all runs have fixed_val.json"):
+        summarize.summarize([str(tmp_path / n) for n in ("a0", "a1", "a2")])
+
+
 def test_summarize_refuses_an_unfinished_run(tmp_path):
     _run_folder(tmp_path / "a0", 8, 0, [3.0, 2.0])
     config = json.loads((tmp_path / "a0" / "config.json").read_text())
     (tmp_path / "a0" / "config.json").write_text(json.dumps({**config, "max_steps": 50}))
     with pytest.raises(SystemExit, match="a0 has not finished"):
-        train.summarize([str(tmp_path / "a0")])
+        summarize.summarize([str(tmp_path / "a0")])
 
 
-_WORKING_LINE = re.compile(r"(\d+(?: [-+*/] \d+)+) = \$?(\d+(?:\.\d+)?)")
+def test_fixed_validation_batches_do_not_depend_on_the_run_seed(tmp_path):
+    """Two runs that differ only in --seed are scored on the same batches: same model, same loss."""
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"text": f"document {i}: " + "abc " * 30}) + "\n"
+                                                for i in range(6)))
+    config = Config(**{**PRESETS["tiny"], "num_hidden_layers": 1, "n_routed_experts": 4, "num_experts_per_tok": 2})
+    torch.manual_seed(0)
+    model = KimiK2(config)
+    losses = []
+    for seed in (0, 1):
+        run = tmp_path / f"run{seed}"
+        model.save_pretrained(str(run / "hf"))
+        (run / "config.json").write_text(json.dumps({"seed": seed, "batch_size": 4, "seq_len": 32, "data": "x",
+                                                     "val_data": [str(tmp_path / "val.jsonl")],
+                                                     "data_cache": str(tmp_path / "cache")}))
+        losses.append(summarize.fixed_val_loss(str(run))["val_loss"])
+        assert json.loads((run / "fixed_val.json").read_text())["val_loss"] == losses[-1]
+    assert losses[0] == losses[1]
+    tokens = summarize.validation_tokens(json.loads((tmp_path / "run0" / "config.json").read_text()))
+    sampler = data.BatchSampler(tokens, 4, 32, seed=summarize.VAL_SEED)
+    batches = sampler.windows // 4
+    with torch.no_grad():
+        expected = sum(model.eval()(*sampler.next())[1].item() for _ in range(batches)) / batches
+    assert losses[0] == pytest.approx(expected, rel=1e-6)
 
 
-def _working(text):
-    """A rendered problem's identity: the set of computations in its working ("3 * 5 = 15"),
-    operands of a sum or product sorted, so every surface form of one problem gives one set."""
-    lines = set()
-    for expr, result in _WORKING_LINE.findall(text):
-        terms = expr.split(" ")
-        if set(terms[1::2]) in ({"+"}, {"*"}):
-            terms = [terms[1]] + sorted(terms[::2], key=int)
-        lines.add(f"{' '.join(terms)} = {result}")
-    return frozenset(lines)
+@pytest.fixture(scope="module")
+def bios():
+    return rephrasing.corpora(n_people=40, k=6, seed=3)
 
 
-def test_renderings_are_distinct_forms_of_one_problem_with_one_answer():
-    for problem in data.word_problems(40, seed=3):
-        texts = data.renderings(problem, 8)
-        assert len(set(texts)) == 8
-        assert texts[0].startswith("Problem: ") and texts[0].endswith(f"Answer: {problem['answer']}")
-        assert len({_working(t) for t in texts}) == 1  # one problem, one working, whatever the form
-        for text in texts:
-            assert problem["answer"] in text
-            for expr, result in _WORKING_LINE.findall(text):
-                assert eval(expr) == pytest.approx(float(result))  # every line of the working is right
-    layouts = {t.split("\n")[0][:8] for p in data.word_problems(40, seed=3) for t in data.renderings(p, 8)}
-    assert len(layouts) >= 4  # names, wordings and orders vary, and so do the layouts
+def _template_pattern(template):
+    """A regex matching any text of a template: a full name for {name}, any fact for {value}."""
+    parts = re.split(r"(\{name\}|\{value\})", template)
+    return re.compile("".join({"{name}": r"[A-Z][a-z]+ [A-Z][a-z]+", "{value}": r"[^.?\n]+"}.get(p, re.escape(p))
+                              for p in parts))
 
 
-def test_held_out_problems_never_share_a_problem_name_or_wording_with_training():
-    corpora = data.rendering_corpora(150, 4, 100, seed=0)
-    assert len(corpora["original"]) == 150 and len(corpora["renderings"]) == 600 and len(corpora["heldout"]) == 200
+def test_held_out_forms_never_appear_in_any_arms_training_text(bios):
+    held_out = [_template_pattern(t[rephrasing.HELD_OUT]) for t in rephrasing.BIO_TEMPLATES.values()] + \
+               [_template_pattern(q[rephrasing.HELD_OUT]) for q in rephrasing.QUESTIONS.values()]
+    trained = [_template_pattern(t) for ts in rephrasing.BIO_TEMPLATES.values() for t in ts[:rephrasing.REWRITE_FORMS]]
+    for arm, docs in bios["texts"].items():
+        text = "\n".join(docs)
+        assert not any(p.search(text) for p in held_out), arm
+    for name in ("qa_unseen", "bio_unseen"):
+        asked = [q["prompt"] + q["answer"] for q in bios["questions"][name]]
+        assert all(any(p.search(t) for p in held_out) for t in asked)
+        assert not any(t in doc for t in asked for docs in bios["texts"].values() for doc in docs)
+    # every training sentence of a biography is one of the trained forms
+    rephrased = "\n".join(d for d in bios["texts"]["rephrased"] if not d.startswith("Q: "))
+    assert sum(len(p.findall(rephrased)) for p in trained) == 40 * 5 * 6
 
-    trained = {_working(t) for t in corpora["renderings"]}
-    assert len(trained) == 150 and {_working(t) for t in corpora["original"]} == trained
-    assert not trained & {_working(t) for t in corpora["heldout"]}
-    assert {_working(t) for t in corpora["heldout"]} == {_working(t) for t in corpora["heldout_original"]}
-    assert all(t.startswith("Problem: ") for t in corpora["heldout_original"])
-    train_words = re.compile(r"\b(" + "|".join(data.TRAIN_NAMES) + r")\b")
-    assert not any(train_words.search(t) for t in corpora["heldout"])
-    assert all(train_words.search(t) for t in corpora["renderings"])
-    third_wording = [kind(random.Random(0))["question"][data.HELDOUT_WORDING] for kind in data.WORD_PROBLEM_KINDS]
-    assert all("{" not in q for q in third_wording)  # so these are the exact questions the texts carry
-    assert not any(q in t for q in third_wording for t in corpora["renderings"])
-    assert all(any(q in t for q in third_wording) for t in corpora["heldout"])
+
+def test_test_people_are_asked_only_about_facts_seen_in_biographies(bios):
+    everyone = bios["people"]
+    trained, test = {p["name"] for p in everyone[:20]}, {p["name"] for p in everyone[20:]}
+    for arm, docs in bios["texts"].items():
+        qa_text = "\n".join(d for d in docs if d.startswith("Q: "))
+        bio_text = "\n".join(d for d in docs if not d.startswith("Q: "))
+        assert not any(name in qa_text for name in test), arm  # no question about a test person trains
+        assert all(name in bio_text for name in test | trained)  # every person's biography does
+        for person in everyone:  # each fact is stated in the biographies k = 6 times, in every arm
+            for a in rephrasing.ATTRIBUTES:
+                stated = sum(bio_text.count(t.format(name=person["name"], value=person[a]))
+                             for t in rephrasing.BIO_TEMPLATES[a])
+                assert stated == 6, (arm, person["name"], a)
+    for name in ("qa", "qa_unseen", "bio_original", "bio_unseen"):
+        assert all(any(n in q["prompt"] for n in test) for q in bios["questions"][name])
+    assert all(any(n in q["prompt"] for n in trained) for q in bios["questions"]["qa_seen"])
+    # the one scored form a training text contains: the original biography sentences, which raw repeats
+    raw = "\n".join(bios["texts"]["raw"])
+    assert all(q["prompt"] + q["answer"] in raw for q in bios["questions"]["bio_original"])
+
+
+def test_arms_train_on_equal_tokens_and_identical_question_pages(bios, tmp_path):
+    texts = bios["texts"]
+    qa_pages = {arm: [d for d in docs if d.startswith("Q: ")] for arm, docs in texts.items()}
+    assert qa_pages["raw"] == qa_pages["rephrased"] == qa_pages["rephrased1"]
+    assert len(qa_pages["raw"]) == len({*qa_pages["raw"]})  # no exact duplicate for data.py to drop
+    sizes = {arm: sum(len(d.encode()) + 1 for d in docs) for arm, docs in texts.items()}
+    assert max(sizes.values()) / min(sizes.values()) < 1.02, sizes
+    for arm, docs in texts.items():
+        assert len(docs) == len(set(docs)), arm
+    raw_bios = [b for d in texts["raw"] if not d.startswith("Q: ") for b in d.split("\n\n")]
+    rephrased_bios = [b for d in texts["rephrased"] if not d.startswith("Q: ") for b in d.split("\n\n")]
+    assert len(set(raw_bios)) == 40 and len(raw_bios) == 240  # one text per person, 6 times
+    assert len(set(rephrased_bios)) == 240  # 6 different texts per person, once each
+    # the files train.py reads hold these documents (run() trains every arm the same number of steps)
+    assert rephrasing.write_data(tmp_path, 40, 6, 3) == sizes
+    assert [json.loads(line)["text"] for line in (tmp_path / "raw.jsonl").read_text().splitlines()] == texts["raw"]
+
+
+class _Bigram(nn.Module):
+    """A stand-in model whose logits at a position depend on that position's token only."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids):
+        return self.table[ids], None
+
+
+def test_answer_scoring_scores_exactly_the_answer_tokens():
+    torch.manual_seed(0)
+    table = torch.randn(256, 256)
+    items = [{"prompt": "Q: Who?\nA:", "answer": " Ada."}, {"prompt": "Zofia Abbott was born in", "answer": " Lima."}]
+    result = rephrasing.score(_Bigram(table), items)
+    per_item = []
+    for it in items:
+        p, a = list(it["prompt"].encode()), list(it["answer"].encode())
+        sequence = p + a
+        logp = [torch.log_softmax(table[sequence[i - 1]], -1)[sequence[i]].item() for i in range(len(p), len(sequence))]
+        per_item.append(-sum(logp) / len(a))
+    assert result["answer_loss"] == pytest.approx(sum(per_item) / 2, rel=1e-5)
+    assert result["exact_match"] == 0 and result["n"] == 2
+    # make the greedy continuation of the second prompt exactly its answer: exact match 1 of 2
+    sequence = list((items[1]["prompt"] + items[1]["answer"]).encode())
+    for prev, nxt in zip(sequence[len(items[1]["prompt"]) - 1:], sequence[len(items[1]["prompt"]):]):
+        table[prev, nxt] = 100.0
+    assert rephrasing.score(_Bigram(table), items)["exact_match"] == 0.5
+    # changing the prompt's own predictions changes nothing: only answer tokens are scored
+    before = rephrasing.score(_Bigram(table), items)["answer_loss"]
+    table[ord("Q"), ord(":")] += 5.0
+    assert rephrasing.score(_Bigram(table), items)["answer_loss"] == before
+
+
+def test_the_prior_reference_is_a_uniform_bet_over_the_values_spread_over_the_answer_tokens():
+    city = {"attribute": "birth_city", "prompt": "Q: Where was Ada Berg born?\nA:", "answer": " Lisbon."}
+    date = {"attribute": "birth_date", "prompt": "Ada Berg's birth date is", "answer": " May 1, 1950."}
+    assert rephrasing.prior_answer_loss([city]) == pytest.approx(math.log(20) / 8)
+    assert rephrasing.prior_answer_loss([city, date]) == pytest.approx((math.log(20) / 8 + math.log(12 * 28 * 50) / 13) / 2)
+    people = rephrasing.people(200, seed=1)  # and those are the choices the people are drawn from
+    assert {p["birth_city"] for p in people} <= set(rephrasing.VALUES["birth_city"]) and \
+        len({p["birth_city"] for p in people}) == 20
+
+
+def test_exact_match_is_greedy_decoding_and_padding_changes_no_score():
+    config = Config(**{**PRESETS["tiny"], "num_hidden_layers": 2, "n_routed_experts": 4, "num_experts_per_tok": 2})
+    torch.manual_seed(0)
+    model = KimiK2(config).eval()
+    prompt = list(b"Umar Novak works for")
+    greedy = model.generate(torch.tensor([prompt]), 5, temperature=0)[0, len(prompt):].tolist()
+    wrong_last = greedy[:-1] + [(greedy[-1] + 1) % 256]
+    pairs = [(prompt, greedy), (prompt, wrong_last), (prompt + list(b" the company"), list(b" Lumen Optics."))]
+    together = rephrasing.score_tokens(model, pairs)
+    alone = [rephrasing.score_tokens(model, [pair]) for pair in pairs]
+    assert [a["exact_match"] for a in alone] == [1, 0, 0] and together["exact_match"] == pytest.approx(1 / 3)
+    assert together["answer_loss"] == pytest.approx(sum(a["answer_loss"] for a in alone) / 3, rel=1e-5)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""Experiment (b): MuonClip against AdamW at equal tokens. `tiny`, 200 steps of 16 x 128 tokens
+(410k tokens), weight decay 0.1, the WSD schedule, each optimizer at three learning rates, one seed;
+then AdamW at its best rate given twice the tokens. `--optimizer adamw` is train.py's MuonClip with
+every parameter in its AdamW group, so only the update rule differs. Each run is
+
+    python train.py --optimizer OPT --lr LR --max-steps 200 --eval-interval 50 --sample-tokens 0 --out runs/exp-b-OPT-LR
+
+    python experiments/optimizers.py        # every run not yet finished, then the table
+"""
+import argparse
+import math
+import os
+
+import summarize  # first: it puts the repository's modules on the path, and train.py's thread policy
+from train import read_metrics
+
+GRID = {"muonclip": ("3e-3", "1e-2", "3e-2"), "adamw": ("1e-3", "3e-3", "1e-2")}
+LONGER = ("adamw", "3e-3", 400)  # AdamW at its best rate with twice the tokens
+
+
+def final_val_loss(run_dir) -> float:
+    return [r["val_loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"), math.inf) if "val_loss" in r][-1]
+
+
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+    runs = {(opt, lr, 200): f"runs/exp-b-{opt}-{lr}" for opt, lrs in GRID.items() for lr in lrs}
+    runs[LONGER] = "runs/exp-b-{}-{}-{}steps".format(*LONGER)
+    summarize.train_all({folder: ["--optimizer", opt, "--lr", lr, "--max-steps", str(steps), "--eval-interval", "50",
+                                  "--sample-tokens", "0"] for (opt, lr, steps), folder in runs.items()})
+    rates = sorted({lr for lrs in GRID.values() for lr in lrs}, key=float)
+    print("| | " + " | ".join(f"lr {lr}" for lr in rates) + " |\n|---|" + "---|" * len(rates))
+    for opt, lrs in GRID.items():
+        print(f"| {opt} | " + " | ".join(f"{final_val_loss(runs[(opt, lr, 200)]):.4f}" if lr in lrs else ""
+                                         for lr in rates) + " |")
+    print("{} at lr {} for {} steps: {:.4f}".format(*LONGER, final_val_loss(runs[LONGER])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
