@@ -3939,8 +3939,26 @@ def test_wsd_schedule_warms_up_holds_then_decays_to_min_ratio():
     assert train.lr_at(100, args) == pytest.approx(0.1)  # ... to min_lr_ratio x peak
 
 
+def test_val_seed_scores_runs_of_different_seeds_on_the_same_batches():
+    """--val-seed fixes which validation batches are scored, so runs of different --seed compare on
+    the same batches; without it each seed scores its own batches."""
+    torch.manual_seed(0)
+    model = _model_random(_model_config(), seed=0)
+    val_tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, 4096).astype(np.uint16)
+    setup = train.Setup(distributed=False, rank=0, world=1, device=torch.device("cpu"), dtype=torch.float32,
+                        micro_batch=2)
+
+    def val_loss(*argv):
+        args = train.parse_args(["--batch-size", "2", "--seq-len", "16", "--eval-iters", "2", *argv])
+        return train.estimate_val_loss(model, val_tokens, args, setup)
+
+    assert val_loss("--seed", "1", "--val-seed", "0") == val_loss("--seed", "2", "--val-seed", "0")
+    assert val_loss("--seed", "1") != val_loss("--seed", "2")
+    assert val_loss("--seed", "0") == val_loss("--seed", "5", "--val-seed", "0")
+
+
 # --------------------------------------------------------------------------------------------------
-# Experiments: --set, --val-data, --summarize, and the maths renderings of data.py
+# Experiments: --set and --val-data
 
 
 def _run_model_config(tmp_path, train_setup, *overrides):

@@ -67,7 +67,7 @@ from kimik2 import PRESETS, Config, KimiK2
 from muonclip import MuonClip
 
 # Options a checkpoint's run must share with the resuming run: they change what "step N" means.
-RESUME_MUST_MATCH = ("model", "optimizer", "batch_size", "seq_len", "data", "val_data", "dtype")
+RESUME_MUST_MATCH = ("model", "optimizer", "batch_size", "seq_len", "data", "val_data", "val_seed", "dtype")
 CHECKPOINT_KEYS = {"step", "model", "optimizer", "optimizer_per_rank", "scaler", "sampler", "rng", "config",
                    "window", "bad_steps"}
 INTERRUPTED = 130  # exit status after a SIGINT or SIGTERM stop (128 + SIGINT, as a shell reports Ctrl-C)
@@ -156,6 +156,9 @@ def build_parser():
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--fsdp", action="store_true", help="under torchrun, shard with FSDP2 (fully_shard) instead of DDP")
     g.add_argument("--seed", type=int, default=1337, help="seed for the initial weights and the batches")
+    g.add_argument("--val-seed", type=int, default=None,
+                   help="seed that picks the validation batches (default: --seed); fix it to compare runs of "
+                        "different seeds on the same batches")
     g.add_argument("--peak-flops", type=POSITIVE,
                    help="peak FLOP/s of one device for MFU; default: measured (measure_peak_flops)")
     g = p.add_argument_group("run folder")
@@ -334,7 +337,8 @@ def estimate_val_loss(model, val_tokens, args, setup):
     sampler, fixed seed), whatever the number of processes or micro-steps: evaluations compare like
     with like, and a resumed run sees exactly what the uninterrupted one saw. Micro-batches keep eval
     memory at the training step's."""
-    sampler = data.BatchSampler(val_tokens, args.batch_size, args.seq_len, seed=args.seed, rank=setup.rank,
+    seed = args.seed if args.val_seed is None else args.val_seed
+    sampler = data.BatchSampler(val_tokens, args.batch_size, args.seq_len, seed=seed, rank=setup.rank,
                                 world_size=setup.world)
     model.eval()
     total = torch.zeros((), device=setup.device)
