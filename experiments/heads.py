@@ -33,10 +33,7 @@ def main(argv=None):
     sweep = {**sparsity.runs(args.sparsity_out, [32], args.seeds),
              **{os.path.join(args.out, f"h8-s{s}"): ["--set", "num_attention_heads=8", "--set", "num_key_value_heads=8",
                                                     "--seed", str(s), *summarize.SWEEP] for s in args.seeds}}
-    summarize.train_all(sweep, args.jobs)
-    for folder in sweep:
-        summarize.fixed_val_loss(folder)
-    summarize.summarize(list(sweep), args.plot)
+    summarize.sweep(sweep, args.jobs, args.plot)
     tiny, k2 = Config.from_preset("tiny"), Config.from_preset("kimi-k2")
     for context in (128, 4096, 131072):
         print(f"tiny 4 -> 8 heads at {context} tokens: {heads_cost(tiny, 8, context)}")

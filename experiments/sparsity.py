@@ -41,11 +41,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/sparsity")
     p.add_argument("--plot", help="PNG (needs matplotlib)")
     args = p.parse_args(argv)
-    sweep = runs(args.out, args.experts, args.seeds)
-    summarize.train_all(sweep, args.jobs)
-    for folder in sweep:
-        summarize.fixed_val_loss(folder)
-    summarize.summarize(list(sweep), args.plot)
+    summarize.sweep(runs(args.out, args.experts, args.seeds), args.jobs, args.plot)
     return 0
 
 

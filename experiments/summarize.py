@@ -178,6 +178,16 @@ def summarize(run_dirs, plot_path=None):
     return rows
 
 
+
+def sweep(runs: dict, jobs=1, plot_path=None):
+    """The whole of a seed sweep: train every run (train_all), score each final model on the fixed
+    validation batches (fixed_val_loss), then print the summary table (and plot)."""
+    train_all(runs, jobs)
+    for folder in runs:
+        fixed_val_loss(folder)
+    return summarize(list(runs), plot_path)
+
+
 def plot(rows, target, path):
     if (plt := _pyplot(path)) is None:
         return
