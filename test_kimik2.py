@@ -1041,8 +1041,11 @@ class _MuonLM(nn.Module):
         if tie:
             self.lm_head.weight = self.embed.weight
 
+    def embed_input(self, idx):
+        return self.embed(idx)
+
     def forward(self, idx, targets):
-        x = self.embed(idx)
+        x = self.embed_input(idx)
         for layer in self.layers:
             x = layer(x)
         logits = self.lm_head(self.norm(x))
@@ -1605,20 +1608,6 @@ def _muon_train(kind, wrap=None, rank=0, world=1):
     return params, clipped
 
 
-class _MuonColumnBlocks:
-    """A fused layout with the maps side by side along the columns, (..., A, sum(sizes)): the layout
-    protocol (split / join) with parts that every row shard of the tensor cuts through."""
-
-    def __init__(self, sizes):
-        self.sizes = sizes
-
-    def split(self, x):
-        return list(x.split(self.sizes, dim=-1))
-
-    def join(self, parts):
-        return torch.cat(parts, dim=-1)
-
-
 class _MuonFusedLM(_MuonLM):
     """_MuonLM with a fused residual branch: a (21, 24) weight of row blocks (5, 7, 9), which FSDP2's
     row shards (11 + 10 rows) cut inside a block, and a (24, 21) weight of column blocks (10, 11)."""
@@ -1627,15 +1616,11 @@ class _MuonFusedLM(_MuonLM):
         super().__init__()
         self.fused_in, self.fused_out = nn.Linear(24, 21, bias=False), nn.Linear(21, 24, bias=False)
         mark_fused(self.fused_in, [5, 7, 9])
-        self.fused_out.__dict__["muon_blocks"] = {"weight": _MuonColumnBlocks([10, 11])}   # as mark_fused stores
+        mark_fused(self.fused_out, [10, 11], columns=True)   # every row shard cuts through both blocks
 
-    def forward(self, idx, targets):
+    def embed_input(self, idx):
         x = self.embed(idx)
-        x = x + self.fused_out(F.gelu(self.fused_in(x)))
-        for layer in self.layers:
-            x = layer(x)
-        logits = self.lm_head(self.norm(x))
-        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return x + self.fused_out(F.gelu(self.fused_in(x)))
 
 
 _MUON_EXACT_STEPS, _MUON_EXACT_RESUME = 4, 2
