@@ -318,6 +318,7 @@ def qk_clip_fused_mha_(w_qkv, gamma, num_kv_heads, layout):
     _local(w_qkv).mul_(_local_part(factor, w_qkv))
 
 
+# twin of kimik2.py's qk_clip_mla_ (kimik2.py copies alone; a test keeps the two equal)
 @torch.no_grad()
 def qk_clip_mla_(w_q, w_kv_b, gamma, nope, rope, v_dim):
     """QK-Clip for multi-head latent attention (K2 report sec. 2.1; MLA: DeepSeek-V3 report sec.
@@ -336,6 +337,7 @@ def qk_clip_mla_(w_q, w_kv_b, gamma, nope, rope, v_dim):
     _scale_rows_(w_kv_b, kv_rows.flatten())
 
 
+# twin of kimik2.py's _scale_rows_ (kimik2.py copies alone; a test keeps the two equal)
 def _scale_rows_(w, row_factor):
     """w (rows, ...) *= row_factor (rows,) in place; on a DTensor only the rows this rank holds."""
     factor = row_factor.to(w.dtype).view(-1, *([1] * (w.dim() - 1))).expand(w.shape)  # like w
@@ -344,6 +346,7 @@ def _scale_rows_(w, row_factor):
 
 # ------------------------------------------------------------------- the exact max logit (S_h)
 
+# twin of kimik2.py's causal_max_logits (kimik2.py copies alone; a test keeps the two equal)
 @torch.no_grad()
 def causal_max_logits(q, k, scale, *, causal=True, attention_mask=None, chunk_size=None):
     """Per-head max over batch, query and key positions of the pre-softmax logit scale * q.k.
@@ -902,6 +905,7 @@ def _hf_qk_clip_mla_(m, gamma):
 
 # ------------------------------------------------------- distributed: DTensor shards <-> full
 
+# twin of kimik2.py's _local (kimik2.py copies alone; a test keeps the two equal)
 def _local(t):
     """The shard this rank holds (the tensor itself when not a DTensor)."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -922,6 +926,7 @@ def _full(local, p):
                               shape=p.shape, stride=p.stride()).full_tensor()
 
 
+# twin of kimik2.py's _local_part (kimik2.py copies alone; a test keeps the two equal)
 def _local_part(full, p):
     """The part of `full` (shaped like p) that this rank holds under p's placements; no comm."""
     if not isinstance(p, DTensor):
