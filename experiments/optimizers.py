@@ -5,13 +5,14 @@ every parameter in its AdamW group, so only the update rule differs. Each run is
 
     python train.py --optimizer OPT --lr LR --max-steps 200 --eval-interval 50 --sample-tokens 0 --out runs/exp-b-OPT-LR
 
-    python experiments/optimizers.py        # every run not yet finished, then the table
+    OMP_NUM_THREADS=1 python experiments/optimizers.py --jobs 2   # every run not yet finished, then the table
 """
 import argparse
 import math
 import os
 
 import summarize  # first: it puts the repository's modules on the path, and train.py's thread policy
+from data import number
 from train import read_metrics
 
 GRID = {"muonclip": ("3e-3", "1e-2", "3e-2"), "adamw": ("1e-3", "3e-3", "1e-2")}
@@ -23,11 +24,13 @@ def final_val_loss(run_dir) -> float:
 
 
 def main(argv=None):
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--jobs", type=number(int, 1), default=1, help="runs at a time (with OMP_NUM_THREADS=1 each)")
+    args = p.parse_args(argv)
     runs = {(opt, lr, 200): f"runs/exp-b-{opt}-{lr}" for opt, lrs in GRID.items() for lr in lrs}
     runs[LONGER] = "runs/exp-b-{}-{}-{}steps".format(*LONGER)
     summarize.train_all({folder: ["--optimizer", opt, "--lr", lr, "--max-steps", str(steps), "--eval-interval", "50",
-                                  "--sample-tokens", "0"] for (opt, lr, steps), folder in runs.items()})
+                                  "--sample-tokens", "0"] for (opt, lr, steps), folder in runs.items()}, args.jobs)
     rates = sorted({lr for lrs in GRID.values() for lr in lrs}, key=float)
     print("| | " + " | ".join(f"lr {lr}" for lr in rates) + " |\n|---|" + "---|" * len(rates))
     for opt, lrs in GRID.items():
