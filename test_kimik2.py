@@ -4090,6 +4090,18 @@ def test_summarize_reports_the_fixed_batch_loss_and_refuses_a_mix(tmp_path, caps
         summarize.summarize([str(tmp_path / n) for n in ("a0", "a1", "a2")])
 
 
+def test_summarize_groups_runs_of_train_py_versions_that_differ_only_in_unset_options(tmp_path):
+    """A run of an older train.py (an option since removed, left unset) and of a newer one (an
+    option added, left unset) are one group; an option set in one run only tells groups apart."""
+    for name, seed, extra in (("old", 0, {"plot": None}), ("new", 1, {"val_seed": None}),
+                              ("other", 2, {"val_seed": 0})):
+        _run_folder(tmp_path / name, 8, seed, [3.0, 2.0])
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, **extra}))
+    rows = summarize.summarize([str(tmp_path / n) for n in ("old", "new", "other")])
+    assert [(r["label"], r["seeds"]) for r in rows] == [("val_seed=None", [0, 1]), ("val_seed=0", [2])]
+
+
 def test_summarize_refuses_an_unfinished_run(tmp_path):
     _run_folder(tmp_path / "a0", 8, 0, [3.0, 2.0])
     config = json.loads((tmp_path / "a0" / "config.json").read_text())

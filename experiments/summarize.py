@@ -103,8 +103,11 @@ NOT_A_SETTING = {"seed", "out", "resume", "overwrite", "set", "log_interval", "c
 
 
 def settings(run_config: dict) -> dict:
-    """A run's config.json flattened to {name: value}, model fields as model.NAME."""
-    flat = {k: json.dumps(v) for k, v in run_config.items() if k != "model" and k not in NOT_A_SETTING}
+    """A run's config.json flattened to {name: value}, model fields as model.NAME. Options left unset
+    (None) are dropped, so runs of train.py versions that differ only in options nobody set (one
+    without --val-seed, one with --plot) compare equal; a setting missing from one run counts as unset."""
+    flat = {k: json.dumps(v) for k, v in run_config.items()
+            if k != "model" and k not in NOT_A_SETTING and v is not None}
     return {**flat, **{f"model.{k}": json.dumps(v) for k, v in run_config["model"].items()}}
 
 
@@ -140,10 +143,10 @@ def summarize(run_dirs, plot_path=None):
     curve [(FLOPs, mean logged val loss)], final, to_target)."""
     runs = [(folder, *read_run(folder)) for folder in run_dirs]
     runs = [(folder, run_config, settings(run_config), val, fixed) for folder, run_config, val, fixed in runs]
-    differ = sorted(k for k in runs[0][2] if len({r[2].get(k) for r in runs}) > 1)
+    differ = sorted({k for r in runs for k in r[2]} - {k for k in runs[0][2] if len({r[2].get(k) for r in runs}) == 1})
     groups = {}
     for folder, run_config, flat, val, fixed in runs:
-        label = ", ".join(f"{k.removeprefix('model.')}={json.loads(flat[k])}" for k in differ) or "all runs"
+        label = ", ".join(f"{k.removeprefix('model.')}={json.loads(flat.get(k, 'null'))}" for k in differ) or "all runs"
         groups.setdefault(label, []).append((run_config, val, fixed))
     rows = []
     for label, members in groups.items():
