@@ -82,7 +82,7 @@ from kimik2 import Config, KimiK2
 from muonclip import NS_VARIANTS, MuonClip, default_ns_dtype, newton_schulz, split_params
 from train import build_optimizer, measure_peak_flops, parse_args as parse_train_args
 
-# Targets from issue 6 (2-core CPU, ratios within one run)
+# Targets for the 2-core CPU (ratios within one run)
 TARGETS = {
     "train_speedup_vs_transformers": (">=", 1.5),
     "optimizer_time_ratio_vs_torch": ("<=", 0.5),

@@ -972,7 +972,7 @@ def test_sequence_balance_loss_adds_to_training_loss_only():
 
 
 # ==================================================================================================
-# muonclip.py: the optimizer (issue 3)
+# muonclip.py: the optimizer
 #
 # Tests for muonclip.py: Muon vs torch.optim.Muon, AdamW vs torch.optim.AdamW, Newton-Schulz, the
 # parameter split, QK-Clip on MLA (kimik2) and on a plain MHA/GQA model defined here, gradient
