@@ -1,7 +1,7 @@
-"""The kimik2 test suite: model, optimizer, data and training, each checked against an independent
-reference where one exists (the published Kimi-K2 / DeepSeek-V3 numbers and tensor list, transformers'
-DeepseekV3ForCausalLM, torch.optim.Muon and torch.optim.AdamW, explicit computations) and by hypothesis
-properties.
+"""The kimik2 test suite, for now in this one file (conftest.py holds the shared set-up): model,
+optimizer, data and training, each checked against an independent reference where one exists (the
+published Kimi-K2 / DeepSeek-V3 numbers and tensor list, transformers' DeepseekV3ForCausalLM,
+torch.optim.Muon and torch.optim.AdamW, explicit computations) and by hypothesis properties.
 
     python -m pytest                              the CI run (derandomized hypothesis profile "ci")
     HYPOTHESIS_PROFILE=dev python -m pytest       many more random examples, for bug hunting
@@ -48,37 +48,9 @@ from kimik2 import (PRESETS, Config, Gate, KimiK2, count_params, flops_per_token
 from muonclip import (MuonClip, attach_qk_clip, causal_max_logits, find_attention_modules, fused_blocks, mark_fused,
                       muon_update, newton_schulz, qk_clip_gamma, qk_clip_mha_, rms_matching_scale, split_params)
 
-# Hypothesis profiles: "ci" is derandomized, so a red CI run reproduces; "dev" hunts wider.
-settings.register_profile("ci", max_examples=10, derandomize=True, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("dev", max_examples=200, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+from conftest import HERE, run_alone, torchrun
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _torchrun(args, timeout=120, env=None):
-    """Run `torchrun --standalone --nproc_per_node=2 ARGS` from this folder (gloo on CPU).
-
-    Gloo can abort a worker or deadlock it at interpreter exit while a worker thread still frees a
-    finished collective's tensors (PyTorch issue 56297), after all of its work is done. A run that
-    ends that way (a worker killed by a signal, or no exit within the timeout) gets one more try; a
-    worker that fails with an exception, i.e. a real failure, does not."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    for _ in range(2):
-        proc = subprocess.Popen(cmd, cwd=_HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
-            stdout, stderr = proc.communicate()
-            continue
-        done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-        if done.returncode == 0 or not re.search(r"exitcode\s*:\s*-\d", stderr.rpartition("Root Cause")[2]):
-            return done
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+_HERE = HERE
 
 
 # ==================================================================================================
@@ -89,172 +61,6 @@ def _torchrun(args, timeout=120, env=None):
 # can be imported. kimik2.py carries muonclip.py's exact max logit and MLA clip rule for that (the
 # one repetition between the two files); a test keeps each pair equal.
 # ==================================================================================================
-
-def _run_alone(tmp_path, filename, script):
-    """Copy `filename` alone into an empty folder, run `script` there and return its stdout. The
-    script ends by checking that the copy was imported from that folder and no other file of the
-    project was imported at all (not even one installed elsewhere)."""
-    folder = tmp_path / "alone"
-    folder.mkdir()
-    shutil.copy(os.path.join(_HERE, filename), folder)
-    module = filename.removesuffix(".py")
-    (folder / "script.py").write_text(script + f"""
-project = {{"kimik2", "muonclip", "data", "train", "bench", "test_kimik2"}}
-assert {{name for name in project if name in sys.modules}} == {{{module!r}}}, sorted(sys.modules)
-assert os.path.dirname(os.path.abspath(sys.modules[{module!r}].__file__)) == os.getcwd()
-print("ok")
-""")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, "script.py"], cwd=folder, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run.stdout
-
-
-def test_kimik2_alone_trains_clips_generates_and_round_trips(tmp_path):
-    """kimik2.py alone: a training forward and backward feed max_logits and expert_load,
-    reset_step_statistics_ clears them, qk_clip_ scales the first layer's maxima by gamma on the
-    same input, generate follows the full forward's argmax, and the hub files load back (safetensors
-    is imported by save_pretrained, not before)."""
-    script = """
-import os, sys
-import torch
-import kimik2
-torch.set_num_threads(1)
-torch.manual_seed(0)
-model = kimik2.KimiK2(kimik2.Config.from_preset("tiny")).train()
-x = torch.randint(0, 256, (2, 16))
-
-def training_forward():
-    model.reset_step_statistics_()
-    model(x[:, :-1], x[:, 1:])[1].backward()
-    return torch.stack([attn.max_logits.clone() for attn in model.attention_modules()])  # (L, H)
-
-before = training_forward()
-assert torch.isfinite(before).all()
-assert all(g.expert_load.sum() == 2 * 15 * model.config.num_experts_per_tok for g in model.moe_gates())
-model.reset_step_statistics_()
-assert all(torch.isneginf(attn.max_logits).all() for attn in model.attention_modules())
-assert all((g.expert_load == 0).all() for g in model.moe_gates())
-gamma = torch.tensor([1.0, 0.5, 0.25, 0.8])
-for attn in model.attention_modules():
-    attn.qk_clip_(gamma)
-after = training_forward()  # the first layer sees the same input, so its maxima scale by gamma
-assert torch.allclose(after[0], before[0] * gamma, rtol=1e-5), (after[0], before[0] * gamma)
-model.eval()
-out = model.generate(x[:, :4], 6, temperature=0)
-with torch.no_grad():
-    assert torch.equal(model(out[:, :-1])[0][:, 3:].argmax(-1), out[:, 4:])
-assert "safetensors" not in sys.modules
-model.save_pretrained("hub")
-with torch.no_grad():
-    assert torch.equal(kimik2.KimiK2.from_pretrained("hub").eval()(x)[0], model(x)[0])
-"""
-    assert _run_alone(tmp_path, "kimik2.py", script).endswith("ok\n")
-
-
-def test_muonclip_alone_steps_and_clips_a_small_attention_model(tmp_path):
-    """muonclip.py alone on a model defined in the script with the QK-Clip surface (num_heads,
-    max_logits, qk_clip_): one MuonClip.for_model step with tau between the two largest head maxima
-    clips exactly the largest head. Against the same step without the clip, that head's q and k rows
-    are scaled by sqrt(tau / S_h) and every other weight is bitwise the same."""
-    script = """
-import copy, math, os, sys
-import torch
-import torch.nn.functional as F
-from torch import nn
-from muonclip import MuonClip, qk_clip_mha_
-torch.set_num_threads(1)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim, bias=False) for _ in range(4))
-        self.register_buffer("max_logits", torch.full((num_heads,), -math.inf), persistent=False)
-
-    def forward(self, x):
-        B, T, D = x.shape
-        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        logits = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
-        logits = logits.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
-        if self.training and torch.is_grad_enabled():
-            torch.maximum(self.max_logits, logits.detach().amax(dim=(0, 2, 3)), out=self.max_logits)
-        return self.o_proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D))
-
-    def qk_clip_(self, gamma):
-        qk_clip_mha_(self.q_proj.weight, self.k_proj.weight, gamma, self.num_heads)
-
-
-class LM(nn.Module):
-    def __init__(self, vocab=32, dim=16, heads=4):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.attn = Attention(dim, heads)
-        self.lm_head = nn.Linear(dim, vocab, bias=False)
-
-    def forward(self, idx):
-        return self.lm_head(self.attn(self.embed(idx)))
-
-
-torch.manual_seed(0)
-model = LM()
-x = torch.randint(0, 32, (2, 12))
-runs = {}
-for tau in (None, "between"):
-    m = copy.deepcopy(model)
-    F.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
-    S = m.attn.max_logits.clone()
-    top2 = S.topk(2).values
-    opt = MuonClip.for_model(m, lr=0.02, weight_decay=0.1,
-                             qk_clip_tau=None if tau is None else float(top2.mean()))
-    opt.step()
-    runs[tau] = m, opt.clip_stats, S
-(plain, plain_stats, S), (clipped, stats, _) = runs[None], runs["between"]
-h = int(S.argmax())
-gamma = float(S.topk(2).values.mean() / S[h])
-assert int(stats["heads_clipped"]) == 1 and int(plain_stats["heads_clipped"]) == 0
-assert torch.equal(stats["max_logits"][0], S) and torch.isneginf(clipped.attn.max_logits).all()
-for name, p in clipped.named_parameters():
-    q = dict(plain.named_parameters())[name]
-    if name in ("attn.q_proj.weight", "attn.k_proj.weight"):
-        rows = slice(4 * h, 4 * h + 4)  # head h's rows (head_dim 4)
-        assert torch.allclose(p[rows], q[rows] * math.sqrt(gamma), rtol=1e-6), name
-        p, q = torch.cat([p[:rows.start], p[rows.stop:]]), torch.cat([q[:rows.start], q[rows.stop:]])
-    assert torch.equal(p, q), name
-assert not torch.equal(plain.attn.q_proj.weight, model.attn.q_proj.weight)  # the step did move the weights
-"""
-    assert _run_alone(tmp_path, "muonclip.py", script).endswith("ok\n")
-
-
-_TWINS = ("causal_max_logits", "qk_clip_mla_", "_scale_rows_", "_local", "_local_part")
-
-
-def test_twin_functions_of_kimik2_and_muonclip_are_equal():
-    """kimik2.py carries copies of muonclip.py's exact max logit and MLA clip rule (with the
-    row-scaling helpers they call) so that it copies alone: each copy is the same source, says
-    whose twin it is, and computes the same results."""
-    import kimik2
-    import muonclip
-    for name in _TWINS:
-        ours, theirs = getattr(kimik2, name), getattr(muonclip, name)
-        assert inspect.getsource(ours) == inspect.getsource(theirs), f"{name} differs between the files"
-        assert f"twin of muonclip.py's {name}" in (inspect.getcomments(inspect.unwrap(ours)) or ""), name
-    gen = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 4, 7, 12, generator=gen), torch.randn(2, 2, 9, 12, generator=gen)
-    keep = torch.rand(2, 9, generator=gen) > 0.3
-    for visibility in (dict(), dict(chunk_size=3), dict(causal=False, attention_mask=keep)):
-        ours = kimik2.causal_max_logits(q, k, 0.3, **visibility)
-        assert torch.equal(ours, muonclip.causal_max_logits(q, k, 0.3, **visibility)), visibility
-    H, nope, rope, v_dim = 3, 8, 4, 6
-    gamma = torch.tensor([0.3, 1.0, 0.7])
-    w_q, w_kv_b = torch.randn(H * (nope + rope), 10, generator=gen), torch.randn(H * (nope + v_dim), 10, generator=gen)
-    ours, theirs = (w_q.clone(), w_kv_b.clone()), (w_q.clone(), w_kv_b.clone())
-    kimik2.qk_clip_mla_(*ours, gamma, nope, rope, v_dim)
-    muonclip.qk_clip_mla_(*theirs, gamma, nope, rope, v_dim)
-    assert not torch.equal(ours[0], w_q) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
-
 
 # ==================================================================================================
 # kimik2.py: the model
@@ -738,7 +544,7 @@ def _model_dtensor_clip_worker(out_path):
 
 def test_qk_clip_scales_only_local_rows_of_dim0_sharded_dtensor(tmp_path):
     out = tmp_path / "result"
-    run = _torchrun([os.path.abspath(__file__), "model-dtensor-clip", str(out)])
+    run = torchrun([os.path.abspath(__file__), "model-dtensor-clip", str(out)])
     assert run.returncode == 0, run.stderr[-2000:]
     assert out.read_text() == "ok"
 
@@ -817,7 +623,7 @@ def _model_rank_loads(rank, layer, E):
 
 
 def test_router_bias_update_sums_expert_loads_over_processes(tmp_path):
-    run = _torchrun([os.path.abspath(__file__), "model-router-bias", str(tmp_path)])
+    run = torchrun([os.path.abspath(__file__), "model-router-bias", str(tmp_path)])
     assert run.returncode == 0, run.stderr[-2000:]
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.manual_seed(0)
@@ -1686,7 +1492,7 @@ def _muon_dist_worker(out_dir):
 def _muon_dist_results():
     with tempfile.TemporaryDirectory() as out:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = _torchrun([os.path.abspath(__file__), "muonclip-dist", out], env=env)
+        proc = torchrun([os.path.abspath(__file__), "muonclip-dist", out], env=env)
         assert proc.returncode == 0, proc.stderr[-4000:]
         yield {name: torch.load(os.path.join(out, name)) for name in os.listdir(out)}
 
@@ -1942,7 +1748,7 @@ def test_import_muonclip_needs_only_torch():
 
 def _muon_readme_recipes():
     """The python blocks of the README section "MuonClip in your model", in order."""
-    with open(os.path.join(_HERE, "README.md")) as f:
+    with open(os.path.join(_HERE, "docs", "muonclip.md")) as f:
         section = f.read().split("## MuonClip in your model", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, re.S)
 
@@ -2438,7 +2244,7 @@ def test_hf_trainer_on_two_processes_matches_one_process(tmp_path):
     fp32 rounding (the gradient is averaged over ranks instead of summed in one process)."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
-    proc = _torchrun([os.path.abspath(__file__), "muonclip-hf-trainer", str(tmp_path)], timeout=300,
+    proc = torchrun([os.path.abspath(__file__), "muonclip-hf-trainer", str(tmp_path)], timeout=300,
                      env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     (rank0, stats0), (rank1, stats1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
@@ -3422,7 +3228,7 @@ def _train_run(args, nproc=1, timeout=300):
         done = subprocess.run([sys.executable, "train.py", *args], cwd=_HERE, capture_output=True,
                               text=True, timeout=timeout, env=_TRAIN_ENV)
     else:
-        done = _torchrun(["train.py", *args], env=_TRAIN_ENV)
+        done = torchrun(["train.py", *args], env=_TRAIN_ENV)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -3804,7 +3610,7 @@ def test_one_writer_per_run_folder_names_the_holder(tmp_path, train_setup, train
         before = _train_snapshot(out)
         second = subprocess.run([sys.executable, "train.py", *_train_args(out, train_setup, "--seed", "7")], cwd=_HERE,
                                 capture_output=True, text=True, timeout=120, env=_TRAIN_ENV)
-        job = _torchrun(["train.py", *_train_args(out, train_setup, "--seed", "7")], env=_TRAIN_ENV)
+        job = torchrun(["train.py", *_train_args(out, train_setup, "--seed", "7")], env=_TRAIN_ENV)
         assert _train_snapshot(out) == before
     finally:
         first.send_signal(signal.SIGCONT)
