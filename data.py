@@ -25,7 +25,7 @@ maths rewritten as "learning notes" and non-English maths translated. In reading
   processes; `unigram_entropy`, the loss val loss must beat; the built-in corpus, which every Python
   installation carries (standard-library code, pydoc topics and docstrings, generated maths with
   worked solutions), so `python train.py` works offline.
-- `number` and `write_atomically`, shared with train.py, and the command line.
+- `number`, `write_atomically`, `digest`/`verify` and `confined`, shared with train.py, and the command line.
 
 Run:
     python data.py stats [--data SOURCE ...] [--cache-dir data_cache]
@@ -1647,7 +1647,7 @@ def math_documents(n=MATH_PROBLEMS, seed=0) -> list[Document]:
 
 
 # -----------------------------------------------------------------------------------------------
-# Shared by data.py and train.py: argparse numbers, atomic writes
+# Shared by data.py and train.py: argparse numbers, atomic writes, verified reads, confined paths
 
 def number(cast, low, high=None, *, above=False):
     """An argparse type: cast(text), finite, >= low (> low when `above`) and <= high when given;
@@ -1667,19 +1667,70 @@ def number(cast, low, high=None, *, above=False):
 
 
 def write_atomically(path, write, mode="w"):
-    """Replace `path` with what write(file) writes, in one step (temporary file, fsync, rename): a
-    reader or a kill at any moment sees the old file or the new one, never half of one, and a failure
-    leaves no temporary file."""
-    tmp = f"{path}.tmp"
+    """Replace `path` with what write(file) writes, in one step (a new temporary file beside it,
+    fsync, rename, fsync of the folder): a reader or a kill at any moment sees the old file or the
+    new one, never half of one, and a failure leaves no temporary file. Returns the new file's
+    `digest` (its length and SHA-256), for the caller to record where a later read can check it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        signature = digest(tmp)
         os.replace(tmp, path)
     finally:
         with suppress(FileNotFoundError):
             os.remove(tmp)
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return signature
+
+
+def digest(path, chunk=1 << 22) -> dict:
+    """{"bytes": length, "sha256": hex} of a file: what a writer records and a reader checks."""
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            n += len(block)
+    return {"bytes": n, "sha256": h.hexdigest()}
+
+
+class CorruptFile(ValueError):
+    """A file that does not match the digest recorded when it was written (its message names it)."""
+
+
+def verify(path, expected: dict, what="file"):
+    """Raise CorruptFile naming `path` unless its length and SHA-256 are `expected` (a `digest`).
+    The length is checked first, so a cut file is named without reading it."""
+    size = os.path.getsize(path)
+    if size != expected["bytes"]:
+        raise CorruptFile(f"{what} {path} is {size} bytes, but {expected['bytes']} were written: it was cut "
+                          f"short or changed after it was written")
+    if digest(path)["sha256"] != expected["sha256"]:
+        raise CorruptFile(f"{what} {path} fails its SHA-256 check: its bytes changed after it was written")
+
+
+def confined(root, name) -> Path:
+    """root/name, where `name` is a plain relative path that stays inside `root`: no absolute path,
+    no "..", no symlink on the way that leads out. Everything a program deletes, moves or overwrites
+    goes through this, so it can never touch a file outside its own folder."""
+    rel = Path(name)
+    if rel.is_absolute() or not rel.parts or ".." in rel.parts:
+        raise ValueError(f"{name!r} is not a plain path inside {root}")
+    root = Path(root)
+    path = root / rel
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path.parent) if path.is_symlink() else os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise ValueError(f"{path} leads outside {root} (through a symlink)")
+    return path
 
 
 def _shard(text):
