@@ -1,38 +1,30 @@
-"""Kimi-K2 (the DeepSeek-V3 architecture) in one file of plain PyTorch: config, model, size
-arithmetic, generation and the Hugging Face hub layout.
+"""Kimi-K2 in one file of plain PyTorch: the DeepSeek-V3 architecture (multi-head latent attention,
+a fine-grained mixture of experts with a bias-corrected router) at any size, from the published
+1.04T-parameter config down to the 3M-parameter `tiny` that trains on a laptop CPU.
 
-Needs torch only (safetensors too for save_pretrained / from_pretrained, imported there). It imports
-nothing else from this project, so it copies alone into another one, training forwards included:
-the max-logit tracking and qk_clip_ that MuonClip (muonclip.py) reads and calls are in this file.
-
-Run:  python kimik2.py                      Kimi-K2 vs DeepSeek-V3 size table
-      python kimik2.py --preset tiny --json one preset (or --config path/to/config.json)
-      python train.py                       train the `tiny` preset (see train.py)
-
-What is here, in forward order:
-  Config            Hugging Face config.json field names, validated (errors name the field); presets
-                    kimi-k2, deepseek-v3, tiny, small as overrides of K2's published config.json
-  RMSNorm, RotaryEmbedding   RoPE on interleaved pairs with YaRN's frequency blend and temperature
-  MLA               multi-head latent attention: low-rank q and kv, one rope key shared by all heads;
-                    the naive form (training, and decoding with every head's K/V cached) beside the
-                    weight-absorbed form (decoding with a latent cache of C + Dr numbers per token);
-                    exact per-head max-logit tracking and qk_clip_, MuonClip's surface
-  causal_max_logits, qk_clip_mla_   the exact max logit and MLA's clip rule, twins of muonclip.py's
-                    (copied so this file stands alone; a test keeps each pair equal)
-  swiglu, MLP       the SwiGLU feed-forward (dense layers, shared expert, each routed expert)
-  Gate              the router's whole rule: sigmoid scores, bias-corrected and group-limited top-k,
-                    unbiased normalised weights * routed_scaling_factor, the expert-load count and the
-                    auxiliary-loss-free bias update (loads summed over processes)
-  Experts           the routed experts: what they compute, as a loop over experts (forward_reference),
-                    then the fast path as two pieces, sort_by_expert -> grouped_swiglu (no host sync)
-  MoE, Block, Transformer, KimiK2   the decoder stack and causal-LM head: forward, router balancing,
-                    generation, then save_pretrained / from_pretrained (the hub layout, atomic writes)
-  count_params, flops_per_token, kv_cache_bytes_per_token   size arithmetic; a command-line size table
-
-Papers cited: Kimi K2 technical report (arXiv 2507.20534, "K2 report"); DeepSeek-V3 technical report
+Papers: Kimi K2 technical report (arXiv 2507.20534, "K2 report"); DeepSeek-V3 technical report
 (arXiv 2412.19437, "DeepSeek-V3 report"); DeepSeek-V2 (arXiv 2405.04434, where MLA is introduced);
-YaRN (Peng et al., arXiv 2309.00071). The model's logits equal transformers' DeepseekV3ForCausalLM
-on the same weights (test_kimik2.py checks both directions).
+YaRN (Peng et al., arXiv 2309.00071). The logits equal transformers' DeepseekV3ForCausalLM on the
+same weights (test_kimik2.py checks both directions).
+
+Run:  python kimik2.py                       Kimi-K2 vs DeepSeek-V3: parameters, KV cache, FLOPs
+      python kimik2.py --preset tiny --json  one preset (or --config path/to/config.json)
+      python train.py                        train `tiny` with MuonClip (train.py)
+
+Needs torch only (safetensors in save_pretrained / from_pretrained, imported there) and imports
+nothing else from this project: it copies alone into another one, training forwards included.
+
+In forward order:
+  Config            the model's shape under the Hugging Face config.json field names
+  RMSNorm, RotaryEmbedding   RoPE on interleaved pairs, with YaRN's frequency blend and temperature
+  MLA               multi-head latent attention: low-rank q and kv, one rope key shared by all heads;
+                    the naive form (training) beside the weight-absorbed one (decoding from a latent
+                    cache), and the surface MuonClip (muonclip.py) talks to: each head's exact max
+                    logit, and QK-Clip's rule for MLA (K2 report sec. 2.1)
+  MLP, Gate, Experts, MoE   SwiGLU; the router (sigmoid scores, bias-corrected group-limited top-k,
+                    auxiliary-loss-free balancing); the routed experts as a loop and as grouped matmuls
+  Block, Transformer, KimiK2   the decoder and causal-LM head: forward, generation, the hub layout
+  then the config's validation and presets, the size arithmetic and the size table.
 """
 import argparse
 import copy
@@ -65,6 +57,8 @@ else:
 
 @dataclass
 class Config:
+    """Defaults: Kimi-K2's published config.json. Presets (PRESETS, after the model) override fields;
+    every value is checked when a Config is built (check_config: one line naming the field)."""
     # trunk
     vocab_size: int = 163840                 # tokens in the vocabulary
     hidden_size: int = 7168                  # residual stream width D
@@ -98,68 +92,11 @@ class Config:
     max_position_embeddings: int = 131072    # longest supported context
 
     @property
-    def qk_head_dim(self) -> int:
+    def qk_head_dim(self) -> int:  # Dn + Dr: the width of one query or key head
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     def __post_init__(self):
-        """Reject a bad value, however the fields were set (preset, config.json, an override of one
-        field), with a one-line ValueError naming the field and any field it conflicts with."""
-        self._check_types()
-        H, E, G = self.num_attention_heads, self.n_routed_experts, self.n_group
-        if self.num_key_value_heads != H:
-            self._reject("num_key_value_heads", f"MLA has one latent per token: must equal "
-                                                f"num_attention_heads={H} (set both)")
-        if self.qk_rope_head_dim % 2:
-            self._reject("qk_rope_head_dim", "RoPE rotates pairs; must be even")
-        if self.first_k_dense_replace > self.num_hidden_layers:
-            self._reject("first_k_dense_replace", f"must lie in [0, num_hidden_layers={self.num_hidden_layers}]")
-        if E % G:
-            self._reject("n_routed_experts", f"must be divisible by n_group={G}")
-        if G > 1 and E // G < 2:
-            self._reject("n_group", f"groups of n_routed_experts/n_group={E // G} expert; group scores sum "
-                                    "each group's top-2 experts, so groups need >= 2")
-        if self.topk_group > G:
-            self._reject("topk_group", f"must be <= n_group={G}")
-        if self.num_experts_per_tok > self.topk_group * (E // G):
-            self._reject("num_experts_per_tok", f"more than the {self.topk_group * (E // G)} experts a token "
-                                                f"may reach (topk_group={self.topk_group} of n_group={G} "
-                                                f"groups, n_routed_experts={E})")
-        if self.rope_scaling is not None:
-            if self.rope_scaling.get("type", self.rope_scaling.get("rope_type")) != "yarn":
-                self._reject("rope_scaling", "only YaRN scaling ({'type': 'yarn', ...}) is supported")
-            factor = self.rope_scaling.get("factor")
-            if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 0):
-                self._reject("rope_scaling", "YaRN needs a positive 'factor'")
-            if "original_max_position_embeddings" not in self.rope_scaling:
-                self._reject("rope_scaling", "YaRN needs 'original_max_position_embeddings'")
-
-    def _check_types(self):
-        def check(names, ok, why):
-            for name in names:
-                if not ok(getattr(self, name)):
-                    self._reject(name, why)
-
-        def integer(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def number(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-        check(("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-               "num_attention_heads", "num_key_value_heads", "kv_lora_rank", "qk_nope_head_dim",
-               "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_group",
-               "topk_group", "max_position_embeddings"),
-              lambda v: integer(v) and v > 0, "must be a positive integer")
-        check(("n_shared_experts", "first_k_dense_replace"), lambda v: integer(v) and v >= 0,
-              "must be a non-negative integer")
-        check(("rms_norm_eps", "routed_scaling_factor", "rope_theta", "initializer_range"),
-              lambda v: number(v) and v > 0, "must be a positive number")
-        check(("aux_loss_alpha",), lambda v: number(v) and v >= 0, "must be a number >= 0")
-        check(("norm_topk_prob", "tie_word_embeddings"), lambda v: isinstance(v, bool), "must be true or false")
-        check(("q_lora_rank",), lambda v: v is None or integer(v) and v > 0, "must be a positive integer or None")
-        check(("rope_scaling",), lambda v: v is None or isinstance(v, dict), "must be a dict of YaRN parameters or None")
-
-    def _reject(self, name, why):
-        raise ValueError(f"Config.{name}={getattr(self, name)!r}: {why}")
+        check_config(self)
 
     @classmethod
     def from_preset(cls, name: str) -> "Config":
@@ -187,53 +124,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-# Presets: K2's published config.json, and every other preset as the fields it changes (as minGPT's
-# table). Sizes: total / activated parameters in count_params' convention (activated: one token's
-# path, embedding and lm_head included); the K2 report's figures are 1.04T / 32.6B for K2 and
-# 671B / 37B for DeepSeek-V3.
-_KIMI_K2 = dict(  # moonshotai/Kimi-K2-Instruct config.json: 1.03T total / 32.9B activated
-    vocab_size=163840, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-    num_hidden_layers=61, num_attention_heads=64, num_key_value_heads=64, q_lora_rank=1536,
-    kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-    n_routed_experts=384, num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=1,
-    n_group=1, topk_group=1, routed_scaling_factor=2.827, norm_topk_prob=True, aux_loss_alpha=0.001,
-    rope_theta=50000.0, max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=False,
-    initializer_range=0.02,
-    rope_scaling=dict(type="yarn", factor=32.0, beta_fast=1.0, beta_slow=1.0, mscale=1.0,
-                      mscale_all_dim=1.0, original_max_position_embeddings=4096),
-)
-# what the scaled-down presets share: data.py's byte vocabulary, a 4k context without YaRN, no
-# sequence-wise balance loss (the bias update balances the experts alone)
-_SCALED_DOWN = dict(vocab_size=256, max_position_embeddings=4096, rope_scaling=None, aux_loss_alpha=0.0)
-PRESETS = {
-    "kimi-k2": _KIMI_K2,
-    # deepseek-ai/DeepSeek-V3 config.json without the MTP layer: 671B total / 37.6B activated
-    "deepseek-v3": {**_KIMI_K2, "vocab_size": 129280, "num_attention_heads": 128,
-                    "num_key_value_heads": 128, "n_routed_experts": 256, "first_k_dense_replace": 3,
-                    "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "rope_theta": 10000.0,
-                    "max_position_embeddings": 163840,
-                    "rope_scaling": dict(type="yarn", factor=40.0, beta_fast=32.0, beta_slow=1.0,
-                                         mscale=1.0, mscale_all_dim=1.0,
-                                         original_max_position_embeddings=4096)},
-    # K2's shape at CPU scale, train.py's default: 2.9M total / 1.1M activated
-    "tiny": {**_KIMI_K2, **_SCALED_DOWN,
-             "hidden_size": 128, "intermediate_size": 384, "moe_intermediate_size": 64, "num_hidden_layers": 4,
-             "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 64, "kv_lora_rank": 32,
-             "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "n_routed_experts": 32},
-    # one-GPU scale, fine-grained experts at sparsity 16: 448M total / 58.7M activated
-    "small": {**_KIMI_K2, **_SCALED_DOWN,
-              "hidden_size": 768, "intermediate_size": 2048, "moe_intermediate_size": 128, "num_hidden_layers": 12,
-              "num_attention_heads": 12, "num_key_value_heads": 12, "q_lora_rank": 384, "kv_lora_rank": 256,
-              "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "n_routed_experts": 128},
-}
-
-
-# fields the hub's DeepseekV3 config.json carries beyond ours (DeepSeek-V3/Kimi-K2 config.json)
-_HUB_CONFIG_EXTRAS = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
-                          hidden_act="silu", attention_bias=False, scoring_func="sigmoid",
-                          topk_method="noaux_tc", num_nextn_predict_layers=0, rope_interleave=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,12 +188,6 @@ def apply_rotary(x, cos, sin):
     return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), -1).flatten(-2).type_as(x)
 
 
-def feeds_step_statistics(module) -> bool:
-    """Whether this forward counts toward the step's statistics, MLA's max_logits and the Gate's
-    expert_load: a training forward, module.training with grad enabled. Eval and no-grad forwards
-    (generation, evaluation) never do: S is the max of the training step (K2 report sec. 2.1), and
-    the bias update balances the tokens trained on."""
-    return module.training and torch.is_grad_enabled()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,10 +213,11 @@ class MLA(nn.Module):
                 (DeepSeek-V2 sec. 2.1.2); decoding with new_cache() caches only [c_kv, k_rope]:
                 C + Dr numbers per token and layer (576 for K2 instead of 20480)
 
-    MuonClip's surface (K2 report sec. 2.1): `num_heads`; `max_logits` (H,) fp32, the running max of
-    each head's scaled causal pre-softmax logits over the training forwards (feeds_step_statistics)
-    since the last reset, -inf when none, written at one place, _update_max_logits;
-    `track_max_logits` (set False to skip the statistic); `qk_clip_(gamma)`; `reset_max_logits_()`."""
+    MuonClip's surface (K2 report sec. 2.1; muonclip.py's docstring): `num_heads`; `max_logits` (H,)
+    fp32, the running max of each head's scaled causal pre-softmax logits over the training forwards
+    (is_training_forward) since the last reset, -inf when none, exact under autocast, written at one
+    place, _update_max_logits; `track_max_logits` (set False to skip the statistic); the clip,
+    qk_clip_(gamma), which applies the factors qk_clip_factors(gamma) hands out; reset_max_logits_()."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -392,9 +277,13 @@ class MLA(nn.Module):
 
     def causal_logits(self, q, k):
         """The scaled pre-softmax logits q.k * softmax_scale (B, H, T, S) of q (B, H, T, Dn+Dr) and
-        k (B, H, S, Dn+Dr), -inf where the key lies after the query (future_mask)."""
+        k (B, H, S, Dn+Dr), -inf where the key lies after the query (future_mask). Float32 from the
+        q and k given, whatever the autocast: fused kernels keep q.k in float32 too, never rounded
+        to 16 bits, and so does SDPA's unfused math for 16-bit inputs."""
         future = future_mask(q.shape[2], k.shape[2], q.device)  # (T, S)
-        return (q @ k.transpose(-2, -1)).mul_(self.softmax_scale).masked_fill_(future, float("-inf"))  # (B, H, T, S)
+        with torch.autocast(q.device.type, enabled=False):
+            logits = q.float() @ k.float().transpose(-2, -1)  # (B, H, T, S)
+        return logits.mul_(self.softmax_scale).masked_fill_(future, float("-inf"))
 
     def forward_naive(self, x, cos, sin, cache=None, start_pos=0):
         """softmax(causal_logits(q, k)) v per head, heads concatenated, o_proj. With a (k, v) cache
@@ -407,49 +296,60 @@ class MLA(nn.Module):
             end = start_pos + T
             k_cache[:, :, start_pos:end], v_cache[:, :, start_pos:end] = k, v
             k, v = k_cache[:, :, :end], v_cache[:, :, :end]  # (B, H, S, Dn+Dr), (B, H, S, Dv)
-        y = self._attention(q, k, v, track=self.track_max_logits and feeds_step_statistics(self))
+        y = self._attention(q, k, v, track=self.track_max_logits and is_training_forward(self))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))  # (B, T, H*Dv) -> (B, T, D)
 
     def _attention(self, q, k, v, track: bool):
         """(B, H, T, Dn+Dr), (B, H, S, Dn+Dr), (B, H, S, Dv) -> (B, H, T, Dv); with track, records
         this forward's max logits. Where SDPA has a fused kernel for MLA's unequal q/k and v widths
         (CUDA) it runs one, and the max comes from a separate exact pass; on the CPU SDPA would run
-        this same math unfused, so it is written out here and its logits give the max for free
-        (tiny training steps 2-3% faster, 8-9% in bf16)."""
+        this same math unfused (in float32, also for 16-bit inputs), so it is written out here and
+        its logits give the max for free."""
         if fused_attention_available(q):
             if track:
                 self._update_max_logits(q, k)
             T, S = q.shape[2], k.shape[2]
             mask = dict(is_causal=True) if T == S else dict(attn_mask=~future_mask(T, S, q.device))
             return F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale, **mask)
-        logits = self.causal_logits(q, k)  # (B, H, T, S)
+        logits = self.causal_logits(q, k)  # (B, H, T, S) float32
         if track:
             self._update_max_logits(q, k, logits)
-        return logits.float().softmax(-1).type_as(v) @ v  # (B, H, T, Dv)
+        with torch.autocast(q.device.type, enabled=False):
+            return (logits.softmax(-1) @ v.float()).type_as(v)  # (B, H, T, Dv)
 
-    # -- max-logit tracking and QK-Clip (K2 report sec. 2.1) --
+    # -- MuonClip's surface: the exact max logit and QK-Clip for MLA (K2 report sec. 2.1) --
     @torch.no_grad()
     def _update_max_logits(self, q, k, logits=None):
         """The one place max_logits is written: its running max with this forward's per-head max of
-        the scaled causal logits, read off `logits` where the attention wrote them out, otherwise
-        from an exact no-grad pass over q and k (fused kernels do not expose the row max; their
-        log-sum-exp is only an upper bound, up to ln(S) too high)."""
-        if logits is None:
-            step_max = causal_max_logits(q, k, self.softmax_scale)
-        else:
-            step_max = logits.amax(dim=(0, 2, 3)).float()
+        the scaled causal logits, in float32 from the q and k the attention used. Read off `logits`
+        where the attention wrote them out, otherwise an exact pass (causal_max_logits): fused
+        kernels do not expose the row max, and their log-sum-exp is only an upper bound (up to
+        ln(S) too high)."""
+        step_max = causal_max_logits(q, k, self.softmax_scale) if logits is None else logits.amax(dim=(0, 2, 3))
         torch.maximum(self.max_logits, step_max, out=self.max_logits)
 
     def reset_max_logits_(self):
         self.max_logits.fill_(float("-inf"))
 
+    def qk_clip_factors(self, gamma: torch.Tensor):
+        """QK-Clip's rule for MLA: the row factors that scale head h's logits by exactly gamma_h.
+        q_nope and k_nope rows * sqrt(gamma_h), q_rope rows * gamma_h; the rope key (one vector
+        shared by all heads, from kv_a_proj_with_mqa) and the v rows stay, so each head is clipped
+        alone. gamma (H,) -> factors of the query weight's rows (H*(Dn+Dr),) and of kv_b_proj's
+        rows (H*(Dn+Dv),), head-major as the weights store them."""
+        H, root = self.num_heads, gamma.sqrt()[:, None]  # (H, 1)
+        q_rows = torch.cat([root.expand(H, self.nope), gamma[:, None].expand(H, self.rope)], 1)  # (H, Dn+Dr)
+        kv_rows = torch.cat([root.expand(H, self.nope), torch.ones_like(root).expand(H, self.v_dim)], 1)  # (H, Dn+Dv)
+        return q_rows.flatten(), kv_rows.flatten()
+
     @torch.no_grad()
     def qk_clip_(self, gamma: torch.Tensor):
-        """QK-Clip (K2 report sec. 2.1): per head, q_nope and k_nope rows * sqrt(gamma), q_rope rows
-        * gamma, so that head's logits scale by exactly gamma. The shared k_rope and v stay. The rule
-        is qk_clip_mla_ (below), the twin of the one muonclip.py applies to transformers' DeepseekV3."""
-        q_weight = self.q_proj.weight if self.config.q_lora_rank is None else self.q_b_proj.weight
-        qk_clip_mla_(q_weight, self.kv_b_proj.weight, gamma.detach().float(), self.nope, self.rope, self.v_dim)
+        """Rescale this layer's query and key weights in place by qk_clip_factors(gamma); MuonClip
+        calls it after each update with gamma_h = min(1, tau / S_h). Under FSDP2 each rank scales
+        the rows it holds."""
+        q_rows, kv_rows = self.qk_clip_factors(gamma.detach().float())
+        _scale_rows_(self.q_proj.weight if self.config.q_lora_rank is None else self.q_b_proj.weight, q_rows)
+        _scale_rows_(self.kv_b_proj.weight, kv_rows)
 
     # -- decoding caches, and the weight-absorbed form (DeepSeek-V3's inference code) --
     def new_cache(self, batch: int, max_len: int, naive: bool = False, device=None, dtype=None):
@@ -489,101 +389,57 @@ def fused_attention_available(q) -> bool:
     return q.device.type != "cpu"
 
 
+
 # ----------------------------------------------------------------------------------------------
-# MuonClip's two rules for MLA: the exact max logit and the clip
+# What MLA shares with muonclip.py
 #
-# Copied from muonclip.py so that this file copies alone, the one repetition between the two files:
-# each function here is the twin of the muonclip.py function of the same name, and
-# test_twin_functions_of_kimik2_and_muonclip_are_equal keeps each pair equal. Change both.
+# kimik2.py copies alone, so the few lines of MuonClip's statistic that MLA and the Gate run are
+# here as well, each marked with its twin in muonclip.py (MLA.qk_clip_factors is the twin of
+# muonclip.py's qk_clip_mla_). test_twins_of_kimik2_and_muonclip_behave_alike keeps each pair
+# equal on the same inputs: change both.
 
-# twin of muonclip.py's causal_max_logits
+# twin of muonclip.py's is_training_forward
+def is_training_forward(module) -> bool:
+    """Whether this forward counts toward the step's statistics, MLA's max_logits and the Gate's
+    expert_load: a training forward, module.training with grad enabled. Eval and no-grad forwards
+    (generation, evaluation) never do: S is the max of the training step (K2 report sec. 2.1), and
+    the bias update balances the tokens trained on."""
+    return module.training and torch.is_grad_enabled()
+
+
+# twin of muonclip.py's causal_max_logits, for MLA's case: one key head per query head, causal
+# visibility, no mask
 @torch.no_grad()
-def causal_max_logits(q, k, scale, *, causal=True, attention_mask=None, chunk_size=None):
-    """Per-head max over batch, query and key positions of the pre-softmax logit scale * q.k.
-
-    q (B, H, Tq, D), k (B, Hkv, Tk, D) with H % Hkv == 0 (grouped-query: query head h reads key
-    head h // (H // Hkv)). Returns (H,) float32, -inf for a head that sees no key. The products
-    accumulate in fp32. Visibility: with `causal`, key j is visible to query i iff
-    j <= i + (Tk - Tq) (queries are the last Tq positions); `attention_mask` is either a (B, Tk)
-    key padding mask (bool or 0/1, True/1 = keep), or a mask broadcastable to (B, H or 1, Tq, Tk):
-    bool (True = keep) or additive float (added to the logits, as eager attention does; -inf or the
-    dtype's lowest value = not visible). Memory is bounded by taking queries in chunks of
-    `chunk_size` rows (default: about 2^24 logits per chunk). Fused kernels (SDPA, flash) do not
-    expose this max, and their log-sum-exp is only an upper bound (up to ln Tk too high).
-    """
-    B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    if H % Hkv:
-        raise ValueError(f"causal_max_logits: {H} query heads do not split into groups of {Hkv} key heads")
-    G = H // Hkv
-    qg = q.reshape(B, Hkv, G, Tq, D)                                          # (B, Hkv, G, Tq, D)
-    kt = k.float()[:, :, None].transpose(-2, -1)                              # (B, Hkv, 1, D, Tk)
-    pad = full = None
-    if attention_mask is not None and attention_mask.dim() == 2:
-        pad = attention_mask.bool()[:, None, None, None, :]                   # (B, 1, 1, 1, Tk)
-    elif attention_mask is not None:
-        full = attention_mask.reshape(-1, *attention_mask.shape[-3:])         # (B|1, H|1, Tq|1, Tk)
-        if full.dtype == torch.bool:
-            full = torch.zeros((), device=q.device).masked_fill(~full, -math.inf)
-        else:
-            full = full.float().masked_fill(full <= torch.finfo(full.dtype).min, -math.inf)
-        full = full.reshape(full.shape[0], Hkv if full.shape[1] > 1 else 1, -1, *full.shape[-2:])
-    rows = chunk_size or max(1, (1 << 24) // max(1, B * H * Tk))
-    keys = torch.arange(Tk, device=q.device)
-    out = torch.full((Hkv, G), -math.inf, device=q.device)
-    for i in range(0, Tq, rows):
-        s = (qg[:, :, :, i:i + rows].float() @ kt) * scale                    # (B, Hkv, G, r, Tk)
-        if causal:
-            query_pos = torch.arange(i, i + s.shape[-2], device=q.device)[:, None] + (Tk - Tq)
-            s = s.masked_fill(keys > query_pos, -math.inf)
-        if pad is not None:
-            s = s.masked_fill(~pad, -math.inf)
-        if full is not None:
-            s = s + full[..., i:i + rows, :] if full.shape[-2] > 1 else s + full
-        out = torch.maximum(out, s.amax(dim=(0, 3, 4)))
-    return out.flatten()                                                      # (H,)
+def causal_max_logits(q, k, scale, *, chunk_size=None):
+    """Per-head max over batch, query and key positions of the scaled causal logit scale * q.k:
+    q (B, H, T, Dn+Dr) the last T of S positions, k (B, H, S, Dn+Dr) -> (H,) float32. Exact under
+    any autocast: computed in float32 from the q and k the attention kernel receives (autocast off,
+    inputs upcast), so a 16-bit rounding cannot hide a head above tau. Queries go in chunks of
+    `chunk_size` rows (default: about 2^24 logits per chunk), which bounds the memory."""
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    rows = chunk_size or max(1, (1 << 24) // max(1, B * H * S))
+    keys = torch.arange(S, device=q.device)
+    out = torch.full((H,), -math.inf, device=q.device)
+    with torch.autocast(q.device.type, enabled=False):
+        k_t = k.float().transpose(-2, -1)  # (B, H, Dn+Dr, S)
+        for i in range(0, T, rows):
+            s = (q[:, :, i:i + rows].float() @ k_t) * scale  # (B, H, r, S)
+            future = keys > torch.arange(i, i + s.shape[2], device=q.device)[:, None] + (S - T)  # (r, S)
+            out = torch.maximum(out, s.masked_fill(future, -math.inf).amax(dim=(0, 2, 3)))
+    return out  # (H,)
 
 
-# twin of muonclip.py's qk_clip_mla_
-@torch.no_grad()
-def qk_clip_mla_(w_q, w_kv_b, gamma, nope, rope, v_dim):
-    """QK-Clip for multi-head latent attention (K2 report sec. 2.1; MLA: DeepSeek-V3 report sec.
-    2.1.1), in place.
-
-    w_q: (H * (nope + rope), ...) rows of q_b_proj (or q_proj without a q LoRA), per head [nope | rope];
-    w_kv_b: (H * (nope + v_dim), ...) rows of kv_b_proj, per head [k_nope | v]. Head h: q_nope and
-    k_nope rows * sqrt(gamma_h), q_rope rows * gamma_h; the rope key (one vector shared by all heads,
-    from kv_a_proj_with_mqa) and the values stay. The head's logits q_nope.k_nope + q_rope.k_rope are
-    then scaled by exactly gamma_h.
-    """
-    H, root = gamma.numel(), gamma.sqrt()[:, None]                                  # (H, 1)
-    q_rows = torch.cat([root.expand(H, nope), gamma[:, None].expand(H, rope)], 1)   # (H, nope+rope)
-    kv_rows = torch.cat([root.expand(H, nope), torch.ones_like(root).expand(H, v_dim)], 1)  # (H, nope+v)
-    _scale_rows_(w_q, q_rows.flatten())
-    _scale_rows_(w_kv_b, kv_rows.flatten())
-
-
-# twin of muonclip.py's _scale_rows_
+# twin of muonclip.py's _scale_rows_ (with its _local and _local_part folded in)
 def _scale_rows_(w, row_factor):
-    """w (rows, ...) *= row_factor (rows,) in place; on a DTensor only the rows this rank holds."""
+    """w (rows, ...) *= row_factor (rows,) in place; on a DTensor (FSDP2) only the rows this rank
+    holds, with no communication."""
     factor = row_factor.to(w.dtype).view(-1, *([1] * (w.dim() - 1))).expand(w.shape)  # like w
-    _local(w).mul_(_local_part(factor, w))
-
-
-# twin of muonclip.py's _local
-def _local(t):
-    """The shard this rank holds (the tensor itself when not a DTensor)."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-# twin of muonclip.py's _local_part
-def _local_part(full, p):
-    """The part of `full` (shaped like p) that this rank holds under p's placements; no comm."""
-    if not isinstance(p, DTensor):
-        return full
-    replicated = DTensor.from_local(full, p.device_mesh, [Replicate()] * p.device_mesh.ndim)
-    return replicated.redistribute(p.device_mesh, p.placements).to_local()
-
+    if isinstance(w, DTensor):  # the part of the factor that lies where w's local shard lies
+        mesh = w.device_mesh
+        factor = DTensor.from_local(factor, mesh, [Replicate()] * mesh.ndim).redistribute(mesh, w.placements)
+        w, factor = w.to_local(), factor.to_local()
+    w.mul_(factor)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -646,7 +502,7 @@ class Gate(nn.Module):
         if c.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights * c.routed_scaling_factor
-        if feeds_step_statistics(self):
+        if is_training_forward(self):
             self.expert_load += torch.bincount(experts.flatten(), minlength=E)  # (E,)
         aux = None
         if self.training and c.aux_loss_alpha > 0:
@@ -1032,11 +888,16 @@ class KimiK2(nn.Module):
         return model
 
 
+
+
+# twin of data.py's write_atomically, with its guarantees: this one gives `write` a path, as
+# safetensors' save_file wants, and it copies alone with this file
 def _write_atomically(path: str, write):
-    """write(tmp) into a new file beside path, then fsync and rename it over path: a reader finds
-    the old file or the complete new one, and a failure leaves no temporary file. The file gets
-    the mode open() gives a new file (0666 less the umask), also where `write` replaced it with a
-    private one (safetensors' save_file goes through mkstemp: 0600)."""
+    """Replace `path` with the file write(tmp) writes at tmp, in one step (a new temporary file beside
+    it, fsync, rename, fsync of the folder): a reader or a kill at any moment sees the old file or the
+    new one, never half of one, and a failure leaves no temporary file. The file gets the mode open()
+    gives a new file (0666 less the umask), also where `write` replaced it with a private one
+    (safetensors' save_file goes through mkstemp: 0600)."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -1048,16 +909,124 @@ def _write_atomically(path: str, write):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config validation and presets
+
+def check_config(c: Config):
+    """Reject a bad value, however the fields were set (preset, config.json, an override of one
+    field), with a one-line ValueError naming the field and any field it conflicts with."""
+    def check(names, ok, why):
+        for name in names:
+            if not ok(getattr(c, name)):
+                _reject(c, name, why)
+
+    def integer(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    check(("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+           "num_attention_heads", "num_key_value_heads", "kv_lora_rank", "qk_nope_head_dim",
+           "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_group",
+           "topk_group", "max_position_embeddings"),
+          lambda v: integer(v) and v > 0, "must be a positive integer")
+    check(("n_shared_experts", "first_k_dense_replace"), lambda v: integer(v) and v >= 0,
+          "must be a non-negative integer")
+    check(("rms_norm_eps", "routed_scaling_factor", "rope_theta", "initializer_range"),
+          lambda v: number(v) and v > 0, "must be a positive number")
+    check(("aux_loss_alpha",), lambda v: number(v) and v >= 0, "must be a number >= 0")
+    check(("norm_topk_prob", "tie_word_embeddings"), lambda v: isinstance(v, bool), "must be true or false")
+    check(("q_lora_rank",), lambda v: v is None or integer(v) and v > 0, "must be a positive integer or None")
+    check(("rope_scaling",), lambda v: v is None or isinstance(v, dict), "must be a dict of YaRN parameters or None")
+    H, E, G = c.num_attention_heads, c.n_routed_experts, c.n_group
+    if c.num_key_value_heads != H:
+        _reject(c, "num_key_value_heads", f"MLA has one latent per token: must equal num_attention_heads={H} "
+                                          "(set both)")
+    if c.qk_rope_head_dim % 2:
+        _reject(c, "qk_rope_head_dim", "RoPE rotates pairs; must be even")
+    if c.first_k_dense_replace > c.num_hidden_layers:
+        _reject(c, "first_k_dense_replace", f"must lie in [0, num_hidden_layers={c.num_hidden_layers}]")
+    if E % G:
+        _reject(c, "n_routed_experts", f"must be divisible by n_group={G}")
+    if G > 1 and E // G < 2:
+        _reject(c, "n_group", f"groups of n_routed_experts/n_group={E // G} expert; group scores sum each "
+                              "group's top-2 experts, so groups need >= 2")
+    if c.topk_group > G:
+        _reject(c, "topk_group", f"must be <= n_group={G}")
+    if c.num_experts_per_tok > c.topk_group * (E // G):
+        _reject(c, "num_experts_per_tok", f"more than the {c.topk_group * (E // G)} experts a token may reach "
+                                          f"(topk_group={c.topk_group} of n_group={G} groups, n_routed_experts={E})")
+    if c.rope_scaling is not None:
+        if c.rope_scaling.get("type", c.rope_scaling.get("rope_type")) != "yarn":
+            _reject(c, "rope_scaling", "only YaRN scaling ({'type': 'yarn', ...}) is supported")
+        factor = c.rope_scaling.get("factor")
+        if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 0):
+            _reject(c, "rope_scaling", "YaRN needs a positive 'factor'")
+        if "original_max_position_embeddings" not in c.rope_scaling:
+            _reject(c, "rope_scaling", "YaRN needs 'original_max_position_embeddings'")
+
+
+def _reject(c: Config, name: str, why: str):
+    raise ValueError(f"Config.{name}={getattr(c, name)!r}: {why}")
+
+
+# Presets: K2's published config.json, and every other preset as the fields it changes (as minGPT's
+# table). Sizes: total / activated parameters in count_params' convention (activated: one token's
+# path, embedding and lm_head included); the K2 report's figures are 1.04T / 32.6B for K2 and
+# 671B / 37B for DeepSeek-V3.
+_KIMI_K2 = dict(  # moonshotai/Kimi-K2-Instruct config.json: 1.03T total / 32.9B activated
+    vocab_size=163840, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+    num_hidden_layers=61, num_attention_heads=64, num_key_value_heads=64, q_lora_rank=1536,
+    kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    n_routed_experts=384, num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=1,
+    n_group=1, topk_group=1, routed_scaling_factor=2.827, norm_topk_prob=True, aux_loss_alpha=0.001,
+    rope_theta=50000.0, max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    initializer_range=0.02,
+    rope_scaling=dict(type="yarn", factor=32.0, beta_fast=1.0, beta_slow=1.0, mscale=1.0,
+                      mscale_all_dim=1.0, original_max_position_embeddings=4096),
+)
+# what the scaled-down presets share: data.py's byte vocabulary, a 4k context without YaRN, no
+# sequence-wise balance loss (the bias update balances the experts alone)
+_SCALED_DOWN = dict(vocab_size=256, max_position_embeddings=4096, rope_scaling=None, aux_loss_alpha=0.0)
+PRESETS = {
+    "kimi-k2": _KIMI_K2,
+    # deepseek-ai/DeepSeek-V3 config.json without the MTP layer: 671B total / 37.6B activated
+    "deepseek-v3": {**_KIMI_K2, "vocab_size": 129280, "num_attention_heads": 128,
+                    "num_key_value_heads": 128, "n_routed_experts": 256, "first_k_dense_replace": 3,
+                    "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "rope_theta": 10000.0,
+                    "max_position_embeddings": 163840,
+                    "rope_scaling": dict(type="yarn", factor=40.0, beta_fast=32.0, beta_slow=1.0,
+                                         mscale=1.0, mscale_all_dim=1.0,
+                                         original_max_position_embeddings=4096)},
+    # K2's shape at CPU scale, train.py's default: 2.9M total / 1.1M activated
+    "tiny": {**_KIMI_K2, **_SCALED_DOWN,
+             "hidden_size": 128, "intermediate_size": 384, "moe_intermediate_size": 64, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 64, "kv_lora_rank": 32,
+             "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "n_routed_experts": 32},
+    # one-GPU scale, fine-grained experts at sparsity 16: 448M total / 58.7M activated
+    "small": {**_KIMI_K2, **_SCALED_DOWN,
+              "hidden_size": 768, "intermediate_size": 2048, "moe_intermediate_size": 128, "num_hidden_layers": 12,
+              "num_attention_heads": 12, "num_key_value_heads": 12, "q_lora_rank": 384, "kv_lora_rank": 256,
+              "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "n_routed_experts": 128},
+}
+
+
+# fields the hub's DeepseekV3 config.json carries beyond ours (DeepSeek-V3/Kimi-K2 config.json)
+_HUB_CONFIG_EXTRAS = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
+                          hidden_act="silu", attention_bias=False, scoring_func="sigmoid",
+                          topk_method="noaux_tc", num_nextn_predict_layers=0, rope_interleave=True)
+
 
 
 # ----------------------------------------------------------------------------------------------
