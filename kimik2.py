@@ -661,7 +661,8 @@ class KimiK2(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.apply(self._init_weights)
+        if not self.lm_head.weight.is_meta:  # count_params' meta model: nothing to draw (and slow)
+            self.apply(self._init_weights)
 
     def _init_weights(self, module):
         """Every matrix ~ N(0, initializer_range) as in the hub models; norms 1; router bias 0."""

@@ -705,40 +705,6 @@ def test_qk_clip_scales_each_head_logits_by_gamma():
     assert _model_explicit_logits(attn, x, cos, sin)[0].max() <= tau * (1 + 1e-5)
 
 
-def _model_dtensor_clip_worker(out_path):
-    """torchrun worker: qk_clip_ on weights sharded over 2 ranks (rows 15 and 21: uneven shards)
-    must equal the unsharded result."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-    dist.init_process_group("gloo")
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    config = _model_config(num_attention_heads=3, qk_nope_head_dim=3, qk_rope_head_dim=2, v_head_dim=4)
-    torch.manual_seed(0)
-    reference = KimiK2(config).model.layers[0].self_attn
-    sharded = KimiK2(config).model.layers[0].self_attn
-    sharded.load_state_dict(reference.state_dict())
-    for name in ("q_b_proj", "kv_b_proj"):
-        linear = getattr(sharded, name)
-        linear.weight = torch.nn.Parameter(distribute_tensor(linear.weight.detach(), mesh, [Shard(0)]))
-    gamma = torch.tensor([0.25, 1.0, 0.64])
-    reference.qk_clip_(gamma)
-    sharded.qk_clip_(gamma)
-    ok = all(torch.equal(getattr(sharded, n).weight.full_tensor(), getattr(reference, n).weight)
-             for n in ("q_b_proj", "kv_b_proj"))
-    if dist.get_rank() == 0:
-        with open(out_path, "w") as f:
-            f.write("ok" if ok else "mismatch")
-    dist.destroy_process_group()
-
-
-def test_qk_clip_scales_only_local_rows_of_dim0_sharded_dtensor(tmp_path):
-    out = tmp_path / "result"
-    run = torchrun([os.path.abspath(__file__), "model-dtensor-clip", str(out)])
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert out.read_text() == "ok"
-
-
 # ----------------------------------------------------------------------------------------------
 # Router and balancing
 
@@ -789,44 +755,6 @@ def test_bias_update_reduces_imbalance_of_skewed_router(seed):
     assert (gate.expert_load == 0).all()
     assert imbalance[0] > 3.0  # skewed to start with
     assert min(imbalance[-10:]) < 0.6 * imbalance[0]
-
-
-def _model_router_bias_worker(out_dir):
-    """torchrun worker: each rank counts different expert loads; update_router_bias_ must act on
-    their sum, the same on every rank."""
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    model = KimiK2(_model_config(num_hidden_layers=3, first_k_dense_replace=1))
-    for i, gate in enumerate(model.moe_gates()):
-        gate.expert_load.copy_(_model_rank_loads(rank, i, gate.expert_load.numel()))
-    imbalance = model.update_router_bias_(0.01)
-    biases = torch.stack([gate.e_score_correction_bias for gate in model.moe_gates()])
-    torch.save({"imbalance": imbalance, "biases": biases}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
-def _model_rank_loads(rank, layer, E):
-    """Loads such that each rank alone would move the biases differently from the two together."""
-    g = torch.Generator().manual_seed(100 * layer + rank)
-    return torch.randint(0, 20, (E,), generator=g).float() + (rank == 0) * 30 * (torch.arange(E) < E // 4)
-
-
-def test_router_bias_update_sums_expert_loads_over_processes(tmp_path):
-    run = torchrun([os.path.abspath(__file__), "model-router-bias", str(tmp_path)])
-    assert run.returncode == 0, run.stderr[-2000:]
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    torch.manual_seed(0)
-    model = KimiK2(_model_config(num_hidden_layers=3, first_k_dense_replace=1))
-    for i, gate in enumerate(model.moe_gates()):
-        E = gate.expert_load.numel()
-        gate.expert_load.copy_(_model_rank_loads(0, i, E) + _model_rank_loads(1, i, E))
-        alone = torch.sign(_model_rank_loads(0, i, E).mean() - _model_rank_loads(0, i, E))
-        assert not torch.equal(alone, torch.sign(gate.expert_load.mean() - gate.expert_load))
-    imbalance = model.update_router_bias_(0.01)
-    biases = torch.stack([gate.e_score_correction_bias for gate in model.moe_gates()])
-    for result in results:
-        assert torch.equal(result["biases"], biases) and torch.allclose(result["imbalance"], imbalance)
 
 
 def test_expert_load_counts_training_tokens_only():
@@ -4258,11 +4186,7 @@ def test_exact_match_is_greedy_decoding_and_padding_changes_no_score():
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "model-dtensor-clip":
-        _model_dtensor_clip_worker(sys.argv[2])
-    elif sys.argv[1] == "model-router-bias":
-        _model_router_bias_worker(sys.argv[2])
-    elif sys.argv[1] == "muonclip-dist":
+    if sys.argv[1] == "muonclip-dist":
         _muon_dist_worker(sys.argv[2])
     elif sys.argv[1] == "muonclip-hf-trainer":
         _muon_hf_trainer_worker(sys.argv[2])
