@@ -521,13 +521,9 @@ def _file_documents(path: Path, domain: str, report: LoadReport):
             continue
         try:
             record = checked_record(raw.rstrip(b"\r\n")) or json.loads(raw.decode("utf-8"))
-        except CorruptFile as e:  # a rephrase record changed since it was written; one cut short by a
-            if raw.endswith(b"\n"):  # killed run (the last line, no newline) is skipped like bad JSON
-                raise DataError(f"{where}: {e}; delete the line (the same rephrase command redoes it)") from None
-            report.bad_json_lines += 1
-            report.problem(where, "a rephrase record cut short skipped")
-            continue
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        except CorruptFile as e:  # a rephrase record whose bytes changed since it was written
+            raise DataError(f"{where}: {e}; delete the line (the same rephrase command redoes it)") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError (a record cut short by a kill is bad JSON)
             report.bad_json_lines += 1
             report.problem(where, f"bad JSON line skipped ({type(e).__name__}: {str(e)[:80]})")
             continue
@@ -542,18 +538,17 @@ def _file_documents(path: Path, domain: str, report: LoadReport):
 
 
 RECORD_START = b'{"key": '  # how every rephrase record line begins (data_rephrase.record_line)
-RECORD_CHECK = re.compile(rb'(.*), "check": "([0-9a-f]{16})"\}', re.S)
+RECORD_CHECK = re.compile(rb'(\{"key": .*), "check": "([0-9a-f]{16})"\}', re.S)
 
 
 def checked_record(line: bytes) -> dict | None:
-    """The rephrase record on `line` (no newline) when it passes its check (its last field, "check",
-    is the SHA-256 (16 hex digits) of the line's bytes before it); None when the line does
-    not claim to be one (it neither begins like one nor carries a check: one flipped byte cannot
-    remove both); CorruptFile when it claims to be one and fails."""
-    if not line.startswith(RECORD_START) and b', "check": "' not in line:
+    """The rephrase record on `line` (no newline) when it passes its check: its last field,
+    "check", is the SHA-256 (16 hex digits) of the line's bytes before it. None when the line does
+    not look like one (it begins with {"key": and ends with a check; a user's JSON line does not),
+    CorruptFile when it does and fails: its bytes changed after it was written."""
+    if not (m := RECORD_CHECK.fullmatch(line)):
         return None
-    m = RECORD_CHECK.fullmatch(line)
-    if not m or hashlib.sha256(m[1]).hexdigest()[:16].encode() != m[2]:
+    if hashlib.sha256(m[1]).hexdigest()[:16].encode() != m[2]:
         raise CorruptFile("a rephrase record that fails its check: its bytes changed after it was written")
     return json.loads(line)
 
@@ -1359,7 +1354,8 @@ def number(cast, low, high=None, *, above=False):
 def write_atomically(path, write, mode="w"):
     """Replace `path` with what write(file) writes, in one step (a new temporary file beside it,
     fsync, rename, fsync of the folder): a reader or a kill at any moment sees the old file or the
-    new one, never half of one, and a failure leaves no temporary file. Returns the new file's
+    new one, never half of one, and a failure leaves no temporary file (an OSError without a file
+    name, such as a full disk's, is raised again naming `path`). Returns the new file's
     `digest` (its length and SHA-256), for the caller to record where a later read can check it."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -1370,6 +1366,10 @@ def write_atomically(path, write, mode="w"):
             os.fsync(f.fileno())
         signature = digest(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a full disk says ENOSPC and nothing more: name the file
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
     finally:
         with suppress(FileNotFoundError):
             os.remove(tmp)
@@ -1437,8 +1437,7 @@ def _interrupt(signum, frame):
     raise Interrupted(signum)
 
 
-STOP_SIGNALS = [s for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]
-STOP_SIGNALS = [getattr(signal, s) for s in STOP_SIGNALS]
+STOP_SIGNALS = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]  # no SIGHUP on Windows
 
 
 def error_boundary(prog: str, run: Callable[[], int], secrets=()) -> int:
