@@ -7,35 +7,28 @@ chunk conditioned on what was already rewritten, every chunk checked for fidelit
 maths rewritten as "learning notes" and non-English maths translated. In reading order:
 
 - Rephrasing: the prompts (`STYLES`, `rephrase_messages`), `split_chunks`, `rephrase_chunkwise`
-  (chunk by chunk, the rewrite so far in each prompt, failures retried with their reason), and the
-  fidelity check (`fidelity`: a lexical, an embedding or an LLM-judge measure, and "every number
-  survives").
-- The corpus-scale run: generation backends (`ChatEndpoint`, `EmbeddingEndpoint` for any
-  OpenAI-compatible server, standard library only, with a deadline per request; `CheckpointGenerator`
-  for a trained kimik2 checkpoint; or any callable `generate(messages) -> str`), the (document, style)
-  pairs and their shards, and `rephrase_corpus`: concurrent requests, one crash-safe writer, one
-  process per output file (a lock beside it), a file that is not its own refused untouched.
-- The training data: `ByteTokenizer` (256 ids, lossless through UTF-8; any object with `encode`,
-  `decode`, `vocab_size`, `eos` plugs in); documents from files or folders of .txt, .md, .py and
-  .jsonl (field "text") or the built-in corpus, everything odd in them counted in a `LoadReport`,
-  bad input a `DataError` naming it; `prepare`: tokenised once into memory-mapped token files, split
-  by document, per-domain mixture weights, cached under a hash of inputs and settings, written
-  atomically; `BatchSampler`: batches that are a pure function of (seed, step), so a resumed run
-  sees exactly the batches it would have seen, the global batch independent of the number of DDP
-  processes; `unigram_entropy`, the loss val loss must beat; the built-in corpus, which every Python
-  installation carries (standard-library code, pydoc topics and docstrings, generated maths with
-  worked solutions), so `python train.py` works offline.
-- `number`, `write_atomically`, `digest`/`verify` and `confined`, shared with train.py, and the command line.
+  (chunk by chunk, the rewrite so far in each prompt, failures retried with their reason), and
+  `fidelity` (a lexical, an embedding or an LLM-judge measure, and "every number survives"). Any
+  callable `generate(messages) -> str` is the rephraser. The corpus-scale client (HTTP backends,
+  shards, the output lock, resume, its command line) is data_rephrase.py.
+- The training data: `ByteTokenizer` (256 ids, lossless; any object with `encode`, `decode`,
+  `vocab_size`, `eos` plugs in); documents from files or folders of .txt, .md, .py and .jsonl
+  (field "text"), everything odd in them counted in a `LoadReport`, bad input a `DataError` naming
+  it; `prepare`: split by document, per-domain mixture weights, tokenised once into memory-mapped
+  files cached under a hash of inputs and settings, each file's length and SHA-256 recorded and
+  checked before use; `BatchSampler`: batches that are a pure function of (seed, step), so a resumed
+  run sees exactly the batches it would have seen, the global batch independent of the number of
+  DDP processes; `unigram_entropy`, the loss val loss must beat; the built-in corpus (the standard
+  library's code and documentation, generated maths), so `python train.py` works offline.
+- Shared with train.py: `number`, `write_atomically`, `digest`/`verify`, `confined`, `error_boundary`.
 
 Run:
     python data.py stats [--data SOURCE ...] [--cache-dir data_cache]
-    python data.py rephrase SOURCE... --endpoint http://localhost:8000/v1 --model NAME \
-        --styles 2 --concurrency 16 [--shard I/N] [--fidelity lexical|embedding|llm_judge] \
-        [--timeout SECONDS] [--max-tokens N] --out rephrased.jsonl
+    python data.py rephrase ...        (data_rephrase.py's command line)
 Sources: "builtin" (all three default domains), "builtin:code", "builtin:knowledge", "builtin:math",
 or "[DOMAIN[:WEIGHT]=]PATH" for a file or folder (domain "user" when not named). A rephrase output
 file is a source like any other: `knowledge=docs/ rephrased:0.5=rephrased.jsonl`. Weights are
-shares of the training text (see `prepare`). Rephrasing throughput: `python bench.py rephrase`.
+shares of the training text (see `prepare`).
 """
 from __future__ import annotations  # the rephrasing half comes first and names Document, defined below
 
@@ -101,27 +94,6 @@ def rephrase_messages(source: str, style: str, context: str = "", feedback: str 
         user += f"\n\nYour previous attempt {feedback}. Stay faithful to the source."
     return [{"role": "system", "content": f"You rewrite text for a training corpus. {STYLES[style]} {RULES}"},
             {"role": "user", "content": user}]
-
-
-def _is_english(text: str) -> bool:
-    """Crude script test: most letters ASCII. Non-Latin scripts are caught; French or German pass
-    as English (a language identifier would do better and is one more dependency)."""
-    letters = [c for c in text[:4000] if c.isalpha()]
-    return not letters or sum(c.isascii() for c in letters) >= 0.8 * len(letters)
-
-
-def styles_for(doc: Document, n: int) -> list[str]:
-    """n distinct styles for a document: translate_en first for non-English text, learning_note for
-    maths, then general styles in a rotation that starts at a hash of the text, so the styles are
-    spread evenly over a corpus and stable across reruns, renames and reorderings."""
-    if not 1 <= n <= len(GENERAL_STYLES):
-        raise DataError(f"--styles: between 1 and {len(GENERAL_STYLES)} styles per document, got {n}")
-    special = [] if _is_english(doc.text) else ["translate_en"]
-    if doc.domain == "math":
-        special.append("learning_note")
-    start = int(hashlib.sha1(doc.text.encode()).hexdigest(), 16) % len(GENERAL_STYLES)
-    rotation = GENERAL_STYLES[start:] + GENERAL_STYLES[:start]
-    return (special + rotation)[:n]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -390,7 +362,8 @@ def _drift(score: dict) -> str:
 # The corpus-scale client (backends, shards, the output lock, resume, its command line) lives in
 # data_rephrase.py; its names are reachable here too (`data.rephrase_corpus`), imported on first use.
 REPHRASE_CLIENT = {"OpenAIEndpoint", "ChatEndpoint", "EmbeddingEndpoint", "CheckpointGenerator", "MAX_REPLY_BYTES",
-                   "rephrase_corpus", "rephrase_key", "in_shard", "exclusive_output", "completed_keys"}
+                   "rephrase_corpus", "rephrase_key", "in_shard", "exclusive_output", "completed_keys", "styles_for",
+                   "record_line"}
 
 
 def __getattr__(name):
@@ -548,13 +521,9 @@ def _file_documents(path: Path, domain: str, report: LoadReport):
             continue
         try:
             record = checked_record(raw.rstrip(b"\r\n")) or json.loads(raw.decode("utf-8"))
-        except CorruptFile as e:  # a rephrase record changed since it was written; one cut short by a
-            if raw.endswith(b"\n"):  # killed run (the last line, no newline) is skipped like bad JSON
-                raise DataError(f"{where}: {e}; delete the line (the same rephrase command redoes it)") from None
-            report.bad_json_lines += 1
-            report.problem(where, "a rephrase record cut short skipped")
-            continue
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        except CorruptFile as e:  # a rephrase record whose bytes changed since it was written
+            raise DataError(f"{where}: {e}; delete the line (the same rephrase command redoes it)") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError (a record cut short by a kill is bad JSON)
             report.bad_json_lines += 1
             report.problem(where, f"bad JSON line skipped ({type(e).__name__}: {str(e)[:80]})")
             continue
@@ -568,25 +537,18 @@ def _file_documents(path: Path, domain: str, report: LoadReport):
             yield Document(domain, where, record["text"])
 
 
-RECORD_START = b'{"key": '  # how every rephrase record line begins (`record_line`)
-RECORD_CHECK = re.compile(rb'(.*), "check": "([0-9a-f]{16})"\}', re.S)
-
-
-def record_line(record: dict) -> bytes:
-    """A rephrase record (its "key" first) as one JSON line that checks itself: its last field,
-    "check", is the SHA-256 (16 hex digits) of the line's bytes before it."""
-    body = json.dumps(record, ensure_ascii=False).encode()[:-1]
-    return body + b', "check": "' + hashlib.sha256(body).hexdigest()[:16].encode() + b'"}\n'
+RECORD_START = b'{"key": '  # how every rephrase record line begins (data_rephrase.record_line)
+RECORD_CHECK = re.compile(rb'(\{"key": .*), "check": "([0-9a-f]{16})"\}', re.S)
 
 
 def checked_record(line: bytes) -> dict | None:
-    """The rephrase record on `line` (no newline) when it passes its check; None when the line does
-    not claim to be one (it neither begins like one nor carries a check: one flipped byte cannot
-    remove both); CorruptFile when it claims to be one and fails."""
-    if not line.startswith(RECORD_START) and b', "check": "' not in line:
+    """The rephrase record on `line` (no newline) when it passes its check: its last field,
+    "check", is the SHA-256 (16 hex digits) of the line's bytes before it. None when the line does
+    not look like one (it begins with {"key": and ends with a check; a user's JSON line does not),
+    CorruptFile when it does and fails: its bytes changed after it was written."""
+    if not (m := RECORD_CHECK.fullmatch(line)):
         return None
-    m = RECORD_CHECK.fullmatch(line)
-    if not m or hashlib.sha256(m[1]).hexdigest()[:16].encode() != m[2]:
+    if hashlib.sha256(m[1]).hexdigest()[:16].encode() != m[2]:
         raise CorruptFile("a rephrase record that fails its check: its bytes changed after it was written")
     return json.loads(line)
 
@@ -877,14 +839,16 @@ def prepare(out_dir="data_cache", sources=None, tokenizer=None, val_fraction=0.0
     the sources as "DOMAIN:WEIGHT=PATH", or `weights`, domain -> weight, each a share of the
     training text) resample the training documents (`mix_domains`); validation keeps every domain
     at its natural size. The files are cached under a hash of the inputs and settings and rebuilt
-    only when one of them changes. They are built in a temporary folder, fsynced and renamed into
+    only when one of them changes, or when the cached folder fails its check (`_adopt`: never
+    trained on; "rebuilt" says why). They are built in a temporary folder, fsynced and renamed into
     place, so a killed or concurrent `prepare` (one per DDP rank) never leaves or reads half a file;
-    a failed write (a full disk) removes the temporary folder and raises OSError naming the path.
+    a failed write (a full disk) removes the temporary folder and raises OSError naming the file.
 
     Returns a JSON-able dict: "train"/"val" paths, "dtype", "vocab_size", "eos", "tokens" per
     split, "stats" per domain (docs, bytes, tokens per split; "epochs" = training copies per
     document), "load_report" (`LoadReport`; `describe_load_report` says it in one line), "key",
-    "cached". Open the files with `load_tokens`. Bad sources raise DataError.
+    "cached", "rebuilt", "files" (each file's `digest`). Open the files with `load_tokens`. Bad
+    sources raise DataError.
     """
     tokenizer = tokenizer or ByteTokenizer()
     sources = [str(s) for s in (sources or ["builtin"])]
@@ -1010,7 +974,8 @@ def _write_cache(final: Path, splits: dict, tokenizer, info: dict) -> dict:
             f.flush()
             os.fsync(f.fileno())
         if final.exists() and _adopt(final)[0] is None:  # unusable: replaced (a usable one is another
-            os.rename(final, old)                         # process's identical build, kept below)
+            with suppress(FileNotFoundError):             # process's identical build, kept below)
+                os.rename(final, old)
         with suppress(OSError):  # a usable folder there: another process finished the same key first
             os.rename(tmp, final)
     except OSError as e:
@@ -1389,7 +1354,8 @@ def number(cast, low, high=None, *, above=False):
 def write_atomically(path, write, mode="w"):
     """Replace `path` with what write(file) writes, in one step (a new temporary file beside it,
     fsync, rename, fsync of the folder): a reader or a kill at any moment sees the old file or the
-    new one, never half of one, and a failure leaves no temporary file. Returns the new file's
+    new one, never half of one, and a failure leaves no temporary file (an OSError without a file
+    name, such as a full disk's, is raised again naming `path`). Returns the new file's
     `digest` (its length and SHA-256), for the caller to record where a later read can check it."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -1400,6 +1366,10 @@ def write_atomically(path, write, mode="w"):
             os.fsync(f.fileno())
         signature = digest(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a full disk says ENOSPC and nothing more: name the file
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
     finally:
         with suppress(FileNotFoundError):
             os.remove(tmp)
@@ -1467,8 +1437,7 @@ def _interrupt(signum, frame):
     raise Interrupted(signum)
 
 
-STOP_SIGNALS = [s for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]
-STOP_SIGNALS = [getattr(signal, s) for s in STOP_SIGNALS]
+STOP_SIGNALS = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]  # no SIGHUP on Windows
 
 
 def error_boundary(prog: str, run: Callable[[], int], secrets=()) -> int:
@@ -1551,6 +1520,8 @@ def run_stats(args) -> int:
           f"({info['dtype']}, vocab {info['vocab_size']}, eos {info['eos']}); unigram entropy "
           f"{unigram_entropy(train):.3f} nats/token; cache {info['dir']}"
           f"{' (reused)' if info['cached'] else ''}")
+    if info.get("rebuilt"):
+        print(f"token cache rebuilt: {info['rebuilt']}")
     report = {k: v for k, v in info["load_report"].items() if k != "problems" and v}
     print("loader:", ", ".join(f"{k} {v}" for k, v in report.items()))
     for problem in info["load_report"]["problems"]:

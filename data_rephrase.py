@@ -45,7 +45,7 @@ from data import (GENERAL_STYLES, MIN_SIMILARITY, RECORD_START, RULES, STYLES, B
                   Document,
                   EmbeddingFidelity, GenerationError, JudgeFidelity, LexicalFidelity, LoadReport, _lone_surrogates,
                   _one_line, checked_record, confined, error_boundary, exit_now, load_documents, number,
-                  rephrase_chunkwise, record_line, styles_for)
+                  rephrase_chunkwise)
 
 
 def _stderr(line: str):
@@ -250,6 +250,34 @@ class CheckpointGenerator:
 
 # -----------------------------------------------------------------------------------------------
 # The (document, style) pairs and their shards, one writer per output, concurrent requests
+
+def _is_english(text: str) -> bool:
+    """Crude script test: most letters ASCII. Non-Latin scripts are caught; French or German pass
+    as English (a language identifier would do better and is one more dependency)."""
+    letters = [c for c in text[:4000] if c.isalpha()]
+    return not letters or sum(c.isascii() for c in letters) >= 0.8 * len(letters)
+
+
+def styles_for(doc: Document, n: int) -> list[str]:
+    """n distinct styles for a document: translate_en first for non-English text, learning_note for
+    maths, then general styles in a rotation that starts at a hash of the text, so the styles are
+    spread evenly over a corpus and stable across reruns, renames and reorderings."""
+    if not 1 <= n <= len(GENERAL_STYLES):
+        raise DataError(f"--styles: between 1 and {len(GENERAL_STYLES)} styles per document, got {n}")
+    special = [] if _is_english(doc.text) else ["translate_en"]
+    if doc.domain == "math":
+        special.append("learning_note")
+    start = int(hashlib.sha1(doc.text.encode()).hexdigest(), 16) % len(GENERAL_STYLES)
+    rotation = GENERAL_STYLES[start:] + GENERAL_STYLES[:start]
+    return (special + rotation)[:n]
+
+
+def record_line(record: dict) -> bytes:
+    """A rephrase record (its "key" first) as one JSON line that checks itself: its last field,
+    "check", is the SHA-256 (16 hex digits) of the line's bytes before it."""
+    body = json.dumps(record, ensure_ascii=False).encode()[:-1]
+    return body + b', "check": "' + hashlib.sha256(body).hexdigest()[:16].encode() + b'"}\n'
+
 
 def rephrase_key(text: str, style: str, max_chunk_chars: int, context_chars: int) -> str:
     """What a record is keyed by: a digest of its source text, the style, that style's prompt (its

@@ -292,7 +292,7 @@ def small_cache(tmp_path):
     ("cut val.bin to a third", "val.bin is"),
     ("another corpus's files", "belongs to another corpus's cache"),
     ("no meta.json", "has no meta.json"),
-    ("flip meta.json", "meta.json fails its check"),
+    ("edit meta.json", "meta.json fails its check"),
 ])
 def test_a_corrupt_or_half_built_token_cache_is_rebuilt_never_trained_on(small_cache, tmp_path, fault, named):
     src, cache, info, expected = small_cache
@@ -307,8 +307,9 @@ def test_a_corrupt_or_half_built_token_cache_is_rebuilt_never_trained_on(small_c
             shutil.copy(Path(other["dir"], name), folder / name)
     elif fault == "no meta.json":  # a copy that stopped early: it used to block every rebuild
         (folder / "meta.json").unlink()
-    else:
-        flip(folder / "meta.json", 40)
+    else:  # still valid JSON, one number changed
+        meta = (folder / "meta.json").read_text()
+        (folder / "meta.json").write_text(meta.replace('"val_fraction": 0.05', '"val_fraction": 0.06'))
     again = data.prepare(cache, src)
     assert not again["cached"] and named in again["rebuilt"] and str(folder) in again["rebuilt"]
     line = data.describe_load_report(again)
@@ -456,3 +457,24 @@ def test_kills_at_random_moments_of_a_cache_build_end_in_the_same_tokens(tmp_pat
         data._VERIFIED.clear()  # as in a fresh process
         assert tokens_of(data.prepare(cache, src)) == expected
         assert [p.name for p in cache.iterdir()] == [data.prepare(cache, src)["key"]]
+
+
+def test_a_full_disk_under_write_atomically_names_the_file_and_leaves_the_old_one(tmp_path):
+    path = tmp_path / "manifest.json"
+    path.write_text("old")
+
+    def full_disk(f):
+        f.write("half")
+        raise OSError(errno.ENOSPC, "No space left on device")  # as f.write reports it: no file name
+
+    with pytest.raises(OSError) as failure:
+        data.write_atomically(path, full_disk)
+    assert failure.value.errno == errno.ENOSPC and failure.value.filename == str(path)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_a_users_jsonl_with_its_own_check_or_key_fields_is_plain_training_text(tmp_path):
+    lines = [{"key": "id-1", "text": "A user's record."}, {"text": "Another one.", "check": "0123456789abcdef"}]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    info = data.prepare(tmp_path / "cache", [str(tmp_path / "mine.jsonl")])
+    assert info["load_report"]["documents"] == 2 and info["load_report"]["bad_json_lines"] == 0

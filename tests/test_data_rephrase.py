@@ -4,7 +4,9 @@ after kills and signals, content keys, shards, the output lock, files it must no
 
     python -m pytest -q tests/test_data_rephrase.py
 """
+import errno
 import json
+import os
 import random
 import re
 import signal
@@ -54,7 +56,7 @@ def server():
         yield server
 
 
-def endpoint(server, model, **kw):
+def chat_endpoint(server, model, **kw):
     return data_rephrase.ChatEndpoint(server.url, model, **{"timeout": 2.0, "retries": 2, "backoff": 0.01, **kw})
 
 
@@ -89,18 +91,18 @@ def test_server_errors_are_retried_then_reported(server, failure, message):
     timeout = 0.5 if failure == "hang" else 2.0
     server.scripts[f"flaky-{failure}"] = [failure, failure]
     messages = data.rephrase_messages("One sentence.", "qa")
-    reply = endpoint(server, f"flaky-{failure}", timeout=timeout)(messages)
+    reply = chat_endpoint(server, f"flaky-{failure}", timeout=timeout)(messages)
     assert reply == "In other words: One sentence."
     assert len(requests_of(server, f"flaky-{failure}")) == 3
     server.scripts[f"down-{failure}"] = [failure] * 3
     with pytest.raises(data.GenerationError, match=f"after 3 attempts.*{message}"):
-        endpoint(server, f"down-{failure}", timeout=timeout)(messages)
+        chat_endpoint(server, f"down-{failure}", timeout=timeout)(messages)
 
 
 def test_other_client_errors_fail_at_once_with_status_and_body(server):
     server.scripts["bad-request"] = ["400"]
     with pytest.raises(data.GenerationError, match="HTTP 400: .*scripted 400"):
-        endpoint(server, "bad-request")(data.rephrase_messages("x", "qa"))
+        chat_endpoint(server, "bad-request")(data.rephrase_messages("x", "qa"))
     assert len(requests_of(server, "bad-request")) == 1
 
 
@@ -133,7 +135,7 @@ def test_killed_rephrase_run_resumes_with_each_document_and_style_exactly_once(s
     assert len(keys) == len(set(keys)) == 12
     assert {k[0] for k in keys} == {str(tmp_path / "docs" / f"doc{i:03d}.txt") for i in range(6)}
     assert all(r["text"].startswith("In other words:") and r["similarity_min"] > 0 for r in records)
-    assert server.max_inflight[model] == concurrency  # the pairs really were concurrent
+    assert server.max_inflight[model] >= concurrency  # the pairs really were concurrent (a retry may add one)
     assert re.search(rf"pairs {12 - records_at_kill}/{12 - records_at_kill}, documents 6/6", finished.stderr)
 
 
@@ -199,7 +201,7 @@ def test_retry_after_from_one_request_pauses_every_worker(server, tmp_path):
     server.scripts["pause"] = ["429-wait"]  # the first request is told to come back in 1 s
     server.delay["pause"] = 0.02
     texts = [f"Short document {i}.\n\nIts second paragraph." for i in range(8)]
-    generate = endpoint(server, "pause", backoff=0.01)
+    generate = chat_endpoint(server, "pause", backoff=0.01)
     summary = data_rephrase.rephrase_corpus(make_pairs(texts), generate, tmp_path / "out.jsonl", concurrency=4,
                                    log=lambda line: None, max_chunk_chars=30)
     assert summary["records"] == 8 and summary["ok"] == 16 and summary["error"] is None
@@ -322,12 +324,14 @@ def test_a_second_rephrase_on_one_out_is_refused_naming_the_holder_and_a_dead_on
         server, tmp_path):
     write_docs(tmp_path / "docs", [f"Document {i} says {i}.\n\nIts paragraph {i}." for i in range(6)])
     out, lock = tmp_path / "out.jsonl", tmp_path / "out.jsonl.lock"
-    server.delay["locked"] = 1.0  # slow enough that the first run is still going when the second starts
+    server.delay["locked"] = 3.0  # slow enough that the first run is still going when the second starts
     command = rephrase_command(tmp_path / "docs", out, server, "locked", "--styles", "2")
     first = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: out.exists() and out.read_bytes().count(b"\n") >= 1)
-        second = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        # Hostile pass: a second process with another shard plan on the same --out is refused by the
+        # lock too, before it reads or writes anything.
+        second = subprocess.run(command + ["--shard", "1/2"], capture_output=True, text=True, timeout=60)
         assert second.returncode == 2
         message = second.stderr.strip()
         assert "\n" not in message and f"pid {first.pid} " in message and "data.py rephrase" in message
@@ -366,6 +370,7 @@ def test_a_signal_ends_a_rephrase_in_one_line_and_the_same_command_resumes(serve
 
 
 @pytest.mark.parametrize("content", [b"my notes\nthe last line has no newline", b"",
+                                     b'{"id": "a.txt", "style": "qa", "text": "an older format", "chunks": []}\n',
                                      b'{"id": "x", "style": "qa"}\nnot a record\n',
                                      json.dumps({"text": "a training record"}).encode() + b"\n"])
 def test_rephrase_refuses_an_out_that_is_not_its_own_before_writing_a_byte(server, tmp_path, content,
@@ -395,7 +400,7 @@ def test_a_users_file_named_like_the_lock_is_left_alone(server, tmp_path, capsys
 
 def test_a_trickling_server_fails_at_the_request_deadline(server):
     server.scripts["trickle"] = ["trickle"]  # about 90 bytes at one per 0.3 s: no read ever times out
-    endpoint = endpoint(server, "trickle", timeout=1.0, retries=0)
+    endpoint = chat_endpoint(server, "trickle", timeout=1.0, retries=0)
     start = time.monotonic()
     with pytest.raises(data.GenerationError, match="timed out: no complete reply within the 1 s deadline"):
         endpoint(data.rephrase_messages("One sentence.", "qa"))
@@ -405,7 +410,7 @@ def test_a_trickling_server_fails_at_the_request_deadline(server):
 def test_each_retry_and_each_pause_is_logged_in_one_line(server):
     server.scripts["logged"] = ["500", "429-wait", "cut"]
     lines = []
-    reply = endpoint(server, "logged", retries=3, log=lines.append)(data.rephrase_messages("Hi.", "qa"))
+    reply = chat_endpoint(server, "logged", retries=3, log=lines.append)(data.rephrase_messages("Hi.", "qa"))
     assert reply == "In other words: Hi."
     assert len(lines) == 3 and all("\n" not in line and server.url in line for line in lines)
     assert "attempt 1/4: HTTP 500" in lines[0] and "every request to it pauses 0.01 s" in lines[0]
@@ -415,7 +420,7 @@ def test_each_retry_and_each_pause_is_logged_in_one_line(server):
 
 def test_a_reply_far_longer_than_its_chunk_is_rejected_and_the_record_says_so(server, tmp_path, capsys):
     server.scripts["runaway"] = ["huge"]  # a 1 MB "rewrite" of a 30-character chunk, then a good one
-    result = data.rephrase_chunkwise("The bridge opened in 1932.", "qa", endpoint(server, "runaway"))
+    result = data.rephrase_chunkwise("The bridge opened in 1932.", "qa", chat_endpoint(server, "runaway"))
     assert result.text == "In other words: The bridge opened in 1932."
     assert result.chunks[0]["attempts"] == 2 and result.chunks[0]["long_replies"] == 1
     assert "far longer than a rewrite of this 26-character part" in \
@@ -430,3 +435,227 @@ def test_a_reply_far_longer_than_its_chunk_is_rejected_and_the_record_says_so(se
     assert record["chunks"][0]["long_replies"] == 3
     assert "3 far longer than their chunk" in capsys.readouterr().err
     assert {r["max_tokens"] for r in requests_of(server, "runaway-always")} == {77}
+
+
+# -----------------------------------------------------------------------------------------------
+# Keyed by content, shard plan recorded, records verified on read, no secret at rest
+
+
+def echo_requests(server, model):
+    return len(requests_of(server, model))
+
+
+def test_resume_is_keyed_by_content_whatever_the_inputs_order_path_or_edits(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    texts = [f"Line {i} states fact number {i * 11}." for i in range(6)]
+    source = tmp_path / "in.jsonl"
+
+    def write(lines):
+        source.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+
+    def rephrase(path, model="keyed"):
+        before = echo_requests(server, model)
+        assert data.main(["rephrase", str(path), "--endpoint", server.url, "--model", model, "--out", "out.jsonl",
+                          "--backoff", "0.01"]) == 0
+        return echo_requests(server, model) - before
+
+    write(texts)
+    assert rephrase(source) == 6
+    write(["A new first line, fact 1.", "A new second line, fact 2."] + texts)  # two lines inserted at the top
+    assert rephrase(source) == 2
+    write(list(reversed(texts)) + ["A new first line, fact 1.", "A new second line, fact 2."])
+    assert rephrase("in.jsonl") == 0  # another order, the same input by its relative path: nothing to do
+    edited = texts[:3] + ["Line 3 now states fact number 34."] + texts[4:]
+    write(edited + ["A new first line, fact 1.", "A new second line, fact 2."])
+    assert rephrase(source) == 1  # the edited line gets a new rewrite
+    assert "1 records in out.jsonl rewrite texts or settings that are not in this run's input" in capsys.readouterr().err
+    records = read_records(tmp_path / "out.jsonl")
+    assert len(records) == 9 and len({r["key"] for r in records}) == 9
+    by_text = {r["text"]: r for r in records}
+    assert "In other words: Line 3 now states fact number 34." in by_text  # not the old rewrite reused
+    for r in records:  # every record is the rewrite of the text its key names
+        original = r["text"].removeprefix("In other words: ")
+        assert r["key"] == data_rephrase.rephrase_key(original, r["style"], 2000, 3000)
+
+
+def test_another_shard_plan_on_one_out_is_refused_before_any_write(server, tmp_path, capsys):
+    write_docs(tmp_path / "docs", [f"Fact {i}: the answer is {i * 7}." for i in range(6)])
+    out = tmp_path / "out.jsonl"
+    common = ["rephrase", str(tmp_path / "docs"), "--endpoint", server.url, "--backoff", "0.01", "--out", str(out)]
+    assert data.main(common + ["--shard", "0/2"]) == 0
+    written = out.read_bytes()
+    assert {r["shard"] for r in read_records(out)} == {"0/2"}
+    capsys.readouterr()
+    assert data.main(common + ["--shard", "0/3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"data.py rephrase: --shard: {out} holds the records of shard 0/2, this run is shard 0/3; give "
+                   "each shard plan its own --out (the file is left as it was)")
+    assert out.read_bytes() == written and not Path(f"{out}.lock").exists()
+    assert data.main(common + ["--shard", "0/2"]) == 0 and out.read_bytes() == written  # the same plan: done
+
+
+def test_a_record_with_flipped_bytes_is_refused_on_resume_and_in_training(server, tmp_path, capsys):
+    # Hostile pass: a rephrase output whose bytes changed after it was written.
+    write_docs(tmp_path / "docs", [f"Fact {i}: the answer is {i * 7}." for i in range(4)])
+    out = tmp_path / "out.jsonl"
+    command = ["rephrase", str(tmp_path / "docs"), "--endpoint", server.url, "--backoff", "0.01", "--out", str(out)]
+    assert data.main(command) == 0
+    lines = out.read_bytes().split(b"\n")
+    lines[1] = lines[1].replace(b"the answer is", b"the answer was")  # still valid JSON, still a record
+    out.write_bytes(b"\n".join(lines))
+    capsys.readouterr()
+    assert data.main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"data.py rephrase: --out {out}:2: a rephrase record that fails its check") and "\n" not in err
+    with pytest.raises(data.DataError, match=f"{re.escape(str(out))}:2: a rephrase record that fails its check"):
+        data.prepare(tmp_path / "cache", [f"rephrased={out}"])
+    del lines[1]  # what the message says to do: the same command then redoes exactly that record
+    out.write_bytes(b"\n".join(lines))
+    assert data.main(command) == 0
+    assert len(read_records(out)) == 4 and "1 new records" in capsys.readouterr().err
+    assert data.prepare(tmp_path / "cache", [f"rephrased={out}"])["load_report"]["documents"] == 4
+
+
+def test_no_api_key_is_written_to_any_file_or_printed(server, tmp_path, monkeypatch, capsys):
+    secret = "sk-SECRET-2468"
+    write_docs(tmp_path / "docs", [f"Document {i} says {i}." for i in range(3)])
+    out = tmp_path / "out.jsonl"
+    server.delay["keyed-secret"] = 1.0
+    command = rephrase_command(tmp_path / "docs", out, server, "keyed-secret", "--api-key", secret)
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    lock = Path(f"{out}.lock")
+    wait_for(lambda: lock.exists() and lock.read_text())
+    held = lock.read_text()
+    err = run.communicate(timeout=60)[1]
+    assert run.returncode == 0 and "--api-key '***'" in held, held
+    assert secret not in held + err + out.read_text()
+    # A key pasted with its line end used to reach an HTTP header error, and the terminal with it.
+    assert data.main(command[2:-1] + [secret + "\n"]) == 2
+    assert capsys.readouterr().err.strip() == ("data.py rephrase: --api-key: the key holds a space, a newline or "
+                                               "another unprintable character (pasted with its line end?)")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"a library that put the key {secret} in its message")
+
+    monkeypatch.setattr(data_rephrase, "rephrase_corpus", broken)
+    assert data.main(command[2:]) == 1
+    err = capsys.readouterr().err.strip()
+    saved = Path(re.search(r"traceback saved to (\S+)\)$", err)[1])
+    assert secret not in err + saved.read_text() and "***" in err and "***" in saved.read_text()
+    saved.unlink()
+
+
+def test_a_symbolic_link_named_like_the_lock_is_not_written_through(server, tmp_path, capsys):
+    # Hostile pass: <out>.lock is a link to a file elsewhere; opening it would write our pid there.
+    write_docs(tmp_path / "docs", ["One fact: 7."])
+    elsewhere = tmp_path / "elsewhere.txt"
+    (tmp_path / "out.jsonl.lock").symlink_to(elsewhere)
+    code = data.main(["rephrase", str(tmp_path / "docs"), "--endpoint", server.url, "--out", str(tmp_path / "out.jsonl")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cannot create its lock file" in err and "\n" not in err
+    assert not elsewhere.exists() and not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_full_disk_while_appending_names_the_output_and_the_same_command_resumes(server, tmp_path, monkeypatch,
+                                                                                    capsys):
+    write_docs(tmp_path / "docs", [f"Fact {i}: the answer is {i * 7}." for i in range(4)])
+    out = tmp_path / "out.jsonl"
+    command = ["rephrase", str(tmp_path / "docs"), "--endpoint", server.url, "--backoff", "0.01", "--out", str(out)]
+    real_fsync, calls = os.fsync, []
+
+    def full_disk(fd):
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(data_rephrase.os, "fsync", full_disk)
+    assert data.main(command) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"data.py rephrase: {out}: appending a record failed: No space left on device"
+    monkeypatch.setattr(data_rephrase.os, "fsync", real_fsync)
+    assert data.main(command) == 0
+    assert len({r["key"] for r in read_records(out)}) == len(read_records(out)) == 4
+
+
+def test_random_faults_in_a_rephrase_output_end_in_an_exact_resume_or_a_one_line_refusal(tmp_path, monkeypatch):
+    # Fault injection: each run breaks a finished output at random (bytes flipped, the file cut
+    # anywhere, a full disk in the middle of a record), then resumes. Every run must end with each
+    # record exactly once and each the rewrite of its own text, or in a refusal naming the file and
+    # line, before a byte is written.
+    rng = random.Random(24)
+    docs = [data.Document("user", f"doc{i}", f"Document {i} states that {i} times 3 is {i * 3}.") for i in range(8)]
+    pairs = [(doc, "qa") for doc in docs]
+
+    def generate(messages):
+        return "Rewritten: " + bench.source_of(messages)
+
+    def run(out):
+        return data_rephrase.rephrase_corpus(pairs, generate, out, log=lambda line: None)
+
+    reference = tmp_path / "reference.jsonl"
+    run(reference)
+    expected = {r["key"]: r["text"] for r in read_records(reference)}
+    outcomes = {}
+    for i in range(60):
+        out = tmp_path / f"out{i}.jsonl"
+        raw = reference.read_bytes()
+        fault = rng.choice(["flip", "cut", "full disk"])
+        if fault == "flip":
+            raw = bytearray(raw)
+            for _ in range(rng.randint(1, 3)):
+                raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+            out.write_bytes(bytes(raw))
+        elif fault == "cut":
+            out.write_bytes(raw[:rng.randrange(len(raw))])
+        else:
+            fail_at, real_append = rng.randrange(1, 8), data_rephrase._append_record
+
+            def full_disk(f, record):  # a record cut anywhere, as a write onto a full disk leaves it
+                if len(read_records_or_empty(out)) + 1 == fail_at:
+                    line = data_rephrase.record_line(record)
+                    f.write(line[:rng.randrange(len(line))])
+                    f.flush()
+                    raise OSError(errno.ENOSPC, "appending a record failed: No space left on device", f.name)
+                real_append(f, record)
+            with monkeypatch.context() as patch:
+                patch.setattr(data_rephrase, "_append_record", full_disk)
+                with pytest.raises(OSError, match="No space left") as failure:
+                    run(out)
+                assert failure.value.filename == str(out)
+        before = out.read_bytes()
+        try:
+            run(out)
+        except data.DataError as e:
+            assert "\n" not in str(e) and re.match(rf"--out {re.escape(str(out))}:\d+: ", str(e)), str(e)
+            assert out.read_bytes() == before  # refused before a byte was written
+            outcomes[f"{fault}: refused naming the line"] = outcomes.get(f"{fault}: refused naming the line", 0) + 1
+            continue
+        records = read_records(out)
+        assert {r["key"]: r["text"] for r in records} == expected and len(records) == len(expected), (i, fault)
+        outcomes[f"{fault}: exact resume"] = outcomes.get(f"{fault}: exact resume", 0) + 1
+    print(outcomes)
+    assert sum(outcomes.values()) == 60
+
+
+def read_records_or_empty(path):
+    if not path.exists():
+        return []
+    return [line for line in path.read_bytes().split(b"\n")[:-1]]
+
+
+def test_kills_at_random_moments_of_a_rephrase_end_in_an_exact_resume(server, tmp_path):
+    rng = random.Random(7)
+    write_docs(tmp_path / "docs", [f"Document {i} says {i}.\n\nIts second paragraph, {i * 3}." for i in range(6)])
+    out = tmp_path / "out.jsonl"
+    server.delay["killed-at-random"] = 0.05
+    command = rephrase_command(tmp_path / "docs", out, server, "killed-at-random", "--styles", "2", "--concurrency", "2")
+    for _ in range(3):
+        run = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 4.0))
+        run.kill()
+        run.wait()
+    assert data.main(command[2:]) == 0
+    records = read_records(out)
+    assert len(records) == len({r["key"] for r in records}) == 12
+    assert all(r["text"].startswith("In other words:") for r in records)
