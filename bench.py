@@ -623,12 +623,64 @@ def bench_ns_variants(dtype, reps, budget_s=None) -> dict:
     return out
 
 
-def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int) -> dict:
+class PhaseTimer:
+    """Exclusive seconds per phase of MuonClip's step, by wrapping the functions that do each phase
+    (PHASES): a wrapped call's time less that of the wrapped calls inside it. What no phase covers
+    (Python, DTensor and state bookkeeping, index copies) is the step's time less their sum."""
+
+    def __init__(self):
+        self.seconds, self.stack, self.on = collections.defaultdict(float), [], False
+
+    def wrap(self, phase, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            if not self.on:
+                return fn(*args, **kwargs)
+            start = time.perf_counter()
+            self.stack.append(0.0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inner, spent = self.stack.pop(), time.perf_counter() - start
+                self.seconds[phase] += spent - inner
+                if self.stack:
+                    self.stack[-1] += spent
+        return timed
+
+    def install(self):
+        """Wrap PHASES' functions where they are looked up at call time (module globals, class attributes)."""
+        import importlib
+        for module, name, phase in PHASES:
+            try:
+                owner = importlib.import_module(module)
+            except ImportError:                        # muonclip_dist.py absent: no exchange to time
+                continue
+            *path, attr = name.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            if hasattr(owner, attr):
+                setattr(owner, attr, self.wrap(phase, getattr(owner, attr)))
+
+
+# (module, function, phase), muonclip's first (muonclip_dist, imported here after them, takes the wrapped
+# muon_update from muonclip): muon_update's own time is the momentum, weight decay and update (Newton-
+# Schulz and any exchange inside it are timed as theirs); the exchange is the all-to-alls and, under
+# DDP, unpacking the updated weights every other process sent
+PHASES = [("muonclip", "muon_update", "momentum and update"), ("muonclip", "newton_schulz", "Newton-Schulz"),
+          ("muonclip_dist", "_exchange", "exchange"), ("muonclip_dist", "_ShareOut.share", "exchange"),
+          ("muonclip", "MuonClip._adamw_step", "AdamW"), ("muonclip", "MuonClip._qk_clip", "QK-Clip")]
+PHASE_NAMES = list(dict.fromkeys(phase for *_, phase in PHASES)) + ["bookkeeping"]
+
+
+def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int, phase_steps: int = 5) -> dict:
     """Run under torchrun (or alone for 1 process), one thread per process: one forward + backward
     of `preset` on this rank's share of the batch, then MuonClip steps on those gradients, timed
-    between barriers, round-robin between distribute=True (each Newton-Schulz unit on one rank) and
-    distribute=False (every rank orthogonalises every unit, the way before)."""
+    between barriers, round-robin between distribute=True (each process updating its share) and
+    distribute=False (every process orthogonalising every unit, the way before); then phase_steps
+    more distribute=True steps with PhaseTimer on, each phase's ms per step averaged over the ranks."""
     torch.set_num_threads(1)
+    timer = PhaseTimer()
+    timer.install()
     world = 1
     if wrap != "single":
         torch.distributed.init_process_group("gloo")
@@ -656,8 +708,23 @@ def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int) -> 
                 torch.distributed.barrier()
         return step
     t = race({name: timed(opt) for name, opt in opts.items()}, reps, 2)
+    own = 0.0                                     # this rank's step time, without waiting at the barriers
+    timer.on = True
+    for _ in range(phase_steps):
+        if world > 1:
+            torch.distributed.barrier()
+        start = time.perf_counter()
+        opts["new"].step()
+        own += time.perf_counter() - start
+    timer.on = False
+    phases = torch.tensor([timer.seconds[p] for p in PHASE_NAMES[:-1]] + [own - sum(timer.seconds.values())],
+                          dtype=torch.float64) * 1e3 / phase_steps
+    if world > 1:
+        torch.distributed.all_reduce(phases)
+        phases /= world
     res = dict(ns_dtype=str(dtype).removeprefix("torch."), world=world,
-               ns_matrices=opts["new"].newton_schulz_matrices, **{f"{k}_ms": v * 1e3 for k, v in t.items()})
+               ns_matrices=opts["new"].newton_schulz_matrices, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
+               phases_ms=dict(zip(PHASE_NAMES, phases.tolist())))
     if world > 1:
         torch.distributed.destroy_process_group()
     return res
@@ -1013,10 +1080,13 @@ def lines_ns_variants(r):
 
 def lines_distributed(r):
     single = r["single"]["new_ms"]
-    return [(f"11 opt step, 2 procs {wrap.upper()} / 1 proc (1 thread each)",
-             f"new {r[wrap]['new_ms']:.1f} / {single:.1f} ms = {r[wrap]['new_ms'] / single:.2f}x; before "
-             f"{r[wrap]['old_ms']:.1f} ms = {r[wrap]['old_ms'] / single:.2f}x (NS {r[wrap]['ns_dtype']})", None, None)
-            for wrap in ("ddp", "fsdp")]
+    lines = [(f"11 opt step, 2 procs {wrap.upper()} / 1 proc (1 thread each)",
+              f"new {r[wrap]['new_ms']:.1f} / {single:.1f} ms = {r[wrap]['new_ms'] / single:.2f}x; before "
+              f"{r[wrap]['old_ms']:.1f} ms = {r[wrap]['old_ms'] / single:.2f}x (NS {r[wrap]['ns_dtype']})", None, None)
+             for wrap in ("ddp", "fsdp")]
+    lines.append(("   its phases, ms per step (mean of the ranks)", "1 proc / 2 procs DDP / 2 procs FSDP2", None, None))
+    return lines + [(f"     {phase}", " / ".join(f"{r[w]['phases_ms'][phase]:.1f}" for w in ("single", "ddp", "fsdp")),
+                     None, None) for phase in PHASE_NAMES]
 
 
 def lines_cuda(r):

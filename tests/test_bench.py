@@ -109,3 +109,14 @@ def test_every_row_formats_with_and_without_bf16(with_bf16):
     for key, value in rows.items():
         text = " ".join(v for line in bench.ROW_LINES[key](value) for v in line[:2])
         assert ("skipped" in text or "(emulated)" in text) != with_bf16, (key, text)
+
+
+def test_phase_timer_counts_each_phase_without_the_phases_inside_it():
+    timer = bench.PhaseTimer()
+    inner = timer.wrap("inner", lambda: time.sleep(0.2))
+    outer = timer.wrap("outer", lambda: (time.sleep(0.2), inner()))
+    outer()
+    assert timer.seconds == {}                          # off until asked
+    timer.on = True
+    outer()
+    assert timer.seconds["inner"] >= 0.2 and 0.2 <= timer.seconds["outer"] < 0.35   # 0.4 with inner's time
