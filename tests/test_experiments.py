@@ -9,9 +9,7 @@ stand-ins with known logits.
     python -m pytest -q tests/test_experiments.py
 """
 import json
-import math
 import os
-import re
 import sys
 
 import pytest
