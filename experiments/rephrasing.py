@@ -294,7 +294,7 @@ def score_finetuned(model, questions: dict, everyone: list[dict]) -> dict:
 # Driving train.py and reporting
 
 SIZES = {  # the steps follow from the text: one pass over it
-    "full": dict(people=40, k=100, ft_passes=20, seeds=[0, 1, 2]),
+    "full": dict(people=40, k=120, ft_passes=20, seeds=[0, 1, 2]),
     "pilot": dict(people=20, k=60, ft_passes=20, seeds=[0]),
 }
 
@@ -308,7 +308,7 @@ def final_checkpoint(run_dir: Path) -> Path:
 
 def run(args) -> int:
     out = Path(args.out)
-    common = ["--sample-tokens", "0", "--keep-ckpts", "1", *shlex.split(args.train_args)]
+    common = ["--sample-tokens", "0", "--keep-ckpts", "1"]
     plans, everyone, items = {}, {}, {}
     for seed in args.seeds:
         data_dir = out / f"data-s{seed}"
@@ -325,7 +325,8 @@ def run(args) -> int:
     summarize.train_all({str(folder): ["--data", str(plans[seed][0] / f"pretrain-{arm}.jsonl"), *val(seed),
                                        "--seed", str(seed), "--max-steps", str(plans[seed][1]),
                                        "--eval-interval", str(plans[seed][1] // 4), "--ckpt-interval", str(plans[seed][1]),
-                                       *common] for (arm, seed), folder in pre.items()}, args.jobs)
+                                       *common, *shlex.split(args.train_args)] for (arm, seed), folder in pre.items()},
+                        args.jobs)
     scores = {}
     for (arm, seed), folder in pre.items():
         model = KimiK2.from_pretrained(str(folder / "hf"))
@@ -339,13 +340,13 @@ def run(args) -> int:
                                        "--max-steps", str(plans[key[1]][2]), "--lr", str(args.ft_lr),
                                        "--warmup-steps", str(plans[key[1]][2] // 10),
                                        "--eval-interval", str(plans[key[1]][2] // 2),
-                                       "--ckpt-interval", str(plans[key[1]][2]), *common]
+                                       "--ckpt-interval", str(plans[key[1]][2]), *common, *shlex.split(args.ft_args)]
                          for key, folder in ft.items()}, args.jobs)
     for (arm, seed), folder in ft.items():
         model = KimiK2.from_pretrained(str(folder / "hf"))
         scores[f"{arm}-s{seed}"].update(score_finetuned(model, items[seed]["questions"], everyone[seed]))
     result = {"settings": {"people": args.people, "k": args.k, "ft_passes": args.ft_passes, "seeds": args.seeds, "arms": args.arms,
-                           "ft_lr": args.ft_lr, "train_args": args.train_args,
+                           "ft_lr": args.ft_lr, "train_args": args.train_args, "ft_args": args.ft_args,
                            "steps": {s: plans[s][1:] for s in args.seeds}}, "scores": scores}
     data.write_atomically(out / "scores.json", lambda f: json.dump(result, f, indent=1))
     print(report(result))
@@ -426,7 +427,9 @@ def main(argv=None) -> int:
     r.add_argument("--ft-lr", type=data.number(float, 0, above=True), default=3e-3, help="fine-tuning peak learning rate")
     r.add_argument("--plot", help="PNG of the scores (needs matplotlib)")
     r.add_argument("--jobs", type=data.number(int, 1), default=1, help="runs at a time")
-    r.add_argument("--train-args", default="", help="more train.py options for both phases, one string")
+    r.add_argument("--train-args", default="", help="more train.py options for pretraining, one string "
+                   "(e.g. \"--set n_routed_experts=8\"); fine-tuning takes the checkpoint's model")
+    r.add_argument("--ft-args", default="", help="more train.py options for fine-tuning, one string")
     rep = commands.add_parser("report")
     rep.add_argument("--out", required=True, help="experiment folder holding scores.json")
     rep.add_argument("--plot", help="PNG of the scores (needs matplotlib)")
