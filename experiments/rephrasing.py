@@ -38,7 +38,7 @@ distinct values), the chance printed beside it. The seed sets the people, the te
 seed.
 
     python experiments/rephrasing.py data --out runs/rephrase/data      # the corpora and question sets
-    OMP_NUM_THREADS=1 nice python experiments/rephrasing.py run --jobs 2 --out runs/rephrase   # about an hour on 2 cores
+    OMP_NUM_THREADS=1 nice python experiments/rephrasing.py run --jobs 2 --out runs/rephrase   # about an hour
     OMP_NUM_THREADS=1 python experiments/rephrasing.py run --pilot --jobs 2 --out runs/rephrase-pilot
 
 `run` writes each seed's data, pretrains every (arm, seed), scores the gate, fine-tunes, scores,
@@ -160,7 +160,8 @@ def rewrites(person: dict, k: int, seed=0) -> list[str]:
 def question(person: dict, attribute: str, form: int) -> dict:
     """A question and its answer, " VALUE." after "A:"."""
     return {"name": person["name"], "attribute": attribute,
-            "prompt": f"Q: {QUESTIONS[attribute][form].format(name=person['name'])}\nA:", "answer": f" {person[attribute]}."}
+            "prompt": f"Q: {QUESTIONS[attribute][form].format(name=person['name'])}\nA:",
+            "answer": f" {person[attribute]}."}
 
 
 def recall_items(person: dict, bio: str) -> list[dict]:
@@ -195,8 +196,8 @@ def corpora(n_people=40, k=100, seed=0, ft_passes=20, page_size=8) -> dict:
             "rephrased": [list(texts) for texts in zip(*(rewrites(p, k, seed) for p in everyone))]}
     pretrain = {arm: pages(bios[arm], page_size, random.Random(f"bio-pages:{seed}")) for arm in ARMS}
     pick = random.Random(f"gate:{seed}")  # rephrased: one of its k texts per person, drawn
-    gate = {arm: [it for i, p in enumerate(everyone) for it in recall_items(p, bios[arm][pick.randrange(k) if arm == "rephrased" else 0][i])]
-            for arm in ARMS}
+    own = {arm: [bios[arm][pick.randrange(k) if arm == "rephrased" else 0][i] for i in range(n_people)] for arm in ARMS}
+    gate = {arm: [it for p, bio in zip(everyone, own[arm]) for it in recall_items(p, bio)] for arm in ARMS}
 
     def ask(group, forms):
         return [question(p, a, form) for p in group for a in ATTRIBUTES for form in forms]
@@ -263,7 +264,8 @@ def encode(text: str) -> list[int]:
 
 
 def exact_match(model, items) -> float:
-    return sum(e for _, e in answer_losses(model, [(encode(it["prompt"]), encode(it["answer"])) for it in items])) / len(items)
+    pairs = [(encode(it["prompt"]), encode(it["answer"])) for it in items]
+    return sum(exact for _, exact in answer_losses(model, pairs)) / len(items)
 
 
 def person_contrast(model, items, group: list[dict]) -> tuple[float, float]:
@@ -286,7 +288,8 @@ def score_finetuned(model, questions: dict, everyone: list[dict]) -> dict:
     scores = {}
     for name, items in questions.items():
         contrast, chance = person_contrast(model, items, groups[name])
-        scores[name] = {"exact_match": exact_match(model, items), "contrast": contrast, "chance": chance, "n": len(items)}
+        scores[name] = {"exact_match": exact_match(model, items), "contrast": contrast, "chance": chance,
+                        "n": len(items)}
     return scores
 
 
@@ -309,45 +312,43 @@ def final_checkpoint(run_dir: Path) -> Path:
 def run(args) -> int:
     out = Path(args.out)
     common = ["--sample-tokens", "0", "--keep-ckpts", "1"]
-    plans, everyone, items = {}, {}, {}
+    plan = {}  # seed -> its data folder, steps and question items
     for seed in args.seeds:
         data_dir = out / f"data-s{seed}"
         counts = write_data(data_dir, args.people, args.k, seed, args.ft_passes)
-        steps = min(counts[arm] for arm in ARMS) // TOKENS_PER_STEP
-        ft_steps = counts["finetune"] // TOKENS_PER_STEP
-        print(f"seed {seed}: byte tokens {counts}; every arm pretrains {steps} steps and fine-tunes {ft_steps} "
-              f"steps of {TOKENS_PER_STEP} tokens", flush=True)
-        plans[seed] = (data_dir, steps, ft_steps)
-        everyone[seed] = people(args.people, seed)
-        items[seed] = json.loads((data_dir / "items.json").read_text())
-    val = lambda seed: ["--val-data", str(plans[seed][0] / "validation.jsonl")]  # noqa: E731
+        plan[seed] = dict(dir=data_dir, steps=min(counts[arm] for arm in ARMS) // TOKENS_PER_STEP,
+                          ft_steps=counts["finetune"] // TOKENS_PER_STEP, people=people(args.people, seed),
+                          items=json.loads((data_dir / "items.json").read_text()))
+        print(f"seed {seed}: byte tokens {counts}; every arm pretrains {plan[seed]['steps']} steps and fine-tunes "
+              f"{plan[seed]['ft_steps']} steps of {TOKENS_PER_STEP} tokens", flush=True)
+
+    def train_args(seed, data_file, steps, evals):
+        return ["--data", str(plan[seed]["dir"] / data_file), "--val-data", str(plan[seed]["dir"] / "validation.jsonl"),
+                "--seed", str(seed), "--max-steps", str(steps), "--eval-interval", str(steps // evals),
+                "--ckpt-interval", str(steps), *common]
     pre = {(arm, seed): out / f"pre-{arm}-s{seed}" for seed in args.seeds for arm in args.arms}
-    summarize.train_all({str(folder): ["--data", str(plans[seed][0] / f"pretrain-{arm}.jsonl"), *val(seed),
-                                       "--seed", str(seed), "--max-steps", str(plans[seed][1]),
-                                       "--eval-interval", str(plans[seed][1] // 4), "--ckpt-interval", str(plans[seed][1]),
-                                       *common, *shlex.split(args.train_args)] for (arm, seed), folder in pre.items()},
+    summarize.train_all({str(folder): [*train_args(seed, f"pretrain-{arm}.jsonl", plan[seed]["steps"], 4),
+                                       *shlex.split(args.train_args)] for (arm, seed), folder in pre.items()},
                         args.jobs)
     scores = {}
     for (arm, seed), folder in pre.items():
+        gate = plan[seed]["items"]["gate"][arm]
         model = KimiK2.from_pretrained(str(folder / "hf"))
-        scores[f"{arm}-s{seed}"] = {"gate": {"exact_match": exact_match(model, items[seed]["gate"][arm]),
-                                             "n": len(items[seed]["gate"][arm])}}
+        scores[f"{arm}-s{seed}"] = {"gate": {"exact_match": exact_match(model, gate), "n": len(gate)}}
         print(f"gate, {folder}: {100 * scores[f'{arm}-s{seed}']['gate']['exact_match']:.1f}% of its own "
               f"biographies' facts recalled exactly", flush=True)
     ft = {(arm, seed): out / f"ft-{arm}-s{seed}" for (arm, seed) in pre}
-    summarize.train_all({str(folder): ["--init-from", str(final_checkpoint(pre[key])), "--data",
-                                       str(plans[key[1]][0] / "finetune.jsonl"), *val(key[1]), "--seed", str(key[1]),
-                                       "--max-steps", str(plans[key[1]][2]), "--lr", str(args.ft_lr),
-                                       "--warmup-steps", str(plans[key[1]][2] // 10),
-                                       "--eval-interval", str(plans[key[1]][2] // 2),
-                                       "--ckpt-interval", str(plans[key[1]][2]), *common, *shlex.split(args.ft_args)]
-                         for key, folder in ft.items()}, args.jobs)
+    summarize.train_all({str(folder): ["--init-from", str(final_checkpoint(pre[(arm, seed)])),
+                                       *train_args(seed, "finetune.jsonl", plan[seed]["ft_steps"], 2),
+                                       "--lr", str(args.ft_lr), "--warmup-steps", str(plan[seed]["ft_steps"] // 10),
+                                       *shlex.split(args.ft_args)] for (arm, seed), folder in ft.items()}, args.jobs)
     for (arm, seed), folder in ft.items():
         model = KimiK2.from_pretrained(str(folder / "hf"))
-        scores[f"{arm}-s{seed}"].update(score_finetuned(model, items[seed]["questions"], everyone[seed]))
-    result = {"settings": {"people": args.people, "k": args.k, "ft_passes": args.ft_passes, "seeds": args.seeds, "arms": args.arms,
-                           "ft_lr": args.ft_lr, "train_args": args.train_args, "ft_args": args.ft_args,
-                           "steps": {s: plans[s][1:] for s in args.seeds}}, "scores": scores}
+        scores[f"{arm}-s{seed}"].update(score_finetuned(model, plan[seed]["items"]["questions"], plan[seed]["people"]))
+    settings = {key: getattr(args, key) for key in ("people", "k", "ft_passes", "seeds", "arms", "ft_lr", "train_args",
+                                                    "ft_args")}
+    settings["steps"] = {seed: [plan[seed]["steps"], plan[seed]["ft_steps"]] for seed in args.seeds}
+    result = {"settings": settings, "scores": scores}
     data.write_atomically(out / "scores.json", lambda f: json.dump(result, f, indent=1))
     print(report(result))
     if args.plot:
@@ -355,27 +356,31 @@ def run(args) -> int:
     return 0
 
 
-def spread(values, scale=100, fmt=".1f") -> str:
-    mean = sum(values) / len(values)
-    return f"{scale * mean:{fmt}}" + (f" ({', '.join(f'{scale * v:{fmt}}' for v in values)})" if len(values) > 1 else "")
+def spread(values) -> str:
+    """Percent: the mean, then each seed in brackets."""
+    mean = f"{100 * sum(values) / len(values):.1f}"
+    return mean + (f" ({', '.join(f'{100 * v:.1f}' for v in values)})" if len(values) > 1 else "")
+
+
+COLUMNS = (("gate", "exact_match"), ("ft_seen", "exact_match"), ("qa", "exact_match"), ("qa", "contrast"),
+           ("qa_unseen", "exact_match"), ("qa_unseen", "contrast"))
 
 
 def report(result: dict) -> str:
-    """The Markdown table: per arm, mean over seeds and (in brackets) each seed."""
+    """The Markdown table: per arm, percent, mean over seeds and (in brackets) each seed; a contrast
+    cell ends with its chance (mean over seeds: the people differ)."""
     s, scores = result["settings"], result["scores"]
-    lines = [f"{s['people']} people, k = {s['k']}, seeds {', '.join(map(str, s['seeds']))}; "
-             "percent, mean (per seed); contrast chance in the header", "",
-             "| arm | gate: own biographies, exact | ft_seen exact | qa exact | qa contrast | qa_unseen exact | qa_unseen contrast |",
-             "|---|---|---|---|---|---|---|"]
-    first = scores[f"{s['arms'][0]}-s{s['seeds'][0]}"]
-    lines[3 - 1] = lines[2].replace("qa contrast", f"qa contrast (chance {100 * first['qa']['chance']:.1f})").replace(
-        "qa_unseen contrast", f"qa_unseen contrast (chance {100 * first['qa_unseen']['chance']:.1f})")
+    header = {"gate": "gate: own biographies"}
+    lines = [f"{s['people']} people, k = {s['k']}, seeds {', '.join(map(str, s['seeds']))}", "",
+             "| arm | " + " | ".join(f"{header.get(q, q)} {key.replace('_', ' ')}" for q, key in COLUMNS) + " |",
+             "|---|" + "---|" * len(COLUMNS)]
     for arm in s["arms"]:
         runs = [scores[f"{arm}-s{seed}"] for seed in s["seeds"]]
-        cells = [spread([r["gate"]["exact_match"] for r in runs])]
-        cells += [spread([r[q][key] for r in runs]) for q, key in (("ft_seen", "exact_match"), ("qa", "exact_match"),
-                                                                   ("qa", "contrast"), ("qa_unseen", "exact_match"),
-                                                                   ("qa_unseen", "contrast"))]
+        cells = []
+        for q, key in COLUMNS:
+            cells.append(spread([r[q][key] for r in runs]))
+            if key == "contrast":
+                cells[-1] += f", chance {100 * sum(r[q]['chance'] for r in runs) / len(runs):.1f}"
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -384,8 +389,7 @@ def plot(result: dict, path: str):
     if (plt := _pyplot(path)) is None:
         return
     s, scores = result["settings"], result["scores"]
-    columns = [("gate", "exact_match"), ("ft_seen", "exact_match"), ("qa", "exact_match"), ("qa", "contrast"),
-               ("qa_unseen", "exact_match"), ("qa_unseen", "contrast")]
+    columns = COLUMNS
     fig, ax = plt.subplots(figsize=(11, 4))
     width = 0.8 / len(s["arms"])
     for i, arm in enumerate(s["arms"]):
@@ -407,7 +411,8 @@ def plot(result: dict, path: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
     for name in ("data", "run"):
         c = commands.add_parser(name)
@@ -424,7 +429,8 @@ def main(argv=None) -> int:
                    help="seeds of the people, the texts and train.py")
     r.add_argument("--pilot", action="store_true", help=f"the short run: {SIZES['pilot']}")
     r.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
-    r.add_argument("--ft-lr", type=data.number(float, 0, above=True), default=3e-3, help="fine-tuning peak learning rate")
+    r.add_argument("--ft-lr", type=data.number(float, 0, above=True), default=3e-3,
+                   help="fine-tuning peak learning rate")
     r.add_argument("--plot", help="PNG of the scores (needs matplotlib)")
     r.add_argument("--jobs", type=data.number(int, 1), default=1, help="runs at a time")
     r.add_argument("--train-args", default="", help="more train.py options for pretraining, one string "

@@ -193,9 +193,9 @@ def test_seeds_change_the_people_and_the_texts():
 
 
 def test_run_pretrains_every_arm_on_equal_tokens_then_fine_tunes_them_alike(tmp_path, monkeypatch):
-    """run() with train.py replaced: the arms' pretraining commands differ only in the biography file
-    and the folder, none needs more than one pass over its text, and every fine-tuning starts from
-    its arm's final checkpoint with the same data and options."""
+    """run() with train.py and the scoring replaced: the arms' pretraining commands differ only in the
+    biography file and the folder, none needs more than one pass over its text, and every
+    fine-tuning starts from its arm's final checkpoint with the same data and options."""
     planned = []
 
     def fake_train_all(runs, jobs=1):
@@ -204,9 +204,9 @@ def test_run_pretrains_every_arm_on_equal_tokens_then_fine_tunes_them_alike(tmp_
             os.makedirs(folder, exist_ok=True)
             open(os.path.join(folder, "ckpt_0000001.pt"), "w").close()
 
-    config = Config(**{**PRESETS["tiny"], "num_hidden_layers": 1, "n_routed_experts": 4, "num_experts_per_tok": 2})
     monkeypatch.setattr(summarize, "train_all", fake_train_all)
-    monkeypatch.setattr(rephrasing.KimiK2, "from_pretrained", classmethod(lambda cls, path: KimiK2(config)))
+    monkeypatch.setattr(rephrasing.KimiK2, "from_pretrained", classmethod(lambda cls, path: None))
+    monkeypatch.setattr(rephrasing, "answer_losses", lambda model, pairs: [(1.0, False)] * len(pairs))  # tested below
     assert rephrasing.main(["run", "--people", "8", "--k", "3", "--ft-passes", "2", "--seeds", "5",
                             "--out", str(tmp_path)]) == 0
     pretraining, fine_tuning = planned
