@@ -2772,7 +2772,6 @@ def test_val_data_is_the_whole_validation_set_and_all_of_data_trains(tmp_path, t
     assert evaluated and all(sorted(v) == sorted(t.encode() for t in val_texts) for v in evaluated)
 
 
-# ==================================================================================================
 # Experiments: experiments/ (the README's experiments (a)-(e))
 #
 # The sweep summary (groups, FLOPs to a target loss, fixed validation batches) and experiment (e)'s
@@ -3005,3 +3004,13 @@ def test_exact_match_is_greedy_decoding_and_padding_changes_no_score():
     assert [a["exact_match"] for a in alone] == [1, 0, 0] and together["exact_match"] == pytest.approx(1 / 3)
     assert together["answer_loss"] == pytest.approx(sum(a["answer_loss"] for a in alone) / 3, rel=1e-5)
 
+=======
+if __name__ == "__main__":
+    if sys.argv[1] == "model-dtensor-clip":
+        _model_dtensor_clip_worker(sys.argv[2])
+    elif sys.argv[1] == "model-router-bias":
+        _model_router_bias_worker(sys.argv[2])
+    elif sys.argv[1] == "muonclip-dist":
+        _muon_dist_worker(sys.argv[2])
+    elif sys.argv[1] == "muonclip-hf-trainer":
+        _muon_hf_trainer_worker(sys.argv[2])
