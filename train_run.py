@@ -599,15 +599,22 @@ def export_hf(model_state, config, folder):
     return export
 
 
-def plot_metrics(records, tau, folder):
-    """plot.png: losses, max logits per layer, heads clipped, load imbalance (needs matplotlib, which
-    is optional: without it, a one-line hint)."""
+def pyplot(what):
+    """matplotlib.pyplot on the file-only Agg backend, or None after a one-line hint: matplotlib is
+    optional (requirements.txt leaves it out)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("no plot.png: pip install matplotlib to get it")
+        print(f"no {what}: pip install matplotlib to get it")
+        return None
+    return plt
+
+
+def plot_metrics(records, tau, folder):
+    """plot.png: losses, max logits per layer, heads clipped, load imbalance."""
+    if (plt := pyplot("plot.png")) is None:
         return
     train = [r for r in records if "loss" in r and "skipped" not in r]
     val = [r for r in records if "val_loss" in r]
