@@ -528,12 +528,13 @@ def train(args, stop):
         train_run.check_resume(ckpt, ckpt_path, run_config)
     command = train_run.command_line(setup.world, sys.argv[1:])
     folder = train_run.open_run_folder(args, setup, command)  # rank 0 holds its lock until the process ends
-    records = train_run.check_run_folder(args, folder, ckpt, ckpt_path)  # the metrics a resume keeps, verified
-    torch.manual_seed(args.seed)  # same seed on every rank: identical initial weights before sharding
+    with folder.untaken_on_failure():  # until the first write, a refusal leaves --out as it was
+        records = train_run.check_run_folder(args, folder, ckpt, ckpt_path)  # the metrics a resume keeps, verified
+        torch.manual_seed(args.seed)  # same seed on every rank: identical initial weights before sharding
 
-    # -------------------------------------------------------------------------
-    # data (a bad --data stops the run here, before its folder is written)
-    train_tokens, val_tokens = load_data(args, setup)
+        # -------------------------------------------------------------------------
+        # data (a bad --data stops the run here, before its folder is written)
+        train_tokens, val_tokens = load_data(args, setup)
     # batch_size is global: each rank draws its own rows of the same global batch, so step N's batch
     # does not depend on the number of processes or micro-steps.
     train_sampler = data.BatchSampler(train_tokens, args.batch_size, args.seq_len, seed=args.seed, rank=setup.rank,

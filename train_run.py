@@ -171,11 +171,9 @@ class RunFolder:
             os.close(fd)
             return f"--out {self.path} is in use by {holder}: wait for it or stop it, or choose another --out"
         self.read_manifest()
+        self.created = (created_folder, created_lock)
         if problem := self.refusal():
-            if created_lock:
-                os.remove(lock)
-            if created_folder:
-                os.rmdir(self.path)
+            self.untake()
             os.close(fd)
             return problem
         if previous := os.pread(fd, 4096, 0).decode(errors="replace").strip():  # a killed holder's line
@@ -185,6 +183,25 @@ class RunFolder:
         atexit.register(lambda: fd in _held_locks.values() and os.ftruncate(fd, 0))  # an orderly end empties it
         _held_locks[lock] = fd  # open for the life of the process: closing it would let go
         return None
+
+    def untake(self):
+        """Remove the lock file (and the folder) if `take` created them: a refusal leaves no trace."""
+        created_folder, created_lock = getattr(self, "created", (False, False))
+        if created_lock:
+            with suppress(FileNotFoundError):
+                os.remove(self.join(LOCK))
+        if created_folder:
+            with suppress(OSError):
+                os.rmdir(self.path)
+
+    @contextmanager
+    def untaken_on_failure(self):
+        """Checks after `take` and before the first write: a refusal or a signal there leaves --out as it was."""
+        try:
+            yield
+        except BaseException:
+            self.untake()
+            raise
 
     def refusal(self):
         """None, or why train.py may not use this folder: its manifest cannot be used, or the folder holds

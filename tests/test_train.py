@@ -225,8 +225,9 @@ def test_non_finite_model_is_never_checkpointed(tmp_path, train_setup, monkeypat
 ])
 def test_bad_settings_fail_naming_them(tmp_path, train_setup, argv, named):
     with pytest.raises(SystemExit, match=named.replace(".", r"\.")) as e:
-        train.main(train_args(tmp_path, train_setup, *argv))
+        train.main(train_args(tmp_path / "run", train_setup, *argv))
     assert str(e.value).startswith("train.py: error:")
+    assert not (tmp_path / "run").exists()  # refused before anything was written: not even the folder
 
 
 @pytest.mark.parametrize("corrupt, reason", [
@@ -790,8 +791,8 @@ def test_a_manifest_naming_paths_outside_out_is_refused_and_nothing_is_deleted(t
         assert snapshot(outside) == before
 
 
-def test_a_symlinked_export_folder_is_unlinked_not_followed(tmp_path, train_setup, train_reference):
-    """hf/ replaced by a symlink to the user's folder: --overwrite removes the link, never what it points to."""
+def test_symlinks_in_the_run_folder_are_unlinked_not_followed(tmp_path, train_setup, train_reference):
+    """hf/ replaced by a symlink to the user's folder: removing it removes the link, never what it points to."""
     users = tmp_path / "users"
     users.mkdir()
     (users / "model.safetensors").write_text("the user's model")
@@ -799,9 +800,14 @@ def test_a_symlinked_export_folder_is_unlinked_not_followed(tmp_path, train_setu
     shutil.copytree(train_reference[0], run)
     shutil.rmtree(run / "hf")
     (run / "hf").symlink_to(users, target_is_directory=True)
+    (users / "ckpt.pt").write_text("the user's checkpoint")  # and a checkpoint replaced by a link to theirs
+    (run / "ckpt_0000006.pt").unlink()
+    (run / "ckpt_0000006.pt").symlink_to(users / "ckpt.pt")
     folder = train_run.RunFolder(str(run))
-    folder.remove(*[n for n in folder.files if n.startswith("hf/")], "hf/")
-    assert (users / "model.safetensors").read_text() == "the user's model" and not (run / "hf").exists()
+    folder.remove(*[n for n in folder.files if n.startswith("hf/")], "hf/", "ckpt_0000006.pt")
+    assert not (run / "hf").exists() and not (run / "ckpt_0000006.pt").exists()
+    assert {p.name: p.read_text() for p in users.iterdir()} == {"model.safetensors": "the user's model",
+                                                                 "ckpt.pt": "the user's checkpoint"}
 
 
 @pytest.mark.parametrize("target", [train_run.MANIFEST, "metrics.jsonl"])
@@ -859,6 +865,7 @@ def test_fault_injection_every_fault_ends_in_an_exact_resume_or_a_one_line_refus
     monkeypatch.setattr(sys, "argv", ["train.py"])
     expected, outcomes = train_metrics(train_reference[0]), []
     forward_backward, export_hf, prepare = train.forward_backward, train_run.export_hf, data.prepare
+    move = train_run.RunFolder.move
 
     def attempt(out, *extra):
         """(exit status, the one line printed or raised) of train.py in this process."""
@@ -878,20 +885,21 @@ def test_fault_injection_every_fault_ends_in_an_exact_resume_or_a_one_line_refus
     def signal_at(signum, where, nth=1):
         """Send `signum` to this process on the nth call of train.py's `where` function."""
         calls = []
-        original = {"forward_backward": forward_backward, "export_hf": export_hf, "prepare": prepare}[where]
+        original = {"forward_backward": forward_backward, "export_hf": export_hf, "prepare": prepare, "move": move}[where]
 
         def hooked(*a, **k):
             calls.append(1)
             if len(calls) == nth:
                 os.kill(os.getpid(), signum)
             return original(*a, **k)
-        monkeypatch.setattr({"forward_backward": train, "export_hf": train_run, "prepare": train.data}[where],
-                            where, hooked)
+        monkeypatch.setattr({"forward_backward": train, "export_hf": train_run, "prepare": train.data,
+                             "move": train_run.RunFolder}[where], where, hooked)
 
     def restore_hooks():
         monkeypatch.setattr(train, "forward_backward", forward_backward)
         monkeypatch.setattr(train_run, "export_hf", export_hf)
         monkeypatch.setattr(train.data, "prepare", prepare)
+        monkeypatch.setattr(train_run.RunFolder, "move", move)
 
     def finish(out, code, line):
         """After a stop, a kill or a full disk: continue (--resume, or the same command where no checkpoint
@@ -936,6 +944,15 @@ def test_fault_injection_every_fault_ends_in_an_exact_resume_or_a_one_line_refus
             assert code == train_run.INTERRUPTED, line
             finish(run, code, line)
             outcomes.append((f"{signal.Signals(signum).name} in {where} (call {nth})", "stopped in one line, exact resume"))
+        # the worst moment of a resume from an older checkpoint: while it moves the newer run aside
+        run = tmp_path / "signal_move"
+        shutil.copytree(train_reference[0], run)
+        signal_at(signal.SIGTERM, "move")
+        code, line = attempt(run, "--resume", str(run / "ckpt_0000006.pt"))
+        restore_hooks()
+        assert code == train_run.INTERRUPTED and (run / "after_step_6" / "ckpt_0000008.pt").exists(), line
+        finish(run, code, line)
+        outcomes.append(("SIGTERM while a resume moves the newer run aside", "the move completed, exact resume"))
         # a full disk: every file may grow to 1 MB only, so the next checkpoint (4.6 MB) cannot be written
         run = tmp_path / "full"
         shutil.copytree(stopped, run)
@@ -1034,3 +1051,13 @@ def test_a_closed_stdout_does_not_stop_the_run(tmp_path, train_setup):
     proc.stdout.close()
     assert proc.wait(timeout=300) == 0 and "Traceback" not in proc.stderr.read()
     assert (out / "hf" / "model.safetensors").exists()
+
+
+def test_without_matplotlib_there_is_no_plot_and_one_line_says_why(tmp_path, monkeypatch, capsys):
+    """matplotlib is optional (requirements.txt leaves it out): the run folder then has no plot.png."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    folder = train_run.RunFolder(str(tmp_path))
+    train_run.plot_metrics([{"step": 1, "loss": 1.0, "max_logit_per_layer": [1.0], "heads_clipped": 0,
+                             "load_imbalance": 1.0}], 100.0, folder)
+    assert capsys.readouterr().out == "no plot.png: pip install matplotlib to get it\n"
+    assert os.listdir(tmp_path) == []
