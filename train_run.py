@@ -156,8 +156,10 @@ class RunFolder:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             return f"--out {self.path}: exists and is not a folder"
         lock = os.path.realpath(self.join(LOCK))
-        with suppress(KeyError):
-            os.close(_held_locks.pop(lock))
+        with suppress(KeyError):  # this process held it (an earlier main() in it): let go, line and all
+            held = _held_locks.pop(lock)
+            os.ftruncate(held, 0)
+            os.close(held)
         created_folder, created_lock = not os.path.exists(self.path), not os.path.exists(lock)
         try:
             os.makedirs(self.path, exist_ok=True)
