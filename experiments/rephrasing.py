@@ -362,8 +362,8 @@ def spread(values) -> str:
     return mean + (f" ({', '.join(f'{100 * v:.1f}' for v in values)})" if len(values) > 1 else "")
 
 
-COLUMNS = (("gate", "exact_match"), ("ft_seen", "exact_match"), ("qa", "exact_match"), ("qa", "contrast"),
-           ("qa_unseen", "exact_match"), ("qa_unseen", "contrast"))
+COLUMNS = (("gate", "exact_match"), ("ft_seen", "exact_match"), ("ft_seen", "contrast"), ("qa", "exact_match"),
+           ("qa", "contrast"), ("qa_unseen", "exact_match"), ("qa_unseen", "contrast"))
 
 
 def report(result: dict) -> str:
