@@ -297,12 +297,14 @@ def in_shard(key: str, shard: tuple[int, int]) -> bool:
 
 
 def _command_line() -> str:
-    """This process's command, an --api-key's value replaced by *** (the lock file is at rest)."""
+    """This process's command, an --api-key's value replaced by *** (the lock file is at rest;
+    argparse also takes the option abbreviated, as --api)."""
     argv = [Path(sys.executable).name, *sys.argv]
+    is_key = [len(a.partition("=")[0]) > 2 and "--api-key".startswith(a.partition("=")[0]) for a in argv]
     for i, arg in enumerate(argv):
-        if arg.startswith("--api-key="):
-            argv[i] = "--api-key=***"
-        elif i and argv[i - 1] == "--api-key":
+        if is_key[i] and "=" in arg:
+            argv[i] = arg.partition("=")[0] + "=***"
+        elif i and is_key[i - 1] and "=" not in argv[i - 1]:
             argv[i] = "***"
     return shlex.join(argv)
 
