@@ -7,9 +7,11 @@ report, arXiv 2507.20534, sec. 2.2); this companion holds what a real run over m
   (standard library only, a deadline per request, retries with backoff, 429/5xx pausing every
   worker), `CheckpointGenerator` for a trained kimik2 checkpoint, or any callable
   `generate(messages) -> str`.
-- `rephrase_corpus`: the (document, style) pairs and their shards, concurrent requests, one
-  crash-safe writer, one process per output file (a lock beside it), a file that is not its own
-  refused untouched, resume, progress with an ETA.
+- `rephrase_corpus`: the (document, style) pairs (`styles_for`) and their shards, concurrent
+  requests, one crash-safe writer, one process per output file (a lock beside it), a file that is
+  not its own refused untouched, progress with an ETA. Records are keyed by content
+  (`rephrase_key`: the source text, style, prompt and chunking), carry the shard plan and check
+  themselves (`record_line`), so resume does exactly the missing work and verifies what it reads.
 - The command line (also reached as `python data.py rephrase ...`).
 
 Run:
