@@ -7,9 +7,11 @@ report, arXiv 2507.20534, sec. 2.2); this companion holds what a real run over m
   (standard library only, a deadline per request, retries with backoff, 429/5xx pausing every
   worker), `CheckpointGenerator` for a trained kimik2 checkpoint, or any callable
   `generate(messages) -> str`.
-- `rephrase_corpus`: the (document, style) pairs and their shards, concurrent requests, one
-  crash-safe writer, one process per output file (a lock beside it), a file that is not its own
-  refused untouched, resume, progress with an ETA.
+- `rephrase_corpus`: the (document, style) pairs (`styles_for`) and their shards, concurrent
+  requests, one crash-safe writer, one process per output file (a lock beside it), a file that is
+  not its own refused untouched, progress with an ETA. Records are keyed by content
+  (`rephrase_key`: the source text, style, prompt and chunking), carry the shard plan and check
+  themselves (`record_line`), so resume does exactly the missing work and verifies what it reads.
 - The command line (also reached as `python data.py rephrase ...`).
 
 Run:
@@ -297,12 +299,14 @@ def in_shard(key: str, shard: tuple[int, int]) -> bool:
 
 
 def _command_line() -> str:
-    """This process's command, an --api-key's value replaced by *** (the lock file is at rest)."""
+    """This process's command, an --api-key's value replaced by *** (the lock file is at rest;
+    argparse also takes the option abbreviated, as --api)."""
     argv = [Path(sys.executable).name, *sys.argv]
+    is_key = [len(a.partition("=")[0]) > 2 and "--api-key".startswith(a.partition("=")[0]) for a in argv]
     for i, arg in enumerate(argv):
-        if arg.startswith("--api-key="):
-            argv[i] = "--api-key=***"
-        elif i and argv[i - 1] == "--api-key":
+        if is_key[i] and "=" in arg:
+            argv[i] = arg.partition("=")[0] + "=***"
+        elif i and is_key[i - 1] and "=" not in argv[i - 1]:
             argv[i] = "***"
     return shlex.join(argv)
 

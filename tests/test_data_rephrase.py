@@ -529,6 +529,9 @@ def test_no_api_key_is_written_to_any_file_or_printed(server, tmp_path, monkeypa
     err = run.communicate(timeout=60)[1]
     assert run.returncode == 0 and "--api-key '***'" in held, held
     assert secret not in held + err + out.read_text()
+    for given in (["--api", secret], [f"--api-k={secret}"], ["--api-key", secret, "--model", "m"]):
+        monkeypatch.setattr(sys, "argv", ["data.py", "rephrase", *given])
+        assert secret not in data_rephrase._command_line() and "***" in data_rephrase._command_line()
     # A key pasted with its line end used to reach an HTTP header error, and the terminal with it.
     assert data.main(command[2:-1] + [secret + "\n"]) == 2
     assert capsys.readouterr().err.strip() == ("data.py rephrase: --api-key: the key holds a space, a newline or "
