@@ -67,7 +67,7 @@ from kimik2 import PRESETS, Config, KimiK2
 from muonclip import MuonClip
 
 # Options a checkpoint's run must share with the resuming run: they change what "step N" means.
-RESUME_MUST_MATCH = ("model", "optimizer", "batch_size", "seq_len", "data", "val_data", "val_seed", "dtype")
+RESUME_MUST_MATCH = ("init_from", "model", "optimizer", "batch_size", "seq_len", "data", "val_data", "val_seed", "dtype")
 CHECKPOINT_KEYS = {"step", "model", "optimizer", "optimizer_per_rank", "scaler", "sampler", "rng", "config",
                    "window", "bad_steps"}
 INTERRUPTED = 130  # exit status after a SIGINT or SIGTERM stop (128 + SIGINT, as a shell reports Ctrl-C)
@@ -114,8 +114,12 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model preset")
+    g.add_argument("--preset", choices=list(PRESETS), help="model preset (default: tiny)")
     g.add_argument("--config", metavar="FILE", help="model config.json (Hugging Face field names); replaces --preset")
+    g.add_argument("--init-from", metavar="CKPT",
+                   help="fine-tune: start a new run (step 0, fresh optimizer and schedule, its own data, options and "
+                        "--out) from the model config and weights of CKPT, a train.py checkpoint; --set may change "
+                        "only fields that keep every weight's shape")
     g.add_argument("--aux-loss-alpha", type=NON_NEGATIVE,
                    help="sequence-wise balance loss coefficient (DeepSeek-V3: 1e-4); default: the config's")
     g.add_argument("--router-bias-speed", type=NON_NEGATIVE, default=1e-3,
@@ -185,15 +189,24 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("argument --overwrite: not allowed with --resume (continue the run, or start it over)")
+    if args.init_from and (args.preset or args.config):
+        parser.error(f"argument {'--preset' if args.preset else '--config'}: not allowed with --init-from (the model "
+                     f"config is the checkpoint's; change a field with --set)")
+    if args.init_from and args.out is None:
+        parser.error("argument --init-from: give --out, the fine-tuning run's own folder")
+    if not args.init_from:
+        args.preset = args.preset or "tiny"
     if args.out is None:
-        args.out = os.path.join("runs", args.preset if args.config is None else "custom")
+        args.out = os.path.join("runs", "custom" if args.config else args.preset)
     return args
 
 
-def model_config(args) -> Config:
-    """--preset or --config, with --aux-loss-alpha and every --set applied."""
+def model_config(args, base=None) -> Config:
+    """--preset, --config, or `base` (the model config of --init-from's checkpoint), with
+    --aux-loss-alpha and every --set applied."""
     try:
-        config = Config.from_json(args.config) if args.config else Config.from_preset(args.preset)
+        config = (Config(**base) if base else Config.from_json(args.config) if args.config
+                  else Config.from_preset(args.preset))
         if args.aux_loss_alpha is not None:
             config = Config(**{**config.to_dict(), "aux_loss_alpha": args.aux_loss_alpha})
     except (OSError, ValueError, TypeError) as e:
@@ -689,9 +702,9 @@ def load_checkpoint(path):
     return ckpt
 
 
-def open_checkpoint(args, run_config):
-    """(checkpoint, path) that --resume names, checked against this run before anything is built. An
-    unreadable checkpoint is named with the newest older one in its folder that reads."""
+def open_checkpoint(args):
+    """(checkpoint, path) that --resume names, read before anything is built. An unreadable checkpoint
+    is named with the newest older one in its folder that reads."""
     if args.resume == "latest":
         ckpts = RunFolder(args.out).checkpoints()
         if not ckpts:
@@ -704,18 +717,53 @@ def open_checkpoint(args, run_config):
     try:
         ckpt = load_checkpoint(path)
     except ValueError as e:
-        fail(f"--resume: {e}{older_checkpoint_hint(path)}")
-    check_resume(ckpt, path, run_config)
+        fail(f"--resume: {e}{older_checkpoint_hint(path, '--resume')}")
     return ckpt, path
 
 
-def older_checkpoint_hint(bad):
+def open_init_source(args):
+    """(checkpoint, its record for config.json: path, step, length and SHA-256) that --init-from names,
+    read before anything is built."""
+    path = args.init_from
+    if not os.path.isfile(path):
+        fail(f"--init-from: no such checkpoint: {path}")
+    if os.path.realpath(os.path.dirname(path) or ".") == os.path.realpath(args.out):
+        fail(f"--init-from {path}: a checkpoint of --out {args.out} itself; fine-tune into a new --out")
+    try:
+        ckpt = load_checkpoint(path)
+    except ValueError as e:
+        fail(f"--init-from: {e}{older_checkpoint_hint(path, '--init-from')}")
+    return ckpt, {"path": os.path.abspath(path), "step": ckpt["step"], **data.digest(path)}
+
+
+def check_same_shapes(config, source, args):
+    """--init-from: stop, naming the --set field and the weight, unless every weight of the source
+    checkpoint keeps its shape in this run's model (shapes compared on the meta device: nothing allocated)."""
+    def shapes(cfg):
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in KimiK2(cfg).state_dict().items()}
+
+    saved = {k: tuple(v.shape) for k, v in source["model"].items()}
+    if shapes(config) == saved:
+        return
+    base = Config(**source["config"]["model"])
+    for field, value in args.set:
+        with suppress(ValueError, TypeError):  # a field valid only together with another --set
+            ours = shapes(dataclasses.replace(base, **{field: value}))
+        if ours != saved:
+            name = next(k for k in sorted(saved.keys() | ours.keys()) if saved.get(k) != ours.get(k))
+            fail(f"--set {field}={value}: changes {name} from {saved.get(name)} to {ours.get(name)}; --init-from "
+                 f"keeps the shapes of {args.init_from} (set only fields that keep them)")
+    fail(f"--init-from {args.init_from}: the --set fields together change the shapes of its weights")
+
+
+def older_checkpoint_hint(bad, option):
     folder = os.path.dirname(bad) or "."
     for path in sorted(glob.glob(os.path.join(folder, "ckpt_*.pt")), reverse=True):
         if os.path.basename(path) < os.path.basename(bad):
             with suppress(ValueError):
                 step = load_checkpoint(path)["step"]
-                return f"; the older checkpoint next to it reads (step {step}): --resume {path}"
+                return f"; the older checkpoint next to it reads (step {step}): {option} {path}"
     return ""
 
 
@@ -928,18 +976,26 @@ def main(argv=None):
     args = parse_args(argv)
 
     # -------------------------------------------------------------------------
-    # config and init: processes, device, dtype; a checkpoint to resume is checked before anything is built
-    config = model_config(args)
+    # config and init: processes, device, dtype, the run folder; a checkpoint to resume or to start from
+    # (--init-from) is read and checked against this run before anything is built
     setup = init_processes(args)
     log = setup.log
+    folder = open_run_folder(args, setup)  # rank 0 holds its lock until the process ends
+    ckpt, ckpt_path = open_checkpoint(args) if args.resume else (None, None)
+    source, source_record = open_init_source(args) if args.init_from and not ckpt else (None, None)
+    # a fine-tuning run takes its model config from its source, and from its own checkpoint on resume
+    config = model_config(args, base=(ckpt or source)["config"]["model"] if args.init_from else None)
+    if source:
+        check_same_shapes(config, source, args)
     scaler = torch.amp.GradScaler("cuda", enabled=setup.dtype == torch.float16)
     tokens_per_step = args.batch_size * args.seq_len
     max_steps = args.max_steps = math.ceil(args.max_tokens / tokens_per_step) if args.max_tokens else args.max_steps
     run_config = {**vars(args), "model": config.to_dict(), "data": args.data or "embedded",
                   "processes": setup.world, "micro_batch": setup.micro_batch, "tokens_per_step": tokens_per_step,
-                  "dtype": str(setup.dtype).removeprefix("torch."), "device": str(setup.device)}
-    folder = open_run_folder(args, setup)  # rank 0 holds its lock until the process ends
-    ckpt, ckpt_path = open_checkpoint(args, run_config) if args.resume else (None, None)
+                  "dtype": str(setup.dtype).removeprefix("torch."), "device": str(setup.device),
+                  "init_source": source_record or (ckpt["config"].get("init_source") if ckpt else None)}
+    if ckpt:
+        check_resume(ckpt, ckpt_path, run_config)
     records = prepare_run_folder(args, folder, ckpt, ckpt_path, run_config, setup)
     torch.manual_seed(args.seed)  # same seed on every rank: identical initial weights before sharding
 
@@ -955,6 +1011,10 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # model and optimizer
     raw_model, model = build_model(config, args, setup)
+    if source:  # fine-tuning: the checkpoint's weights (router biases included); all else starts afresh
+        set_model_state_dict(raw_model, source["model"], options=StateDictOptions(full_state_dict=True))
+        log(f"--init-from {args.init_from}: the weights of step {source['step']}; step 0, fresh optimizer and schedule")
+        del source
     attention, gates = raw_model.attention_modules(), list(raw_model.moe_gates())
     tau = args.qk_clip_tau or None
     optimizer = build_optimizer(args, raw_model, tau, setup)

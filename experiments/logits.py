@@ -5,7 +5,7 @@ QK-Clip and once with tau = 30 (the threshold of K2's small ablation):
     python train.py --qk-clip-tau 0  --lr 3e-2 --weight-decay 0 --max-steps 300 --eval-interval 50 --out runs/exp-a-noclip
     python train.py --qk-clip-tau 30 --lr 3e-2 --weight-decay 0 --max-steps 300 --eval-interval 50 --out runs/exp-a-clip30
 
-    python experiments/logits.py            # both runs (unless finished), then the table
+    python experiments/logits.py --plot assets/exp-a-logits.png   # both runs (unless finished), the table, the plot
 
 The table: the logged max attention logit (each step's maximum before that step's clip) at a few
 steps and over the run, head clips, final validation loss, and the final model's max logit on
@@ -23,7 +23,7 @@ import torch
 import data
 from data import number
 from kimik2 import KimiK2
-from train import read_metrics
+from train import _pyplot, read_metrics
 
 RUNS = {"no clip": ("runs/exp-a-noclip", "0"), "MuonClip, tau 30": ("runs/exp-a-clip30", "30")}
 STEPS = (70, 130, 190, 280)
@@ -51,9 +51,29 @@ def row(run_dir) -> dict:
             "held-out max logit": held_out_max_logit(run_dir)}
 
 
+def plot(path: str):
+    """Both runs' logged max attention logit per step, with tau, and their validation losses."""
+    if (plt := _pyplot(path)) is None:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for name, (folder, tau) in RUNS.items():
+        records = read_metrics(os.path.join(folder, "metrics.jsonl"), math.inf)
+        ax[0].plot(*zip(*[(r["step"], r["max_logit"]) for r in records if "max_logit" in r]), label=name)
+        ax[1].plot(*zip(*[(r["step"], r["val_loss"]) for r in records if "val_loss" in r]), "o-", ms=3, label=name)
+    ax[0].axhline(30, color="k", linestyle="--", linewidth=0.8, label="tau 30")
+    ax[0].set(title="max attention logit (logged before each step's clip)", xlabel="step", yscale="log")
+    ax[1].set(title="validation loss, nats/token", xlabel="step")
+    for a in ax:
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=number(int, 1), default=1, help="runs at a time (with OMP_NUM_THREADS=1 each)")
+    p.add_argument("--plot", help="PNG of both runs' max logits and validation losses (needs matplotlib)")
     args = p.parse_args(argv)
     common = ["--lr", "3e-2", "--weight-decay", "0", "--max-steps", "300", "--eval-interval", "50"]
     summarize.train_all({folder: ["--qk-clip-tau", tau, *common] for folder, tau in RUNS.values()}, args.jobs)
@@ -63,6 +83,8 @@ def main(argv=None):
           " | ".join(" / ".join(f"{v:.0f}" for v in r["at steps"]) for r in rows.values()) + " |")
     for key, fmt in (("highest", ".1f"), ("held-out max logit", ".1f"), ("clips", ",d"), ("final val loss", ".4f")):
         print(f"| {key} | " + " | ".join(format(r[key], fmt) for r in rows.values()) + " |")
+    if args.plot:
+        plot(args.plot)
     return 0
 
 

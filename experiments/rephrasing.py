@@ -1,51 +1,57 @@
-"""Experiment (e): rephrasing against repetition, measured as recall of facts.
+"""Experiment (e): rephrasing against repetition, pretrained on biographies, fine-tuned on questions.
 
 K2 report sec. 2.2: rewriting knowledge text beats repeating it. On SimpleQA (short factual
 questions, scored by accuracy) 10 rephrasings x 1 epoch scored 28.94, one rephrasing x 10 epochs
-27.39, the raw text x 10 epochs 23.76. This is that measurement at CPU scale, in the setting of
+27.39, the raw text x 10 epochs 23.76. This is that measurement at CPU scale, in the design of
 "Physics of Language Models, Part 3.1" (Allen-Zhu and Li, 2023): synthetic people with five
-attributes (birth date, birth city, university, major, employer), stated in short biographies.
+attributes (birth date, birth city, university, major, employer), stated in short biographies;
+a model pretrained on the biographies, then fine-tuned to answer questions about half of the
+people, is asked about the other half. Physics 3.1 finds that knowledge pretrained from one fixed
+text per person "may be memorized but not extractable" by later fine-tuning, and that rewritten
+and permuted biographies make it extractable.
 
-The arms train on the same number of tokens (the same number of steps of 16 x 128 tokens, at most
-one pass over any arm's text), and state every fact k times:
+1. Pretraining, the only difference between the arms. Equal tokens (the same number of steps of
+   16 x 128 tokens, at most one pass over any arm's text), every fact stated k times:
+   - raw:        each biography in its original form (the original template of every attribute,
+                 fixed sentence order), k times;
+   - rephrased1: one rewritten biography per person (templates and sentence order drawn), k times
+                 (the report's middle row);
+   - rephrased:  k different biographies per person, the original among them, once each.
+2. The gate: each pretrained model completes its own training biographies (one of its texts per
+   person, cut before each fact, the earlier sentences as context). The target is >= 90% exact;
+   a model that has not memorised the facts cannot show whether they are extractable.
+3. Fine-tuning, identical in every arm: questions about the first half of the people in two
+   question forms, k passes, started from the pretrained weights (`train.py --init-from`).
+4. Scores of the fine-tuned model:
+   - ft_seen:   the fine-tuning questions themselves (in-distribution accuracy);
+   - qa:        the same two question forms about the other half, the test people, whose facts the
+                model saw in biographies only;
+   - qa_unseen: a third question form per attribute that no training text uses, built only from
+                words every arm's training text contains.
 
-- raw:        each biography in its original form (the original template of every attribute,
-              fixed sentence order), repeated k times;
-- rephrased1: one rewritten biography per person (other templates, other sentence order),
-              repeated k times (the report's middle row);
-- rephrased:  k different biographies per person, the original among them, once each.
-
-Every arm also trains on the same question-answer pages, k times: questions about the first half
-of the people in two question forms (Physics 3.1's mixed training: the model learns what a question
-asks from them). Nothing else differs between the arms: page sizes, the order of pages
-and which person shares a page with whom come from the same seeded shuffles.
-
-Scored on the other half of the people only, whose facts the model saw in biographies alone:
-
-- qa:           questions in the two trained question forms (as asked of the first half);
-- qa_unseen:    a third question form that no training text of any arm uses;
-- bio_original: the original biography sentence, cut before the fact (the form raw repeats);
-- bio_unseen:   a biography sentence form that no arm's training text uses;
-- qa_seen:      (a check that the format was learned) trained questions about the first half.
-
-For each question: the loss of the answer's tokens (nats/token, mean over questions) and whether
-greedy decoding gives exactly the answer and its closing ".". Exact match is computed by teacher
-forcing: greedy decoding reproduces a string exactly when every token of it is the argmax given
-the tokens before it, so one forward pass per question decides it.
+Metrics, per question: exact match (greedy decoding gives exactly " VALUE."; computed by teacher
+forcing: greedy decoding reproduces a string exactly when each token is the argmax given the ones
+before it) and the person contrast: whether the true value's answer has a lower loss (summed over
+its tokens) than every other value the same attribute takes among the people asked about. A model
+that knows the values of an attribute but not who has which wins with probability 1 / (number of
+distinct values), the chance printed beside it. The seed sets the people, the texts and train.py's
+seed.
 
     python experiments/rephrasing.py data --out runs/rephrase/data      # the corpora and question sets
-    OMP_NUM_THREADS=1 python experiments/rephrasing.py run --seeds 0 1 2 --jobs 3 --out runs/rephrase \
-        --plot assets/exp-e-rephrase.png
+    OMP_NUM_THREADS=1 nice python experiments/rephrasing.py run --jobs 2 --out runs/rephrase   # about an hour
+    OMP_NUM_THREADS=1 python experiments/rephrasing.py run --pilot --jobs 2 --out runs/rephrase-pilot
 
-`run` writes the data, trains every (arm, seed) with `python train.py` (a finished run is kept, a
-stopped one resumed), scores each final model and prints one Markdown table per question set.
-Run folders: runs/rephrase/<arm>-s<seed>; scores: runs/rephrase/scores.json. The train.py command of
-each run is printed before it starts.
+`run` writes each seed's data, pretrains every (arm, seed), scores the gate, fine-tunes, scores,
+and prints the tables; scores go to OUT/scores.json. Run folders OUT/pre-<arm>-s<seed> and
+OUT/ft-<arm>-s<seed> (a finished one is kept, a stopped one resumed); each train.py command is
+printed before it starts, its output in the folder's .log. `report --out OUT` prints the tables of
+OUT/scores.json again.
 """
 import argparse
 import json
-import math
 import random
+import re
+import shlex
 from pathlib import Path
 
 import summarize  # first: it puts the repository's modules on the path, and train.py's thread policy
@@ -100,36 +106,33 @@ def people(n: int, seed=0) -> list[dict]:
 
 # -----------------------------------------------------------------------------------------------
 # Forms: every sentence names the person and ends with the fact, so a 128-token window that cuts
-# a biography still pairs each fact with its owner, and every form can be scored as "prompt, then
-# the fact". Per attribute: template 0 is the original form, 1-4 the rewrites, the last one is held
-# out of every arm's training text.
+# a biography still pairs each fact with its owner. Template 0 of each attribute is the original
+# form, 1-4 the rewrites.
 
 BIO_TEMPLATES = {
     "birth_date": ("{name}'s birth date is {value}.", "{name} was born on {value}.", "{name}'s birthday is {value}.",
-                   "{name}'s life began on {value}.", "{name} was delivered on {value}.",
-                   "{name} first saw the light of day on {value}."),
+                   "{name}'s life began on {value}.", "{name} was delivered on {value}."),
     "birth_city": ("{name} was born in {value}.", "{name} is a native of {value}.", "{name} comes from {value}.",
-                   "{name}'s birthplace is {value}.", "{name} grew up in {value}.", "{name}'s home town is {value}."),
+                   "{name}'s birthplace is {value}.", "{name} grew up in {value}."),
     "university": ("{name} graduated from {value}.", "{name} studied at {value}.", "{name} was educated at {value}.",
-                   "{name} attended {value}.", "{name} was a student at {value}.",
-                   "{name} holds a degree from {value}."),
+                   "{name} attended {value}.", "{name} was a student at {value}."),
     "major": ("{name} chose to study {value}.", "{name} majored in {value}.", "{name} took a degree in {value}.",
-              "{name} specialised in {value}.", "{name}'s field was {value}.", "{name}'s main subject was {value}."),
+              "{name} specialised in {value}.", "{name}'s field was {value}."),
     "employer": ("{name} is employed by {value}.", "{name} works for {value}.", "{name} has a job at {value}.",
-                 "{name}'s employer is {value}.", "{name} earns a living at {value}.",
-                 "{name} draws a salary from {value}."),
+                 "{name}'s employer is {value}.", "{name} earns a living at {value}."),
 }
-QUESTIONS = {  # two trained forms, then the held-out one
-    "birth_date": ("When was {name} born?", "What is the birth date of {name}?", "On which day was {name} born?"),
-    "birth_city": ("Where was {name} born?", "Which city is {name} from?", "In what city did {name} come into being?"),
+# two forms the fine-tuning asks in, then the unseen form: only words of the fine-tuning questions
+QUESTIONS = {
+    "birth_date": ("When was {name} born?", "What is the birth date of {name}?", "What is the date {name} was born?"),
+    "birth_city": ("Where was {name} born?", "Which city is {name} from?", "What city is {name} from?"),
     "university": ("Which university did {name} attend?", "Where did {name} study?",
-                   "Name the university of {name}."),
-    "major": ("What did {name} major in?", "What was the field of study of {name}?", "Which subject did {name} read?"),
-    "employer": ("Which company does {name} work for?", "Who employs {name}?", "Name the employer of {name}."),
+                   "What university did {name} attend?"),
+    "major": ("What did {name} major in?", "What was the field of study of {name}?", "What field did {name} study?"),
+    "employer": ("Which company does {name} work for?", "Who employs {name}?", "Who does {name} work for?"),
 }
-ORIGINAL, HELD_OUT = 0, -1  # template indices: the form raw repeats; the form no arm trains on
-REWRITE_FORMS = len(BIO_TEMPLATES["birth_date"]) - 1  # biography forms 0-4 are trained (by rephrased)
-TRAINED_QUESTIONS = (0, 1)  # question forms asked of the first half of the people in training
+ORIGINAL = 0  # the template raw repeats
+FORMS = len(BIO_TEMPLATES["birth_date"])
+TRAINED_QUESTIONS, UNSEEN_QUESTION = (0, 1), 2
 ARMS = ("raw", "rephrased1", "rephrased")
 
 
@@ -143,13 +146,12 @@ def original(person: dict) -> str:
 
 
 def rewrites(person: dict, k: int, seed=0) -> list[str]:
-    """k distinct biographies of `person` in trained forms, the original first: each later one draws
-    a template per attribute (0-4) and a sentence order."""
+    """k distinct biographies of `person`, the original first: each later one draws a template per
+    attribute and a sentence order."""
     rng = random.Random(f"rewrites:{seed}:{person['name']}")
     bios = [original(person)]
     while len(bios) < k:  # 5^5 forms x 120 orders: a duplicate is rare and simply drawn again
-        bio = biography(person, {a: rng.randrange(REWRITE_FORMS) for a in ATTRIBUTES},
-                        rng.sample(ATTRIBUTES, len(ATTRIBUTES)))
+        bio = biography(person, {a: rng.randrange(FORMS) for a in ATTRIBUTES}, rng.sample(ATTRIBUTES, len(ATTRIBUTES)))
         if bio not in bios:
             bios.append(bio)
     return bios
@@ -157,20 +159,25 @@ def rewrites(person: dict, k: int, seed=0) -> list[str]:
 
 def question(person: dict, attribute: str, form: int) -> dict:
     """A question and its answer, " VALUE." after "A:"."""
-    return {"attribute": attribute, "prompt": f"Q: {QUESTIONS[attribute][form].format(name=person['name'])}\nA:",
+    return {"name": person["name"], "attribute": attribute,
+            "prompt": f"Q: {QUESTIONS[attribute][form].format(name=person['name'])}\nA:",
             "answer": f" {person[attribute]}."}
 
 
-def completion(person: dict, attribute: str, form: int) -> dict:
-    """A biography sentence in template `form`, cut before the fact; the answer is " VALUE."."""
-    prefix = BIO_TEMPLATES[attribute][form].partition(" {value}")[0]
-    return {"attribute": attribute, "prompt": prefix.format(name=person["name"]), "answer": f" {person[attribute]}."}
+def recall_items(person: dict, bio: str) -> list[dict]:
+    """The gate's items of one biography: the text up to each fact as the prompt, " VALUE." as the answer."""
+    items = []
+    for a in ATTRIBUTES:
+        sentence = next(s for t in BIO_TEMPLATES[a] if (s := t.format(name=person["name"], value=person[a])) in bio)
+        end = bio.index(sentence) + len(sentence) - len(f" {person[a]}.")
+        items.append({"name": person["name"], "attribute": a, "prompt": bio[:end], "answer": f" {person[a]}."})
+    return items
 
 
 def pages(passes: list[list[str]], page_size: int, rng: random.Random) -> list[str]:
     """Each pass's entries shuffled and cut into documents of page_size entries: a page groups
     different people each pass, so repeated texts are never identical documents (data.py drops exact
-    duplicates), and with one rng seed for every arm the page structure is the same in each."""
+    duplicates)."""
     docs = []
     for entries in passes:
         order = rng.sample(range(len(entries)), len(entries))
@@ -178,63 +185,65 @@ def pages(passes: list[list[str]], page_size: int, rng: random.Random) -> list[s
     return docs
 
 
-def corpora(n_people=40, k=20, seed=0, page_size=8) -> dict:
-    """{"texts": {arm: training documents}, "questions": {set: [{"attribute", "prompt", "answer"}]},
-    "validation": texts train.py validates on, "people"}. The first half of the people have trained
-    questions, the second half are the test people."""
+def corpora(n_people=40, k=100, seed=0, ft_passes=20, page_size=8) -> dict:
+    """{"pretrain": {arm: documents}, "finetune": documents, "gate": {arm: items}, "questions": {set: items},
+    "people"}. The first half of the people are asked about in fine-tuning, the second half are the
+    test people. An item is {"name", "attribute", "prompt", "answer"}."""
     everyone = people(n_people, seed)
     trained, test = everyone[:n_people // 2], everyone[n_people // 2:]
-    qa_entries = [q["prompt"] + q["answer"] for p in trained for a in ATTRIBUTES for form in TRAINED_QUESTIONS
-                  for q in [question(p, a, form)]]
     bios = {"raw": [[original(p) for p in everyone]] * k,
             "rephrased1": [[rewrites(p, 2, seed)[1] for p in everyone]] * k,
             "rephrased": [list(texts) for texts in zip(*(rewrites(p, k, seed) for p in everyone))]}
-    texts = {arm: pages([qa_entries] * k, page_size, random.Random(f"qa-pages:{seed}")) +
-             pages(bios[arm], page_size, random.Random(f"bio-pages:{seed}")) for arm in ARMS}
+    pretrain = {arm: pages(bios[arm], page_size, random.Random(f"bio-pages:{seed}")) for arm in ARMS}
+    pick = random.Random(f"gate:{seed}")  # rephrased: one of its k texts per person, drawn
+    own = {arm: [bios[arm][pick.randrange(k) if arm == "rephrased" else 0][i] for i in range(n_people)] for arm in ARMS}
+    gate = {arm: [it for p, bio in zip(everyone, own[arm]) for it in recall_items(p, bio)] for arm in ARMS}
 
-    def ask(group, make, forms):
-        return [make(p, a, form) for p in group for a in ATTRIBUTES for form in forms]
-    questions = {"qa": ask(test, question, TRAINED_QUESTIONS), "qa_unseen": ask(test, question, [HELD_OUT]),
-                 "bio_original": ask(test, completion, [ORIGINAL]), "bio_unseen": ask(test, completion, [HELD_OUT]),
-                 "qa_seen": ask(trained, question, TRAINED_QUESTIONS)}
-    # validated on during training, the same for every arm: the test people's trained questions
-    validation = [q["prompt"] + q["answer"] for q in questions["qa"]]
-    return {"texts": texts, "questions": questions, "validation": validation, "people": everyone}
-
-
-def write_jsonl(path: Path, records):
-    data.write_atomically(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records))
+    def ask(group, forms):
+        return [question(p, a, form) for p in group for a in ATTRIBUTES for form in forms]
+    finetune = pages([[q["prompt"] + q["answer"] for q in ask(trained, TRAINED_QUESTIONS)]] * ft_passes, page_size,
+                     random.Random(f"qa-pages:{seed}"))
+    questions = {"ft_seen": ask(trained, TRAINED_QUESTIONS), "qa": ask(test, TRAINED_QUESTIONS),
+                 "qa_unseen": ask(test, [UNSEEN_QUESTION])}
+    return {"pretrain": pretrain, "finetune": finetune, "gate": gate, "questions": questions, "people": everyone}
 
 
-def write_data(out: Path, n_people: int, k: int, seed: int) -> dict:
-    """Writes <arm>.jsonl, validation.jsonl and questions.json into out; returns token counts."""
-    c = corpora(n_people, k, seed)
+def words(text: str) -> set:
+    return set(re.findall(r"[A-Za-z]+", text))
+
+
+def tokens(docs) -> int:
+    return sum(len(d.encode()) + 1 for d in docs)  # byte tokens plus one eos per document
+
+
+def write_jsonl(path: Path, texts):
+    data.write_atomically(path, lambda f: f.writelines(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def write_data(out: Path, n_people: int, k: int, seed: int, ft_passes: int) -> dict:
+    """Writes pretrain-<arm>.jsonl, finetune.jsonl, validation.jsonl (the test people's questions in the
+    trained forms: what train.py reports as val loss, the same file for every arm) and items.json;
+    returns the token counts of the training files."""
+    c = corpora(n_people, k, seed, ft_passes)
     out.mkdir(parents=True, exist_ok=True)
-    tokens = {}
-    for arm, docs in c["texts"].items():
-        write_jsonl(out / f"{arm}.jsonl", ({"text": d} for d in docs))
-        tokens[arm] = sum(len(d.encode()) + 1 for d in docs)  # byte tokens plus one eos per document
-    write_jsonl(out / "validation.jsonl", ({"text": t} for t in c["validation"]))
-    data.write_atomically(out / "questions.json", lambda f: json.dump(c["questions"], f))
-    return tokens
+    for arm, docs in c["pretrain"].items():
+        write_jsonl(out / f"pretrain-{arm}.jsonl", docs)
+    write_jsonl(out / "finetune.jsonl", c["finetune"])
+    write_jsonl(out / "validation.jsonl", [q["prompt"] + q["answer"] for q in c["questions"]["qa"]])
+    data.write_atomically(out / "items.json", lambda f: json.dump({"gate": c["gate"], "questions": c["questions"]}, f))
+    return {**{arm: tokens(docs) for arm, docs in c["pretrain"].items()}, "finetune": tokens(c["finetune"])}
 
 
 # -----------------------------------------------------------------------------------------------
-# Scoring a trained model on a question set
-
-def score(model, items) -> dict:
-    """score_tokens on items {"prompt", "answer"} in byte tokens."""
-    tokenizer = data.ByteTokenizer()
-    return score_tokens(model, [(tokenizer.encode(it["prompt"]), tokenizer.encode(it["answer"])) for it in items])
-
+# Scoring
 
 @torch.no_grad()
-def score_tokens(model, pairs, batch=64) -> dict:
-    """Mean answer loss (nats per answer token, averaged over questions) and exact-match accuracy
-    over (prompt ids, answer ids) pairs. Only the answer's tokens are scored; the prompt is context.
-    Right padding is harmless to a causal model: no scored position sees a pad."""
+def answer_losses(model, pairs, batch=64) -> list[tuple[float, bool]]:
+    """(answer loss summed over the answer's tokens, exact match) of each (prompt ids, answer ids) pair.
+    Only the answer's tokens are scored; the prompt is context. Right padding is harmless to a causal
+    model: no scored position sees a pad."""
     model.eval()
-    losses, exact = [], []
+    out = []
     for i in range(0, len(pairs), batch):
         chunk = pairs[i:i + batch]
         length = max(len(p) + len(a) for p, a in chunk)
@@ -245,108 +254,205 @@ def score_tokens(model, pairs, batch=64) -> dict:
             targets[row, len(p) - 1:len(p) + len(a) - 1] = torch.tensor(a)  # position t predicts token t + 1
         logits, _ = model(ids)
         token_loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-1, reduction="none")
-        scored = targets >= 0
-        losses += ((token_loss * scored).sum(1) / scored.sum(1)).tolist()
-        exact += ((logits.argmax(-1) == targets) | ~scored).all(1).tolist()
-    return {"answer_loss": sum(losses) / len(losses), "exact_match": sum(exact) / len(exact), "n": len(pairs)}
+        exact = ((logits.argmax(-1) == targets) | (targets < 0)).all(1)
+        out += list(zip(token_loss.sum(1).tolist(), exact.tolist()))
+    return out
 
 
-def prior_answer_loss(items) -> float:
-    """The answer loss of a model that knows the question format and each attribute's list of
-    values but nothing about the person: -log(1 / number of values) per answer, spread over its
-    tokens, averaged over questions. Above it, a model is confidently wrong."""
-    choices = {"birth_date": len(MONTHS) * len(DAYS) * len(YEARS), **{a: len(v) for a, v in VALUES.items()}}
-    return sum(math.log(choices[it["attribute"]]) / len(it["answer"].encode()) for it in items) / len(items)
+def encode(text: str) -> list[int]:
+    return list(text.encode())  # data.py's byte tokenizer
 
 
-def score_run(run_dir: Path, questions: dict) -> dict:
-    model = KimiK2.from_pretrained(str(run_dir / "hf"))
-    return {name: score(model, items) for name, items in questions.items()}
+def exact_match(model, items) -> float:
+    pairs = [(encode(it["prompt"]), encode(it["answer"])) for it in items]
+    return sum(exact for _, exact in answer_losses(model, pairs)) / len(items)
+
+
+def person_contrast(model, items, group: list[dict]) -> tuple[float, float]:
+    """(how often the true value's answer loss is below that of every other value the attribute takes
+    among `group`, chance): chance is the mean of 1 / (distinct values) over the items."""
+    candidates = {a: sorted({p[a] for p in group}) for a in ATTRIBUTES}
+    pairs = [(encode(it["prompt"]), encode(f" {v}.")) for it in items for v in candidates[it["attribute"]]]
+    losses = iter(loss for loss, _ in answer_losses(model, pairs))
+    wins = 0
+    for it in items:
+        scored = {v: next(losses) for v in candidates[it["attribute"]]}
+        true = scored.pop(it["answer"][1:-1])
+        wins += all(true < other for other in scored.values())
+    return wins / len(items), sum(1 / len(candidates[it["attribute"]]) for it in items) / len(items)
+
+
+def score_finetuned(model, questions: dict, everyone: list[dict]) -> dict:
+    half = len(everyone) // 2
+    groups = {"ft_seen": everyone[:half], "qa": everyone[half:], "qa_unseen": everyone[half:]}
+    scores = {}
+    for name, items in questions.items():
+        contrast, chance = person_contrast(model, items, groups[name])
+        scores[name] = {"exact_match": exact_match(model, items), "contrast": contrast, "chance": chance,
+                        "n": len(items)}
+    return scores
 
 
 # -----------------------------------------------------------------------------------------------
 # Driving train.py and reporting
 
-def table(scores: dict, arms, seeds, items, question_set: str) -> str:
-    lines = ["| arm | answer loss, mean | per seed | exact match, mean | per seed |", "|---|---|---|---|---|"]
-    for arm in arms:
-        runs = [scores[f"{arm}-s{s}"][question_set] for s in seeds]
-        loss, em = [r["answer_loss"] for r in runs], [r["exact_match"] for r in runs]
-        lines.append(f"| {arm} | {sum(loss) / len(loss):.3f} | {', '.join(f'{v:.3f}' for v in loss)} | "
-                     f"{100 * sum(em) / len(em):.1f}% | {', '.join(f'{100 * v:.1f}%' for v in em)} |")
-    lines.append(f"| knows the lists of values, not the person | {prior_answer_loss(items):.3f} | | | |")
+SIZES = {  # the steps follow from the text: one pass over it
+    "full": dict(people=40, k=120, ft_passes=20, seeds=[0, 1, 2]),
+    "pilot": dict(people=20, k=60, ft_passes=20, seeds=[0]),
+}
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    ckpts = sorted(run_dir.glob("ckpt_*.pt"))
+    if not ckpts:
+        raise SystemExit(f"{run_dir}: no checkpoint to fine-tune from")
+    return ckpts[-1]
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    common = ["--sample-tokens", "0", "--keep-ckpts", "1"]
+    plan = {}  # seed -> its data folder, steps and question items
+    for seed in args.seeds:
+        data_dir = out / f"data-s{seed}"
+        counts = write_data(data_dir, args.people, args.k, seed, args.ft_passes)
+        plan[seed] = dict(dir=data_dir, steps=min(counts[arm] for arm in ARMS) // TOKENS_PER_STEP,
+                          ft_steps=counts["finetune"] // TOKENS_PER_STEP, people=people(args.people, seed),
+                          items=json.loads((data_dir / "items.json").read_text()))
+        print(f"seed {seed}: byte tokens {counts}; every arm pretrains {plan[seed]['steps']} steps and fine-tunes "
+              f"{plan[seed]['ft_steps']} steps of {TOKENS_PER_STEP} tokens", flush=True)
+
+    def train_args(seed, data_file, steps, evals):
+        return ["--data", str(plan[seed]["dir"] / data_file), "--val-data", str(plan[seed]["dir"] / "validation.jsonl"),
+                "--seed", str(seed), "--max-steps", str(steps), "--eval-interval", str(steps // evals),
+                "--ckpt-interval", str(steps), *common]
+    pre = {(arm, seed): out / f"pre-{arm}-s{seed}" for seed in args.seeds for arm in args.arms}
+    summarize.train_all({str(folder): [*train_args(seed, f"pretrain-{arm}.jsonl", plan[seed]["steps"], 4),
+                                       *shlex.split(args.train_args)] for (arm, seed), folder in pre.items()},
+                        args.jobs)
+    scores = {}
+    for (arm, seed), folder in pre.items():
+        gate = plan[seed]["items"]["gate"][arm]
+        model = KimiK2.from_pretrained(str(folder / "hf"))
+        scores[f"{arm}-s{seed}"] = {"gate": {"exact_match": exact_match(model, gate), "n": len(gate)}}
+        print(f"gate, {folder}: {100 * scores[f'{arm}-s{seed}']['gate']['exact_match']:.1f}% of its own "
+              f"biographies' facts recalled exactly", flush=True)
+    ft = {(arm, seed): out / f"ft-{arm}-s{seed}" for (arm, seed) in pre}
+    summarize.train_all({str(folder): ["--init-from", str(final_checkpoint(pre[(arm, seed)])),
+                                       *train_args(seed, "finetune.jsonl", plan[seed]["ft_steps"], 2),
+                                       "--lr", str(args.ft_lr), "--warmup-steps", str(plan[seed]["ft_steps"] // 10),
+                                       *shlex.split(args.ft_args)] for (arm, seed), folder in ft.items()}, args.jobs)
+    for (arm, seed), folder in ft.items():
+        model = KimiK2.from_pretrained(str(folder / "hf"))
+        scores[f"{arm}-s{seed}"].update(score_finetuned(model, plan[seed]["items"]["questions"], plan[seed]["people"]))
+    settings = {key: getattr(args, key) for key in ("people", "k", "ft_passes", "seeds", "arms", "ft_lr", "train_args",
+                                                    "ft_args")}
+    settings["steps"] = {seed: [plan[seed]["steps"], plan[seed]["ft_steps"]] for seed in args.seeds}
+    result = {"settings": settings, "scores": scores}
+    data.write_atomically(out / "scores.json", lambda f: json.dump(result, f, indent=1))
+    print(report(result))
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
+def spread(values) -> str:
+    """Percent: the mean, then each seed in brackets."""
+    mean = f"{100 * sum(values) / len(values):.1f}"
+    return mean + (f" ({', '.join(f'{100 * v:.1f}' for v in values)})" if len(values) > 1 else "")
+
+
+COLUMNS = (("gate", "exact_match"), ("ft_seen", "exact_match"), ("qa", "exact_match"), ("qa", "contrast"),
+           ("qa_unseen", "exact_match"), ("qa_unseen", "contrast"))
+
+
+def report(result: dict) -> str:
+    """The Markdown table: per arm, percent, mean over seeds and (in brackets) each seed; a contrast
+    cell ends with its chance (mean over seeds: the people differ)."""
+    s, scores = result["settings"], result["scores"]
+    header = {"gate": "gate: own biographies"}
+    lines = [f"{s['people']} people, k = {s['k']}, seeds {', '.join(map(str, s['seeds']))}", "",
+             "| arm | " + " | ".join(f"{header.get(q, q)} {key.replace('_', ' ')}" for q, key in COLUMNS) + " |",
+             "|---|" + "---|" * len(COLUMNS)]
+    for arm in s["arms"]:
+        runs = [scores[f"{arm}-s{seed}"] for seed in s["seeds"]]
+        cells = []
+        for q, key in COLUMNS:
+            cells.append(spread([r[q][key] for r in runs]))
+            if key == "contrast":
+                cells[-1] += f", chance {100 * sum(r[q]['chance'] for r in runs) / len(runs):.1f}"
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(scores: dict, arms, seeds, questions: dict, path: str):
+def plot(result: dict, path: str):
     if (plt := _pyplot(path)) is None:
         return
-    question_sets = list(questions)
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.8 / len(arms)
-    for i, arm in enumerate(arms):
-        for j, (key, scale) in enumerate((("exact_match", 100), ("answer_loss", 1))):
-            per_seed = [[scale * scores[f"{arm}-s{s}"][q][key] for s in seeds] for q in question_sets]
-            x = [n + (i - (len(arms) - 1) / 2) * width for n in range(len(question_sets))]
-            ax[j].bar(x, [sum(v) / len(v) for v in per_seed], width, label=arm, color=f"C{i}", alpha=0.6)
-            for xi, v in zip(x, per_seed):
-                ax[j].plot([xi] * len(v), v, "k.", ms=4)
-    ax[1].plot(range(len(question_sets)), [prior_answer_loss(questions[q]) for q in question_sets], "k_", ms=30,
-               label="knows the values, not the person")
-    for j, title in enumerate(("exact-match accuracy, % (bars: mean; dots: seeds)", "answer loss, nats/token")):
-        ax[j].set_xticks(range(len(question_sets)), question_sets, fontsize=8)
-        ax[j].set_title(title)
-        ax[j].legend(fontsize=8)
+    s, scores = result["settings"], result["scores"]
+    columns = COLUMNS
+    fig, ax = plt.subplots(figsize=(11, 4))
+    width = 0.8 / len(s["arms"])
+    for i, arm in enumerate(s["arms"]):
+        x = [n + (i - (len(s["arms"]) - 1) / 2) * width for n in range(len(columns))]
+        per_seed = [[100 * scores[f"{arm}-s{seed}"][q][key] for seed in s["seeds"]] for q, key in columns]
+        ax.bar(x, [sum(v) / len(v) for v in per_seed], width, label=arm, color=f"C{i}", alpha=0.6)
+        for xi, v in zip(x, per_seed):
+            ax.plot([xi] * len(v), v, "k.", ms=4)
+    first = scores[f"{s['arms'][0]}-s{s['seeds'][0]}"]
+    for n, (q, key) in enumerate(columns):
+        if key == "contrast":
+            ax.plot([n - 0.4, n + 0.4], [100 * first[q]["chance"]] * 2, "k--", linewidth=0.8)
+    ax.set_xticks(range(len(columns)), [f"{q}\n{key.replace('_', ' ')}" for q, key in columns], fontsize=8)
+    ax.set(title=f"(e): {s['people']} people, k = {s['k']}; bars: mean, dots: seeds, dashes: chance", ylabel="%")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
-def run(args) -> int:
-    data_dir = Path(args.out) / "data"
-    tokens = write_data(data_dir, args.people, args.k, args.seed)
-    steps = min(tokens.values()) // TOKENS_PER_STEP  # one pass over the smallest arm's text, at most
-    print(f"training text per arm, byte tokens: {tokens}; every arm trains {steps} steps of {TOKENS_PER_STEP} tokens")
-    folders = {(arm, seed): str(Path(args.out) / f"{arm}-s{seed}") for seed in args.seeds for arm in args.arms}
-    summarize.train_all({folder: ["--data", str(data_dir / f"{arm}.jsonl"), "--val-data", str(data_dir / "validation.jsonl"),
-                                  "--seed", str(seed), "--max-steps", str(steps), "--eval-interval", str(steps // 4),
-                                  "--ckpt-interval", str(steps // 4), "--keep-ckpts", "1", "--sample-tokens", "0",
-                                  *args.train_args]
-                         for (arm, seed), folder in folders.items()}, args.jobs)
-    questions = json.loads((data_dir / "questions.json").read_text())
-    scores = {f"{arm}-s{seed}": score_run(Path(folder), questions) for (arm, seed), folder in folders.items()}
-    data.write_atomically(Path(args.out) / "scores.json", lambda f: json.dump(scores, f, indent=1))
-    for question_set, items in questions.items():
-        print(f"\n{question_set} ({len(items)} questions)\n")
-        print(table(scores, args.arms, args.seeds, items, question_set))
-    if args.plot:
-        plot(scores, args.arms, args.seeds, questions, args.plot)
-    return 0
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
     for name in ("data", "run"):
         c = commands.add_parser(name)
-        c.add_argument("--people", type=data.number(int, 4, len(FIRST) * len(LAST)), default=40,
+        c.add_argument("--people", type=data.number(int, 4, len(FIRST) * len(LAST)), default=SIZES["full"]["people"],
                        help="people (half of them test people)")
-        c.add_argument("--k", type=data.number(int, 2), default=20, help="repetitions, or rewrites, per biography")
-        c.add_argument("--seed", type=int, default=0, help="seed of the people and the texts")
+        c.add_argument("--k", type=data.number(int, 2), default=SIZES["full"]["k"],
+                       help="repetitions, or rewrites, per biography")
+        c.add_argument("--ft-passes", type=data.number(int, 1), default=SIZES["full"]["ft_passes"],
+                       help="passes over the fine-tuning questions")
         c.add_argument("--out", required=True, help="data folder (data), or experiment folder (run)")
-    run_parser = commands.choices["run"]
-    run_parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.py seeds")
-    run_parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
-    run_parser.add_argument("--plot", help="PNG of the scores (needs matplotlib)")
-    run_parser.add_argument("--jobs", type=data.number(int, 1), default=1, help="runs at a time")
-    run_parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
-                            help="the rest of the line goes to train.py (e.g. --set n_routed_experts=8)")
+    commands.choices["data"].add_argument("--seed", type=int, default=0, help="seed of the people and the texts")
+    r = commands.choices["run"]
+    r.add_argument("--seeds", type=int, nargs="+", default=SIZES["full"]["seeds"],
+                   help="seeds of the people, the texts and train.py")
+    r.add_argument("--pilot", action="store_true", help=f"the short run: {SIZES['pilot']}")
+    r.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    r.add_argument("--ft-lr", type=data.number(float, 0, above=True), default=3e-3,
+                   help="fine-tuning peak learning rate")
+    r.add_argument("--plot", help="PNG of the scores (needs matplotlib)")
+    r.add_argument("--jobs", type=data.number(int, 1), default=1, help="runs at a time")
+    r.add_argument("--train-args", default="", help="more train.py options for pretraining, one string "
+                   "(e.g. \"--set n_routed_experts=8\"); fine-tuning takes the checkpoint's model")
+    r.add_argument("--ft-args", default="", help="more train.py options for fine-tuning, one string")
+    rep = commands.add_parser("report")
+    rep.add_argument("--out", required=True, help="experiment folder holding scores.json")
+    rep.add_argument("--plot", help="PNG of the scores (needs matplotlib)")
     args = p.parse_args(argv)
     try:
         if args.command == "run":
+            if args.pilot:
+                vars(args).update(SIZES["pilot"])
             return run(args)
-        for arm, n in write_data(Path(args.out), args.people, args.k, args.seed).items():
-            print(f"{args.out}/{arm}.jsonl: {n:,} byte tokens")
+        if args.command == "report":
+            result = json.loads((Path(args.out) / "scores.json").read_text())
+            print(report(result))
+            if args.plot:
+                plot(result, args.plot)
+            return 0
+        for name, n in write_data(Path(args.out), args.people, args.k, args.seed, args.ft_passes).items():
+            print(f"{name}: {n:,} byte tokens")
         return 0
     except OSError as e:  # --out is a file, or cannot be written
         raise SystemExit(f"--out {args.out}: {e.strerror or e}: {e.filename}")

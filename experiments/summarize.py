@@ -121,48 +121,55 @@ def flops_to_reach(curve, target):
 
 
 def read_run(folder: str):
-    """(config.json, [(step, logged val loss)], final loss on fixed batches or None) of a finished run."""
+    """(config.json, [(step, logged val loss)], final loss on fixed batches or None, last logged router
+    load imbalance (max/mean load of the worst layer) or None) of a finished run."""
     try:
         with open(os.path.join(folder, "config.json")) as f:
             run_config = json.load(f)
     except (OSError, ValueError) as e:
         raise SystemExit(f"summarize: {folder} is not a train.py run folder ({e})")
-    val = [(r["step"], r["val_loss"]) for r in read_metrics(os.path.join(folder, "metrics.jsonl"), math.inf)
-           if "val_loss" in r]
+    records = read_metrics(os.path.join(folder, "metrics.jsonl"), math.inf)
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    imbalance = [r["load_imbalance"] for r in records if "load_imbalance" in r]
     if not val or val[-1][0] != run_config["max_steps"]:
         raise SystemExit(f"summarize: {folder} has not finished (no validation loss at step {run_config['max_steps']})")
     final = None
     if os.path.exists(fixed := os.path.join(folder, "fixed_val.json")):
         with open(fixed) as f:
             final = json.load(f)["val_loss"]
-    return run_config, val, final
+    return run_config, val, final, imbalance[-1] if imbalance else None
 
 
 def summarize(run_dirs, plot_path=None):
-    """Group, print the table, plot; returns the rows (label, seeds, total, activated, finals,
-    curve [(FLOPs, mean logged val loss)], final, to_target)."""
+    """Group, print the table, plot; returns the rows (label, seeds, total, activated, flops_per_token,
+    finals, logged (each seed's last logged val loss), imbalance (each seed's last logged load
+    imbalance), curve [(FLOPs, mean logged val loss)], final, to_target)."""
     runs = [(folder, *read_run(folder)) for folder in run_dirs]
-    runs = [(folder, run_config, settings(run_config), val, fixed) for folder, run_config, val, fixed in runs]
+    runs = [(folder, run_config, settings(run_config), val, (fixed, imbalance))
+            for folder, run_config, val, fixed, imbalance in runs]
     differ = sorted({k for r in runs for k in r[2]} - {k for k in runs[0][2] if len({r[2].get(k) for r in runs}) == 1})
     groups = {}
-    for folder, run_config, flat, val, fixed in runs:
+    for folder, run_config, flat, val, extra in runs:
         label = ", ".join(f"{k.removeprefix('model.')}={json.loads(flat.get(k, 'null'))}" for k in differ) or "all runs"
-        groups.setdefault(label, []).append((run_config, val, fixed))
+        groups.setdefault(label, []).append((run_config, val, extra))
     rows = []
     for label, members in groups.items():
         run_config = members[0][0]
         config = Config(**run_config["model"])
         counts = count_params(config)
-        flops_per_step = flops_per_token(config, (run_config["seq_len"] + 1) / 2, training=True) * run_config["tokens_per_step"]
+        per_token = flops_per_token(config, (run_config["seq_len"] + 1) / 2, training=True)  # mean over a sequence
+        flops_per_step = per_token * run_config["tokens_per_step"]
         steps = [s for s, _ in members[0][1]]
         if any([s for s, _ in val] != steps for _, val, _ in members):
             raise SystemExit(f"summarize: the runs of {label} were evaluated at different steps")
-        if len({fixed is None for *_, fixed in members}) > 1:
+        if len({fixed is None for *_, (fixed, _) in members}) > 1:
             raise SystemExit(f"summarize: some runs of {label} have fixed_val.json and some do not")
         mean = [sum(val[i][1] for _, val, _ in members) / len(members) for i in range(len(steps))]
-        finals = [val[-1][1] if fixed is None else fixed for _, val, fixed in members]
+        finals = [val[-1][1] if fixed is None else fixed for _, val, (fixed, _) in members]
         rows.append(dict(label=label, seeds=[c["seed"] for c, *_ in members], total=counts["total"],
-                         activated=counts["activated"], finals=finals, final=sum(finals) / len(finals),
+                         activated=counts["activated"], flops_per_token=per_token, finals=finals,
+                         logged=[val[-1][1] for _, val, _ in members],
+                         imbalance=[imbalance for *_, (_, imbalance) in members], final=sum(finals) / len(finals),
                          curve=[(s * flops_per_step, l) for s, l in zip(steps, mean)]))
     target = max(row["curve"][-1][1] for row in rows)
     for row in rows:
@@ -170,12 +177,15 @@ def summarize(run_dirs, plot_path=None):
     fewest = min(row["to_target"] for row in rows)
     first = rows[0]["final"]
     print(f"| runs | seeds | total params | activated params | final val loss (mean) | per seed | vs first | "
-          f"training FLOPs to logged val loss {target:.4f} | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"training FLOPs to logged val loss {target:.4f} | ratio | training FLOPs/token | "
+          f"logged final val loss, per seed | final load imbalance, per seed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['label']} | {', '.join(map(str, row['seeds']))} | {row['total']:,} | {row['activated']:,} | "
               f"{row['final']:.4f} | {', '.join(f'{v:.4f}' for v in row['finals'])} | "
-              f"{100 * (row['final'] / first - 1):+.2f}% | {row['to_target']:.3g} | {row['to_target'] / fewest:.2f} |")
+              f"{100 * (row['final'] / first - 1):+.2f}% | {row['to_target']:.3g} | {row['to_target'] / fewest:.2f} | "
+              f"{row['flops_per_token'] / 1e6:.2f}M | {', '.join(f'{v:.4f}' for v in row['logged'])} | "
+              f"{', '.join('-' if v is None else f'{v:.1f}' for v in row['imbalance'])} |")
     if plot_path:
         plot(rows, target, plot_path)
     return rows
