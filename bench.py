@@ -664,10 +664,12 @@ class PhaseTimer:
 
 # (module, function, phase), muonclip's first (muonclip_dist, imported here after them, takes the wrapped
 # muon_update from muonclip): muon_update's own time is the momentum, weight decay and update (Newton-
-# Schulz and any exchange inside it are timed as theirs); the exchange is the all-to-alls and, under
-# DDP, unpacking the updated weights every other process sent
+# Schulz and any exchange inside it are timed as theirs); the exchange is the all-to-alls and the
+# packing around them (FSDP2: the units' rows to their owners and the results back; DDP: the updated
+# weights every other process sent)
 PHASES = [("muonclip", "muon_update", "momentum and update"), ("muonclip", "newton_schulz", "Newton-Schulz"),
           ("muonclip_dist", "_exchange", "exchange"), ("muonclip_dist", "_ShareOut.share", "exchange"),
+          ("muonclip_dist", "orthogonalise_across_ranks", "exchange"),
           ("muonclip", "MuonClip._adamw_step", "AdamW"), ("muonclip", "MuonClip._qk_clip", "QK-Clip")]
 PHASE_NAMES = list(dict.fromkeys(phase for *_, phase in PHASES)) + ["bookkeeping"]
 

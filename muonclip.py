@@ -527,8 +527,9 @@ class MuonClip(torch.optim.Optimizer):
     attention_modules: modules with the surface in the module docstring; default: found in model.
     model: the model the groups come from, for roles, fused blocks and attention modules.
 
-    Under torchrun (DDP; FSDP2's DTensors: state is this process's shards, as its gradients) see
-    _group_steps; the (L, H) max logits are all-reduced with MAX, so every replica clips alike.
+    Under torchrun see _group_steps (with muonclip_dist.py under DDP each process keeps its share of
+    the state, and state_dict() is collective); max logits are all-reduced with MAX, so every
+    replica clips alike.
     Under DDP pass broadcast_buffers=False, or rank 0's max_logits overwrite the other ranks'.
     Parameters should be fp32 master weights (autocast for bf16 compute): a bf16 weight loses every
     update below half its ulp (weight decay at lr*wd = 1e-3 does nothing), so other dtypes warn.
@@ -605,13 +606,14 @@ class MuonClip(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.newton_schulz_matrices = 0
-        muon_step, adamw_step = self._group_steps()
+        muon_step, adamw_step, share = self._group_steps()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params and group["use_muon"]:
                 muon_step(group, params)
             elif params:
                 adamw_step(group, params)
+        share()                                   # under torchrun: the processes' updates to every process
         if self.attention_modules:
             self._qk_clip()
         return loss
@@ -673,13 +675,13 @@ class MuonClip(torch.optim.Optimizer):
         self.clip_stats = {"max_logits": max_logits, "heads_clipped": clipped}
 
     def _group_steps(self):
-        """(muon_step, adamw_step), each f(group, params with a gradient): this process's own, or
-        under torchrun muonclip_dist.group_steps(self) if muonclip_dist.py is beside this file (each
-        Newton-Schulz unit orthogonalised on one process). Without it (or distribute=False) every
-        process orthogonalises everything: correct, as all hold the same averaged gradients (FSDP2:
-        a matrix split across processes is gathered whole), only not shared out."""
+        """(muon_step, adamw_step, share): two f(group, params with a gradient), and share() after
+        all groups. This process's own (share: nothing), or under torchrun muonclip_dist.group_steps
+        if muonclip_dist.py is beside this file (each process updates its share, share() sends it to
+        all). Without it (or distribute=False) every process orthogonalises everything: correct, as
+        all hold the same averaged gradients (FSDP2: split matrices gathered), only not shared out."""
         if not (self.distribute and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return self._muon_step, self._adamw_step
+            return self._muon_step, self._adamw_step, lambda: None
         if self._shared is None:
             try:
                 import muonclip_dist
@@ -687,7 +689,7 @@ class MuonClip(torch.optim.Optimizer):
                 warnings.warn("MuonClip: muonclip_dist.py is not beside muonclip.py, so every process "
                               "orthogonalises every matrix (correct, not shared out); copy it beside "
                               "muonclip.py to share the work", stacklevel=3)
-                self._shared = (self._muon_step, self._adamw_step)
+                self._shared = (self._muon_step, self._adamw_step, lambda: None)
             else:
                 self._shared = muonclip_dist.group_steps(self)
         return self._shared
