@@ -27,6 +27,16 @@ timed round-robin, A B A B ..., so that load from other processes hits both side
   On CUDA also: the `small` preset's bf16 training MFU against the GPU's measured bf16 matmul peak.
   Every MuonClip here uses train.py's Newton-Schulz precision (printed in the header).
 
+What runs where. The rows are chosen from what the machine has (rows_to_skip; the header prints the
+choice): on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16) bf16 matmul is emulated,
+10-20x slower than fp32, so every CPU bf16 measurement (row 4, row 5's bf16 peak and MFU, the bounds'
+bf16 steps, row 9's and row 10's bf16) is skipped with that reason rather than timing the emulation;
+row 1 needs transformers, the CUDA row a GPU. Each timed comparison stops starting repetitions once
+it has run --budget seconds (after one warm-up and one timed round), so a slow or busy machine gets
+fewer repetitions rather than a longer wait. Every row is printed as soon as it is measured, with the
+seconds it took, and a long one prints progress lines on stderr; with --json the rows go to stderr
+and the JSON object (with each row's seconds) comes at the end on stdout.
+
 The reference optimizer. torch.optim.Muon takes only 2-D parameters; a stack of E expert matrices
 enters it as E leaf 2-D views that share the stack's storage (transformers' fused gate_up_proj
 (E, 2I, D) as 2E views, its gate and up halves, so each matrix is orthogonalised on its own exactly as
@@ -40,8 +50,8 @@ FLOPs per training token = kimik2.flops_per_token(training=True): 3x the forward
 2 FLOPs per multiply-add of the activated matmul weights plus naive-MLA attention over the average
 causal context (T+1)/2; elementwise work is not counted. Time is the whole step, optimizer included.
 
-    python bench.py                 the table (about 2-3 minutes on 2 CPU cores)
-    python bench.py --json          one JSON object
+    python bench.py                 the table (docs/performance.md: how long, on which machines)
+    python bench.py --json          one JSON object (the rows stream to stderr meanwhile)
     python bench.py --reps 5 --warmup 1 --decode-context 1024   quicker, noisier
     python bench.py --ns-variant-losses 100   row 12 alone: train.py cut to 100 steps with each
                                     Newton-Schulz variant (one thread), the logged losses
@@ -101,28 +111,74 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def race(fns: dict, reps: int, warmup: int, device=torch.device("cpu")) -> dict:
-    """Median seconds per call of each fn, timed round-robin (A B A B ...) after `warmup` rounds."""
+def race(fns: dict, reps: int, warmup: int, device=torch.device("cpu"), budget_s=None, label=None) -> dict:
+    """Median seconds per call of each fn, timed round-robin (A B A B ...) after `warmup` rounds.
+    With budget_s, no round starts once the rounds so far took that long, except one warm-up round
+    (if any) and one timed round: a slow or busy machine gets fewer repetitions, not a longer wait.
+    With label, a progress line (stderr) every PROGRESS_S seconds."""
     times = {name: [] for name in fns}
-    for i in range(warmup + reps):
+    start = last_note = time.perf_counter()
+    warm = timed = 0
+    while timed < reps:
+        warming = warm < warmup
         for name, fn in fns.items():
             _sync(device)
             t0 = time.perf_counter()
             fn()
             _sync(device)
-            if i >= warmup:
+            if not warming:
                 times[name].append(time.perf_counter() - t0)
+        warm, timed = (warm + 1, timed) if warming else (warm, timed + 1)
+        now = time.perf_counter()
+        if budget_s is not None and now - start > budget_s:
+            if timed:
+                break
+            warm = warmup                          # past the budget while warming up: one timed round
+        if label and now - last_note > PROGRESS_S and timed < reps:
+            progress(f"{label}: {warm} warm-up and {timed} timed rounds of {warmup} + {reps}, {now - start:.0f} s")
+            last_note = now
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def cpu_bf16_flags() -> list:
-    """The bf16 instruction-set flags this CPU reports (AVX512-BF16 dot products, AMX tiles)."""
+PROGRESS_S = 10.0  # seconds between progress lines of a long measurement
+
+
+def progress(text):
+    """A progress line on stderr (the table or the JSON object stays on stdout)."""
+    print(f"... {text}", file=sys.stderr, flush=True)
+
+
+def cpu_bf16_flags():
+    """The bf16 instruction-set flags this x86 CPU reports (AVX512-BF16 dot products, AMX tiles), or
+    None where /proc/cpuinfo has no x86 flags to read (macOS, ARM)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(re.search(r"^flags\s*:(.*)$", f.read(), re.M)[1].split())
     except (OSError, TypeError):
-        return []
+        return None
     return sorted(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def bf16_support() -> tuple:
+    """(whether this CPU multiplies bf16 natively, how that was judged). Without bf16 instructions a
+    bf16 matmul is emulated (a 12x128x128 bmm: 65 ms against 3.3 ms in fp32 on an AVX2 EPYC), so a
+    bf16 row would time the emulation. Where there are no x86 flags, judged as muonclip judges its
+    Newton-Schulz precision: by timing bf16 against fp32 matmul once."""
+    flags = cpu_bf16_flags()
+    if flags is None:
+        fast = default_ns_dtype("cpu") == torch.bfloat16
+        return fast, f"bf16 matmul {'faster' if fast else 'not faster'} than fp32 when timed"
+    return bool(flags), ", ".join(flags) if flags else "no avx512_bf16 or amx_bf16 instructions"
+
+
+def rows_to_skip(bf16_native: bool, bf16_how: str, cuda: bool, transformers_version) -> dict:
+    """Why each optional part of the bench is skipped on this machine (None: it runs). "bf16" covers
+    every CPU bf16 measurement: row 4's autocast step, row 5's bf16 matmul peak and MFU, the bounds'
+    bf16 steps at tiny and at hidden 512, row 9's bf16 Newton-Schulz and row 10's bf16 variants."""
+    return dict(
+        transformers=None if transformers_version else "transformers is not installed",
+        bf16=None if bf16_native else f"bf16 on this CPU would time an emulation ({bf16_how})",
+        cuda=None if cuda else "no CUDA device")
 
 
 def cpu_name() -> str:
@@ -331,17 +387,18 @@ def matmul_share(step, steps: int = 2) -> float:
     return sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / total
 
 
-def bench_bounds(step_fp32, step_bf16, seconds: dict, flops_per_token, peaks, args) -> dict:
-    """tiny: the matmul share of its fp32 and bf16 steps. With the non-matmul time as it is, bf16
+def bench_bounds(steps: dict, seconds: dict, flops_per_token, peaks, args) -> dict:
+    """tiny: the matmul share of its fp32 (and bf16) steps. With the non-matmul time as it is, bf16
     can speed a step up by at most fp32 step / fp32 non-matmul time, and MFU is at most MFU / share
     (MuonClip's Newton-Schulz matmuls count as matmul time but not as model FLOPs, so both bounds
     are generous); MFU's target needs the non-matmul time down to matmul time * (bound / target - 1).
-    wide: the same training step (and forward + backward alone) at WIDE, fp32 against bf16."""
-    share = dict(fp32=matmul_share(step_fp32), bf16=matmul_share(step_bf16))
-    matmul_s, other_s = seconds["tracked"] * share["fp32"], seconds["tracked"] * (1 - share["fp32"])
+    wide: the same training step (and forward + backward alone) at WIDE, fp32 (and bf16). `steps`
+    and `peaks` hold "bf16" only where bf16 runs (rows_to_skip)."""
+    share = {dtype: matmul_share(step) for dtype, step in steps.items()}
+    matmul_s, other_s = seconds["fp32"] * share["fp32"], seconds["fp32"] * (1 - share["fp32"])
     mfu_bound = flops_per_token * args.batch_size * args.seq_len / matmul_s / peaks["fp32"]
-    tiny = dict(matmul_share_fp32=share["fp32"], matmul_share_bf16=share["bf16"],
-                bf16_speedup_bound=seconds["tracked"] / other_s, mfu_fp32_bound=mfu_bound,
+    tiny = dict(matmul_share_fp32=share["fp32"], matmul_share_bf16=share.get("bf16"),
+                bf16_speedup_bound=seconds["fp32"] / other_s, mfu_fp32_bound=mfu_bound,
                 non_matmul_ms=other_s * 1e3,
                 non_matmul_ms_for_mfu_target=max(0.0, matmul_s * (mfu_bound / TARGETS["mfu_fp32_tiny"][1] - 1)) * 1e3)
     config = Config(**{**Config.from_preset(args.preset).to_dict(), **WIDE})
@@ -349,17 +406,18 @@ def bench_bounds(step_fp32, step_bf16, seconds: dict, flops_per_token, peaks, ar
     model = KimiK2(config)
     x, y = make_batch(config, args.batch_size, args.seq_len)
     opt = muonclip_for(model)
-    t = race({"fp32": train_step_fn(model, opt, x, y),
-              "bf16": train_step_fn(model, opt, x, y, autocast_dtype=torch.bfloat16),
-              "fp32 fwd+bwd": train_step_fn(model, None, x, y),
-              "bf16 fwd+bwd": train_step_fn(model, None, x, y, autocast_dtype=torch.bfloat16)},
-             reps=max(1, args.reps // 2), warmup=args.warmup)
+    fns = {"fp32": train_step_fn(model, opt, x, y), "fp32 fwd+bwd": train_step_fn(model, None, x, y)}
+    if "bf16" in steps:
+        fns.update({"bf16": train_step_fn(model, opt, x, y, autocast_dtype=torch.bfloat16),
+                    "bf16 fwd+bwd": train_step_fn(model, None, x, y, autocast_dtype=torch.bfloat16)})
+    t = race(fns, reps=max(1, args.reps // 2), warmup=args.warmup, budget_s=args.budget, label="hidden 512 steps")
     flops = model.estimate_flops_per_token(args.seq_len) * x.numel()
-    wide = dict(config=WIDE, fp32_ms=t["fp32"] * 1e3, bf16_ms=t["bf16"] * 1e3,
-                fwd_bwd_fp32_ms=t["fp32 fwd+bwd"] * 1e3, fwd_bwd_bf16_ms=t["bf16 fwd+bwd"] * 1e3,
-                bf16_speedup=t["fp32"] / t["bf16"], fwd_bwd_bf16_speedup=t["fp32 fwd+bwd"] / t["bf16 fwd+bwd"],
-                mfu_fp32=flops / t["fp32"] / peaks["fp32"], mfu_bf16=flops / t["bf16"] / peaks["bf16"],
-                mfu_fp32_fwd_bwd=flops / t["fp32 fwd+bwd"] / peaks["fp32"])
+    wide = dict(config=WIDE, fp32_ms=t["fp32"] * 1e3, fwd_bwd_fp32_ms=t["fp32 fwd+bwd"] * 1e3,
+                mfu_fp32=flops / t["fp32"] / peaks["fp32"], mfu_fp32_fwd_bwd=flops / t["fp32 fwd+bwd"] / peaks["fp32"])
+    if "bf16" in steps:
+        wide.update(bf16_ms=t["bf16"] * 1e3, fwd_bwd_bf16_ms=t["bf16 fwd+bwd"] * 1e3,
+                    bf16_speedup=t["fp32"] / t["bf16"], fwd_bwd_bf16_speedup=t["fp32 fwd+bwd"] / t["bf16 fwd+bwd"],
+                    mfu_bf16=flops / t["bf16"] / peaks["bf16"])
     return dict(tiny=tiny, wide=wide)
 
 
@@ -525,12 +583,12 @@ def train_ns_dtype(device=torch.device("cpu")) -> torch.dtype:
     return opt.param_groups[0]["ns_dtype"] or default_ns_dtype(device.type)
 
 
-def bench_ns_precision(model, grads, reps, warmup) -> dict:
-    """Row 9: MuonClip.for_model's default Newton-Schulz precision against float32 and bf16 given
-    explicitly, one optimizer step each on the same parameters and gradients, round-robin."""
-    opts = {name: muonclip_for(model, ns_dtype=dtype)
-            for name, dtype in (("default", None), ("float32", torch.float32), ("bfloat16", torch.bfloat16))}
-    t = race({name: step_with_grads(opt, grads) for name, opt in opts.items()}, reps, warmup)
+def bench_ns_precision(model, grads, reps, warmup, with_bf16, budget_s=None) -> dict:
+    """Row 9: MuonClip.for_model's default Newton-Schulz precision against float32 (and bf16, where
+    bf16 runs) given explicitly, one optimizer step each on the same parameters and gradients, round-robin."""
+    dtypes = {"default": None, "float32": torch.float32, **({"bfloat16": torch.bfloat16} if with_bf16 else {})}
+    opts = {name: muonclip_for(model, ns_dtype=dtype) for name, dtype in dtypes.items()}
+    t = race({name: step_with_grads(opt, grads) for name, opt in opts.items()}, reps, warmup, budget_s=budget_s)
     return dict(default_dtype=str(default_ns_dtype("cpu")).removeprefix("torch."),
                 **{f"{name}_ms": s * 1e3 for name, s in t.items()})
 
@@ -542,7 +600,7 @@ K2_SHAPES_16 = {"q_a_proj": (1, 96, 448), "q_b_proj": (1, 768, 96), "kv_a_proj":
                 "expert down": (16, 448, 128), "dense up": (1, 1152, 448)}
 
 
-def bench_ns_variants(dtype, reps) -> dict:
+def bench_ns_variants(dtype, reps, budget_s=None) -> dict:
     """Row 10: each newton_schulz variant on K2_SHAPES_16: median time of orthogonalising every shape
     once (one batched call per shape) and the worst max |sigma - 1| over the shapes, sigma the
     singular values (SVD in float64) of the output, for inputs whose singular values spread
@@ -557,7 +615,7 @@ def bench_ns_variants(dtype, reps) -> dict:
         inputs.append(u @ torch.diag_embed(s.expand(count, k)) @ v.mT)
     out = {}
     fns = {v: (lambda v=v: [newton_schulz(g, dtype=dtype, variant=v) for g in inputs]) for v in NS_VARIANTS}
-    t = race(fns, reps, 1)
+    t = race(fns, reps, 1, budget_s=budget_s, label=f"Newton-Schulz variants in {dtype}")
     for variant in NS_VARIANTS:
         error = max((torch.linalg.svdvals(newton_schulz(g, dtype=dtype, variant=variant).double()) - 1).abs().max().item()
                     for g in inputs)
@@ -565,12 +623,66 @@ def bench_ns_variants(dtype, reps) -> dict:
     return out
 
 
-def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int) -> dict:
+class PhaseTimer:
+    """Exclusive seconds per phase of MuonClip's step, by wrapping the functions that do each phase
+    (PHASES): a wrapped call's time less that of the wrapped calls inside it. What no phase covers
+    (Python, DTensor and state bookkeeping, index copies) is the step's time less their sum."""
+
+    def __init__(self):
+        self.seconds, self.stack, self.on = collections.defaultdict(float), [], False
+
+    def wrap(self, phase, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            if not self.on:
+                return fn(*args, **kwargs)
+            start = time.perf_counter()
+            self.stack.append(0.0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inner, spent = self.stack.pop(), time.perf_counter() - start
+                self.seconds[phase] += spent - inner
+                if self.stack:
+                    self.stack[-1] += spent
+        return timed
+
+    def install(self):
+        """Wrap PHASES' functions where they are looked up at call time (module globals, class attributes)."""
+        import importlib
+        for module, name, phase in PHASES:
+            try:
+                owner = importlib.import_module(module)
+            except ImportError:                        # muonclip_dist.py absent: no exchange to time
+                continue
+            *path, attr = name.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            if hasattr(owner, attr):
+                setattr(owner, attr, self.wrap(phase, getattr(owner, attr)))
+
+
+# (module, function, phase), muonclip's first (muonclip_dist, imported here after them, takes the wrapped
+# muon_update from muonclip): muon_update's own time is the momentum, weight decay and update (Newton-
+# Schulz and any exchange inside it are timed as theirs); the exchange is the all-to-alls and the
+# packing around them (FSDP2: the units' rows to their owners and the results back; DDP: the updated
+# weights every other process sent)
+PHASES = [("muonclip", "muon_update", "momentum and update"), ("muonclip", "newton_schulz", "Newton-Schulz"),
+          ("muonclip_dist", "_exchange", "exchange"), ("muonclip_dist", "_ShareOut.share", "exchange"),
+          ("muonclip_dist", "orthogonalise_across_ranks", "exchange"),
+          ("muonclip", "MuonClip._adamw_step", "AdamW"), ("muonclip", "MuonClip._qk_clip", "QK-Clip")]
+PHASE_NAMES = list(dict.fromkeys(phase for *_, phase in PHASES)) + ["bookkeeping"]
+
+
+def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int, phase_steps: int = 5) -> dict:
     """Run under torchrun (or alone for 1 process), one thread per process: one forward + backward
     of `preset` on this rank's share of the batch, then MuonClip steps on those gradients, timed
-    between barriers, round-robin between distribute=True (each Newton-Schulz unit on one rank) and
-    distribute=False (every rank orthogonalises every unit, the way before)."""
+    between barriers, round-robin between distribute=True (each process updating its share) and
+    distribute=False (every process orthogonalising every unit, the way before); then phase_steps
+    more distribute=True steps with PhaseTimer on, each phase's ms per step averaged over the ranks."""
     torch.set_num_threads(1)
+    timer = PhaseTimer()
+    timer.install()
     world = 1
     if wrap != "single":
         torch.distributed.init_process_group("gloo")
@@ -598,8 +710,23 @@ def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int) -> 
                 torch.distributed.barrier()
         return step
     t = race({name: timed(opt) for name, opt in opts.items()}, reps, 2)
+    own = 0.0                                     # this rank's step time, without waiting at the barriers
+    timer.on = True
+    for _ in range(phase_steps):
+        if world > 1:
+            torch.distributed.barrier()
+        start = time.perf_counter()
+        opts["new"].step()
+        own += time.perf_counter() - start
+    timer.on = False
+    phases = torch.tensor([timer.seconds[p] for p in PHASE_NAMES[:-1]] + [own - sum(timer.seconds.values())],
+                          dtype=torch.float64) * 1e3 / phase_steps
+    if world > 1:
+        torch.distributed.all_reduce(phases)
+        phases /= world
     res = dict(ns_dtype=str(dtype).removeprefix("torch."), world=world,
-               ns_matrices=opts["new"].newton_schulz_matrices, **{f"{k}_ms": v * 1e3 for k, v in t.items()})
+               ns_matrices=opts["new"].newton_schulz_matrices, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
+               phases_ms=dict(zip(PHASE_NAMES, phases.tolist())))
     if world > 1:
         torch.distributed.destroy_process_group()
     return res
@@ -856,173 +983,276 @@ def rephrase_main(argv) -> int:
 # ----------------------------------------------------------------------------------------------
 # The run
 
-def run(args) -> dict:
+# ----------------------------------------------------------------------------------------------
+# The table: each row's lines (label, value, target name or None, the target's value)
+
+SKIPPED_BF16 = "skipped: bf16 is emulated on this CPU (see the header)"
+
+
+def _skipped(label, r, target=None):
+    return [(label, f"skipped: {r['skipped']}" if not r["skipped"].startswith("bf16") else SKIPPED_BF16, target, None)]
+
+
+def lines_train(r):
+    if "skipped" in r:
+        return _skipped("1 train step vs transformers", r, "train_speedup_vs_transformers")
+    return [(f"1 train step vs transformers {r['transformers']}",
+             f"{r['kimik2_tokens_per_s']:,.0f} vs {r['transformers_tokens_per_s']:,.0f} tok/s = {r['speedup']:.2f}x",
+             "train_speedup_vs_transformers", r["speedup"])]
+
+
+def lines_optimizer(r):
+    return [("2 optimizer step MuonClip / torch Muon+AdamW",
+             f"{r['muonclip_ms']:.1f} / {r['torch_muon_adamw_ms']:.1f} ms = {r['ratio']:.2f}x",
+             "optimizer_time_ratio_vs_torch", r["ratio"])]
+
+
+def lines_tracking(r):
+    return [("3 max-logit tracking overhead",
+             f"{r['tracked_ms']:.1f} vs {r['untracked_ms']:.1f} ms = {r['overhead']:+.1%}", "tracking_overhead", r["overhead"])]
+
+
+def lines_bf16(r):
+    if "skipped" in r:
+        return _skipped("4 bf16 autocast vs fp32 step", r, "bf16_speedup")
+    return [("4 bf16 autocast vs fp32 step", f"{r['bf16_ms']:.1f} vs {r['fp32_ms']:.1f} ms = {r['speedup']:.2f}x",
+             "bf16_speedup", r["speedup"])]
+
+
+def lines_mfu(r):
+    out = [("5 MFU fp32 (of fastest fp32 torch.mm)",
+            f"{r['fp32_flops'] / 1e9:.1f} / {r['fp32_peak_flops'] / 1e9:.0f} GFLOP/s = {r['fp32']:.1%}", "mfu_fp32_tiny", r["fp32"])]
+    label = "  MFU bf16 (of fastest bf16 torch.mm)"
+    if "bf16" in r:
+        return out + [(label, f"{r['bf16_flops'] / 1e9:.1f} / {r['bf16_peak_flops'] / 1e9:.0f} GFLOP/s = {r['bf16']:.1%}", None, None)]
+    return out + [(label, SKIPPED_BF16, None, None)]
+
+
+def lines_bounds(r):
+    t, w = r["tiny"], r["wide"]
+    bf16_share = f", bf16 {t['matmul_share_bf16']:.0%}" if t["matmul_share_bf16"] is not None else ""
+    wide = (f"bf16 {w['bf16_ms']:.0f} vs fp32 {w['fp32_ms']:.0f} ms = {w['bf16_speedup']:.2f}x (forward+backward "
+            f"alone {w['fwd_bwd_bf16_speedup']:.2f}x); MFU fp32 {w['mfu_fp32']:.0%} (forward+backward "
+            f"{w['mfu_fp32_fwd_bwd']:.0%}), bf16 {w['mfu_bf16']:.0%}" if "bf16_ms" in w else
+            f"fp32 {w['fp32_ms']:.0f} ms (forward+backward {w['fwd_bwd_fp32_ms']:.0f} ms); MFU fp32 "
+            f"{w['mfu_fp32']:.0%} (forward+backward {w['mfu_fp32_fwd_bwd']:.0%}); bf16 skipped (emulated)")
+    return [("  what bounds 4, 5: matmul share of the step",
+             f"fp32 {t['matmul_share_fp32']:.0%}{bf16_share} (profiler); with the rest as is, bf16 <= "
+             f"{t['bf16_speedup_bound']:.2f}x and MFU <= {t['mfu_fp32_bound']:.0%}; MFU "
+             f"{TARGETS['mfu_fp32_tiny'][1]:.0%} needs the non-matmul {t['non_matmul_ms']:.0f} ms down to "
+             f"{t['non_matmul_ms_for_mfu_target']:.0f} ms", None, None),
+            (f"  same step at hidden {w['config']['hidden_size']}, {w['config']['num_hidden_layers']} layers", wide, None, None)]
+
+
+def lines_memory(r):
+    k = r["kimik2"]
+    line = f"{k['step_bytes'] / 2**20:.0f} MiB above {(k['peak_bytes'] - k['step_bytes']) / 2**20:.0f} MiB"
+    if "transformers" in r:
+        t = r["transformers"]
+        line += f"; transformers {t['step_bytes'] / 2**20:.0f} MiB ({k['step_bytes'] / t['step_bytes']:.2f}x)"
+    return [(f"6 peak memory of a step [{k['how']}]", line, None, None)]
+
+
+def lines_decode(r):
+    a, f = r["absorbed"], r["full"]
+    return [(f"7 decode at {r['context']} ctx, absorbed vs full K/V",
+             f"{a['tokens_per_s']:.0f} vs {f['tokens_per_s']:.0f} tok/s = {a['tokens_per_s'] / f['tokens_per_s']:.2f}x", None, None),
+            ("  cache bytes/token (fp32), absorbed vs full",
+             f"{a['cache_bytes_per_token']:,.0f} vs {f['cache_bytes_per_token']:,.0f} "
+             f"= 1/{f['cache_bytes_per_token'] / a['cache_bytes_per_token']:.1f}", None, None)]
+
+
+def lines_ns_precision(r):
+    bf16 = f" / {r['bfloat16_ms']:.1f}" if "bfloat16_ms" in r else " / (bf16 skipped: emulated)"
+    return [(f"9 MuonClip step, NS default ({r['default_dtype']}) / fp32 / bf16",
+             f"{r['default_ms']:.1f} / {r['float32_ms']:.1f}{bf16} ms", None, None)]
+
+
+def lines_ns_variants(r):
+    out = []
+    for dtype, table in r.items():
+        jordan = table["jordan"]["ms"]
+        out.append((f"10 NS variants, K2 shapes / 16, {dtype}", ", ".join(
+            f"{v} {t['ms']:.0f} ms ({t['ms'] / jordan:.2f}x) |s-1| <= {t['max_sigma_error']:.2f}"
+            for v, t in table.items()), None, None))
+    if "bfloat16" not in r:
+        out.append(("10 NS variants, K2 shapes / 16, bfloat16", SKIPPED_BF16, None, None))
+    return out
+
+
+def lines_distributed(r):
+    single = r["single"]["new_ms"]
+    lines = [(f"11 opt step, 2 procs {wrap.upper()} / 1 proc (1 thread each)",
+              f"new {r[wrap]['new_ms']:.1f} / {single:.1f} ms = {r[wrap]['new_ms'] / single:.2f}x; before "
+              f"{r[wrap]['old_ms']:.1f} ms = {r[wrap]['old_ms'] / single:.2f}x (NS {r[wrap]['ns_dtype']})", None, None)
+             for wrap in ("ddp", "fsdp")]
+    lines.append(("   its phases, ms per step (mean of the ranks)", "1 proc / 2 procs DDP / 2 procs FSDP2", None, None))
+    return lines + [(f"     {phase}", " / ".join(f"{r[w]['phases_ms'][phase]:.1f}" for w in ("single", "ddp", "fsdp")),
+                     None, None) for phase in PHASE_NAMES]
+
+
+def lines_cuda(r):
+    if "skipped" in r:
+        return _skipped("CUDA small bf16 MFU", r)
+    return [("CUDA small bf16 MFU", f"{r['gpu']}: {r['tokens_per_s']:,.0f} tok/s, {r['mfu']:.1%} of "
+             f"{r['bf16_peak_flops'] / 1e12:.0f} TFLOP/s", None, None)]
+
+
+ROW_LINES = dict(train_vs_transformers=lines_train, optimizer=lines_optimizer, tracking=lines_tracking, bf16=lines_bf16,
+                 mfu=lines_mfu, bounds=lines_bounds, memory=lines_memory, decode=lines_decode,
+                 ns_precision=lines_ns_precision, ns_variants=lines_ns_variants, distributed=lines_distributed,
+                 cuda_small=lines_cuda)
+
+
+class Report:
+    """The bench's results, each row printed as soon as it is measured: the table on stdout, or with
+    --json on stderr (the JSON object at the end, on stdout). `res` is that object."""
+    WIDTH = 52
+
+    def __init__(self, as_json: bool):
+        self.res, self.out = dict(targets={}, row_seconds={}), sys.stderr if as_json else sys.stdout
+        self.last = time.perf_counter()
+
+    def print(self, text=""):
+        print(text, file=self.out, flush=True)
+
+    def header(self, machine: dict, settings: dict, skipped: dict):
+        self.res.update(machine=machine, settings=settings, skipped=skipped)
+        self.last = time.perf_counter()
+        m, s = machine, settings
+        self.print(f"kimik2 bench: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch "
+                   f"{m['torch']}; bf16: {m['bf16']}; Newton-Schulz in {m['train_ns_dtype']} (as train.py)")
+        self.print(f"preset {s['preset']}, batch {s['batch']} x {s['seq_len']} tokens, fp32 unless stated; medians "
+                   f"of {s['reps']} reps after {s['warmup']} warm-up (fewer past {s['budget_s']:g} s per row); "
+                   f"load average {_load(m['load_average_at_start'])} at start")
+        for part, reason in skipped.items():
+            self.print(f"{part} rows: " + ("measured" if reason is None else f"skipped: {reason}"))
+        self.print()
+
+    def add(self, key: str, value: dict):
+        """Store row `key` and print its lines (ROW_LINES), with the verdict of its target if it has
+        one; the first line ends with the seconds the row took (since the row before it)."""
+        self.res[key] = value
+        now = time.perf_counter()
+        self.res["row_seconds"][key] = seconds = now - self.last
+        self.last = now
+        for i, (label, text, target, v) in enumerate(ROW_LINES[key](value)):
+            verdict = ""
+            if target:
+                op, bound = TARGETS[target]
+                met = None if v is None else (v >= bound if op == ">=" else v <= bound if op == "<=" else v > bound)
+                self.res["targets"][target] = dict(value=v, target=f"{op} {bound}", met=met)
+                verdict = f"target {op} {bound}: " + {True: "met", False: "MISSED", None: "n/a"}[met]
+            took = f"[{seconds:.0f} s]" if i == 0 else ""
+            self.print(f"{label:{self.WIDTH}s}  {text:46s}  {verdict:28s}  {took}".rstrip())
+
+    def finish(self, started: float):
+        m = self.res["machine"]
+        m["load_average_at_end"], m["wall_s"] = os.getloadavg(), time.perf_counter() - started
+        busy = max(m["load_average_at_start"][0], m["load_average_at_end"][0]) > m["cores"]
+        self.print(f"\n{m['wall_s']:.0f} s in all; load average {_load(m['load_average_at_end'])} at end"
+                   + (" (above the core count: other processes share the CPU and the figures are noisy)" if busy else ""))
+
+
+def _load(avg) -> str:
+    return "(1, 5, 15 min) " + ", ".join(f"{x:.1f}" for x in avg)
+
+
+def run(args, report: Report) -> dict:
+    started = time.perf_counter()
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    res = dict(machine=dict(cpu=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                            torch=torch.__version__, bf16_cpu_flags=cpu_bf16_flags(),
-                            train_ns_dtype=str(train_ns_dtype()).removeprefix("torch."),
-                            load_average_at_start=os.getloadavg()[0]),
-               settings=dict(preset=args.preset, batch=args.batch_size, seq_len=args.seq_len,
-                             reps=args.reps, warmup=args.warmup, lr=LR, weight_decay=WEIGHT_DECAY))
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+    bf16_native, bf16_how = bf16_support()
+    skip = rows_to_skip(bf16_native, bf16_how, torch.cuda.is_available(), transformers and transformers.__version__)
+    with_bf16 = skip["bf16"] is None
+    report.header(
+        dict(cpu=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+             bf16=bf16_how, bf16_cpu_flags=cpu_bf16_flags(), train_ns_dtype=str(train_ns_dtype()).removeprefix("torch."),
+             load_average_at_start=os.getloadavg()),
+        dict(preset=args.preset, batch=args.batch_size, seq_len=args.seq_len, reps=args.reps, warmup=args.warmup,
+             budget_s=args.budget, lr=LR, weight_decay=WEIGHT_DECAY), skip)
     model = build_kimik2(args.preset)
     x, y = make_batch(model.config, args.batch_size, args.seq_len)
     tokens = x.numel()
 
     # 1. training step against transformers
-    try:
-        import transformers
-    except ImportError:
-        transformers = None
     if transformers is None:
-        res["train_vs_transformers"] = dict(skipped="transformers is not installed")
+        report.add("train_vs_transformers", dict(skipped=skip["transformers"]))
     else:
         twin = build_transformers_twin(model)
         theirs = train_step_fn(twin, reference_for_transformers(twin), x, y, transformers_model=True)
         ours = train_step_fn(model, muonclip_for(model), x, y)
-        t = race({"kimik2": ours, "transformers": theirs}, args.reps, args.warmup)
-        res["train_vs_transformers"] = dict(
+        t = race({"kimik2": ours, "transformers": theirs}, args.reps, args.warmup, budget_s=args.budget,
+                 label="row 1, training steps")
+        report.add("train_vs_transformers", dict(
             transformers=transformers.__version__,
             kimik2_tokens_per_s=tokens / t["kimik2"], transformers_tokens_per_s=tokens / t["transformers"],
-            speedup=t["transformers"] / t["kimik2"])
+            speedup=t["transformers"] / t["kimik2"]))
         del twin, theirs, ours
 
-    # 2. optimizer step on the same parameters and gradients
-    model = build_kimik2(args.preset)
-    model(x, y)[1].backward()
-    grads = {p: p.grad.clone() for p in model.parameters()}
-    muonclip, reference = muonclip_for(model), reference_for_kimik2(model)
+    # 2. optimizer step on the same parameters and gradients (kept for row 9)
+    opt_model = build_kimik2(args.preset)
+    opt_model(x, y)[1].backward()
+    grads = {p: p.grad.clone() for p in opt_model.parameters()}
+    muonclip, reference = muonclip_for(opt_model), reference_for_kimik2(opt_model)
     t = race({"muonclip": step_with_grads(muonclip, grads), "torch": step_with_grads(reference, grads)},
-             args.reps * 2, args.warmup)
-    res["optimizer"] = dict(muonclip_ms=t["muonclip"] * 1e3, torch_muon_adamw_ms=t["torch"] * 1e3,
-                            ratio=t["muonclip"] / t["torch"])
-    res["ns_precision"] = bench_ns_precision(model, grads, args.reps, args.warmup)
-    del muonclip, reference, grads
-    res["ns_variants"] = {str(dtype).removeprefix("torch."): bench_ns_variants(dtype, args.reps)
-                          for dtype in (torch.float32, torch.bfloat16)}
-    res["distributed"] = bench_distributed(args)
+             args.reps * 2, args.warmup, budget_s=args.budget, label="row 2, optimizer steps")
+    report.add("optimizer", dict(muonclip_ms=t["muonclip"] * 1e3, torch_muon_adamw_ms=t["torch"] * 1e3,
+                                 ratio=t["muonclip"] / t["torch"]))
+    del muonclip, reference
 
     # 3, 4, 5. tracking, bf16, MFU: kimik2 training steps
     model = build_kimik2(args.preset)
-    step = train_step_fn(model, muonclip_for(model), x, y)
-    step_bf16 = train_step_fn(model, muonclip_for(model), x, y, autocast_dtype=torch.bfloat16)
+    steps = {"fp32": train_step_fn(model, muonclip_for(model), x, y)}
+    if with_bf16:
+        steps["bf16"] = train_step_fn(model, muonclip_for(model), x, y, autocast_dtype=torch.bfloat16)
 
     def untracked():
         set_tracking(model, False)
-        step()
+        steps["fp32"]()
         set_tracking(model, True)
-    t = race({"tracked": step, "untracked": untracked, "bf16": step_bf16}, args.reps, args.warmup)
-    res["tracking"] = dict(tracked_ms=t["tracked"] * 1e3, untracked_ms=t["untracked"] * 1e3,
-                           overhead=t["tracked"] / t["untracked"] - 1)
-    res["bf16"] = dict(fp32_ms=t["tracked"] * 1e3, bf16_ms=t["bf16"] * 1e3, speedup=t["tracked"] / t["bf16"])
+    t = race({**steps, "untracked": untracked}, args.reps, args.warmup, budget_s=args.budget,
+             label="rows 3-4, training steps")
+    report.add("tracking", dict(tracked_ms=t["fp32"] * 1e3, untracked_ms=t["untracked"] * 1e3,
+                                overhead=t["fp32"] / t["untracked"] - 1))
+    report.add("bf16", dict(fp32_ms=t["fp32"] * 1e3, bf16_ms=t["bf16"] * 1e3, speedup=t["fp32"] / t["bf16"])
+               if with_bf16 else dict(skipped=skip["bf16"]))
     flops_per_token = model.estimate_flops_per_token(args.seq_len)
-    peak_fp32, peak_bf16 = measure_peak_flops(torch.float32), measure_peak_flops(torch.bfloat16)
-    achieved = dict(fp32=tokens / t["tracked"] * flops_per_token, bf16=tokens / t["bf16"] * flops_per_token)
-    res["mfu"] = dict(flops_per_token=flops_per_token, fp32_peak_flops=peak_fp32, bf16_peak_flops=peak_bf16,
-                      fp32_flops=achieved["fp32"], bf16_flops=achieved["bf16"],
-                      fp32=achieved["fp32"] / peak_fp32, bf16=achieved["bf16"] / peak_bf16)
-    res["bounds"] = bench_bounds(step, step_bf16, t, flops_per_token, dict(fp32=peak_fp32, bf16=peak_bf16), args)
+    peaks = {dtype: measure_peak_flops(getattr(torch, name))
+             for dtype, name in (("fp32", "float32"), ("bf16", "bfloat16")) if dtype in steps}
+    achieved = {dtype: tokens / t[dtype] * flops_per_token for dtype in peaks}
+    report.add("mfu", dict(flops_per_token=flops_per_token,
+                           **{f"{d}_peak_flops": peaks[d] for d in peaks}, **{f"{d}_flops": achieved[d] for d in peaks},
+                           **{d: achieved[d] / peaks[d] for d in peaks}))
+    progress("bounds: profiling the step, then timing it at hidden 512")
+    report.add("bounds", bench_bounds(steps, t, flops_per_token, peaks, args))
+    del steps
 
     # 6. peak memory
-    res["memory"] = {"kimik2": bench_memory("kimik2", args.preset, args.batch_size, args.seq_len)}
+    memory = {"kimik2": bench_memory("kimik2", args.preset, args.batch_size, args.seq_len)}
     if transformers is not None:
-        res["memory"]["transformers"] = bench_memory("transformers", args.preset, args.batch_size, args.seq_len)
+        memory["transformers"] = bench_memory("transformers", args.preset, args.batch_size, args.seq_len)
+    report.add("memory", memory)
 
     # 7. decoding
-    res["decode"] = dict(context=args.decode_context, new_tokens=args.decode_tokens,
-                         **bench_decode(model, args.decode_context, args.decode_tokens, max(1, args.reps // 4)))
+    progress(f"row 7: decoding {args.decode_tokens} tokens after {args.decode_context} with each cache")
+    report.add("decode", dict(context=args.decode_context, new_tokens=args.decode_tokens,
+                              **bench_decode(model, args.decode_context, args.decode_tokens, max(1, args.reps // 4))))
 
-    # CUDA
-    res["cuda_small"] = bench_cuda_small(args) if torch.cuda.is_available() else dict(skipped="no CUDA device")
+    # 9-11. MuonClip at scale
+    report.add("ns_precision", bench_ns_precision(opt_model, grads, args.reps,
+                                                  args.warmup, with_bf16, args.budget))
+    report.add("ns_variants", {str(dtype).removeprefix("torch."): bench_ns_variants(dtype, args.reps, args.budget)
+                               for dtype in (torch.float32, *([torch.bfloat16] if with_bf16 else []))})
+    progress("row 11: torchrun, 1 and 2 processes")
+    report.add("distributed", bench_distributed(args))
 
-    res["machine"]["load_average_at_end"] = os.getloadavg()[0]
-    res["targets"] = targets(res)
-    return res
-
-
-def targets(res) -> dict:
-    bf16_relevant = bool(res["machine"]["bf16_cpu_flags"])
-    values = {
-        "train_speedup_vs_transformers": res["train_vs_transformers"].get("speedup"),
-        "optimizer_time_ratio_vs_torch": res["optimizer"]["ratio"],
-        "tracking_overhead": res["tracking"]["overhead"],
-        "bf16_speedup": res["bf16"]["speedup"] if bf16_relevant else None,
-        "mfu_fp32_tiny": res["mfu"]["fp32"],
-    }
-    out = {}
-    for name, (op, bound) in TARGETS.items():
-        v = values[name]
-        met = None if v is None else (v >= bound if op == ">=" else v <= bound if op == "<=" else v > bound)
-        out[name] = dict(value=v, target=f"{op} {bound}", met=met)
-    return out
-
-
-def print_table(res):
-    m, s = res["machine"], res["settings"]
-    print(f"kimik2 bench: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}; "
-          f"bf16 CPU instructions: {', '.join(m['bf16_cpu_flags']) or 'none'}; "
-          f"Newton-Schulz in {m['train_ns_dtype']} (as train.py)")
-    print(f"preset {s['preset']}, batch {s['batch']} x {s['seq_len']} tokens, fp32 unless stated; "
-          f"medians of {s['reps']} reps after {s['warmup']} warm-up; 1-min load average "
-          f"{m['load_average_at_start']:.1f} at start, {m['load_average_at_end']:.1f} at end"
-          + (" (above the core count: other processes share the CPU and the figures are noisy)"
-             if max(m["load_average_at_start"], m["load_average_at_end"]) > m["cores"] else "") + "\n")
-    tv, o, tr, b, u = (res[k] for k in ("train_vs_transformers", "optimizer", "tracking", "bf16", "mfu"))
-    rows = []
-    if "skipped" in tv:
-        rows.append(("1 train step vs transformers", f"skipped: {tv['skipped']}", "train_speedup_vs_transformers"))
-    else:
-        rows.append(("1 train step vs transformers " + tv["transformers"],
-                     f"{tv['kimik2_tokens_per_s']:,.0f} vs {tv['transformers_tokens_per_s']:,.0f} tok/s "
-                     f"= {tv['speedup']:.2f}x", "train_speedup_vs_transformers"))
-    rows += [
-        ("2 optimizer step MuonClip / torch Muon+AdamW",
-         f"{o['muonclip_ms']:.1f} / {o['torch_muon_adamw_ms']:.1f} ms = {o['ratio']:.2f}x", "optimizer_time_ratio_vs_torch"),
-        ("3 max-logit tracking overhead",
-         f"{tr['tracked_ms']:.1f} vs {tr['untracked_ms']:.1f} ms = {tr['overhead']:+.1%}", "tracking_overhead"),
-        ("4 bf16 autocast vs fp32 step",
-         f"{b['bf16_ms']:.1f} vs {b['fp32_ms']:.1f} ms = {b['speedup']:.2f}x", "bf16_speedup"),
-        ("5 MFU fp32 (of fastest fp32 torch.mm)",
-         f"{u['fp32_flops'] / 1e9:.1f} / {u['fp32_peak_flops'] / 1e9:.0f} GFLOP/s = {u['fp32']:.1%}", "mfu_fp32_tiny"),
-        ("  MFU bf16 (of fastest bf16 torch.mm)",
-         f"{u['bf16_flops'] / 1e9:.1f} / {u['bf16_peak_flops'] / 1e9:.0f} GFLOP/s = {u['bf16']:.1%}", None),
-    ]
-    bt, bw = res["bounds"]["tiny"], res["bounds"]["wide"]
-    rows += [
-        ("  what bounds 4, 5: matmul share of the step",
-         f"fp32 {bt['matmul_share_fp32']:.0%}, bf16 {bt['matmul_share_bf16']:.0%} (profiler); with the rest as is, "
-         f"bf16 <= {bt['bf16_speedup_bound']:.2f}x and MFU <= {bt['mfu_fp32_bound']:.0%}; MFU "
-         f"{TARGETS['mfu_fp32_tiny'][1]:.0%} needs the non-matmul {bt['non_matmul_ms']:.0f} ms down to "
-         f"{bt['non_matmul_ms_for_mfu_target']:.0f} ms", None),
-        (f"  same step at hidden {bw['config']['hidden_size']}, {bw['config']['num_hidden_layers']} layers",
-         f"bf16 {bw['bf16_ms']:.0f} vs fp32 {bw['fp32_ms']:.0f} ms = {bw['bf16_speedup']:.2f}x "
-         f"(forward+backward alone {bw['fwd_bwd_bf16_speedup']:.2f}x); MFU fp32 {bw['mfu_fp32']:.0%} "
-         f"(forward+backward {bw['mfu_fp32_fwd_bwd']:.0%}), bf16 {bw['mfu_bf16']:.0%}", None),
-    ]
-    mem = res["memory"]
-    k = mem["kimik2"]
-    line = f"{k['step_bytes'] / 2**20:.0f} MiB above {(k['peak_bytes'] - k['step_bytes']) / 2**20:.0f} MiB"
-    if "transformers" in mem:
-        t = mem["transformers"]
-        line += f"; transformers {t['step_bytes'] / 2**20:.0f} MiB ({k['step_bytes'] / t['step_bytes']:.2f}x)"
-    rows.append((f"6 peak memory of a step [{k['how']}]", line, None))
-    d = res["decode"]
-    a, f = d["absorbed"], d["full"]
-    rows.append((f"7 decode at {d['context']} ctx, absorbed vs full K/V",
-                 f"{a['tokens_per_s']:.0f} vs {f['tokens_per_s']:.0f} tok/s = {a['tokens_per_s'] / f['tokens_per_s']:.2f}x", None))
-    rows.append(("  cache bytes/token (fp32), absorbed vs full",
-                 f"{a['cache_bytes_per_token']:,.0f} vs {f['cache_bytes_per_token']:,.0f} "
-                 f"= 1/{f['cache_bytes_per_token'] / a['cache_bytes_per_token']:.1f}", None))
-    rows += muon_rows(res)
-    c = res["cuda_small"]
-    rows.append(("CUDA small bf16 MFU", f"skipped: {c['skipped']}" if "skipped" in c else
-                 f"{c['gpu']}: {c['tokens_per_s']:,.0f} tok/s, {c['mfu']:.1%} of {c['bf16_peak_flops'] / 1e12:.0f} TFLOP/s", None))
-    width = max(len(r[0]) for r in rows)
-    for label, value, target in rows:
-        verdict = ""
-        if target:
-            tgt = res["targets"][target]
-            verdict = f"target {tgt['target']}: " + {True: "met", False: "MISSED", None: "n/a"}[tgt["met"]]
-        print(f"{label:{width}s}  {value:46s}  {verdict}")
+    report.add("cuda_small", bench_cuda_small(args) if skip["cuda"] is None else dict(skipped=skip["cuda"]))
+    report.finish(started)
+    return report.res
 
 
 def print_ns_variant_losses(res):
@@ -1034,29 +1264,7 @@ def print_ns_variant_losses(res):
         print(f"{variant:14s} " + " ".join(f"{r['loss'][s]:7.4f}" for s in steps) + f"   {r['val_loss'][max(r['val_loss'])]:.4f}")
 
 
-def muon_rows(res) -> list:
-    """Rows 9-11 of the table."""
-    n, d = res["ns_precision"], res["distributed"]
-    rows = [(f"9 MuonClip step, NS default ({n['default_dtype']}) / fp32 / bf16",
-             f"{n['default_ms']:.1f} / {n['float32_ms']:.1f} / {n['bfloat16_ms']:.1f} ms", None)]
-    for dtype, table in res["ns_variants"].items():
-        jordan = table["jordan"]["ms"]
-        rows.append((f"10 NS variants, K2 shapes / 16, {dtype}", ", ".join(
-            f"{v} {r['ms']:.0f} ms ({r['ms'] / jordan:.2f}x) |s-1| <= {r['max_sigma_error']:.2f}"
-            for v, r in table.items()), None))
-    single = d["single"]["new_ms"]
-    for wrap in ("ddp", "fsdp"):
-        w = d[wrap]
-        rows.append((f"11 opt step, 2 procs {wrap.upper()} / 1 proc (1 thread each)",
-                     f"new {w['new_ms']:.1f} / {single:.1f} ms = {w['new_ms'] / single:.2f}x; before "
-                     f"{w['old_ms']:.1f} ms = {w['old_ms'] / single:.2f}x (NS {w['ns_dtype']})", None))
-    return rows
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["rephrase"]:
-        return rephrase_main(argv[1:])
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--preset", default="tiny")
@@ -1065,6 +1273,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=8, help="timed repetitions per figure (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--budget", type=float, default=30.0,
+                   help="seconds per timed comparison: no repetition starts past it (at least one is timed)")
     p.add_argument("--decode-context", type=int, default=4000, help="prompt tokens before decoding (tiny: up to 4096 - decode-tokens)")
     p.add_argument("--decode-tokens", type=int, default=32, help="decoded tokens timed")
     p.add_argument("--cuda-batch-size", type=int, default=16)
@@ -1079,7 +1289,14 @@ def main(argv=None):
     p.add_argument("--dist-worker", choices=("single", "ddp", "fsdp"), help=argparse.SUPPRESS)
     p.add_argument("--ns-variant-losses", type=int, metavar="STEPS",
                    help="only row 12: train.py cut to STEPS steps with each Newton-Schulz variant, its losses")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["rephrase"]:
+        return rephrase_main(argv[1:])
+    args = parse_args(argv)
     if args.busy:  # this process becomes the busy one, so killing its pid stops the load
         os.execve(sys.executable, [sys.executable, "-c", BUSY_PROCESS], _default_wait_policy())
     if args.memory_worker:
@@ -1101,11 +1318,9 @@ def main(argv=None):
         res = bench_threads(args)
         print(json.dumps(res, indent=2)) if args.json else print_threads(res)
         return
-    res = run(args)
+    res = run(args, Report(args.json))
     if args.json:
         print(json.dumps(res, indent=2))
-    else:
-        print_table(res)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))  # the project's root folder
 PROJECT_MODULES = {"kimik2", "muonclip", "data", "train", "bench", "test_kimik2"}
 
 
-def torchrun(args, timeout=120, env=None):
-    """Run `torchrun --standalone --nproc_per_node=2 ARGS` from the root folder (gloo on CPU).
+def torchrun(args, timeout=120, env=None, nproc=2):
+    """Run `torchrun --standalone --nproc_per_node=NPROC ARGS` from the root folder (gloo on CPU).
 
     Gloo can abort a worker or deadlock it at interpreter exit while a worker thread still frees a
     finished collective's tensors (PyTorch issue 56297), after all of its work is done. A run that
@@ -36,7 +36,7 @@ def torchrun(args, timeout=120, env=None):
     worker that fails with an exception, i.e. a real failure, does not."""
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     for _ in range(2):
         proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)

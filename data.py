@@ -7,35 +7,28 @@ chunk conditioned on what was already rewritten, every chunk checked for fidelit
 maths rewritten as "learning notes" and non-English maths translated. In reading order:
 
 - Rephrasing: the prompts (`STYLES`, `rephrase_messages`), `split_chunks`, `rephrase_chunkwise`
-  (chunk by chunk, the rewrite so far in each prompt, failures retried with their reason), and the
-  fidelity check (`fidelity`: a lexical, an embedding or an LLM-judge measure, and "every number
-  survives").
-- The corpus-scale run: generation backends (`ChatEndpoint`, `EmbeddingEndpoint` for any
-  OpenAI-compatible server, standard library only, with a deadline per request; `CheckpointGenerator`
-  for a trained kimik2 checkpoint; or any callable `generate(messages) -> str`), the (document, style)
-  pairs and their shards, and `rephrase_corpus`: concurrent requests, one crash-safe writer, one
-  process per output file (a lock beside it), a file that is not its own refused untouched.
-- The training data: `ByteTokenizer` (256 ids, lossless through UTF-8; any object with `encode`,
-  `decode`, `vocab_size`, `eos` plugs in); documents from files or folders of .txt, .md, .py and
-  .jsonl (field "text") or the built-in corpus, everything odd in them counted in a `LoadReport`,
-  bad input a `DataError` naming it; `prepare`: tokenised once into memory-mapped token files, split
-  by document, per-domain mixture weights, cached under a hash of inputs and settings, written
-  atomically; `BatchSampler`: batches that are a pure function of (seed, step), so a resumed run
-  sees exactly the batches it would have seen, the global batch independent of the number of DDP
-  processes; `unigram_entropy`, the loss val loss must beat; the built-in corpus, which every Python
-  installation carries (standard-library code, pydoc topics and docstrings, generated maths with
-  worked solutions), so `python train.py` works offline.
-- `number`, `write_atomically`, `digest`/`verify` and `confined`, shared with train.py, and the command line.
+  (chunk by chunk, the rewrite so far in each prompt, failures retried with their reason), and
+  `fidelity` (a lexical, an embedding or an LLM-judge measure, and "every number survives"). Any
+  callable `generate(messages) -> str` is the rephraser. The corpus-scale client (HTTP backends,
+  shards, the output lock, resume, its command line) is data_rephrase.py.
+- The training data: `ByteTokenizer` (256 ids, lossless; any object with `encode`, `decode`,
+  `vocab_size`, `eos` plugs in); documents from files or folders of .txt, .md, .py and .jsonl
+  (field "text"), everything odd in them counted in a `LoadReport`, bad input a `DataError` naming
+  it; `prepare`: split by document, per-domain mixture weights, tokenised once into memory-mapped
+  files cached under a hash of inputs and settings, each file's length and SHA-256 recorded and
+  checked before use; `BatchSampler`: batches that are a pure function of (seed, step), so a resumed
+  run sees exactly the batches it would have seen, the global batch independent of the number of
+  DDP processes; `unigram_entropy`, the loss val loss must beat; the built-in corpus (the standard
+  library's code and documentation, generated maths), so `python train.py` works offline.
+- Shared with train.py: `number`, `write_atomically`, `digest`/`verify`, `confined`, `error_boundary`.
 
 Run:
     python data.py stats [--data SOURCE ...] [--cache-dir data_cache]
-    python data.py rephrase SOURCE... --endpoint http://localhost:8000/v1 --model NAME \
-        --styles 2 --concurrency 16 [--shard I/N] [--fidelity lexical|embedding|llm_judge] \
-        [--timeout SECONDS] [--max-tokens N] --out rephrased.jsonl
+    python data.py rephrase ...        (data_rephrase.py's command line)
 Sources: "builtin" (all three default domains), "builtin:code", "builtin:knowledge", "builtin:math",
 or "[DOMAIN[:WEIGHT]=]PATH" for a file or folder (domain "user" when not named). A rephrase output
 file is a source like any other: `knowledge=docs/ rephrased:0.5=rephrased.jsonl`. Weights are
-shares of the training text (see `prepare`). Rephrasing throughput: `python bench.py rephrase`.
+shares of the training text (see `prepare`).
 """
 from __future__ import annotations  # the rephrasing half comes first and names Document, defined below
 
@@ -43,26 +36,22 @@ import argparse
 import ast
 import errno
 import hashlib
-import http.client
-import itertools
 import json
 import math
 import os
 import random
 import re
-import shlex
 import shutil
 import signal
 import socket
 import stat
 import sys
 import sysconfig
+import tempfile
 import threading
-import time
-import urllib.parse
+import traceback
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -306,6 +295,10 @@ def parse_verdict(answer: str) -> tuple[bool, list[str]]:
     return keeps, missing
 
 
+class GenerationError(RuntimeError):
+    """A backend gave up: the message names the endpoint, the HTTP status or error, and the body."""
+
+
 class JudgeFidelity:
     """An LLM asked whether the rewrite keeps every fact of its source (`JUDGE_PROMPT`), its answer
     parsed strictly (`parse_verdict`). A malformed answer is rejected and the judge asked again, told
@@ -366,425 +359,23 @@ def _drift(score: dict) -> str:
     return f"drifted from the source ({feedback})"
 
 
-# -----------------------------------------------------------------------------------------------
-# The corpus-scale run and its backends
-
-# Generation backends: anything with __call__(messages) -> str. The HTTP ones use the standard
-# library only.
-
-class GenerationError(RuntimeError):
-    """A backend gave up: the message names the endpoint, the HTTP status or error, and the body."""
+# The corpus-scale client (backends, shards, the output lock, resume, its command line) lives in
+# data_rephrase.py; its names are reachable here too (`data.rephrase_corpus`), imported on first use.
+REPHRASE_CLIENT = {"OpenAIEndpoint", "ChatEndpoint", "EmbeddingEndpoint", "CheckpointGenerator", "MAX_REPLY_BYTES",
+                   "rephrase_corpus", "rephrase_key", "in_shard", "exclusive_output", "completed_keys", "styles_for",
+                   "record_line"}
 
 
-MAX_REPLY_BYTES = 16 << 20  # far above any reply to one chunk, or one embedding pair (about 100 kB)
-
-
-def _stderr(line: str):
-    print(line, file=sys.stderr, flush=True)
-
-
-def _one_line(text: str, limit=300) -> str:
-    """An error text (a server's body may hold anything) as one line of at most `limit` characters."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-class OpenAIEndpoint:
-    """One route of an OpenAI-compatible server (vLLM, llama.cpp's server, Ollama, ...) through
-    http.client: POST JSON, parse the reply. `timeout` is a deadline for the whole request, not
-    for each read: a server that trickles one byte a second is abandoned at the deadline like one
-    that hangs. Retries with exponential backoff on 429, 5xx, dropped or refused connections,
-    missed deadlines and malformed or oversized replies (`MAX_REPLY_BYTES`), each retry logged in one
-    line; any other status fails at once with its status and body. A 429 or 5xx pauses every thread
-    that shares this object, for Retry-After seconds when the server says so (logged): concurrent
-    workers back off together instead of hammering a server that asked them to slow down. `url` is
-    the API base (".../v1") or the full route; `log(line)` receives the retry and pause lines."""
-    route = ""
-
-    def __init__(self, url, model, api_key=None, timeout=120.0, retries=5, backoff=1.0, max_backoff=60.0,
-                 log=_stderr):
-        self.url = url.rstrip("/")
-        if not self.url.endswith(self.route):
-            self.url += self.route
-        self.parts = urllib.parse.urlsplit(self.url)
-        if self.parts.scheme not in ("http", "https") or not self.parts.hostname:
-            raise DataError(f"endpoint {url!r}: not an http:// or https:// URL")
-        self.model, self.api_key, self.timeout, self.retries = model, api_key, timeout, retries
-        self.backoff, self.max_backoff, self.log = backoff, max_backoff, log
-        self._lock = threading.Lock()
-        self._paused_until = 0.0  # time.monotonic() before which no request is sent
-
-    def _pause(self, seconds: float):
-        with self._lock:
-            self._paused_until = max(self._paused_until, time.monotonic() + seconds)
-
-    def _wait_for_pause(self):
-        while (delay := self._paused_until - time.monotonic()) > 0:
-            time.sleep(delay)
-
-    def _exchange(self, payload: bytes, headers: dict) -> tuple[int, object, bytes]:
-        """One POST, answered or abandoned within `timeout` seconds: (status, headers, body). A
-        socket timeout bounds each read, not their sum, so a timer shuts the socket at the deadline,
-        which ends whatever read is in progress; TimeoutError then says so."""
-        https = self.parts.scheme == "https"
-        conn = (http.client.HTTPSConnection if https else http.client.HTTPConnection)(
-            self.parts.hostname, self.parts.port, timeout=self.timeout)
-        expired, sockets = threading.Event(), []  # the socket is kept: the response may outlive conn.sock
-
-        def expire():
-            expired.set()
-            for sock in sockets:
-                with suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-        timer = threading.Timer(self.timeout, expire)
-        timer.start()
-        try:
-            conn.connect()
-            sockets.append(conn.sock)
-            if expired.is_set():  # the deadline passed while connecting, before the timer saw a socket
-                raise TimeoutError
-            path = self.parts.path + (f"?{self.parts.query}" if self.parts.query else "")
-            conn.request("POST", path, payload, headers)
-            response = conn.getresponse()
-            if (response.length or 0) > MAX_REPLY_BYTES:
-                raise ValueError(f"a reply of {response.length} bytes (at most {MAX_REPLY_BYTES})")
-            # all Content-Length bytes (else IncompleteRead); without a length, the limit and one byte more
-            body = response.read() if response.length is not None else response.read(MAX_REPLY_BYTES + 1)
-            if len(body) > MAX_REPLY_BYTES:
-                raise ValueError(f"a reply of more than {MAX_REPLY_BYTES} bytes")
-        except (OSError, http.client.HTTPException):
-            if expired.is_set():
-                raise TimeoutError(f"timed out: no complete reply within the {self.timeout:g} s deadline") from None
+def __getattr__(name):
+    if name not in REPHRASE_CLIENT and name != "rephrase_main":
+        raise AttributeError(f"module 'data' has no attribute {name!r}")
+    try:
+        import data_rephrase
+    except ModuleNotFoundError as e:
+        if e.name != "data_rephrase":
             raise
-        finally:
-            timer.cancel()
-            conn.close()
-        if expired.is_set():  # a read cut short by the shutdown may still have looked complete
-            raise TimeoutError(f"timed out: no complete reply within the {self.timeout:g} s deadline")
-        return response.status, response.headers, body
-
-    def post(self, body: dict, parse: Callable[[dict], object]):
-        """POST body (plus "model"), return parse(reply JSON); parse raises ValueError, KeyError,
-        IndexError or TypeError on a reply it cannot use, which is retried like a server error."""
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        payload = json.dumps({"model": self.model, **body}).encode()
-        for attempt in range(self.retries + 1):
-            wait, pause = min(self.max_backoff, self.backoff * 2 ** attempt), ""
-            self._wait_for_pause()
-            try:
-                status, reply_headers, reply = self._exchange(payload, headers)
-                if status < 300:
-                    return parse(json.loads(reply))
-                error = f"HTTP {status}: {_one_line(reply[:500].decode('utf-8', errors='replace'))}"
-                if status != 429 and status < 500:
-                    raise GenerationError(f"{self.url}: {error}")
-                # the server is overloaded or failing: every thread waits, as long as it asks if it does
-                if (retry_after := reply_headers.get("Retry-After") or "").isdigit():
-                    wait, pause = min(self.max_backoff, float(retry_after)), "as the server asked (Retry-After)"
-                else:
-                    pause = "backing off"
-            except (OSError, http.client.HTTPException) as e:  # refused, dropped, past the deadline
-                error = _one_line(f"{type(e).__name__}: {e}")
-            except (ValueError, KeyError, IndexError, TypeError) as e:  # not the JSON we expect
-                error = _one_line(f"malformed response ({type(e).__name__}: {e})")
-            if attempt == self.retries:
-                raise GenerationError(f"{self.url}: gave up after {attempt + 1} attempts; last: {error}")
-            if pause:
-                self.log(f"{self.url}: attempt {attempt + 1}/{self.retries + 1}: {error}; every request to it "
-                         f"pauses {wait:g} s, {pause}")
-                self._pause(wait)
-            else:
-                self.log(f"{self.url}: attempt {attempt + 1}/{self.retries + 1}: {error}; retrying in {wait:g} s")
-                time.sleep(wait)
-
-
-class ChatEndpoint(OpenAIEndpoint):
-    """The rephraser (or judge) behind an OpenAI-compatible /chat/completions route. A reply with
-    a lone surrogate (JSON "\\ud83d", half an emoji; no UTF-8 exists for it) has it replaced by
-    U+FFFD and is counted in `repaired_replies`: never fatal, always reported."""
-    route = "/chat/completions"
-
-    def __init__(self, url, model, temperature=0.7, max_tokens=None, **options):
-        super().__init__(url, model, **options)
-        self.temperature, self.max_tokens = temperature, max_tokens
-        self.repaired_replies = 0
-
-    def _content(self, reply: dict) -> str:
-        content = reply["choices"][0]["message"]["content"]
-        if not isinstance(content, str):
-            raise TypeError(f"content is {type(content).__name__}")
-        if _lone_surrogates(content):
-            with self._lock:
-                self.repaired_replies += 1
-            content = "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in content)
-        return content
-
-    def __call__(self, messages: list[dict]) -> str:
-        body = {"messages": messages, "temperature": self.temperature}
-        if self.max_tokens:
-            body["max_tokens"] = self.max_tokens
-        return self.post(body, self._content)
-
-
-class EmbeddingEndpoint(OpenAIEndpoint):
-    """An OpenAI-compatible /embeddings route (vLLM, llama.cpp, Ollama serve one) as the embed
-    function of `EmbeddingFidelity`: texts -> one vector each, with the retries of `OpenAIEndpoint`."""
-    route = "/embeddings"
-
-    def __call__(self, texts: list[str]) -> list[list[float]]:
-        def vectors(reply):
-            rows = sorted(reply["data"], key=lambda row: row["index"])
-            out = [[float(x) for x in row["embedding"]] for row in rows]
-            if len(out) != len(texts) or len({len(v) for v in out}) != 1 or not out[0]:
-                sizes = sorted({len(v) for v in out})
-                raise ValueError(f"{len(out)} vectors of sizes {sizes} for {len(texts)} texts")
-            if not np.isfinite(out).all():
-                raise ValueError("non-finite embedding")
-            return out
-        return self.post({"input": texts}, vectors)
-
-
-class CheckpointGenerator:
-    """A trained kimik2 checkpoint (save_pretrained folder) as the rephraser, through its own
-    `generate`. The chat messages become a plain "role: content" prompt, since a byte-level model
-    has no chat template; generation stops at max_new_tokens or eos."""
-
-    def __init__(self, path, max_new_tokens=512, temperature=0.7, top_k=50, tokenizer=None, device="cpu"):
-        import kimik2  # only this backend needs the model code
-        self.model = kimik2.KimiK2.from_pretrained(path).to(device).eval()
-        self.tokenizer = tokenizer or ByteTokenizer()
-        self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
-        self.device = device
-
-    def __call__(self, messages: list[dict]) -> str:
-        prompt = "".join(f"{m['role']}: {m['content']}\n\n" for m in messages) + "assistant: "
-        room = max(1, self.model.config.max_position_embeddings - self.max_new_tokens)
-        ids = self.tokenizer.encode(prompt)[-room:]  # the end of the prompt holds the chunk
-        with torch.no_grad():
-            out = self.model.generate(torch.tensor([ids], device=self.device), self.max_new_tokens,
-                                      temperature=self.temperature, top_k=self.top_k)
-        new = out[0, len(ids):].tolist()
-        if self.tokenizer.eos in new:
-            new = new[:new.index(self.tokenizer.eos)]
-        return self.tokenizer.decode(new)
-
-
-# The (document, style) pairs and their shards, one writer per output, concurrent requests
-
-
-def _is_english(text: str) -> bool:
-    """Crude script test: most letters ASCII. Non-Latin scripts are caught; French or German pass
-    as English (a language identifier would do better and is one more dependency)."""
-    letters = [c for c in text[:4000] if c.isalpha()]
-    return not letters or sum(c.isascii() for c in letters) >= 0.8 * len(letters)
-
-
-def styles_for(doc: Document, n: int) -> list[str]:
-    """n distinct styles for a document: translate_en first for non-English text, learning_note for
-    maths, then general styles in a rotation that starts at a hash of the name, so the styles are
-    spread evenly over a corpus and stable across reruns."""
-    if not 1 <= n <= len(GENERAL_STYLES):
-        raise DataError(f"--styles: between 1 and {len(GENERAL_STYLES)} styles per document, got {n}")
-    special = [] if _is_english(doc.text) else ["translate_en"]
-    if doc.domain == "math":
-        special.append("learning_note")
-    start = int(hashlib.sha1(doc.name.encode()).hexdigest(), 16) % len(GENERAL_STYLES)
-    rotation = GENERAL_STYLES[start:] + GENERAL_STYLES[:start]
-    return (special + rotation)[:n]
-
-
-def in_shard(doc_id: str, style: str, shard: tuple[int, int]) -> bool:
-    """Whether the pair (doc_id, style) belongs to shard (index, count): a hash of the pair, so the
-    count shards partition any corpus (no overlap, no gap) and a pair's shard does not move when
-    other documents are added."""
-    index, count = shard
-    return int(hashlib.sha1(f"{doc_id}\0{style}".encode()).hexdigest(), 16) % count == index
-
-
-@contextmanager
-def exclusive_output(out: Path):
-    """Hold `<out>.lock` for as long as the block runs, so that one process at a time writes `out`.
-
-    The lock is fcntl's: the kernel releases it when its process dies however it dies, so the lock
-    file of a killed run is simply taken over. It holds the holder's pid and command, and a second
-    process gets DataError naming them. The file is removed on the way out; a process that opened it
-    just before then finds its lock on a removed file and tries again on the new one (POSIX only)."""
-    import fcntl  # the one POSIX-only import of this file, so that `import data` works everywhere
-    lock_path = Path(f"{out}.lock")
-    while True:
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise DataError(f"--out {out}: cannot create its lock file {lock_path} ({e.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", errors="replace").strip() or "another process"
-            os.close(fd)
-            raise DataError(f"--out {out} is being written by {holder}; wait for it, or give another --out") from None
-        with suppress(FileNotFoundError):
-            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
-                break
-        os.close(fd)
-    if (mine := os.pread(fd, 4096, 0)) and not re.match(rb"pid \d+ \(", mine):
-        os.close(fd)  # a file of the user's that happens to have this name: not ours to overwrite
-        raise DataError(f"--out {out}: {lock_path} exists and is not a lock of this command; move it")
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} ({shlex.join([Path(sys.executable).name, *sys.argv])})".encode())
-        yield
-    finally:
-        with suppress(FileNotFoundError):
-            os.remove(lock_path)
-        os.close(fd)
-
-
-RECORD_START = b'{"id": '  # how every record line begins (`_append_record`: the id is the first key)
-
-
-def _is_record(line: bytes) -> bool:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return False
-    return (isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("id", "style", "text"))
-            and isinstance(record.get("chunks"), list))
-
-
-def completed_pairs(out: Path) -> set[tuple[str, str]]:
-    """(id, style) of every record in `out`, the output of earlier runs of this command (or no file).
-
-    A last line without its newline that begins like a record is what a kill mid-write leaves: it
-    is cut off and its pair redone. Any other content (a line that is not a rephrase record, a last
-    line that cannot be the start of one, as in a user's notes.txt) raises DataError naming the
-    line, before a byte of the file is changed: the file is not this command's to append to."""
-    if not out.exists():
-        return set()
-    if not out.is_file():
-        raise DataError(f"--out {out}: not a file")
-    data = out.read_bytes()
-    end = data.rfind(b"\n") + 1
-    lines = data[:end].splitlines()
-    for lineno, line in enumerate(lines, 1):
-        if not _is_record(line):
-            raise DataError(f"--out {out}:{lineno}: not a rephrase record, so not an output of this command; "
-                            "give another --out (the file is left as it was)")
-    partial = data[end:]
-    if partial and not (partial.startswith(RECORD_START) or RECORD_START.startswith(partial)):
-        raise DataError(f"--out {out}:{len(lines) + 1}: a last line without a newline that is not a rephrase "
-                        "record, so not an output of this command; give another --out (the file is left as it was)")
-    if partial:
-        with open(out, "r+b") as f:
-            f.truncate(end)
-    return {(record["id"], record["style"]) for record in map(json.loads, lines)}
-
-
-def _clock(seconds: float) -> str:
-    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if math.isfinite(seconds) else "?"
-
-
-class _Progress:
-    """Pairs, documents and chunks done, the rate and the ETA of a run. The ETA divides the text
-    left by the text done per second of wall time since the start, so it stays right however many
-    pairs are in flight and in whatever order they finish."""
-
-    def __init__(self, pairs, todo, clock=time.monotonic):
-        self.clock, self.start = clock, clock()
-        self.pairs, self.chars_left = len(todo), sum(len(doc.text) for doc, _ in todo)
-        self.left_per_doc = Counter(doc.name for doc, _ in todo)
-        self.docs = len({doc.name for doc, _ in pairs})
-        self.docs_done = self.docs - len(self.left_per_doc)
-        self.pairs_done = self.chars_done = self.chunks_done = 0
-
-    def done(self, doc: Document, chunks: int) -> str:
-        self.pairs_done += 1
-        self.chars_done += len(doc.text)
-        self.chunks_done += chunks
-        self.left_per_doc[doc.name] -= 1
-        self.docs_done += self.left_per_doc[doc.name] == 0
-        elapsed = self.clock() - self.start
-        eta = (self.chars_left - self.chars_done) * elapsed / self.chars_done if self.chars_done else math.inf
-        return (f"rephrase: pairs {self.pairs_done}/{self.pairs}, documents {self.docs_done}/{self.docs}, "
-                f"chunks {self.chunks_done} | {self.chunks_done / max(elapsed, 1e-9):.2f} chunks/s | "
-                f"ETA {_clock(eta)}")
-
-
-def _worst(chunks) -> dict:
-    """A record's summary scores: the lowest similarity and numbers_kept over its chunks."""
-    return dict(similarity_min=min((c["similarity"] for c in chunks), default=1.0),
-                numbers_kept_min=min((c["numbers_kept"] for c in chunks), default=1.0))
-
-
-def _append_record(f, record: dict):
-    """One write of one whole line, flushed and fsynced before the pair counts as done: a kill
-    leaves at most a partial last line, which `completed_pairs` cuts off. A failed write (a full
-    disk) raises OSError naming the file."""
-    try:
-        f.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-    except OSError as e:
-        raise OSError(e.errno, f"appending a record failed: {e.strerror}", f.name) from e
-
-
-def rephrase_corpus(pairs, generate, out, *, concurrency=1, model="", log=_stderr, **options) -> dict:
-    """Rephrase every (Document, style) pair not yet in `out` (JSON lines, one record per pair).
-
-    One process at a time writes `out` (`exclusive_output`), and only to a file of its own
-    (`completed_pairs`). Up to `concurrency` pairs are in flight on worker threads; the chunks of one
-    pair stay sequential (each chunk's prompt carries the rewrite so far, `rephrase_chunkwise` with
-    `options`). This thread is the only writer (`_append_record`), so a SIGKILL at any moment, then
-    the same call, leaves each pair exactly once and no partial line. A GenerationError stops new
-    pairs, the pairs in flight are finished and written, and the summary's "error" names it. Other
-    exceptions propagate after the same drain. Returns the summary: new records, chunks ok /
-    kept_original / dropped, empty and overlong replies, error.
-    """
-    out = Path(out)
-    with exclusive_output(out):
-        done = completed_pairs(out)
-        todo = [(doc, style) for doc, style in pairs if (doc.name, style) not in done]
-        log(f"rephrase: {len({doc.name for doc, _ in pairs})} documents, {len(pairs)} (document, style) "
-            f"pairs, {len(pairs) - len(todo)} already in {out}; {concurrency} in flight")
-        with open(out, "ab") as f:
-            return _rephrase_pairs(pairs, todo, generate, f, concurrency, model, log, options)
-
-
-def _rephrase_pairs(pairs, todo, generate, f, concurrency, model, log, options) -> dict:
-    """`rephrase_corpus`'s loop: workers rewrite, this thread appends each finished record to f."""
-    measure = (options.get("measure") or LexicalFidelity()).name  # the judge of every chunk, recorded
-    progress, failure = _Progress(pairs, todo), None
-    summary = Counter(ok=0, kept_original=0, dropped=0, records=0, empty_replies=0, long_replies=0)
-    pool, running, queue = ThreadPoolExecutor(concurrency, thread_name_prefix="rephrase"), {}, iter(todo)
-    try:
-        while True:
-            if failure is None:  # keep the workers fed: up to two pairs each, queued or running
-                for doc, style in itertools.islice(queue, 2 * concurrency - len(running)):
-                    running[pool.submit(rephrase_chunkwise, doc.text, style, generate, **options)] = (doc, style)
-            if not running:
-                break
-            for future in wait(running, return_when=FIRST_COMPLETED)[0]:
-                doc, style = running.pop(future)
-                try:
-                    result = future.result()
-                except Exception as e:
-                    failure = failure or (doc, style, e)
-                    for queued in [other for other in running if other.cancel()]:  # never started
-                        running.pop(queued)
-                    continue
-                _append_record(f, dict(id=doc.name, style=style, model=model, measure=measure,
-                                       text=result.text, **_worst(result.chunks), chunks=result.chunks))
-                summary.update([c["status"] for c in result.chunks] + ["records"])
-                for c in result.chunks:
-                    summary.update(empty_replies=c["empty_replies"], long_replies=c["long_replies"])
-                log(progress.done(doc, len(result.chunks)))
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # only an interrupt leaves pairs in flight: dropped
-    if failure and not isinstance(failure[2], GenerationError):
-        raise failure[2]
-    return dict(summary, error=f"{failure[0].name} ({failure[1]}): {failure[2]}" if failure else None)
+        raise AttributeError(f"data.{name} lives in data_rephrase.py; copy it beside data.py") from None
+    return getattr(data_rephrase, "main" if name == "rephrase_main" else name)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -888,12 +479,14 @@ LOAD_SKIPS = (  # what describe_load_report counts: input skipped, repaired or t
 def describe_load_report(info: dict) -> str:
     """One line on what loading skipped or repaired, or found odd (the `LOAD_SKIPS` counts, with the first
     problems as file:line examples), "" when there was nothing. Split long documents and dropped
-    duplicates are normal preparation, not problems of the input, and are left to `data.py stats`."""
+    duplicates are normal preparation, not problems of the input, and are left to `data.py stats`.
+    A token cache that failed its check and was rebuilt is said too."""
     report = info["load_report"]
     counts = [f"{report[k]} {k.replace('_', ' ')}" for k in LOAD_SKIPS if report[k]]
-    if not counts:
-        return ""
-    return f"data: skipped or repaired {', '.join(counts)} (e.g. {'; '.join(report['problems'][:3])})"
+    line = f"skipped or repaired {', '.join(counts)} (e.g. {'; '.join(report['problems'][:3])})" if counts else ""
+    if info.get("rebuilt"):
+        line = f"token cache rebuilt: {info['rebuilt']}" + (f"; {line}" if line else "")
+    return f"data: {line}" if line else ""
 
 
 def _lone_surrogates(text: str) -> int:
@@ -927,8 +520,10 @@ def _file_documents(path: Path, domain: str, report: LoadReport):
         if not raw.strip():
             continue
         try:
-            record = json.loads(raw.decode("utf-8"))
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            record = checked_record(raw.rstrip(b"\r\n")) or json.loads(raw.decode("utf-8"))
+        except CorruptFile as e:  # a rephrase record whose bytes changed since it was written
+            raise DataError(f"{where}: {e}; delete the line (the same rephrase command redoes it)") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError (a record cut short by a kill is bad JSON)
             report.bad_json_lines += 1
             report.problem(where, f"bad JSON line skipped ({type(e).__name__}: {str(e)[:80]})")
             continue
@@ -940,6 +535,22 @@ def _file_documents(path: Path, domain: str, report: LoadReport):
             report.problem(where, "line skipped: its text has a lone surrogate (invalid Unicode)")
         else:
             yield Document(domain, where, record["text"])
+
+
+RECORD_START = b'{"key": '  # how every rephrase record line begins (data_rephrase.record_line)
+RECORD_CHECK = re.compile(rb'(\{"key": .*), "check": "([0-9a-f]{16})"\}', re.S)
+
+
+def checked_record(line: bytes) -> dict | None:
+    """The rephrase record on `line` (no newline) when it passes its check: its last field,
+    "check", is the SHA-256 (16 hex digits) of the line's bytes before it. None when the line does
+    not look like one (it begins with {"key": and ends with a check; a user's JSON line does not),
+    CorruptFile when it does and fails: its bytes changed after it was written."""
+    if not (m := RECORD_CHECK.fullmatch(line)):
+        return None
+    if hashlib.sha256(m[1]).hexdigest()[:16].encode() != m[2]:
+        raise CorruptFile("a rephrase record that fails its check: its bytes changed after it was written")
+    return json.loads(line)
 
 
 @dataclass
@@ -1190,17 +801,20 @@ def _resolve(info: dict, directory: Path) -> dict:
             "val": str(directory / "val.bin")}
 
 
-def _write_tokens(path: Path, docs, tokenizer, dtype) -> list[int]:
-    """Each document's tokens then eos, to path, fsynced. Returns the token count per document."""
-    lengths = []
+def _write_tokens(path: Path, docs, tokenizer, dtype) -> tuple[list[int], dict]:
+    """Each document's tokens then eos, to path, fsynced. Returns the token count per document and
+    the file's `digest`, hashed on the way out (the file is not read back)."""
+    lengths, h, size = [], hashlib.sha256(), 0
     with open(path, "wb") as f:
         for doc in docs:
-            ids = np.asarray(tokenizer.encode(doc.text) + [tokenizer.eos], dtype=dtype)
-            f.write(ids.tobytes())
-            lengths.append(len(ids))
+            block = np.asarray(tokenizer.encode(doc.text) + [tokenizer.eos], dtype=dtype).tobytes()
+            f.write(block)
+            h.update(block)
+            size += len(block)
+            lengths.append(len(block) // dtype.itemsize)
         f.flush()
         os.fsync(f.fileno())
-    return lengths
+    return lengths, {"bytes": size, "sha256": h.hexdigest()}
 
 
 def _dedup(docs, report: LoadReport) -> list[Document]:
@@ -1225,23 +839,26 @@ def prepare(out_dir="data_cache", sources=None, tokenizer=None, val_fraction=0.0
     the sources as "DOMAIN:WEIGHT=PATH", or `weights`, domain -> weight, each a share of the
     training text) resample the training documents (`mix_domains`); validation keeps every domain
     at its natural size. The files are cached under a hash of the inputs and settings and rebuilt
-    only when one of them changes. They are built in a temporary folder, fsynced and renamed into
+    only when one of them changes, or when the cached folder fails its check (`_adopt`: never
+    trained on; "rebuilt" says why). They are built in a temporary folder, fsynced and renamed into
     place, so a killed or concurrent `prepare` (one per DDP rank) never leaves or reads half a file;
-    a failed write (a full disk) removes the temporary folder and raises OSError naming the path.
+    a failed write (a full disk) removes the temporary folder and raises OSError naming the file.
 
     Returns a JSON-able dict: "train"/"val" paths, "dtype", "vocab_size", "eos", "tokens" per
     split, "stats" per domain (docs, bytes, tokens per split; "epochs" = training copies per
     document), "load_report" (`LoadReport`; `describe_load_report` says it in one line), "key",
-    "cached". Open the files with `load_tokens`. Bad sources raise DataError.
+    "cached", "rebuilt", "files" (each file's `digest`). Open the files with `load_tokens`. Bad
+    sources raise DataError.
     """
     tokenizer = tokenizer or ByteTokenizer()
     sources = [str(s) for s in (sources or ["builtin"])]
     settings = dict(val_fraction=val_fraction, weights=weights, seed=seed, max_doc_chars=max_doc_chars)
     key = _cache_key(sources, tokenizer, settings)
-    final = Path(out_dir) / key
+    final = confined(out_dir, key)
     _remove_stale_builds(Path(out_dir))
-    if (final / "meta.json").exists():
-        return {**_resolve(json.loads((final / "meta.json").read_text()), final), "cached": True}
+    info, unusable = _adopt(final)
+    if info is not None:
+        return {**_resolve(info, final), "cached": True}
 
     report = LoadReport()
     docs = _dedup(load_documents(sources, seed, max_doc_chars, report), report)
@@ -1265,18 +882,60 @@ def prepare(out_dir="data_cache", sources=None, tokenizer=None, val_fraction=0.0
                 vocab_size=tokenizer.vocab_size, eos=tokenizer.eos, sources=sources, settings=settings,
                 stats=stats, load_report=asdict(report))
     info = _write_cache(final, {"train": train, "val": val}, tokenizer, info)
-    return {**_resolve(info, final), "cached": False}
+    return {**_resolve(info, final), "cached": False, "rebuilt": unusable}
+
+
+CACHE_FILES = ("train.bin", "val.bin", "meta.json")  # all that a cache folder holds: nothing else is deleted
+
+
+def _adopt(final: Path) -> tuple[dict | None, str | None]:
+    """(meta.json's info, None) when `final` is a complete cache folder whose every file passes its
+    check; (None, why not) otherwise, or (None, None) when there is no folder. A folder without
+    meta.json (a copy that stopped early), with a meta.json that fails its own check or names
+    another key (another corpus's files), or with a file whose length or SHA-256 is not what was
+    written, is never used: `prepare` rebuilds it. A folder that also holds files this program does
+    not write is refused (DataError), before anything is moved."""
+    if not final.exists():
+        return None, None
+    if extra := sorted(set(os.listdir(final)) - set(CACHE_FILES)):
+        raise DataError(f"token cache {final} holds {extra[0]!r}, which this program did not write; "
+                        "move it (or the folder) away")
+    meta = final / "meta.json"
+    try:
+        info = json.loads(meta.read_bytes())
+        if info.pop("check") != _json_check(info):
+            return None, f"{meta} fails its check: its bytes changed after it was written"
+    except FileNotFoundError:
+        return None, f"{final} has no meta.json: a copy or a build that stopped early"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None, f"{meta} is not a meta.json this program wrote"
+    if info.get("key") != final.name:
+        return None, f"{meta} belongs to another corpus's cache (key {info.get('key')})"
+    try:
+        for name, expected in info["files"].items():
+            verify_once(confined(final, name), expected, "token file")
+    except (CorruptFile, FileNotFoundError) as e:
+        return None, str(e) if isinstance(e, CorruptFile) else f"{e.filename} is missing"
+    return info, None
+
+
+def _json_check(obj) -> str:
+    """The SHA-256 of obj's canonical JSON: what a metadata file carries to check itself."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def _remove_stale_builds(cache: Path):
-    """Remove the temporary folders (`_write_cache`'s tmp-<key>-<pid>@<host>) of builds on this host
-    whose process is gone: a build killed mid-write leaves one. The host is in the name because a
-    cache folder may be shared by machines, where another host's pid says nothing here."""
+    """Remove what builds on this host whose process is gone left in the cache folder: a build
+    killed mid-write leaves its temporary folder (`_write_cache`'s tmp-<key>-<pid>@<host>), one
+    killed while it replaced an unusable folder leaves that folder (old-<key>-<pid>@<host>). Only
+    such names, holding only cache files, are removed. The host is in the name because a cache
+    folder may be shared by machines, where another host's pid says nothing here."""
     host = socket.gethostname()
-    for tmp in cache.glob("tmp-*-*@*"):
-        pid, _, tmp_host = tmp.name.rsplit("-", 1)[1].partition("@")
-        if tmp_host == host and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in cache.glob("*-*-*@*"):
+        m = re.fullmatch(r"(?:tmp|old)-[0-9a-f]{16}-(\d+)@(.+)", tmp.name)
+        if (m and m[2] == host and not _alive(int(m[1])) and tmp.is_dir() and not tmp.is_symlink()
+                and set(os.listdir(tmp)) <= set(CACHE_FILES)):
+            shutil.rmtree(confined(cache, tmp.name), ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -1291,37 +950,63 @@ def _alive(pid: int) -> bool:
 
 def _write_cache(final: Path, splits: dict, tokenizer, info: dict) -> dict:
     """Write each split's documents as tokens and `info` (completed with the token counts per
-    domain and split) as meta.json into a temporary folder beside `final`, fsynced, then rename it
-    to `final`. A failed write removes the temporary folder and raises OSError naming the path."""
+    domain and split, each file's `digest`, and its own check) as meta.json into a temporary folder
+    beside `final`, fsynced, then rename it to `final`. An unusable folder in the way (see `_adopt`)
+    is moved aside first and removed after. A failure or a signal removes the temporary folder; a
+    failed write raises OSError naming the file."""
     stats, dtype = info["stats"], np.dtype(info["dtype"])
-    tmp = final.with_name(f"tmp-{final.name}-{os.getpid()}@{socket.gethostname()}")
+    suffix = f"{final.name}-{os.getpid()}@{socket.gethostname()}"
+    tmp, old = confined(final.parent, f"tmp-{suffix}"), confined(final.parent, f"old-{suffix}")
+    path = tmp
     try:
         tmp.mkdir(parents=True, exist_ok=True)
+        info["files"] = {}
         for split, docs in splits.items():
-            for doc, n in zip(docs, _write_tokens(tmp / f"{split}.bin", docs, tokenizer, dtype)):
+            path = tmp / f"{split}.bin"
+            lengths, info["files"][path.name] = _write_tokens(path, docs, tokenizer, dtype)
+            for doc, n in zip(docs, lengths):
                 stats[doc.domain][f"{split}_docs"] += 1
                 stats[doc.domain][f"{split}_tokens"] += n
         info["tokens"] = {split: sum(v[f"{split}_tokens"] for v in stats.values()) for split in splits}
-        with open(tmp / "meta.json", "w") as f:
-            f.write(json.dumps(info, indent=1))
+        path = tmp / "meta.json"
+        with open(path, "w") as f:
+            f.write(json.dumps({**info, "check": _json_check(info)}, indent=1))
             f.flush()
             os.fsync(f.fileno())
+        if final.exists() and _adopt(final)[0] is None:  # unusable: replaced (a usable one is another
+            with suppress(FileNotFoundError):             # process's identical build, kept below)
+                os.rename(final, old)
+        with suppress(OSError):  # a usable folder there: another process finished the same key first
+            os.rename(tmp, final)
     except OSError as e:
+        raise OSError(e.errno, f"writing the token cache failed: {e.strerror or e}", str(e.filename or path)) from e
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(e.errno, f"writing the token cache failed: {e.strerror or e}",
-                      str(e.filename or tmp)) from e
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another process finished the same key first; its files are identical
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return info
+
+
+_VERIFIED = set()  # (path, inode, size, mtime) of the files whose SHA-256 this process has checked
+
+
+def verify_once(path, expected: dict, what="file"):
+    """`verify`, with the SHA-256 read once per process and file: the length is checked on every
+    call, the digest again only when the file was replaced or touched since."""
+    st = os.stat(path)
+    seen = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if seen in _VERIFIED and st.st_size == expected["bytes"]:
+        return
+    verify(path, expected, what)
+    _VERIFIED.add(seen)
 
 
 def load_tokens(info: dict, split="train") -> np.ndarray:
     """The split's tokens as a read-only memory map (an empty array for an empty split, which
-    np.memmap cannot map)."""
+    np.memmap cannot map), verified first against the length and SHA-256 that `prepare` recorded
+    (`verify_once`): CorruptFile names a file that changed since."""
     dtype = np.dtype(info["dtype"])
     path = info[split]
+    verify_once(path, info["files"][os.path.basename(path)], "token file")
     return np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
 
 
@@ -1669,7 +1354,8 @@ def number(cast, low, high=None, *, above=False):
 def write_atomically(path, write, mode="w"):
     """Replace `path` with what write(file) writes, in one step (a new temporary file beside it,
     fsync, rename, fsync of the folder): a reader or a kill at any moment sees the old file or the
-    new one, never half of one, and a failure leaves no temporary file. Returns the new file's
+    new one, never half of one, and a failure leaves no temporary file (an OSError without a file
+    name, such as a full disk's, is raised again naming `path`). Returns the new file's
     `digest` (its length and SHA-256), for the caller to record where a later read can check it."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -1680,6 +1366,10 @@ def write_atomically(path, write, mode="w"):
             os.fsync(f.fileno())
         signature = digest(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a full disk says ENOSPC and nothing more: name the file
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
     finally:
         with suppress(FileNotFoundError):
             os.remove(tmp)
@@ -1733,76 +1423,90 @@ def confined(root, name) -> Path:
     return path
 
 
-def _shard(text):
-    """An argparse type: "I/N" with 0 <= I < N -> (I, N)."""
-    m = re.fullmatch(r"(\d+)/(\d+)", text)
-    if not m or not int(m[1]) < int(m[2]):
-        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
-    return int(m[1]), int(m[2])
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP, raised in the main thread (see `error_boundary`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    for sig in STOP_SIGNALS:  # the first signal ends the program; more while it cleans up are ignored
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+STOP_SIGNALS = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]  # no SIGHUP on Windows
+
+
+def error_boundary(prog: str, run: Callable[[], int], secrets=()) -> int:
+    """Run a program's body and turn whatever ends it into an exit code and one line on stderr:
+    bad input (DataError, CorruptFile) 2; a file that cannot be read or written (OSError, a full
+    disk among them) 1, naming the file; SIGINT, SIGTERM or SIGHUP at any moment 128 + its number
+    (what was written stays whole: every writer here is atomic or resumable); anything else 1,
+    with the traceback saved to a file whose path the line gives. No string of `secrets` (an API
+    key) is ever printed or saved: it is replaced by "***"."""
+    def say(line):
+        for secret in filter(None, secrets):
+            line = line.replace(secret, "***")
+        print(f"{prog}: {line}", file=sys.stderr, flush=True)
+
+    handlers = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
+    try:
+        return run()
+    except (DataError, CorruptFile) as e:
+        say(str(e))
+        return 2
+    except KeyboardInterrupt as e:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        signum = getattr(e, "signum", signal.SIGINT)
+        say(f"interrupted ({signal.Signals(signum).name}); what was written stays, and the same command resumes")
+        return 128 + signum
+    except Exception as e:
+        if isinstance(e, OSError) and e.filename is not None:  # a full disk among them
+            say(f"{e.filename}: {e.strerror or e}")
+            return 1
+        say(f"unexpected error: {_one_line(f'{type(e).__name__}: {e}')} ({_save_traceback(prog, secrets)})")
+        return 1
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _save_traceback(prog: str, secrets) -> str:
+    """The traceback being handled, `secrets` replaced by ***, saved to a new file: where it is."""
+    text = traceback.format_exc()
+    for secret in filter(None, secrets):
+        text = text.replace(secret, "***")
+    try:
+        fd, saved = tempfile.mkstemp(prefix=f"{prog.split()[0].removesuffix('.py')}-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except OSError as e:
+        return f"its traceback could not be saved: {e.strerror}"
+    return f"traceback saved to {saved}"
+
+
+def _one_line(text: str, limit=300) -> str:
+    """An error text (a server's body may hold anything) as one line of at most `limit` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def exit_now(code: int):
+    """Leave with `code`; after a signal at once, not after the requests still in flight (their
+    pairs are redone on resume)."""
+    if code >= 128:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 # -----------------------------------------------------------------------------------------------
 # Command line
-
-
-def _generator(args):
-    """The rephrasing backend of the command line, and the model name its records carry."""
-    if args.checkpoint:
-        return CheckpointGenerator(args.checkpoint), f"kimik2:{args.checkpoint}"
-    if args.endpoint:
-        generate = ChatEndpoint(args.endpoint, args.model, temperature=args.temperature,
-                                max_tokens=args.max_tokens, **_http(args))
-        return generate, args.model
-    raise DataError("give --endpoint URL --model NAME, or --checkpoint DIR")
-
-
-def _http(args) -> dict:
-    return dict(api_key=args.api_key, timeout=args.timeout, retries=args.retries, backoff=args.backoff)
-
-
-def _measure(args):
-    """The fidelity measure chosen by --fidelity."""
-    if args.fidelity == "lexical":
-        return LexicalFidelity()
-    if args.fidelity == "embedding":
-        url = args.embedding_endpoint or (args.endpoint or "").rstrip("/").removesuffix(ChatEndpoint.route)
-        if not url:
-            raise DataError("--fidelity embedding: give --embedding-endpoint URL (or --endpoint)")
-        return EmbeddingFidelity(EmbeddingEndpoint(url, args.embedding_model, **_http(args)))
-    if not args.endpoint:
-        raise DataError("--fidelity llm_judge: the judge is asked through --endpoint; give it")
-    judge = ChatEndpoint(args.endpoint, args.judge_model or args.model, temperature=0.0, **_http(args))
-    return JudgeFidelity(judge)
-
-
-def run_rephrase(args) -> int:
-    generate, model = _generator(args)
-    measure = _measure(args)
-    report = LoadReport()
-    docs = load_documents(args.inputs, max_doc_chars=args.max_doc_chars, report=report)
-    for problem in report.problems:
-        print(f"rephrase: {problem}", file=sys.stderr)
-    pairs = [(doc, style) for doc in docs for style in (args.style or styles_for(doc, args.styles))]
-    if args.shard:
-        pairs = [(doc, style) for doc, style in pairs if in_shard(doc.name, style, args.shard)]
-        print(f"rephrase: shard {args.shard[0]}/{args.shard[1]}: {len(pairs)} pairs", file=sys.stderr)
-    summary = rephrase_corpus(pairs, generate, args.out, concurrency=args.concurrency, model=model,
-                              measure=measure, min_similarity=args.min_similarity,
-                              max_chunk_chars=args.max_chunk_chars, retries=args.fidelity_retries,
-                              on_fail=args.on_fail)
-    repaired = generate.repaired_replies if isinstance(generate, ChatEndpoint) else 0
-    print(f"rephrase: {summary['records']} new records in {args.out}; chunks: {summary['ok']} rewritten, "
-          f"{summary['kept_original']} kept their original text and {summary['dropped']} dropped after "
-          f"failing the {measure.name} fidelity check; {summary['empty_replies']} empty replies, "
-          f"{summary['long_replies']} far longer than their chunk; "
-          f"{repaired} replies with invalid Unicode repaired", file=sys.stderr)
-    if summary["kept_original"] + summary["dropped"] and not summary["ok"]:
-        print("rephrase: warning: no chunk was rewritten; check the endpoint, the model and --fidelity",
-              file=sys.stderr)
-    if summary["error"]:
-        print(f"rephrase: {summary['error']}\nrephrase: rerun the same command to resume", file=sys.stderr)
-        return 1
-    return 0
 
 
 def run_stats(args) -> int:
@@ -1816,6 +1520,8 @@ def run_stats(args) -> int:
           f"({info['dtype']}, vocab {info['vocab_size']}, eos {info['eos']}); unigram entropy "
           f"{unigram_entropy(train):.3f} nats/token; cache {info['dir']}"
           f"{' (reused)' if info['cached'] else ''}")
+    if info.get("rebuilt"):
+        print(f"token cache rebuilt: {info['rebuilt']}")
     report = {k: v for k, v in info["load_report"].items() if k != "problems" and v}
     print("loader:", ", ".join(f"{k} {v}" for k, v in report.items()))
     for problem in info["load_report"]["problems"]:
@@ -1832,62 +1538,18 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--cache-dir", default="data_cache")
     stats.add_argument("--val-fraction", type=number(float, 0, 1), default=0.05)
     stats.add_argument("--seed", type=int, default=0)
-    rephrase = commands.add_parser("rephrase", help="rewrite documents with an LLM (K2 rephrasing)")
-    rephrase.add_argument("inputs", nargs="+", help="[DOMAIN=]PATH or builtin[:DOMAIN]")
-    rephrase.add_argument("--endpoint", help="OpenAI-compatible API base, e.g. http://localhost:8000/v1")
-    rephrase.add_argument("--model", default="default", help="model name sent to the endpoint")
-    rephrase.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
-    rephrase.add_argument("--checkpoint", help="a kimik2 save_pretrained folder instead of an endpoint")
-    rephrase.add_argument("--styles", type=number(int, 1, len(GENERAL_STYLES)), default=1,
-                          help="styles per document (see styles_for)")
-    rephrase.add_argument("--style", action="append", choices=sorted(STYLES),
-                          help="use exactly these styles (repeatable) instead of --styles")
-    rephrase.add_argument("--out", required=True, help="JSON lines, one per (document, style)")
-    rephrase.add_argument("--concurrency", type=number(int, 1), default=1,
-                          help="(document, style) pairs in flight")
-    rephrase.add_argument("--shard", type=_shard, help="I/N: rephrase only shard I of N (see in_shard)")
-    rephrase.add_argument("--fidelity", choices=tuple(MIN_SIMILARITY), default="lexical",
-                          help="the fidelity measure (see MIN_SIMILARITY for the thresholds)")
-    rephrase.add_argument("--min-similarity", type=number(float, -1, 1),
-                          help="pass threshold (default: per measure and style)")
-    rephrase.add_argument("--embedding-endpoint", help="for --fidelity embedding (default: --endpoint)")
-    rephrase.add_argument("--embedding-model", default="default", help="embedding model name")
-    rephrase.add_argument("--judge-model", help="for --fidelity llm_judge (default: --model)")
-    rephrase.add_argument("--max-chunk-chars", type=number(int, 1), default=2000)
-    rephrase.add_argument("--max-doc-chars", type=number(int, 1), default=1_000_000)
-    rephrase.add_argument("--fidelity-retries", type=number(int, 0), default=2)
-    rephrase.add_argument("--on-fail", choices=("keep", "drop"), default="keep")
-    rephrase.add_argument("--timeout", type=number(float, 0.001), default=120.0,
-                          help="seconds per request, the whole reply included (a deadline, not per read)")
-    rephrase.add_argument("--max-tokens", type=number(int, 1),
-                          help="sent as max_tokens: the most tokens the server generates per reply")
-    rephrase.add_argument("--retries", type=number(int, 0), default=5)
-    rephrase.add_argument("--backoff", type=number(float, 0), default=1.0)
-    rephrase.add_argument("--temperature", type=number(float, 0), default=0.7)
+    commands.add_parser("rephrase", add_help=False,  # handed to data_rephrase.py before parsing, see main
+                        help="rewrite documents with an LLM (K2 rephrasing): data.py rephrase --help")
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["rephrase"]:  # the corpus-scale client lives in its companion file
+        return __getattr__("rephrase_main")(argv[1:], prog="data.py rephrase")
     args = _parser().parse_args(argv)
-    try:
-        return {"stats": run_stats, "rephrase": run_rephrase}[args.command](args)
-    except DataError as e:
-        print(f"data.py {args.command}: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a path that cannot be read or written (a full disk, a missing folder)
-        if e.filename is None:
-            raise
-        print(f"data.py {args.command}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C or SIGINT: every record written is whole and fsynced
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print(f"data.py {args.command}: interrupted; what was written stays, and the same command resumes",
-              file=sys.stderr, flush=True)
-        return 130
+    return error_boundary(f"data.py {args.command}", lambda: run_stats(args))
 
 
 if __name__ == "__main__":
-    code = main()
-    if code == 130:  # leave now, not after the requests still in flight: their pairs are redone on resume
-        os._exit(code)
-    sys.exit(code)
+    exit_now(main())

@@ -1,40 +1,20 @@
-"""Kimi-K2 (the DeepSeek-V3 architecture) in one file of plain PyTorch: config, model, size
-arithmetic, generation and the Hugging Face hub layout.
+"""Kimi-K2 in one file of plain PyTorch: the DeepSeek-V3 architecture (multi-head latent attention,
+a fine-grained mixture of experts with a bias-corrected router) at any size, from the published
+1.04T-parameter config down to the 3M-parameter `tiny` that trains on a laptop CPU.
 
-Needs torch only (safetensors too for save_pretrained / from_pretrained, imported there). It imports
-nothing else from this project, so it copies alone into another one, training forwards included:
-the max-logit tracking and qk_clip_ that MuonClip (muonclip.py) reads and calls are in this file.
-
-Run:  python kimik2.py                      Kimi-K2 vs DeepSeek-V3 size table
-      python kimik2.py --preset tiny --json one preset (or --config path/to/config.json)
-      python train.py                       train the `tiny` preset (see train.py)
-
-What is here, in forward order:
-  Config            Hugging Face config.json field names, validated (errors name the field); presets
-                    kimi-k2, deepseek-v3, tiny, small as overrides of K2's published config.json
-  RMSNorm, RotaryEmbedding   RoPE on interleaved pairs with YaRN's frequency blend and temperature
-  MLA               multi-head latent attention: low-rank q and kv, one rope key shared by all heads;
-                    the naive form (training, and decoding with every head's K/V cached) beside the
-                    weight-absorbed form (decoding with a latent cache of C + Dr numbers per token);
-                    exact per-head max-logit tracking and qk_clip_, MuonClip's surface
-  causal_max_logits, qk_clip_mla_   the exact max logit and MLA's clip rule, twins of muonclip.py's
-                    (copied so this file stands alone; a test keeps each pair equal)
-  swiglu, MLP       the SwiGLU feed-forward (dense layers, shared expert, each routed expert)
-  Gate              the router's whole rule: sigmoid scores, bias-corrected and group-limited top-k,
-                    unbiased normalised weights * routed_scaling_factor, the expert-load count and the
-                    auxiliary-loss-free bias update (loads summed over processes)
-  Experts           the routed experts: what they compute, as a loop over experts (forward_reference),
-                    then the fast path as two pieces, sort_by_expert -> grouped_swiglu (no host sync)
-  MoE, Block, Transformer, KimiK2   the decoder stack and causal-LM head: forward, router balancing,
-                    generation, then save_pretrained / from_pretrained (the hub layout, atomic writes)
-  count_params, flops_per_token, kv_cache_bytes_per_token   size arithmetic; a command-line size table
-
-Papers cited: Kimi K2 technical report (arXiv 2507.20534, "K2 report"); DeepSeek-V3 technical report
+Papers: Kimi K2 technical report (arXiv 2507.20534, "K2 report"); DeepSeek-V3 technical report
 (arXiv 2412.19437, "DeepSeek-V3 report"); DeepSeek-V2 (arXiv 2405.04434, where MLA is introduced);
-YaRN (Peng et al., arXiv 2309.00071). The model's logits equal transformers' DeepseekV3ForCausalLM
-on the same weights (test_kimik2.py checks both directions).
+YaRN (arXiv 2309.00071). The logits equal transformers' DeepseekV3ForCausalLM on the same weights.
+
+Run:  python kimik2.py                       Kimi-K2 vs DeepSeek-V3 sizes (kimik2_sizes.py's table)
+      python train.py                        train `tiny` with MuonClip (train.py)
+
+Needs torch only (safetensors for the hub files, imported where they are read and written) and
+nothing else of this project: it copies alone into another one. In forward order: Config; RMSNorm,
+YaRN rotary; MLA (naive and weight-absorbed forms, each head's exact max logit and QK-Clip's rule
+for MuonClip, muonclip.py); SwiGLU, the router (Gate), the routed experts; the decoder, generation
+and the hub layout; then the config's validation and presets, and the size arithmetic.
 """
-import argparse
 import copy
 import dataclasses
 import json
@@ -65,6 +45,8 @@ else:
 
 @dataclass
 class Config:
+    """Kimi-K2's shape by default (its published config.json, YaRN included, is PRESETS["kimi-k2"],
+    after the model); every value is checked when built (check_config: one line naming the field)."""
     # trunk
     vocab_size: int = 163840                 # tokens in the vocabulary
     hidden_size: int = 7168                  # residual stream width D
@@ -98,68 +80,11 @@ class Config:
     max_position_embeddings: int = 131072    # longest supported context
 
     @property
-    def qk_head_dim(self) -> int:
+    def qk_head_dim(self) -> int:  # Dn + Dr: the width of one query or key head
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     def __post_init__(self):
-        """Reject a bad value, however the fields were set (preset, config.json, an override of one
-        field), with a one-line ValueError naming the field and any field it conflicts with."""
-        self._check_types()
-        H, E, G = self.num_attention_heads, self.n_routed_experts, self.n_group
-        if self.num_key_value_heads != H:
-            self._reject("num_key_value_heads", f"MLA has one latent per token: must equal "
-                                                f"num_attention_heads={H} (set both)")
-        if self.qk_rope_head_dim % 2:
-            self._reject("qk_rope_head_dim", "RoPE rotates pairs; must be even")
-        if self.first_k_dense_replace > self.num_hidden_layers:
-            self._reject("first_k_dense_replace", f"must lie in [0, num_hidden_layers={self.num_hidden_layers}]")
-        if E % G:
-            self._reject("n_routed_experts", f"must be divisible by n_group={G}")
-        if G > 1 and E // G < 2:
-            self._reject("n_group", f"groups of n_routed_experts/n_group={E // G} expert; group scores sum "
-                                    "each group's top-2 experts, so groups need >= 2")
-        if self.topk_group > G:
-            self._reject("topk_group", f"must be <= n_group={G}")
-        if self.num_experts_per_tok > self.topk_group * (E // G):
-            self._reject("num_experts_per_tok", f"more than the {self.topk_group * (E // G)} experts a token "
-                                                f"may reach (topk_group={self.topk_group} of n_group={G} "
-                                                f"groups, n_routed_experts={E})")
-        if self.rope_scaling is not None:
-            if self.rope_scaling.get("type", self.rope_scaling.get("rope_type")) != "yarn":
-                self._reject("rope_scaling", "only YaRN scaling ({'type': 'yarn', ...}) is supported")
-            factor = self.rope_scaling.get("factor")
-            if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 0):
-                self._reject("rope_scaling", "YaRN needs a positive 'factor'")
-            if "original_max_position_embeddings" not in self.rope_scaling:
-                self._reject("rope_scaling", "YaRN needs 'original_max_position_embeddings'")
-
-    def _check_types(self):
-        def check(names, ok, why):
-            for name in names:
-                if not ok(getattr(self, name)):
-                    self._reject(name, why)
-
-        def integer(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def number(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-        check(("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-               "num_attention_heads", "num_key_value_heads", "kv_lora_rank", "qk_nope_head_dim",
-               "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_group",
-               "topk_group", "max_position_embeddings"),
-              lambda v: integer(v) and v > 0, "must be a positive integer")
-        check(("n_shared_experts", "first_k_dense_replace"), lambda v: integer(v) and v >= 0,
-              "must be a non-negative integer")
-        check(("rms_norm_eps", "routed_scaling_factor", "rope_theta", "initializer_range"),
-              lambda v: number(v) and v > 0, "must be a positive number")
-        check(("aux_loss_alpha",), lambda v: number(v) and v >= 0, "must be a number >= 0")
-        check(("norm_topk_prob", "tie_word_embeddings"), lambda v: isinstance(v, bool), "must be true or false")
-        check(("q_lora_rank",), lambda v: v is None or integer(v) and v > 0, "must be a positive integer or None")
-        check(("rope_scaling",), lambda v: v is None or isinstance(v, dict), "must be a dict of YaRN parameters or None")
-
-    def _reject(self, name, why):
-        raise ValueError(f"Config.{name}={getattr(self, name)!r}: {why}")
+        check_config(self)
 
     @classmethod
     def from_preset(cls, name: str) -> "Config":
@@ -189,53 +114,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# Presets: K2's published config.json, and every other preset as the fields it changes (as minGPT's
-# table). Sizes: total / activated parameters in count_params' convention (activated: one token's
-# path, embedding and lm_head included); the K2 report's figures are 1.04T / 32.6B for K2 and
-# 671B / 37B for DeepSeek-V3.
-_KIMI_K2 = dict(  # moonshotai/Kimi-K2-Instruct config.json: 1.03T total / 32.9B activated
-    vocab_size=163840, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-    num_hidden_layers=61, num_attention_heads=64, num_key_value_heads=64, q_lora_rank=1536,
-    kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-    n_routed_experts=384, num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=1,
-    n_group=1, topk_group=1, routed_scaling_factor=2.827, norm_topk_prob=True, aux_loss_alpha=0.001,
-    rope_theta=50000.0, max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=False,
-    initializer_range=0.02,
-    rope_scaling=dict(type="yarn", factor=32.0, beta_fast=1.0, beta_slow=1.0, mscale=1.0,
-                      mscale_all_dim=1.0, original_max_position_embeddings=4096),
-)
-# what the scaled-down presets share: data.py's byte vocabulary, a 4k context without YaRN, no
-# sequence-wise balance loss (the bias update balances the experts alone)
-_SCALED_DOWN = dict(vocab_size=256, max_position_embeddings=4096, rope_scaling=None, aux_loss_alpha=0.0)
-PRESETS = {
-    "kimi-k2": _KIMI_K2,
-    # deepseek-ai/DeepSeek-V3 config.json without the MTP layer: 671B total / 37.6B activated
-    "deepseek-v3": {**_KIMI_K2, "vocab_size": 129280, "num_attention_heads": 128,
-                    "num_key_value_heads": 128, "n_routed_experts": 256, "first_k_dense_replace": 3,
-                    "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "rope_theta": 10000.0,
-                    "max_position_embeddings": 163840,
-                    "rope_scaling": dict(type="yarn", factor=40.0, beta_fast=32.0, beta_slow=1.0,
-                                         mscale=1.0, mscale_all_dim=1.0,
-                                         original_max_position_embeddings=4096)},
-    # K2's shape at CPU scale, train.py's default: 2.9M total / 1.1M activated
-    "tiny": {**_KIMI_K2, **_SCALED_DOWN,
-             "hidden_size": 128, "intermediate_size": 384, "moe_intermediate_size": 64, "num_hidden_layers": 4,
-             "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 64, "kv_lora_rank": 32,
-             "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "n_routed_experts": 32},
-    # one-GPU scale, fine-grained experts at sparsity 16: 448M total / 58.7M activated
-    "small": {**_KIMI_K2, **_SCALED_DOWN,
-              "hidden_size": 768, "intermediate_size": 2048, "moe_intermediate_size": 128, "num_hidden_layers": 12,
-              "num_attention_heads": 12, "num_key_value_heads": 12, "q_lora_rank": 384, "kv_lora_rank": 256,
-              "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "n_routed_experts": 128},
-}
-
-
-# fields the hub's DeepseekV3 config.json carries beyond ours (DeepSeek-V3/Kimi-K2 config.json)
-_HUB_CONFIG_EXTRAS = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
-                          hidden_act="silu", attention_bias=False, scoring_func="sigmoid",
-                          topk_method="noaux_tc", num_nextn_predict_layers=0, rope_interleave=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # Building blocks
 
@@ -257,12 +135,10 @@ def yarn_mscale(factor: float, mscale: float) -> float:
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE on the qk_rope_head_dim part. With YaRN (YaRN paper, "NTK-by-parts" interpolation),
-    frequencies are blended between the original ones (high frequencies: extrapolated) and the
-    ones divided by the factor (low frequencies: interpolated) over a linear ramp between the
-    beta_fast and beta_slow correction dimensions; cos and sin carry the ratio of the mscale and
-    mscale_all_dim temperatures (1 in K2 and DeepSeek-V3, whose temperature is in MLA's
-    softmax_scale instead)."""
+    """RoPE on the qk_rope_head_dim part. YaRN ("NTK-by-parts") blends the original frequencies (high:
+    extrapolated) with those divided by the factor (low: interpolated) over a ramp between the
+    beta_fast and beta_slow correction dims; cos and sin carry the mscale / mscale_all_dim
+    temperature ratio (1 in K2 and DeepSeek-V3, whose temperature is in MLA's softmax_scale)."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -291,20 +167,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek's code does.
-    x (B, T, h, Dr); cos, sin (T, Dr/2)."""
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek's code does; x (B, T, h, Dr)."""
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, T, h, Dr/2)
     cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, Dr/2)
     return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), -1).flatten(-2).type_as(x)
-
-
-def feeds_step_statistics(module) -> bool:
-    """Whether this forward counts toward the step's statistics, MLA's max_logits and the Gate's
-    expert_load: a training forward, module.training with grad enabled. Eval and no-grad forwards
-    (generation, evaluation) never do: S is the max of the training step (K2 report sec. 2.1), and
-    the bias update balances the tokens trained on."""
-    return module.training and torch.is_grad_enabled()
-
 
 # ----------------------------------------------------------------------------------------------
 # Multi-head latent attention
@@ -323,16 +189,15 @@ class MLA(nn.Module):
     kv_b_proj), except the rope part of the key: one vector k_rope shared by all heads.
     logit = (q_nope.k_nope + q_rope.k_rope) * softmax_scale. Two forms give the same output
     (DeepSeek's naive/absorb pair):
-      naive     per-head q, k, v (qkv); training runs it, and decoding with new_cache(naive=True)
-                caches every head's k and v: H * (Dn+Dr + Dv) numbers per token and layer
-      absorbed  W_UK folded into the query and W_UV into the output, attention in latent space
-                (DeepSeek-V2 sec. 2.1.2); decoding with new_cache() caches only [c_kv, k_rope]:
-                C + Dr numbers per token and layer (576 for K2 instead of 20480)
+      naive     per-head q, k, v (qkv): training, and decoding with new_cache(naive=True), which
+                caches every head's k and v, H * (Dn+Dr + Dv) numbers per token and layer
+      absorbed  W_UK folded into the query and W_UV into the output (DeepSeek-V2 sec. 2.1.2):
+                new_cache() caches [c_kv, k_rope], C + Dr per token and layer (K2: 576, not 20480)
 
-    MuonClip's surface (K2 report sec. 2.1): `num_heads`; `max_logits` (H,) fp32, the running max of
-    each head's scaled causal pre-softmax logits over the training forwards (feeds_step_statistics)
-    since the last reset, -inf when none, written at one place, _update_max_logits;
-    `track_max_logits` (set False to skip the statistic); `qk_clip_(gamma)`; `reset_max_logits_()`."""
+    MuonClip's surface (K2 report sec. 2.1; muonclip.py's docstring): `num_heads`; `max_logits` (H,)
+    fp32, each head's running max of the scaled causal logits over the training forwards since the
+    last reset_max_logits_() (-inf), exact under autocast (track_max_logits=False skips it); and
+    qk_clip_(gamma), which applies the factors qk_clip_factors(gamma) hands out."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -351,8 +216,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(config.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
-        # softmax_scale = qk_head_dim^-0.5 * m^2, YaRN's temperature m from mscale_all_dim
-        # (DeepSeek-V3's inference code; it equals 1 / t of the YaRN paper's attention scaling)
+        # qk_head_dim^-0.5 * m^2, m YaRN's temperature from mscale_all_dim (DeepSeek-V3's code; = 1/t in YaRN)
         self.softmax_scale = qk ** -0.5
         if config.rope_scaling is not None:
             m = yarn_mscale(config.rope_scaling["factor"], config.rope_scaling.get("mscale_all_dim", 0.0))
@@ -381,8 +245,7 @@ class MLA(nn.Module):
     # -- the naive form --
     def qkv(self, x, cos, sin):
         """Per-head q, k (B, H, T, Dn+Dr) and v (B, H, T, Dv) of x (B, T, D)."""
-        B, T, _ = x.shape
-        H = self.num_heads
+        (B, T, _), H = x.shape, self.num_heads
         q_nope, q_rope = self._query(x, cos, sin)
         c_kv, k_rope = self._latent(x, cos, sin)
         k_nope, v = self.kv_b_proj(c_kv).unflatten(-1, (H, -1)).split([self.nope, self.v_dim], -1)  # (B,T,H,Dn),(B,T,H,Dv)
@@ -392,14 +255,16 @@ class MLA(nn.Module):
 
     def causal_logits(self, q, k):
         """The scaled pre-softmax logits q.k * softmax_scale (B, H, T, S) of q (B, H, T, Dn+Dr) and
-        k (B, H, S, Dn+Dr), -inf where the key lies after the query (future_mask)."""
+        k (B, H, S, Dn+Dr), -inf where the key lies after the query; in float32 whatever the
+        autocast, as fused kernels and SDPA's unfused math keep them for 16-bit q and k."""
         future = future_mask(q.shape[2], k.shape[2], q.device)  # (T, S)
-        return (q @ k.transpose(-2, -1)).mul_(self.softmax_scale).masked_fill_(future, float("-inf"))  # (B, H, T, S)
+        with torch.autocast(q.device.type, enabled=False):
+            logits = q.float() @ k.float().transpose(-2, -1)  # (B, H, T, S)
+        return logits.mul_(self.softmax_scale).masked_fill_(future, float("-inf"))
 
     def forward_naive(self, x, cos, sin, cache=None, start_pos=0):
-        """softmax(causal_logits(q, k)) v per head, heads concatenated, o_proj. With a (k, v) cache
-        from new_cache(naive=True), this call's keys and values are stored at start_pos.. and its
-        queries attend to every cached position up to their own."""
+        """softmax(causal_logits(q, k)) v per head, heads concatenated, o_proj; with a (k, v) cache
+        (new_cache(naive=True)) this call's k and v are stored at start_pos.. and all are attended."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
         if cache is not None:
@@ -407,49 +272,55 @@ class MLA(nn.Module):
             end = start_pos + T
             k_cache[:, :, start_pos:end], v_cache[:, :, start_pos:end] = k, v
             k, v = k_cache[:, :, :end], v_cache[:, :, :end]  # (B, H, S, Dn+Dr), (B, H, S, Dv)
-        y = self._attention(q, k, v, track=self.track_max_logits and feeds_step_statistics(self))
+        y = self._attention(q, k, v, track=self.track_max_logits and is_training_forward(self))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))  # (B, T, H*Dv) -> (B, T, D)
 
     def _attention(self, q, k, v, track: bool):
         """(B, H, T, Dn+Dr), (B, H, S, Dn+Dr), (B, H, S, Dv) -> (B, H, T, Dv); with track, records
-        this forward's max logits. Where SDPA has a fused kernel for MLA's unequal q/k and v widths
-        (CUDA) it runs one, and the max comes from a separate exact pass; on the CPU SDPA would run
-        this same math unfused, so it is written out here and its logits give the max for free
-        (tiny training steps 2-3% faster, 8-9% in bf16)."""
+        this forward's max logits. A fused SDPA kernel where one exists for MLA's unequal q/k and v
+        widths (CUDA), the max from an exact pass; on the CPU SDPA would run this same math unfused
+        (in float32), so it is written out and its logits give the max for free."""
         if fused_attention_available(q):
             if track:
                 self._update_max_logits(q, k)
             T, S = q.shape[2], k.shape[2]
             mask = dict(is_causal=True) if T == S else dict(attn_mask=~future_mask(T, S, q.device))
             return F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale, **mask)
-        logits = self.causal_logits(q, k)  # (B, H, T, S)
+        logits = self.causal_logits(q, k)  # (B, H, T, S) float32
         if track:
             self._update_max_logits(q, k, logits)
-        return logits.float().softmax(-1).type_as(v) @ v  # (B, H, T, Dv)
+        with torch.autocast(q.device.type, enabled=False):
+            return (logits.softmax(-1) @ v.float()).type_as(v)  # (B, H, T, Dv)
 
-    # -- max-logit tracking and QK-Clip (K2 report sec. 2.1) --
+    # -- MuonClip's surface: the exact max logit and QK-Clip for MLA (K2 report sec. 2.1) --
     @torch.no_grad()
     def _update_max_logits(self, q, k, logits=None):
         """The one place max_logits is written: its running max with this forward's per-head max of
-        the scaled causal logits, read off `logits` where the attention wrote them out, otherwise
-        from an exact no-grad pass over q and k (fused kernels do not expose the row max; their
-        log-sum-exp is only an upper bound, up to ln(S) too high)."""
-        if logits is None:
-            step_max = causal_max_logits(q, k, self.softmax_scale)
-        else:
-            step_max = logits.amax(dim=(0, 2, 3)).float()
+        the scaled causal logits, float32 from the q and k the attention used: read off `logits`, or
+        an exact pass behind a fused kernel, whose log-sum-exp is only an upper bound (up to ln S)."""
+        step_max = causal_max_logits(q, k, self.softmax_scale) if logits is None else logits.amax(dim=(0, 2, 3))
         torch.maximum(self.max_logits, step_max, out=self.max_logits)
 
     def reset_max_logits_(self):
         self.max_logits.fill_(float("-inf"))
 
+    def qk_clip_factors(self, gamma: torch.Tensor):
+        """QK-Clip's rule for MLA (the twin of muonclip.py's qk_clip_mla_): the row factors that scale
+        head h's logits by exactly gamma_h. q_nope and k_nope rows * sqrt(gamma_h), q_rope rows *
+        gamma_h; the rope key (shared by all heads: kv_a_proj_with_mqa) and the v rows stay. gamma
+        (H,) -> factors of the query weight's rows (H*(Dn+Dr),) and of kv_b_proj's (H*(Dn+Dv),)."""
+        H, root = self.num_heads, gamma.sqrt()[:, None]  # (H, 1)
+        q_rows = torch.cat([root.expand(H, self.nope), gamma[:, None].expand(H, self.rope)], 1)  # (H, Dn+Dr)
+        kv_rows = torch.cat([root.expand(H, self.nope), torch.ones_like(root).expand(H, self.v_dim)], 1)  # (H, Dn+Dv)
+        return q_rows.flatten(), kv_rows.flatten()
+
     @torch.no_grad()
     def qk_clip_(self, gamma: torch.Tensor):
-        """QK-Clip (K2 report sec. 2.1): per head, q_nope and k_nope rows * sqrt(gamma), q_rope rows
-        * gamma, so that head's logits scale by exactly gamma. The shared k_rope and v stay. The rule
-        is qk_clip_mla_ (below), the twin of the one muonclip.py applies to transformers' DeepseekV3."""
-        q_weight = self.q_proj.weight if self.config.q_lora_rank is None else self.q_b_proj.weight
-        qk_clip_mla_(q_weight, self.kv_b_proj.weight, gamma.detach().float(), self.nope, self.rope, self.v_dim)
+        """Scale the query and key weights in place by qk_clip_factors(gamma), gamma_h = min(1, tau /
+        S_h) from MuonClip after each update. Under FSDP2 each rank scales the rows it holds."""
+        q_rows, kv_rows = self.qk_clip_factors(gamma.detach().float())
+        _scale_rows_(self.q_proj.weight if self.config.q_lora_rank is None else self.q_b_proj.weight, q_rows)
+        _scale_rows_(self.kv_b_proj.weight, kv_rows)
 
     # -- decoding caches, and the weight-absorbed form (DeepSeek-V3's inference code) --
     def new_cache(self, batch: int, max_len: int, naive: bool = False, device=None, dtype=None):
@@ -483,107 +354,53 @@ class MLA(nn.Module):
 
 
 def fused_attention_available(q) -> bool:
-    """Whether F.scaled_dot_product_attention has a fused kernel for MLA's shapes (q/k width
-    Dn+Dr != v width Dv): CUDA's memory-efficient and cuDNN kernels do; the CPU's flash kernel
-    needs equal widths and otherwise falls back to the unfused math."""
+    """Whether SDPA has a fused kernel for MLA's q/k width Dn+Dr != v width Dv: CUDA's memory-efficient
+    and cuDNN kernels do; the CPU's flash kernel needs equal widths (else: the unfused math)."""
     return q.device.type != "cpu"
 
 
 # ----------------------------------------------------------------------------------------------
-# MuonClip's two rules for MLA: the exact max logit and the clip
-#
-# Copied from muonclip.py so that this file copies alone, the one repetition between the two files:
-# each function here is the twin of the muonclip.py function of the same name, and
-# test_twin_functions_of_kimik2_and_muonclip_are_equal keeps each pair equal. Change both.
+# What MLA shares with muonclip.py: the few lines of it MLA and the Gate run, so that this file copies
+# alone. Each names its twin; test_twins_of_kimik2_and_muonclip_behave_alike keeps the pairs equal.
 
-# twin of muonclip.py's causal_max_logits
+# twin of muonclip.py's is_training_forward
+def is_training_forward(module) -> bool:
+    """Whether this forward feeds max_logits and expert_load: train mode with grad enabled. Eval and
+    no-grad forwards never do: S is the max of the training step (K2 report sec. 2.1), and the
+    router's bias update balances the tokens trained on."""
+    return module.training and torch.is_grad_enabled()
+
+
+# twin of muonclip.py's causal_max_logits, for MLA's case: one key head per query head, causal
+# visibility, no mask
 @torch.no_grad()
-def causal_max_logits(q, k, scale, *, causal=True, attention_mask=None, chunk_size=None):
-    """Per-head max over batch, query and key positions of the pre-softmax logit scale * q.k.
-
-    q (B, H, Tq, D), k (B, Hkv, Tk, D) with H % Hkv == 0 (grouped-query: query head h reads key
-    head h // (H // Hkv)). Returns (H,) float32, -inf for a head that sees no key. The products
-    accumulate in fp32. Visibility: with `causal`, key j is visible to query i iff
-    j <= i + (Tk - Tq) (queries are the last Tq positions); `attention_mask` is either a (B, Tk)
-    key padding mask (bool or 0/1, True/1 = keep), or a mask broadcastable to (B, H or 1, Tq, Tk):
-    bool (True = keep) or additive float (added to the logits, as eager attention does; -inf or the
-    dtype's lowest value = not visible). Memory is bounded by taking queries in chunks of
-    `chunk_size` rows (default: about 2^24 logits per chunk). Fused kernels (SDPA, flash) do not
-    expose this max, and their log-sum-exp is only an upper bound (up to ln Tk too high).
-    """
-    B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    if H % Hkv:
-        raise ValueError(f"causal_max_logits: {H} query heads do not split into groups of {Hkv} key heads")
-    G = H // Hkv
-    qg = q.reshape(B, Hkv, G, Tq, D)                                          # (B, Hkv, G, Tq, D)
-    kt = k.float()[:, :, None].transpose(-2, -1)                              # (B, Hkv, 1, D, Tk)
-    pad = full = None
-    if attention_mask is not None and attention_mask.dim() == 2:
-        pad = attention_mask.bool()[:, None, None, None, :]                   # (B, 1, 1, 1, Tk)
-    elif attention_mask is not None:
-        full = attention_mask.reshape(-1, *attention_mask.shape[-3:])         # (B|1, H|1, Tq|1, Tk)
-        if full.dtype == torch.bool:
-            full = torch.zeros((), device=q.device).masked_fill(~full, -math.inf)
-        else:
-            full = full.float().masked_fill(full <= torch.finfo(full.dtype).min, -math.inf)
-        full = full.reshape(full.shape[0], Hkv if full.shape[1] > 1 else 1, -1, *full.shape[-2:])
-    rows = chunk_size or max(1, (1 << 24) // max(1, B * H * Tk))
-    keys = torch.arange(Tk, device=q.device)
-    out = torch.full((Hkv, G), -math.inf, device=q.device)
-    for i in range(0, Tq, rows):
-        s = (qg[:, :, :, i:i + rows].float() @ kt) * scale                    # (B, Hkv, G, r, Tk)
-        if causal:
-            query_pos = torch.arange(i, i + s.shape[-2], device=q.device)[:, None] + (Tk - Tq)
-            s = s.masked_fill(keys > query_pos, -math.inf)
-        if pad is not None:
-            s = s.masked_fill(~pad, -math.inf)
-        if full is not None:
-            s = s + full[..., i:i + rows, :] if full.shape[-2] > 1 else s + full
-        out = torch.maximum(out, s.amax(dim=(0, 3, 4)))
-    return out.flatten()                                                      # (H,)
+def causal_max_logits(q, k, scale, *, chunk_size=None):
+    """Per-head max over batch, query and key positions of the scaled causal logit scale * q.k:
+    q (B, H, T, Dn+Dr) the last T of S positions, k (B, H, S, Dn+Dr) -> (H,) float32, exact under
+    any autocast: float32 from the q and k the kernel receives, so no 16-bit rounding hides a head
+    above tau. Queries go in chunks of `chunk_size` rows (default: about 2^24 logits per chunk)."""
+    (B, H, T, _), S = q.shape, k.shape[2]
+    rows = chunk_size or max(1, (1 << 24) // max(1, B * H * S))
+    keys = torch.arange(S, device=q.device)
+    out = torch.full((H,), -math.inf, device=q.device)
+    with torch.autocast(q.device.type, enabled=False):
+        k_t = k.float().transpose(-2, -1)  # (B, H, Dn+Dr, S)
+        for i in range(0, T, rows):
+            s = (q[:, :, i:i + rows].float() @ k_t) * scale  # (B, H, r, S)
+            future = keys > torch.arange(i, i + s.shape[2], device=q.device)[:, None] + (S - T)  # (r, S)
+            out = torch.maximum(out, s.masked_fill(future, -math.inf).amax(dim=(0, 2, 3)))
+    return out  # (H,)
 
 
-# twin of muonclip.py's qk_clip_mla_
-@torch.no_grad()
-def qk_clip_mla_(w_q, w_kv_b, gamma, nope, rope, v_dim):
-    """QK-Clip for multi-head latent attention (K2 report sec. 2.1; MLA: DeepSeek-V3 report sec.
-    2.1.1), in place.
-
-    w_q: (H * (nope + rope), ...) rows of q_b_proj (or q_proj without a q LoRA), per head [nope | rope];
-    w_kv_b: (H * (nope + v_dim), ...) rows of kv_b_proj, per head [k_nope | v]. Head h: q_nope and
-    k_nope rows * sqrt(gamma_h), q_rope rows * gamma_h; the rope key (one vector shared by all heads,
-    from kv_a_proj_with_mqa) and the values stay. The head's logits q_nope.k_nope + q_rope.k_rope are
-    then scaled by exactly gamma_h.
-    """
-    H, root = gamma.numel(), gamma.sqrt()[:, None]                                  # (H, 1)
-    q_rows = torch.cat([root.expand(H, nope), gamma[:, None].expand(H, rope)], 1)   # (H, nope+rope)
-    kv_rows = torch.cat([root.expand(H, nope), torch.ones_like(root).expand(H, v_dim)], 1)  # (H, nope+v)
-    _scale_rows_(w_q, q_rows.flatten())
-    _scale_rows_(w_kv_b, kv_rows.flatten())
-
-
-# twin of muonclip.py's _scale_rows_
+# twin of muonclip.py's _scale_rows_ (with its _local and _local_part folded in)
 def _scale_rows_(w, row_factor):
-    """w (rows, ...) *= row_factor (rows,) in place; on a DTensor only the rows this rank holds."""
+    """w (rows, ...) *= row_factor (rows,) in place; on a DTensor (FSDP2) only the rows held here."""
     factor = row_factor.to(w.dtype).view(-1, *([1] * (w.dim() - 1))).expand(w.shape)  # like w
-    _local(w).mul_(_local_part(factor, w))
-
-
-# twin of muonclip.py's _local
-def _local(t):
-    """The shard this rank holds (the tensor itself when not a DTensor)."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-# twin of muonclip.py's _local_part
-def _local_part(full, p):
-    """The part of `full` (shaped like p) that this rank holds under p's placements; no comm."""
-    if not isinstance(p, DTensor):
-        return full
-    replicated = DTensor.from_local(full, p.device_mesh, [Replicate()] * p.device_mesh.ndim)
-    return replicated.redistribute(p.device_mesh, p.placements).to_local()
-
+    if isinstance(w, DTensor):  # the part of the factor that lies where w's local shard lies
+        mesh = w.device_mesh
+        factor = DTensor.from_local(factor, mesh, [Replicate()] * mesh.ndim).redistribute(mesh, w.placements)
+        w, factor = w.to_local(), factor.to_local()
+    w.mul_(factor)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,15 +427,12 @@ class MLP(nn.Module):
 
 class Gate(nn.Module):
     """The DeepSeek-V3 router (DeepSeek-V3 report sec. 2.1.2, eq. 13-16), its whole rule:
-      selection  scores s = sigmoid(W x) in fp32; the top-k experts by s + b, where
-                 b = e_score_correction_bias (fp32, no gradient) only steers the selection; with
-                 n_group > 1 only the topk_group groups whose top-2 biased scores sum highest are
-                 eligible (group-limited routing)
-      weights    the unbiased s of the chosen experts, normalised to sum 1 (norm_topk_prob), times
-                 routed_scaling_factor
-      load       expert_load counts the training tokens (train mode, grad enabled) sent to each expert
-      balance    update_bias_: auxiliary-loss-free load balancing from that count, after
-                 sum_expert_loads_ has summed it over the data-parallel processes
+      selection  scores s = sigmoid(W x) in fp32; the top-k experts by s + b, b the
+                 e_score_correction_bias (fp32, no gradient); with n_group > 1 only among the
+                 topk_group groups whose top-2 biased scores sum highest (group-limited routing)
+      weights    the unbiased s of the chosen experts, normalised to sum 1, * routed_scaling_factor
+      balance    expert_load counts the training tokens sent to each expert; update_bias_ balances
+                 from that count (KimiK2.update_router_bias_ sums it over processes), no aux loss
     and the optional sequence-wise balance loss (eq. 17-20) when aux_loss_alpha > 0."""
 
     def __init__(self, config: Config):
@@ -646,46 +460,27 @@ class Gate(nn.Module):
         if c.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights * c.routed_scaling_factor
-        if feeds_step_statistics(self):
+        if is_training_forward(self):
             self.expert_load += torch.bincount(experts.flatten(), minlength=E)  # (E,)
-        aux = None
-        if self.training and c.aux_loss_alpha > 0:
-            aux = self._sequence_balance_loss(scores, experts, batch)
+        aux = self._sequence_balance_loss(scores, experts, batch) if self.training and c.aux_loss_alpha > 0 else None
         return weights, experts, aux
 
     @torch.no_grad()
     def update_bias_(self, bias_update_speed: float) -> torch.Tensor:
         """Auxiliary-loss-free load balancing (DeepSeek-V3 report sec. 2.1.2), after an optimizer
-        step: b_i += bias_update_speed * sign(mean load - load_i), which raises the bias of the
-        experts that got fewer tokens than the mean and lowers it for those that got more (the
-        report's gamma, 0.001 in DeepSeek-V3; here gamma names only QK-Clip's factor). The load is
-        the count since the last update, which is reset. Returns the imbalance max(load) / mean(load)
-        before the update."""
-        load = self.expert_load
-        mean = load.mean()
+        step: b_i += bias_update_speed * sign(mean load - load_i) (the report's gamma, 0.001; here
+        gamma names QK-Clip's factor only), from the load counted since the last update, then reset.
+        Returns the imbalance max(load) / mean(load) before the update."""
+        load, mean = self.expert_load, self.expert_load.mean()
         imbalance = load.max() / mean.clamp_min(1e-9)
         self.e_score_correction_bias += bias_update_speed * torch.sign(mean - load)
         load.zero_()
         return imbalance
 
-    @staticmethod
-    @torch.no_grad()
-    def sum_expert_loads_(gates):
-        """Under torch.distributed, set every gate's expert_load to its sum over the processes of
-        the default group: each data-parallel replica counts its own tokens, and the bias rule
-        wants the whole step's. One all_reduce for all the gates; a no-op on one process."""
-        if not gates or not (dist.is_available() and dist.is_initialized()):
-            return
-        loads = torch.stack([gate.expert_load for gate in gates])  # (L, E)
-        dist.all_reduce(loads, op=dist.ReduceOp.SUM)
-        for gate, load in zip(gates, loads):
-            gate.expert_load.copy_(load)
-
     def _sequence_balance_loss(self, scores, experts, batch):
         """sum_i f_i * P_i per sequence, averaged over sequences; f_i = E/(K*T) * tokens routed to
         i, P_i = mean over tokens of s_i / sum_j s_j (DeepSeek-V3 report eq. 17-20)."""
-        E, K = self.config.n_routed_experts, self.config.num_experts_per_tok
-        T = scores.shape[0] // batch
+        E, K, T = self.config.n_routed_experts, self.config.num_experts_per_tok, scores.shape[0] // batch
         routed = torch.zeros(batch, T * K, E, device=scores.device).scatter_(
             2, experts.view(batch, T * K, 1), 1.0).sum(1)  # (B, E) tokens of each sequence per expert
         f = routed * E / (K * T)  # (B, E)
@@ -696,32 +491,28 @@ class Gate(nn.Module):
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """F.grouped_mm has kernels (with backward) on the CPU, and on CUDA for bfloat16 only;
     torch.compile (torch 2.13) accepts it in bfloat16 only."""
-    if dtype == torch.bfloat16:
-        return True
-    return device.type == "cpu" and not torch.compiler.is_compiling()
+    return dtype == torch.bfloat16 or device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def matmul_dtype(x) -> torch.dtype:
     """The dtype autocast runs a matmul on x in (x's own outside autocast). F.grouped_mm has no
     autocast rule, so the grouped path casts for it, as autocast does for nn.Linear and torch.mm."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    on = torch.is_autocast_enabled(x.device.type)
+    return torch.get_autocast_dtype(x.device.type) if on else x.dtype
 
 
-# Rows each expert's run is padded to a multiple of in 16-bit matmuls. Routing changes the run
-# lengths every step, and CPU bfloat16 matmuls (oneDNN) build a kernel for each new shape, about
-# 0.6 ms each (measured on Sapphire Rapids, torch 2.13): few distinct lengths keep them cached.
-# float32 (MKL) has no such cost, so there the runs stay unpadded. Zero rows change no result.
+# Rows each expert's run is padded to a multiple of in 16-bit matmuls: routing changes the run lengths
+# every step, and CPU bfloat16 matmuls (oneDNN) build a kernel per new shape, ~0.6 ms each (Sapphire
+# Rapids, torch 2.13). float32 (MKL) has no such cost: unpadded there. Zero rows change no result.
 RUN_MULTIPLE = 32
 
 
 def sort_by_expert(weights, experts, num_experts: int, multiple: int):
-    """The fast path's first piece: one row per token-expert pair, the rows grouped by expert, so
-    each expert's tokens form one contiguous run, in expert order, with zero rows after each run up
-    to a multiple of `multiple` (RUN_MULTIPLE). Nothing here waits for the host: the row count P is
-    a bound fixed by the shapes, not the routing, and every position is computed on the device.
-    weights, experts (N, K) -> token (P,), the token of each row (N on padding rows); w (P, 1), its
-    routing weight (0 on padding rows); ends (E,), where each run ends (the last takes the slack)."""
+    """The fast path's first piece: one row per token-expert pair, grouped into one run per expert,
+    in expert order, each padded with zero rows to a multiple of `multiple`. No host sync: the row
+    count P is a bound fixed by the shapes, not the routing. weights, experts (N, K) -> token (P,),
+    each row's token (N on padding rows); w (P, 1), its routing weight (0 on padding rows); ends
+    (E,), where each run ends (the last takes the slack)."""
     (N, K), E, R = experts.shape, num_experts, multiple
     sorted_experts, order = experts.flatten().sort(stable=True)  # (N*K,) pairs grouped by expert
     counts = torch.bincount(sorted_experts, minlength=E)  # (E,) pairs per expert
@@ -739,16 +530,13 @@ def sort_by_expert(weights, experts, num_experts: int, multiple: int):
 class Experts(nn.Module):
     """E routed SwiGLU experts, stored stacked: gate_proj, up_proj (E, I, D), down_proj (E, D, I).
 
-    What they compute (the routed sum of DeepSeek-V3 report eq. 12): token n, sent by the Gate to
-    experts[n, k] with weights[n, k], gets
+    What they compute (the routed sum of DeepSeek-V3 report eq. 12), for token n sent by the Gate
+    to experts[n, k] with weights[n, k]:
         y[n] = sum_k weights[n, k] * expert_{experts[n, k]}(x[n]),   expert_e = swiglu with e's weights.
-    forward_reference says it as DeepSeek-V3's inference code does: a loop over the experts that
-    have tokens. forward_grouped computes the same in two pieces, sort_by_expert then
-    grouped_swiglu: one grouped matmul per projection over all experts, forward and backward, no
-    host sync, an idle expert costs nothing. forward takes the grouped path where PyTorch has
-    F.grouped_mm kernels (the CPU; CUDA in bfloat16, bf16 autocast included) and the reference
-    loop elsewhere (CUDA float32/float16, torch.compile in float32), or always the loop when
-    `use_reference` is set (e.g. `for m in model.modules(): ...` to check or read the meaning)."""
+    forward_reference says it as DeepSeek-V3's inference code does, a loop over the experts with
+    tokens. forward_grouped computes the same as sort_by_expert then grouped_swiglu: one grouped
+    matmul per projection, no host sync. forward takes it where F.grouped_mm has kernels (the CPU;
+    CUDA in bfloat16) and the loop elsewhere, or always when `use_reference` is set."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -772,9 +560,8 @@ class Experts(nn.Module):
         counts = torch.bincount(experts.flatten(), minlength=E).tolist()  # the host sync
         weights = weights.type_as(x)
         y = torch.zeros_like(x)  # (N, D)
-        # E pair runs (n_e,), and each expert's (I, D), (I, D), (D, I) weights: unbind the stacks once,
-        # its backward is one stack, whereas indexing a stack per expert would build a zero gradient
-        # the size of the whole stack for every expert
+        # E pair runs (n_e,), each expert's (I, D), (I, D), (D, I) weights: unbind the stacks once (its
+        # backward is one stack; indexing per expert would build a stack-sized zero gradient each)
         for e, (p, gate, up, down) in enumerate(zip(pairs.split(counts), self.gate_proj.unbind(0),
                                                     self.up_proj.unbind(0), self.down_proj.unbind(0))):
             if counts[e]:
@@ -783,8 +570,7 @@ class Experts(nn.Module):
         return y
 
     def forward_grouped(self, x, weights, experts):
-        """The fast path: sort_by_expert, gather each row's token, grouped_swiglu, add each row's
-        output back to its token. In 16-bit matmuls the runs are padded (RUN_MULTIPLE)."""
+        """The fast path: sort_by_expert, gather the rows' tokens, grouped_swiglu, add rows back."""
         N, E = x.shape[0], self.gate_proj.shape[0]
         dtype = matmul_dtype(x)
         token, w, ends = sort_by_expert(weights, experts, E, 1 if dtype == torch.float32 else RUN_MULTIPLE)
@@ -875,7 +661,8 @@ class KimiK2(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.apply(self._init_weights)
+        if not self.lm_head.weight.is_meta:  # count_params' meta model: nothing to draw (and slow)
+            self.apply(self._init_weights)
 
     def _init_weights(self, module):
         """Every matrix ~ N(0, initializer_range) as in the hub models; norms 1; router bias 0."""
@@ -887,9 +674,8 @@ class KimiK2(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, input_ids, targets=None, caches=None, start_pos=0):
-        """input_ids (B, T) -> logits (B, T, V), loss (fp32 cross entropy, targets -1 ignored, plus
-        aux_loss_alpha * the sequence balance loss while training) or None without targets.
-        caches (from new_caches) and start_pos: decoding, input_ids at positions start_pos.."""
+        """input_ids (B, T) at positions start_pos.. -> logits (B, T, V), loss (fp32 cross entropy,
+        targets -1 ignored, + aux_loss_alpha * the sequence balance loss in training) or None."""
         x, aux = self.model(input_ids, caches, start_pos)
         logits = self.lm_head(x)
         if targets is None:
@@ -904,10 +690,15 @@ class KimiK2(nn.Module):
         return (layer.mlp.gate for layer in self.model.layers if layer.is_moe)
 
     def update_router_bias_(self, bias_update_speed: float) -> torch.Tensor:
-        """Gate.update_bias_ on every MoE layer, from the loads counted over the step by every
-        process. Returns max/mean load per MoE layer before the update, (L,)."""
+        """Gate.update_bias_ on every MoE layer, from the loads of the whole step: each data-parallel
+        process counts its own tokens, so they are summed over the processes first (one all_reduce
+        for all layers, none on one process). Returns max/mean load per MoE layer before, (L,)."""
         gates = list(self.moe_gates())
-        Gate.sum_expert_loads_(gates)  # one collective for all layers; a no-op on one process
+        if gates and dist.is_available() and dist.is_initialized():
+            loads = torch.stack([gate.expert_load for gate in gates])  # (L, E)
+            dist.all_reduce(loads, op=dist.ReduceOp.SUM)
+            for gate, load in zip(gates, loads):
+                gate.expert_load.copy_(load)
         return torch.stack([gate.update_bias_(bias_update_speed) for gate in gates]) if gates else torch.zeros(0)
 
     def attention_modules(self):
@@ -930,14 +721,12 @@ class KimiK2(nn.Module):
 
     # -- generation --
     def new_caches(self, batch: int, max_len: int, naive: bool = False):
-        """One decoding cache per layer (MLA.new_cache): the absorbed latent cache, or with
-        naive=True every head's keys and values."""
+        """One decoding cache per layer (MLA.new_cache): latent, or every head's k and v (naive)."""
         return [layer.self_attn.new_cache(batch, max_len, naive) for layer in self.model.layers]
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
-        """Sample max_new_tokens after input_ids (B, T0) with the absorbed latent cache; temperature 0
-        is greedy."""
+        """Sample max_new_tokens after input_ids (B, T0) from the absorbed latent cache (0: greedy)."""
         B, T0 = input_ids.shape
         caches = self.new_caches(B, T0 + max_new_tokens)
         out, pos, step_ids = input_ids, 0, input_ids
@@ -962,7 +751,10 @@ class KimiK2(nn.Module):
         written atomically, with the permissions of any new file (0644 under umask 022)."""
         from safetensors.torch import save_file
         os.makedirs(directory, exist_ok=True)
-        config = {**self.config.to_dict(), **_HUB_CONFIG_EXTRAS,
+        config = {**self.config.to_dict(),  # and what the hub's DeepseekV3 config.json carries beyond it:
+                  "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "hidden_act": "silu",
+                  "attention_bias": False, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+                  "num_nextn_predict_layers": 0, "rope_interleave": True,
                   "torch_dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
 
         def write_config(path):
@@ -974,16 +766,14 @@ class KimiK2(nn.Module):
                           lambda path: save_file(tensors, path, metadata={"format": "pt"}))
 
     def hub_state_dict(self) -> dict:
-        """state_dict under the hub's names: stacked experts split into experts.{e}.{proj}.weight."""
+        """state_dict under the hub's names: stacked experts split into experts.{e}.{proj}.weight, a
+        tied head stored once (as embed_tokens)."""
         tensors = {}
         for name, tensor in self.state_dict().items():
-            if self.config.tie_word_embeddings and name == "lm_head.weight":
-                continue  # the hub stores a tied head once, as embed_tokens
             prefix, _, proj = name.rpartition(".")
             if prefix.endswith("mlp.experts"):
-                for e, w in enumerate(tensor.unbind(0)):
-                    tensors[f"{prefix}.{e}.{proj}.weight"] = w
-            else:
+                tensors.update({f"{prefix}.{e}.{proj}.weight": w for e, w in enumerate(tensor.unbind(0))})
+            elif not (self.config.tie_word_embeddings and name == "lm_head.weight"):
                 tensors[name] = tensor
         return tensors
 
@@ -994,13 +784,9 @@ class KimiK2(nn.Module):
         keys raises ValueError listing the missing and unexpected ones."""
         from safetensors.torch import load_file
         config = Config.from_json(os.path.join(directory, "config.json"))
-        model = cls(config)
-        hub = {}
-        for fname in sorted(os.listdir(directory)):
-            if fname.endswith(".safetensors"):
-                hub.update(load_file(os.path.join(directory, fname)))
-        state, experts = {}, {}
-        for name, tensor in hub.items():
+        model, state, experts = cls(config), {}, {}
+        for name, tensor in [item for f in sorted(os.listdir(directory)) if f.endswith(".safetensors")
+                             for item in load_file(os.path.join(directory, f)).items()]:
             layer = re.match(r"model\.layers\.(\d+)\.", name)
             if name.endswith("rotary_emb.inv_freq") or (layer and int(layer[1]) >= config.num_hidden_layers):
                 continue
@@ -1019,11 +805,8 @@ class KimiK2(nn.Module):
             state[name] = None if absent else torch.stack([per_expert[e] for e in range(E)])
         if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
             state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-        for name in expected:
-            if name not in state:
-                prefix, _, proj = name.rpartition(".")
-                stacked = prefix.endswith("mlp.experts")
-                missing.append(f"{prefix}.[0-{E - 1}].{proj}.weight" if stacked else name)
+        missing += [re.sub(r"\.mlp\.experts\.(\w+)$", rf".mlp.experts.[0-{E - 1}].\1.weight", name)
+                    for name in expected if name not in state]  # a whole stack: every expert absent
         unexpected += [k for k in state if k not in expected]
         if missing or unexpected:
             raise ValueError(f"checkpoint layout differs: missing keys {sorted(missing)}, "
@@ -1032,11 +815,13 @@ class KimiK2(nn.Module):
         return model
 
 
+# twin of data.py's write_atomically, with its guarantees: this one gives `write` a path, as
+# safetensors' save_file wants, and it copies alone with this file
 def _write_atomically(path: str, write):
-    """write(tmp) into a new file beside path, then fsync and rename it over path: a reader finds
-    the old file or the complete new one, and a failure leaves no temporary file. The file gets
-    the mode open() gives a new file (0666 less the umask), also where `write` replaced it with a
-    private one (safetensors' save_file goes through mkstemp: 0600)."""
+    """Replace `path` with what write(tmp) writes at tmp, in one step (a new temporary file beside it,
+    fsync, rename, fsync of the folder): a reader or a kill sees the old file or the new one, never
+    half, and a failure leaves no temporary file. The file gets a new file's mode (0666 less the
+    umask), also where `write` made a private one (safetensors' save_file: mkstemp, 0600)."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -1048,10 +833,9 @@ def _write_atomically(path: str, write):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -1061,20 +845,109 @@ def _write_atomically(path: str, write):
 
 
 # ----------------------------------------------------------------------------------------------
+# Config validation and presets
+
+def check_config(c: Config):
+    """Reject a bad value, however the fields were set (preset, config.json, an override of one
+    field), with a one-line ValueError naming the field and any field it conflicts with."""
+    def reject(name, why):
+        raise ValueError(f"Config.{name}={getattr(c, name)!r}: {why}")
+
+    def integer(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    types = [  # (fields, test, what a value must be): checked first, so the rules below can compute
+        (("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+          "num_attention_heads", "num_key_value_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+          "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
+          "max_position_embeddings"), lambda v: integer(v) and v > 0, "must be a positive integer"),
+        (("n_shared_experts", "first_k_dense_replace"), lambda v: integer(v) and v >= 0,
+         "must be a non-negative integer"),
+        (("rms_norm_eps", "routed_scaling_factor", "rope_theta", "initializer_range"),
+         lambda v: number(v) and v > 0, "must be a positive number"),
+        (("aux_loss_alpha",), lambda v: number(v) and v >= 0, "must be a number >= 0"),
+        (("norm_topk_prob", "tie_word_embeddings"), lambda v: isinstance(v, bool), "must be true or false"),
+        (("q_lora_rank",), lambda v: v is None or integer(v) and v > 0, "must be a positive integer or None"),
+        (("rope_scaling",), lambda v: v is None or isinstance(v, dict), "must be a dict of YaRN parameters or None")]
+    for names, ok, why in types:
+        for name in (name for name in names if not ok(getattr(c, name))):
+            reject(name, why)
+    H, E, G, yarn = c.num_attention_heads, c.n_routed_experts, c.n_group, c.rope_scaling
+    reach = c.topk_group * (E // G)  # the experts a token may reach
+    rules = [  # (broken, field, why), in this order
+        (c.num_key_value_heads != H, "num_key_value_heads",
+         f"MLA has one latent per token: must equal num_attention_heads={H} (set both)"),
+        (c.qk_rope_head_dim % 2, "qk_rope_head_dim", "RoPE rotates pairs; must be even"),
+        (c.first_k_dense_replace > c.num_hidden_layers, "first_k_dense_replace",
+         f"must lie in [0, num_hidden_layers={c.num_hidden_layers}]"),
+        (E % G, "n_routed_experts", f"must be divisible by n_group={G}"),
+        (G > 1 and E // G < 2, "n_group", f"groups of n_routed_experts/n_group={E // G} expert; group scores "
+                                          "sum each group's top-2 experts, so groups need >= 2"),
+        (c.topk_group > G, "topk_group", f"must be <= n_group={G}"),
+        (c.num_experts_per_tok > reach, "num_experts_per_tok", f"more than the {reach} experts a token may "
+         f"reach (topk_group={c.topk_group} of n_group={G} groups, n_routed_experts={E})"),
+        (yarn is not None and yarn.get("type", yarn.get("rope_type")) != "yarn", "rope_scaling",
+         "only YaRN scaling ({'type': 'yarn', ...}) is supported"),
+        (yarn is not None and not (number(yarn.get("factor")) and yarn["factor"] > 0), "rope_scaling",
+         "YaRN needs a positive 'factor'"),
+        (yarn is not None and "original_max_position_embeddings" not in yarn, "rope_scaling",
+         "YaRN needs 'original_max_position_embeddings'")]
+    for bad, name, why in rules:
+        if bad:
+            reject(name, why)
+
+
+# Presets: K2's published config.json, every other one as the fields it changes (as minGPT's table).
+# Sizes: total / activated parameters as count_params counts them (activated: one token's path,
+# embedding and lm_head included); the K2 report says 1.04T / 32.6B for K2, 671B / 37B for DeepSeek-V3.
+_KIMI_K2 = dict(  # moonshotai/Kimi-K2-Instruct config.json: 1.03T total / 32.9B activated
+    vocab_size=163840, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+    num_hidden_layers=61, num_attention_heads=64, num_key_value_heads=64, q_lora_rank=1536,
+    kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    n_routed_experts=384, num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=1,
+    n_group=1, topk_group=1, routed_scaling_factor=2.827, norm_topk_prob=True, aux_loss_alpha=0.001,
+    rope_theta=50000.0, max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    initializer_range=0.02,
+    rope_scaling=dict(type="yarn", factor=32.0, beta_fast=1.0, beta_slow=1.0, mscale=1.0,
+                      mscale_all_dim=1.0, original_max_position_embeddings=4096),
+)
+# what the scaled-down presets share: data.py's byte vocabulary, a 4k context without YaRN, no
+# sequence-wise balance loss (the bias update balances the experts alone)
+_SCALED_DOWN = dict(vocab_size=256, max_position_embeddings=4096, rope_scaling=None, aux_loss_alpha=0.0)
+PRESETS = {
+    "kimi-k2": _KIMI_K2,
+    # deepseek-ai/DeepSeek-V3 config.json without the MTP layer: 671B total / 37.6B activated
+    "deepseek-v3": {**_KIMI_K2, "vocab_size": 129280, "num_attention_heads": 128,
+                    "num_key_value_heads": 128, "n_routed_experts": 256, "first_k_dense_replace": 3,
+                    "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "rope_theta": 10000.0,
+                    "max_position_embeddings": 163840,
+                    "rope_scaling": {**_KIMI_K2["rope_scaling"], "factor": 40.0, "beta_fast": 32.0}},
+    # K2's shape at CPU scale, train.py's default: 2.9M total / 1.1M activated
+    "tiny": {**_KIMI_K2, **_SCALED_DOWN,
+             "hidden_size": 128, "intermediate_size": 384, "moe_intermediate_size": 64, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 64, "kv_lora_rank": 32,
+             "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "n_routed_experts": 32},
+    # one-GPU scale, fine-grained experts at sparsity 16: 448M total / 58.7M activated
+    "small": {**_KIMI_K2, **_SCALED_DOWN,
+              "hidden_size": 768, "intermediate_size": 2048, "moe_intermediate_size": 128, "num_hidden_layers": 12,
+              "num_attention_heads": 12, "num_key_value_heads": 12, "q_lora_rank": 384, "kv_lora_rank": 256,
+              "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "n_routed_experts": 128},
+}
+
+
+# ----------------------------------------------------------------------------------------------
 # Size arithmetic
 
 def count_params(config: Config) -> dict:
     """Parameter counts of the real modules, built on the meta device (no memory, seconds).
-
-    Convention: `total` counts every parameter plus the router bias buffers (as the published
-    checkpoint does; rotary buffers are not parameters). `activated` counts what one token uses:
-    everything except the routed experts it does not select, embedding and lm_head included;
-    `activated_no_input_embedding` leaves out embed_tokens (a lookup, no matmul: 31.7B for K2),
-    `activated_no_embedding` leaves out embed_tokens and lm_head. `matmul_activated` is the
-    activated weights that multiply (no embedding lookup, no norm weights, no router bias).
-    `router` is the gates' weights and biases, E * (D + 1) per MoE layer: the only activated part
-    that grows with n_routed_experts (the K2 report's sparsity scaling, sec. 2.3, holds the rest
-    fixed)."""
+    `total`: every parameter plus the router biases (as the published checkpoint counts). `activated`:
+    what one token uses, all but the routed experts it does not select, embedding and lm_head in;
+    `activated_no_input_embedding` without embed_tokens (31.7B for K2), `activated_no_embedding`
+    without lm_head either; `matmul_activated` the activated weights that multiply (no embedding,
+    norms or router bias); `router` E * (D + 1) per MoE layer, the only activated part that grows
+    with n_routed_experts (the K2 report's sparsity scaling, sec. 2.3)."""
     with torch.device("meta"):
         model = KimiK2(config)
     gates = list(model.moe_gates())
@@ -1087,18 +960,16 @@ def count_params(config: Config) -> dict:
     activated = total - idle
     router = sum(g.weight.numel() + g.e_score_correction_bias.numel() for g in gates)
     return dict(total=total, activated=activated, activated_no_input_embedding=activated - embedding,
-                activated_no_embedding=activated - embedding - head,
-                embedding=embedding, lm_head=head, routed_expert=per_expert, moe_layers=len(gates),
-                router=router,
+                activated_no_embedding=activated - embedding - head, embedding=embedding, lm_head=head,
+                routed_expert=per_expert, moe_layers=len(gates), router=router,
                 matmul_activated=activated - embedding - norms - len(gates) * config.n_routed_experts)
 
 
 def flops_per_token(config: Config, context_len: float, training: bool = False) -> float:
-    """FLOPs for one token that attends to context_len keys, counting 2 FLOPs per multiply-add:
-    2 * matmul_activated (projections, router, selected and shared experts, lm_head) plus the
-    attention scores and weighted values in the naive MLA form, 2 * H * (Dn+Dr + Dv) per key and
-    layer. Elementwise work (norms, softmax, rope) is left out. training=True: forward + backward
-    = 3x forward (the 6N convention). For a whole causal sequence of length L, pass (L+1)/2."""
+    """FLOPs for one token that attends to context_len keys, 2 per multiply-add: 2 * matmul_activated
+    (projections, router, chosen and shared experts, lm_head) plus naive-MLA attention, 2 * H *
+    (Dn+Dr + Dv) per key and layer; no elementwise work. training=True: 3x forward (the 6N
+    convention). For a whole causal sequence of length L, pass (L+1)/2."""
     attention = 2 * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * context_len
     forward = 2 * count_params(config)["matmul_activated"] + config.num_hidden_layers * attention
     return 3 * forward if training else forward
@@ -1112,24 +983,10 @@ def kv_cache_bytes_per_token(config: Config, bytes_per_number: int = 2) -> dict:
                 full=L * H * (config.qk_head_dim + config.v_head_dim) * bytes_per_number)
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line: the size table
-
-_CONTEXTS = {"4k": 4096, "128k": 131072}  # K2's pre-training context and its extended context
-
-
-def size_report(config: Config) -> dict:
-    counts = count_params(config)
-    report = dict(counts)
-    report["sparsity"] = config.n_routed_experts / config.num_experts_per_tok
-    report["kv_cache_bytes_per_token_bf16"] = kv_cache_bytes_per_token(config)
-    report["forward_flops_per_token"] = {name: flops_per_token(config, n) for name, n in _CONTEXTS.items()}
-    return report
-
-
-def heads_cost(config: Config, heads: int, context_len: int = _CONTEXTS["128k"]) -> dict:
-    """Relative change in forward FLOPs per token when num_attention_heads becomes `heads`:
-    for the token at the end of the context, and averaged over a causal prefill of that length."""
+def heads_cost(config: Config, heads: int, context_len: int = 131072) -> dict:
+    """Relative change in forward FLOPs per token when num_attention_heads becomes `heads` (K2
+    report sec. 2.3: 128 heads instead of 64 cost +83% at a 128k context): for the token at the end
+    of the context, and averaged over a causal prefill of that length."""
     other = Config(**{**config.to_dict(), "num_attention_heads": heads, "num_key_value_heads": heads})
     end = flops_per_token(other, context_len) / flops_per_token(config, context_len) - 1
     mean_len = (context_len + 1) / 2
@@ -1137,57 +994,6 @@ def heads_cost(config: Config, heads: int, context_len: int = _CONTEXTS["128k"])
     return dict(heads=heads, context_len=context_len, end_of_context=end, prefill_average=prefill)
 
 
-def _human(n: float) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:,.2f}{unit}"
-    return f"{n:,.0f}"
-
-
-def _print_table(columns: dict):
-    reports = {name: size_report(c) for name, c in columns.items()}
-    rows = [("total params", lambda r: _human(r["total"])),
-            ("activated (incl. embedding + head)", lambda r: _human(r["activated"])),
-            ("activated (no input embedding)", lambda r: _human(r["activated_no_input_embedding"])),
-            ("activated (no embedding, no head)", lambda r: _human(r["activated_no_embedding"])),
-            ("sparsity (routed experts / active)", lambda r: f"{r['sparsity']:.0f}"),
-            ("KV cache bytes/token, absorbed (bf16)", lambda r: f"{r['kv_cache_bytes_per_token_bf16']['absorbed']:,}"),
-            ("KV cache bytes/token, full K/V (bf16)", lambda r: f"{r['kv_cache_bytes_per_token_bf16']['full']:,}")]
-    rows += [(f"forward FLOPs/token at {name}", lambda r, name=name: _human(r["forward_flops_per_token"][name]))
-             for name in _CONTEXTS]
-    print(f"{'':40s}" + "".join(f"{name:>16s}" for name in columns))
-    for label, fmt in rows:
-        print(f"{label:40s}" + "".join(f"{fmt(r):>16s}" for r in reports.values()))
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Kimi-K2 / DeepSeek-V3 sizes, activations and FLOPs.")
-    parser.add_argument("--preset", choices=sorted(PRESETS))
-    parser.add_argument("--config", help="path to a Hugging Face config.json")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    if args.preset or args.config:
-        config = Config.from_json(args.config) if args.config else Config.from_preset(args.preset)
-        columns = {args.preset or os.path.basename(args.config): config}
-    else:
-        columns = {"kimi-k2": Config.from_preset("kimi-k2"), "deepseek-v3": Config.from_preset("deepseek-v3")}
-    k2 = columns.get("kimi-k2")
-    if args.json:
-        out = {name: size_report(c) for name, c in columns.items()}
-        if k2 is not None:
-            out["kimi-k2"]["heads_128_cost"] = heads_cost(k2, 128)
-        print(json.dumps(out, indent=2))
-        return
-    _print_table(columns)
-    print("Convention: total counts every parameter plus router biases; activated counts one token's "
-          "path (num_experts_per_tok routed experts).\nFLOPs: 2 per multiply-add, matmuls plus naive-MLA "
-          "attention over the context, for the token at the end of that context.")
-    if k2 is not None:
-        cost = heads_cost(k2, 128)
-        print(f"Kimi-K2 with 128 instead of 64 heads at 128k context: {cost['end_of_context']:+.0%} "
-              f"FLOPs/token at the end of the context, {cost['prefill_average']:+.0%} averaged over "
-              f"the prefill (report: +83%).")
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the size table is kimik2_sizes.py's
+    import kimik2_sizes
+    kimik2_sizes.main()

@@ -44,9 +44,9 @@ import bench
 import data
 import train
 from kimik2 import (PRESETS, Config, Gate, KimiK2, count_params, flops_per_token, heads_cost,
-                    kv_cache_bytes_per_token, main)
-from muonclip import (MuonClip, attach_qk_clip, causal_max_logits, find_attention_modules, fused_blocks, mark_fused,
-                      muon_update, newton_schulz, qk_clip_gamma, qk_clip_mha_, rms_matching_scale, split_params)
+                    kv_cache_bytes_per_token)
+from muonclip import (MuonClip, causal_max_logits, find_attention_modules, fused_blocks, mark_fused, muon_update,
+                      newton_schulz, qk_clip_gamma, qk_clip_mha_, rms_matching_scale, split_params)
 
 from conftest import HERE, run_alone, torchrun
 
@@ -58,9 +58,130 @@ _HERE = HERE
 #
 # kimik2.py and muonclip.py are each copied alone into an empty folder and run there in a fresh
 # interpreter (that folder as working directory, PYTHONPATH unset), so nothing else of this project
-# can be imported. kimik2.py carries muonclip.py's exact max logit and MLA clip rule for that (the
-# one repetition between the two files); a test keeps each pair equal.
+# can be imported. kimik2.py carries the few lines of muonclip.py that MLA runs (and its own atomic
+# writer, data.py's twin) for that; each names its twin, and a test keeps each pair equal by behaviour.
 # ==================================================================================================
+
+def test_kimik2_alone_trains_clips_generates_and_round_trips(tmp_path):
+    """kimik2.py alone: a training forward and backward feed max_logits and expert_load,
+    reset_step_statistics_ clears them, qk_clip_ scales the first layer's maxima by gamma on the
+    same input, generate follows the full forward's argmax, and the hub files load back (safetensors
+    is imported by save_pretrained, not before)."""
+    script = """
+import os, sys
+import torch
+import kimik2
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = kimik2.KimiK2(kimik2.Config.from_preset("tiny")).train()
+x = torch.randint(0, 256, (2, 16))
+
+def training_forward():
+    model.reset_step_statistics_()
+    model(x[:, :-1], x[:, 1:])[1].backward()
+    return torch.stack([attn.max_logits.clone() for attn in model.attention_modules()])  # (L, H)
+
+before = training_forward()
+assert torch.isfinite(before).all()
+assert all(g.expert_load.sum() == 2 * 15 * model.config.num_experts_per_tok for g in model.moe_gates())
+model.reset_step_statistics_()
+assert all(torch.isneginf(attn.max_logits).all() for attn in model.attention_modules())
+assert all((g.expert_load == 0).all() for g in model.moe_gates())
+gamma = torch.tensor([1.0, 0.5, 0.25, 0.8])
+for attn in model.attention_modules():
+    attn.qk_clip_(gamma)
+after = training_forward()  # the first layer sees the same input, so its maxima scale by gamma
+assert torch.allclose(after[0], before[0] * gamma, rtol=1e-5), (after[0], before[0] * gamma)
+model.eval()
+out = model.generate(x[:, :4], 6, temperature=0)
+with torch.no_grad():
+    assert torch.equal(model(out[:, :-1])[0][:, 3:].argmax(-1), out[:, 4:])
+assert "safetensors" not in sys.modules
+model.save_pretrained("hub")
+with torch.no_grad():
+    assert torch.equal(kimik2.KimiK2.from_pretrained("hub").eval()(x)[0], model(x)[0])
+"""
+    assert run_alone(tmp_path, "kimik2.py", script).endswith("ok\n")
+
+
+def test_twins_of_kimik2_and_muonclip_behave_alike():
+    """kimik2.py carries the few lines of muonclip.py that MLA and the Gate run, so that it copies
+    alone. Each says whose twin it is and computes what its twin computes on the same inputs:
+    is_training_forward in every mode; causal_max_logits on MLA's shapes (T queries, the last of S
+    keys; chunked or not); MLA.qk_clip_ (qk_clip_factors applied by _scale_rows_) against
+    muonclip.qk_clip_mla_ on the same weights, with and without a query LoRA, in fp32 and bf16.
+    The clip is compared bitwise: both sides take the same sqrt and elementwise products, which
+    IEEE rounds alike on any CPU; the max-logit matmuls differ in batch layout, which BLAS does not
+    promise to round alike, hence a tolerance there."""
+    import kimik2
+    import muonclip
+    for name in ("is_training_forward", "causal_max_logits", "_scale_rows_"):
+        assert f"twin of muonclip.py's {name}" in (inspect.getcomments(inspect.unwrap(getattr(kimik2, name))) or ""), name
+    assert "muonclip.py's qk_clip_mla_" in inspect.getdoc(kimik2.MLA.qk_clip_factors)
+    module = nn.Linear(1, 1)
+    for training, grad in [(True, True), (True, False), (False, True), (False, False)]:
+        with torch.set_grad_enabled(grad):
+            assert kimik2.is_training_forward(module.train(training)) == muonclip.is_training_forward(module)
+    gen = torch.Generator().manual_seed(0)
+    for B, H, T, S, D, chunk in [(2, 4, 7, 7, 12, None), (1, 3, 5, 9, 12, 2), (2, 2, 16, 16, 48, 3), (1, 2, 1, 6, 12, None)]:
+        q, k = torch.randn(B, H, T, D, generator=gen) * 3, torch.randn(B, H, S, D, generator=gen)
+        ours = kimik2.causal_max_logits(q, k, 0.3, chunk_size=chunk)
+        theirs = muonclip.causal_max_logits(q, k, 0.3, chunk_size=chunk)
+        assert ours.dtype == theirs.dtype == torch.float32 and torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+    for dtype, q_lora_rank in [(torch.float32, 24), (torch.float32, None), (torch.bfloat16, 24)]:
+        attn = _model_random(_model_config(q_lora_rank=q_lora_rank)).model.layers[0].self_attn.to(dtype)
+        w_q = (attn.q_proj if q_lora_rank is None else attn.q_b_proj).weight
+        before = w_q.detach().clone()
+        theirs = w_q.detach().clone(), attn.kv_b_proj.weight.detach().clone()
+        gamma = torch.tensor([0.3, 1.0, 0.7, 0.05])
+        muonclip.qk_clip_mla_(*theirs, gamma, attn.nope, attn.rope, attn.v_dim)
+        attn.qk_clip_(gamma)
+        assert not torch.equal(w_q, before)
+        assert torch.equal(w_q, theirs[0]) and torch.equal(attn.kv_b_proj.weight, theirs[1]), (dtype, q_lora_rank)
+    for shape in [(12, 5), (12,), (12, 2, 3)]:
+        w, factor = torch.randn(shape, generator=gen), torch.rand(12, generator=gen)
+        ours, theirs = w.clone(), w.clone()
+        kimik2._scale_rows_(ours, factor)
+        muonclip._scale_rows_(theirs, factor)
+        assert torch.equal(ours, theirs) and not torch.equal(ours, w)
+
+
+def test_atomic_writers_of_kimik2_and_data_behave_alike(tmp_path, monkeypatch):
+    """kimik2._write_atomically, kept so that kimik2.py copies alone, keeps data.write_atomically's
+    guarantees: the bytes written; the mode of a new file under the umask; an fsync of the file and
+    then of its folder (the rename made durable); and a write that fails half way leaves the old
+    file as it was and no temporary file."""
+    import stat
+    import kimik2
+
+    def kimik2_writer(path, write):
+        def write_path(tmp):  # kimik2's writer hands over a path (safetensors' save_file wants one)
+            with open(tmp, "wb") as f:
+                write(f)
+        kimik2._write_atomically(path, write_path)
+    writers = {"kimik2": kimik2_writer, "data": lambda path, write: data.write_atomically(path, write, mode="wb")}
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or fsync(fd))
+
+    def half_then_fail(f):
+        f.write(b"ne")
+        raise OSError("disk full")
+    for name, writer in writers.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        path = folder / "file.bin"
+        old_umask = os.umask(0o027)
+        try:
+            synced.clear()
+            writer(str(path), lambda f: f.write(b"old"))
+            assert synced == [False, True], name  # the file, then its folder
+            assert path.read_bytes() == b"old" and path.stat().st_mode & 0o777 == 0o640, name
+            with pytest.raises(OSError, match="disk full"):
+                writer(str(path), half_then_fail)
+        finally:
+            os.umask(old_umask)
+        assert os.listdir(folder) == ["file.bin"] and path.read_bytes() == b"old", name
+
 
 # ==================================================================================================
 # kimik2.py: the model
@@ -127,13 +248,6 @@ def test_published_parameter_counts_and_heads_cost():
     cost = heads_cost(Config.from_preset("kimi-k2"), 128)
     assert 0.75 <= cost["end_of_context"] <= 0.90 and 0.75 <= cost["prefill_average"] <= 0.90
     assert kv_cache_bytes_per_token(Config.from_preset("kimi-k2"), 1)["absorbed"] == 61 * 576
-
-
-def test_cli_json_reports_kimi_k2(capsys):
-    main(["--preset", "kimi-k2", "--json"])
-    report = json.loads(capsys.readouterr().out)["kimi-k2"]
-    assert report["total"] == 1_026_408_232_448 and report["sparsity"] == 48
-    assert 0.75 <= report["heads_128_cost"]["end_of_context"] <= 0.90
 
 
 def test_count_params_equals_instantiated_tiny_model():
@@ -420,6 +534,82 @@ def test_written_out_and_sdpa_attention_agree_in_output_grads_and_max_logits(mon
     assert torch.isfinite(results[0][3]).all()
 
 
+def _model_autocast_forward(monkeypatch, model, x, dtype, fused):
+    """A training forward of `model` on x under CPU autocast in `dtype`, the attention forced onto
+    the fused path (SDPA, max from the exact pass) or the written-out one. Returns each layer's
+    float64 causal max logits (H,), computed from the q and k captured on their way into the
+    attention kernel (as it received them, not recomputed from the weights)."""
+    import kimik2
+    monkeypatch.setattr(kimik2, "fused_attention_available", lambda q: fused)
+    captured, attention = [], kimik2.MLA._attention
+
+    def capture(self, q, k, v, track):
+        captured.append((self.softmax_scale, q.detach(), k.detach()))
+        return attention(self, q, k, v, track)
+    monkeypatch.setattr(kimik2.MLA, "_attention", capture)
+    with torch.autocast("cpu", dtype=dtype):
+        model.train()(x, x)
+    monkeypatch.setattr(kimik2.MLA, "_attention", attention)
+    expected = []
+    for scale, q, k in captured:
+        assert q.dtype == k.dtype == dtype  # what the kernel received: 16-bit
+        logits = (q.double() @ k.double().transpose(-2, -1)) * scale  # (B, H, T, T)
+        future = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).triu(1)
+        expected.append(logits.masked_fill(future, -math.inf).amax(dim=(0, 2, 3)))
+    return torch.stack(expected)  # (L, H)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("fused", [False, True], ids=["written-out", "fused"])
+def test_max_logits_under_autocast_are_float32_of_the_q_and_k_the_kernel_received(monkeypatch, dtype, fused):
+    """Issue 25: under autocast the statistic is the float32 max of q.k for the 16-bit q and k the
+    attention received, not a 16-bit logit (whose rounding, up to 2^-9 relative in bf16, could hide
+    a head above tau): it equals a float64 computation from the captured q and k, on both paths."""
+    model = _model_random(_model_config(), seed=5)
+    with torch.no_grad():  # logits of a few units, where 16-bit rounding is ~1e-2
+        for attn in model.attention_modules():
+            attn.q_b_proj.weight.mul_(30.0)
+    x = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(6))
+    expected = _model_autocast_forward(monkeypatch, model, x, dtype, fused)
+    recorded = torch.stack([attn.max_logits for attn in model.attention_modules()]).double()
+    assert expected.abs().max() > 1.0
+    assert torch.allclose(recorded, expected, rtol=1e-6, atol=1e-6), (recorded - expected).abs().max()
+
+
+def test_bf16_autocast_head_just_above_tau_is_recorded_above_it_and_clipped(monkeypatch):
+    """Issue 25's case: under bf16 autocast a head whose max logit was 3.0021 was recorded as its bf16
+    rounding, 3.0, and not clipped at tau 3.0. Here the logits are scaled to at most 3 and tau is set
+    to the bf16 rounding of a head's true max (the largest that rounds down, less than one bf16 step
+    below it): the head is recorded at its float64 value, above tau, and a clip-only MuonClip step
+    clips it."""
+    model = _model_random(_model_config(), seed=5)
+    x = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(6))
+    first = _model_autocast_forward(monkeypatch, model, x, torch.bfloat16, fused=False)
+    with torch.no_grad():  # logits scale with the query: bring the largest to about 3
+        for attn in model.attention_modules():
+            attn.q_b_proj.weight.mul_(3.0 / float(first.max()))
+    model.reset_step_statistics_()
+    expected = _model_autocast_forward(monkeypatch, model, x, torch.bfloat16, fused=False)  # (L, H)
+    rounded = expected.float().bfloat16().double()  # what a bf16 logit would have recorded
+    down = torch.where(rounded < expected, expected, torch.zeros_like(expected))
+    assert down.max() > 0, "no head's max rounds down in bf16"
+    layer, head = divmod(int(down.argmax()), expected.shape[1])
+    tau = float(rounded[layer, head])
+    ulp = 2.0 ** (math.floor(math.log2(tau)) - 7)  # bf16's spacing at tau
+    assert 1.0 < tau < float(expected[layer, head]) < tau + ulp  # as in the issue: just above tau
+    attn = model.attention_modules()[layer]
+    rows = slice(head * 12, (head + 1) * 12)  # the head's q rows: Dn + Dr = 8 + 4
+    before = attn.q_b_proj.weight[rows].clone()
+    opt = MuonClip.for_model(model, lr=0.0, weight_decay=0.0, qk_clip_tau=tau)
+    opt.step()  # no gradients: the step is the clip alone
+    S = opt.clip_stats["max_logits"]
+    assert float(S[layer, head]) > tau
+    assert torch.allclose(S.double(), expected, rtol=1e-6, atol=1e-6)
+    gamma = tau / float(S[layer, head])
+    assert torch.allclose(attn.q_b_proj.weight[rows][8:], before[8:] * gamma, rtol=1e-6)  # q_rope rows
+    assert torch.allclose(attn.q_b_proj.weight[rows][:8], before[:8] * math.sqrt(gamma), rtol=1e-6)  # q_nope
+
+
 @settings(deadline=None)
 @given(seed=st.integers(0, 2**16), length=st.integers(1, 16))
 def test_eval_and_no_grad_forwards_leave_max_logits_alone(seed, length):
@@ -515,40 +705,6 @@ def test_qk_clip_scales_each_head_logits_by_gamma():
     assert _model_explicit_logits(attn, x, cos, sin)[0].max() <= tau * (1 + 1e-5)
 
 
-def _model_dtensor_clip_worker(out_path):
-    """torchrun worker: qk_clip_ on weights sharded over 2 ranks (rows 15 and 21: uneven shards)
-    must equal the unsharded result."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-    dist.init_process_group("gloo")
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    config = _model_config(num_attention_heads=3, qk_nope_head_dim=3, qk_rope_head_dim=2, v_head_dim=4)
-    torch.manual_seed(0)
-    reference = KimiK2(config).model.layers[0].self_attn
-    sharded = KimiK2(config).model.layers[0].self_attn
-    sharded.load_state_dict(reference.state_dict())
-    for name in ("q_b_proj", "kv_b_proj"):
-        linear = getattr(sharded, name)
-        linear.weight = torch.nn.Parameter(distribute_tensor(linear.weight.detach(), mesh, [Shard(0)]))
-    gamma = torch.tensor([0.25, 1.0, 0.64])
-    reference.qk_clip_(gamma)
-    sharded.qk_clip_(gamma)
-    ok = all(torch.equal(getattr(sharded, n).weight.full_tensor(), getattr(reference, n).weight)
-             for n in ("q_b_proj", "kv_b_proj"))
-    if dist.get_rank() == 0:
-        with open(out_path, "w") as f:
-            f.write("ok" if ok else "mismatch")
-    dist.destroy_process_group()
-
-
-def test_qk_clip_scales_only_local_rows_of_dim0_sharded_dtensor(tmp_path):
-    out = tmp_path / "result"
-    run = torchrun([os.path.abspath(__file__), "model-dtensor-clip", str(out)])
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert out.read_text() == "ok"
-
-
 # ----------------------------------------------------------------------------------------------
 # Router and balancing
 
@@ -599,44 +755,6 @@ def test_bias_update_reduces_imbalance_of_skewed_router(seed):
     assert (gate.expert_load == 0).all()
     assert imbalance[0] > 3.0  # skewed to start with
     assert min(imbalance[-10:]) < 0.6 * imbalance[0]
-
-
-def _model_router_bias_worker(out_dir):
-    """torchrun worker: each rank counts different expert loads; update_router_bias_ must act on
-    their sum, the same on every rank."""
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    model = KimiK2(_model_config(num_hidden_layers=3, first_k_dense_replace=1))
-    for i, gate in enumerate(model.moe_gates()):
-        gate.expert_load.copy_(_model_rank_loads(rank, i, gate.expert_load.numel()))
-    imbalance = model.update_router_bias_(0.01)
-    biases = torch.stack([gate.e_score_correction_bias for gate in model.moe_gates()])
-    torch.save({"imbalance": imbalance, "biases": biases}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
-def _model_rank_loads(rank, layer, E):
-    """Loads such that each rank alone would move the biases differently from the two together."""
-    g = torch.Generator().manual_seed(100 * layer + rank)
-    return torch.randint(0, 20, (E,), generator=g).float() + (rank == 0) * 30 * (torch.arange(E) < E // 4)
-
-
-def test_router_bias_update_sums_expert_loads_over_processes(tmp_path):
-    run = torchrun([os.path.abspath(__file__), "model-router-bias", str(tmp_path)])
-    assert run.returncode == 0, run.stderr[-2000:]
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    torch.manual_seed(0)
-    model = KimiK2(_model_config(num_hidden_layers=3, first_k_dense_replace=1))
-    for i, gate in enumerate(model.moe_gates()):
-        E = gate.expert_load.numel()
-        gate.expert_load.copy_(_model_rank_loads(0, i, E) + _model_rank_loads(1, i, E))
-        alone = torch.sign(_model_rank_loads(0, i, E).mean() - _model_rank_loads(0, i, E))
-        assert not torch.equal(alone, torch.sign(gate.expert_load.mean() - gate.expert_load))
-    imbalance = model.update_router_bias_(0.01)
-    biases = torch.stack([gate.e_score_correction_bias for gate in model.moe_gates()])
-    for result in results:
-        assert torch.equal(result["biases"], biases) and torch.allclose(result["imbalance"], imbalance)
 
 
 def test_expert_load_counts_training_tokens_only():
@@ -780,14 +898,95 @@ def test_sequence_balance_loss_adds_to_training_loss_only():
 # ==================================================================================================
 # muonclip.py: the optimizer
 #
-# Tests for muonclip.py: Muon vs torch.optim.Muon, AdamW vs torch.optim.AdamW, Newton-Schulz, the
-# parameter split, QK-Clip on MLA (kimik2) and on a plain MHA/GQA model defined here, gradient
-# accumulation, 2-process DDP / FSDP2 runs (torchrun, gloo on CPU), muon_update and fused blocks,
-# causal_max_logits against an explicit max, the errors and warnings that replace silent no-ops, the
-# README recipes (a nanoGPT-style fused model among them), and transformers models: Llama / Qwen2
-# through Trainer, DeepseekV3 against kimik2 (these skip without transformers, Trainer ones without
-# accelerate).
+# Tests for muonclip.py: the file copied alone, Muon vs torch.optim.Muon, AdamW vs torch.optim.AdamW,
+# Newton-Schulz, the parameter split, QK-Clip on MLA (kimik2) and on a plain MHA/GQA model defined
+# here, gradient accumulation, muon_update and fused blocks, causal_max_logits against an explicit
+# max, the errors and warnings that replace silent no-ops, the torch-only recipes of docs/muonclip.md
+# (a nanoGPT-style fused model among them). Its companions are tested in tests/: test_muonclip_hf.py
+# (transformers families, Trainer, the transformers recipes), test_muonclip_dist.py (DDP / FSDP2
+# under torchrun, with and without muonclip_dist.py), test_muonclip_ns.py (the NS variants).
+# Bitwise comparisons here are of one kernel on the same inputs (a stack and its experts form one
+# batch; a resumed run repeats the same operations); batched against single products: tolerances.
 # ==================================================================================================
+
+# ------------------------------------------------------------------------- copied alone
+
+def test_muonclip_alone_steps_and_clips_a_small_attention_model(tmp_path):
+    """muonclip.py alone on a model defined in the script with the QK-Clip surface (num_heads,
+    max_logits, qk_clip_): one MuonClip.for_model step with tau between the two largest head maxima
+    clips exactly the largest head. Against the same step without the clip, that head's q and k rows
+    are scaled by sqrt(tau / S_h) and every other weight is bitwise the same. No companion is
+    imported (run_alone checks the project modules loaded)."""
+    script = """
+import copy, math, os, sys
+import torch
+import torch.nn.functional as F
+from torch import nn
+from muonclip import MuonClip, qk_clip_mha_
+torch.set_num_threads(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.register_buffer("max_logits", torch.full((num_heads,), -math.inf), persistent=False)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        logits = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
+        logits = logits.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
+        if self.training and torch.is_grad_enabled():
+            torch.maximum(self.max_logits, logits.detach().amax(dim=(0, 2, 3)), out=self.max_logits)
+        return self.o_proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D))
+
+    def qk_clip_(self, gamma):
+        qk_clip_mha_(self.q_proj.weight, self.k_proj.weight, gamma, self.num_heads)
+
+
+class LM(nn.Module):
+    def __init__(self, vocab=32, dim=16, heads=4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.attn = Attention(dim, heads)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, idx):
+        return self.lm_head(self.attn(self.embed(idx)))
+
+
+torch.manual_seed(0)
+model = LM()
+x = torch.randint(0, 32, (2, 12))
+runs = {}
+for tau in (None, "between"):
+    m = copy.deepcopy(model)
+    F.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+    S = m.attn.max_logits.clone()
+    top2 = S.topk(2).values
+    opt = MuonClip.for_model(m, lr=0.02, weight_decay=0.1,
+                             qk_clip_tau=None if tau is None else float(top2.mean()))
+    opt.step()
+    runs[tau] = m, opt.clip_stats, S
+(plain, plain_stats, S), (clipped, stats, _) = runs[None], runs["between"]
+h = int(S.argmax())
+gamma = float(S.topk(2).values.mean() / S[h])
+assert int(stats["heads_clipped"]) == 1 and int(plain_stats["heads_clipped"]) == 0
+assert torch.equal(stats["max_logits"][0], S) and torch.isneginf(clipped.attn.max_logits).all()
+for name, p in clipped.named_parameters():
+    q = dict(plain.named_parameters())[name]
+    if name in ("attn.q_proj.weight", "attn.k_proj.weight"):
+        rows = slice(4 * h, 4 * h + 4)  # head h's rows (head_dim 4)
+        assert torch.allclose(p[rows], q[rows] * math.sqrt(gamma), rtol=1e-6), name
+        p, q = torch.cat([p[:rows.start], p[rows.stop:]]), torch.cat([q[:rows.start], q[rows.stop:]])
+    assert torch.equal(p, q), name
+assert not torch.equal(plain.attn.q_proj.weight, model.attn.q_proj.weight)  # the step did move the weights
+assert not {"muonclip_hf", "muonclip_dist", "muonclip_ns"} & set(sys.modules)
+"""
+    assert run_alone(tmp_path, "muonclip.py", script).endswith("ok\n")
+
 
 # ------------------------------------------------------------- a plain MHA/GQA model with the surface
 
@@ -1042,8 +1241,29 @@ def test_newton_schulz_singular_values_in_band_around_one(batch, rows, cols, con
 @given(n=st.integers(1, 6), rows=st.integers(2, 40), cols=st.integers(2, 40), seed=st.integers(0, 99))
 @settings(deadline=None)
 def test_newton_schulz_batched_equals_per_matrix(n, rows, cols, seed):
+    """A batch is n independent matrices: each one's result is its own NS, up to fp32 rounding.
+    Not bitwise: BLAS does not promise that a batched and a single product round alike (an AVX2
+    EPYC differs by 4.8e-7 at n=2, 5x17); NS outputs are O(1), so 1e-5 is far below any mix-up."""
     g = torch.randn(n, rows, cols, generator=torch.Generator().manual_seed(seed))
-    assert torch.equal(newton_schulz(g), torch.stack([newton_schulz(m) for m in g]))
+    batched, single = newton_schulz(g, dtype=torch.float32), torch.stack([newton_schulz(m, dtype=torch.float32) for m in g])
+    assert (batched - single).abs().max() < 1e-5
+
+
+def test_optimizer_batches_by_shape_with_the_same_kernel_on_the_same_inputs():
+    """orthogonalise_by_shape runs one newton_schulz call per (A, B) shape on the concatenated units
+    (stacks, parts, separate weights alike); each result is bitwise its slice of that one call, the
+    same kernel on the same inputs, which holds on any CPU. This is what keeps the bitwise tests
+    below exact: a stack and its experts as separate weights form the same batch."""
+    import muonclip
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(s, generator=gen) for s in [(12, 20), (3, 12, 20), (20, 12), (12, 20)]]
+    calls = []
+    ns = lambda stack: calls.append(stack) or newton_schulz(stack, dtype=torch.float32)   # noqa: E731
+    out = muonclip.orthogonalise_by_shape(inputs, [None] * 4, ns)
+    assert [tuple(c.shape) for c in calls] == [(5, 12, 20), (1, 20, 12)]
+    together = newton_schulz(torch.cat([inputs[0][None], inputs[1], inputs[3][None]]), dtype=torch.float32)
+    assert torch.equal(out[0], together[0]) and torch.equal(out[1], together[1:4]) and torch.equal(out[3], together[4])
+    assert torch.equal(out[2], newton_schulz(inputs[2][None], dtype=torch.float32)[0])
 
 
 def test_expert_stack_is_orthogonalised_per_expert():
@@ -1062,25 +1282,6 @@ def test_expert_stack_is_orthogonalised_per_expert():
     as_one = newton_schulz(grad.reshape(64, 24)).reshape(4, 16, 24).float()
     per_expert = newton_schulz(grad).float()
     assert (as_one - per_expert).abs().max() > 0.1
-
-
-@pytest.mark.parametrize("shape", [(16, 40), (40, 16), (24, 24)])
-def test_polar_express_converges_to_the_polar_factor_and_gram_form_computes_the_same(shape):
-    """Polar Express's per-step quintics (arXiv 2505.16932) converge to U V^T of the SVD, where Keller
-    Jordan's quintic stalls about 0.3 away by design; the Gram form (Q, R iterated on the small Gram
-    matrix, with its restart) is the same polynomial, so in float64 it agrees to rounding."""
-    gen = torch.Generator().manual_seed(0)
-    u, _ = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=gen, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(shape[1], min(shape), generator=gen, dtype=torch.float64))
-    s = torch.logspace(-1, 0, min(shape), dtype=torch.float64)                 # condition number 10
-    g = u @ torch.diag(s) @ v.T
-    polar = u @ v.T
-    express = newton_schulz(g, steps=10, dtype=torch.float64, variant="polar_express")
-    gram = newton_schulz(g, steps=10, dtype=torch.float64, variant="gram")
-    jordan = newton_schulz(g, steps=10, dtype=torch.float64, variant="jordan")
-    assert (express - polar).abs().max() < 1e-6
-    assert (gram - express).abs().max() < 1e-9
-    assert (jordan - polar).abs().max() > 0.05
 
 
 @pytest.mark.parametrize("flags, faster, expected", [
@@ -1138,10 +1339,11 @@ def test_for_model_finds_attention_modules_and_groups():
     assert [g["use_muon"] for g in opt.param_groups] == [True, False]
 
 
-def test_group_without_use_muon_is_rejected_saying_what_trainer_did():
-    """A Trainer given (MuonClip, kwargs) pops "model" from kwargs: a second Trainer with the same
-    dict reaches MuonClip without it, and the message says so and names the form that works."""
-    with pytest.raises(ValueError, match="use_muon.*Trainer removes \"model\".*trainer_optimizer"):
+def test_group_without_use_muon_is_rejected_saying_what_model_would_do():
+    """Groups without use_muon need model= to be split by role; a framework that builds the
+    optimizer from (class, kwargs) may have dropped it (transformers' Trainer pops "model": see
+    tests/test_muonclip_hf.py), and the message says so."""
+    with pytest.raises(ValueError, match="use_muon.*pass model=.*may have dropped model="):
         MuonClip([{"params": [torch.zeros(2, 2, requires_grad=True)]}])
 
 
@@ -1366,197 +1568,23 @@ def test_state_dict_round_trip_resumes_bitwise():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
 
 
-# -------------------------------------------------------------------------- 5. DDP and FSDP2
-
-_MUON_DIST_STEPS, _MUON_DIST_MICRO, _MUON_DIST_BATCH, _MUON_DIST_T = 3, 2, 4, 8
-
-
-def _muon_wrap(raw, kind, wrap, world, ns_dtype=torch.float32):
-    """raw under DDP or FSDP2 (wrap None: itself), and its MuonClip (low tau, fp32 NS)."""
-    model = raw
-    if wrap == "ddp":
-        # broadcast_buffers=False: rank 0's max_logits would overwrite the other ranks' running max
-        model = nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False)
-    elif wrap == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in (raw.model.layers if kind == "mla" else raw.layers):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(raw, mesh=mesh)
-    tau = {"mha": 0.9, "mla": 4.5}[kind]                  # between the heads' initial maxima
-    return model, MuonClip.for_model(raw, lr=0.02, weight_decay=0.1, qk_clip_tau=tau, ns_dtype=ns_dtype)
-
-
-def _muon_train(kind, wrap=None, rank=0, world=1):
-    """A few MuonClip steps (2 micro-batches each) on this rank's share of a fixed global batch;
-    returns the full parameters and the number of heads clipped per step."""
-    raw = _muon_model(kind, 0)
-    model, opt = _muon_wrap(raw, kind, wrap, world)
-    gen = torch.Generator().manual_seed(1234)
-    share = _MUON_DIST_BATCH // world
-    clipped = []
-    for _ in range(_MUON_DIST_STEPS):
-        for micro in range(_MUON_DIST_MICRO):
-            x = torch.randint(0, 61, (_MUON_DIST_BATCH, _MUON_DIST_T), generator=gen)
-            x = x[rank * share:(rank + 1) * share]
-            last = micro == _MUON_DIST_MICRO - 1
-            if wrap == "ddp" and not last:
-                with model.no_sync():
-                    (model(x, x)[1] / _MUON_DIST_MICRO).backward()
-            else:
-                (model(x, x)[1] / _MUON_DIST_MICRO).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        clipped.append(int(opt.clip_stats["heads_clipped"]))
-    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-              for n, p in raw.named_parameters()}
-    return params, clipped
-
-
-class _MuonFusedLM(_MuonLM):
-    """_MuonLM with a fused residual branch: a (21, 24) weight of row blocks (5, 7, 9), which FSDP2's
-    row shards (11 + 10 rows) cut inside a block, and a (24, 21) weight of column blocks (10, 11)."""
-
-    def __init__(self):
-        super().__init__()
-        self.fused_in, self.fused_out = nn.Linear(24, 21, bias=False), nn.Linear(21, 24, bias=False)
-        mark_fused(self.fused_in, [5, 7, 9])
-        mark_fused(self.fused_out, [10, 11], columns=True)   # every row shard cuts through both blocks
-
-    def embed_input(self, idx):
-        x = self.embed(idx)
-        return x + self.fused_out(F.gelu(self.fused_in(x)))
-
-
-_MUON_EXACT_STEPS, _MUON_EXACT_RESUME = 4, 2
-
-
-def _muon_exact_model(kind, wrap, world, ns_dtype):
-    torch.manual_seed(0)
-    raw = _muon_mla_model(0) if kind == "mla" else _MuonFusedLM()
-    return (raw, *_muon_wrap(raw, kind, wrap, world, ns_dtype))
-
-
-def _muon_exact_steps(model, opt, steps):
-    """Steps with the whole batch on every rank: DDP's and FSDP2's gradient mean over 2 equal
-    gradients is exact, so any difference from one process is the optimizer's. Returns the number
-    of matrices that went through Newton-Schulz on this rank at each step."""
-    counts = []
-    for step in steps:
-        x = torch.randint(0, 61, (2, 8), generator=torch.Generator().manual_seed(step))
-        model(x, x)[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        counts.append(opt.newton_schulz_matrices)
-    return counts
-
-
-def _muon_full_params(raw):
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in raw.named_parameters()}
-
-
-def _muon_exact(kind, wrap=None, world=1, ns_dtype=torch.float32):
-    """_MUON_EXACT_STEPS steps; then the same run resumed from a checkpoint (through bytes) taken
-    after _MUON_EXACT_RESUME steps. Returns (full parameters, resumed run's, NS counts)."""
-    raw, model, opt = _muon_exact_model(kind, wrap, world, ns_dtype)
-    counts = _muon_exact_steps(model, opt, range(_MUON_EXACT_RESUME))
-    buffer = io.BytesIO()
-    torch.save({"model": raw.state_dict(), "opt": opt.state_dict()}, buffer)
-    counts += _muon_exact_steps(model, opt, range(_MUON_EXACT_RESUME, _MUON_EXACT_STEPS))
-    buffer.seek(0)
-    checkpoint = torch.load(buffer, weights_only=False)
-    twin_raw, twin, twin_opt = _muon_exact_model(kind, wrap, world, ns_dtype)
-    twin_raw.load_state_dict(checkpoint["model"])
-    twin_opt.load_state_dict(checkpoint["opt"])
-    _muon_exact_steps(twin, twin_opt, range(_MUON_EXACT_RESUME, _MUON_EXACT_STEPS))
-    return _muon_full_params(raw), _muon_full_params(twin_raw), counts
-
-
-def _muon_dist_worker(out_dir):
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    for kind in ("mha", "mla"):
-        for wrap in ("ddp", "fsdp"):
-            result = _muon_train(kind, wrap, rank, world)
-            torch.save(result, os.path.join(out_dir, f"{kind}-{wrap}-{rank}.pt"))
-            torch.save(_muon_exact(kind, wrap, world), os.path.join(out_dir, f"exact-{kind}-{wrap}-{rank}.pt"))
-    for wrap in ("ddp", "fsdp"):
-        torch.save(_muon_exact("mha", wrap, world, torch.bfloat16), os.path.join(out_dir, f"bf16-{wrap}-{rank}.pt"))
-    dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def _muon_dist_results():
-    with tempfile.TemporaryDirectory() as out:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = torchrun([os.path.abspath(__file__), "muonclip-dist", out], env=env)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        yield {name: torch.load(os.path.join(out, name)) for name in os.listdir(out)}
-
-
-@pytest.mark.parametrize("kind", ["mha", "mla"])
-@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
-def test_distributed_training_matches_single_process(_muon_dist_results, kind, wrap):
-    (rank0, clipped0), (rank1, clipped1) = (_muon_dist_results[f"{kind}-{wrap}-{r}.pt"] for r in (0, 1))
-    single, clipped = _muon_train(kind)
-    assert sum(clipped) > 0 and clipped0 == clipped1 == clipped    # clipping active, same on all ranks
-    assert rank0.keys() == rank1.keys() == single.keys()
-    for name in single:
-        assert torch.equal(rank0[name], rank1[name]), name
-        assert (rank0[name] - single[name]).abs().max() < 1e-5, name
-
-
-@pytest.mark.parametrize("kind", ["mha", "mla"])
-@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
-def test_two_processes_orthogonalise_each_matrix_once_and_match_one_process_bitwise(_muon_dist_results, kind, wrap):
-    """fp32 NS, the same batch on both ranks: after 4 steps (with QK-Clip active) both ranks' weights
-    are bitwise those of one process, so each rank received every result it holds; the matrices that
-    went through Newton-Schulz on the two ranks add up, at every step, to the one process's count (no
-    unit twice), split between both; a run resumed from the 2-process checkpoint ends bitwise alike.
-    The mha model has fused row blocks that FSDP2's row shards cut, and column blocks."""
-    (rank0, resumed0, counts0), (rank1, resumed1, counts1) = (
-        _muon_dist_results[f"exact-{kind}-{wrap}-{r}.pt"] for r in (0, 1))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)                  # as the workers: kernels may round differently per thread count
-    try:
-        single, single_resumed, counts = _muon_exact(kind)
-    finally:
-        torch.set_num_threads(threads)
-    assert rank0.keys() == single.keys()
-    for name in single:
-        assert torch.equal(single_resumed[name], single[name]), name
-        for weights in (rank0, rank1, resumed0, resumed1):
-            assert torch.equal(weights[name], single[name]), name
-    assert [a + b for a, b in zip(counts0, counts1)] == counts and all(c > 0 for c in counts0 + counts1)
-
-
-@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
-def test_two_processes_with_bf16_newton_schulz_hold_equal_weights(_muon_dist_results, wrap):
-    """bf16 NS (its results travel between ranks as bytes): both ranks end with the same weights,
-    those of one process up to bf16 NS rounding (0.2 * lr * 4 steps bounds each weight's drift)."""
-    (rank0, resumed0, _), (rank1, resumed1, _) = (_muon_dist_results[f"bf16-{wrap}-{r}.pt"] for r in (0, 1))
-    single = _muon_exact("mha", ns_dtype=torch.bfloat16)[0]
-    for name in single:
-        assert torch.equal(rank0[name], rank1[name]) and torch.equal(resumed0[name], rank0[name]), name
-        assert (rank0[name] - single[name]).abs().max() < 0.2 * 0.02 * 4, name
-
-
 # ---------------------------------------------------------- 6. the pure Muon update and fused blocks
 
 @pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
 def test_optimizer_step_is_muon_update_per_parameter(ns_dtype):
-    """The class only batches and shares out: each parameter (a matrix, a stack, tall or wide,
-    several sharing a shape) ends bitwise where muon_update called on it alone puts it, over several
-    steps of momentum, and that is -lr * (0.2 sqrt(max(A, B)) NS(G + mu M) + wd W) per step."""
+    """The class only batches: its parameters (a matrix, a stack, tall or wide, several sharing a
+    shape) end bitwise where muon_update on the same list puts them (the same batches: same kernel,
+    same inputs), over several steps of momentum; each is where muon_update on it alone puts it, and
+    -lr * (0.2 sqrt(max(A, B)) NS(G + mu M) + wd W) per step, up to rounding (a batched product need
+    not round as a single one; bf16 NS: up to a bf16 ulp of the update, 2^-8 * lr * 0.2 sqrt(20) * 3)."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(12, 20), (20, 12), (12, 20), (3, 8, 5), (7, 7)]
     params = [torch.randn(s, generator=gen, requires_grad=True) for s in shapes]
-    alone = [p.detach().clone() for p in params]
+    together, alone = [p.detach().clone() for p in params], [p.detach().clone() for p in params]
     formula = [p.detach().clone() for p in params]
-    bufs, formula_bufs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    together_bufs, bufs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    formula_bufs = [torch.zeros_like(p) for p in params]
+    ns = lambda stack: newton_schulz(stack, dtype=ns_dtype)   # noqa: E731
     lr, wd = 0.05, 0.1
     opt = MuonClip([{"params": params, "use_muon": True}], lr=lr, weight_decay=wd, qk_clip_tau=None,
                    ns_dtype=ns_dtype)
@@ -1565,15 +1593,17 @@ def test_optimizer_step_is_muon_update_per_parameter(ns_dtype):
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
+        muon_update(together, grads, together_bufs, lr, wd, ns=ns)
         for w, g, b in zip(alone, grads, bufs):
-            muon_update([w], [g], [b], lr, wd, ns_dtype=ns_dtype)
+            muon_update([w], [g], [b], lr, wd, ns=ns)
         for i, (g, b) in enumerate(zip(grads, formula_bufs)):
             b.mul_(0.95).add_(g)
             o = newton_schulz(g + 0.95 * b, dtype=ns_dtype).float()
             formula[i] = formula[i] * (1 - lr * wd) - lr * rms_matching_scale(g.shape) * o
-    for p, w, f in zip(params, alone, formula):
-        assert torch.equal(p.detach(), w)
-        assert (p.detach() - f).abs().max() < 1e-6
+    tolerance = 1e-6 if ns_dtype == torch.float32 else 2 ** -8 * lr * 0.2 * 20 ** 0.5 * 3
+    for p, t, w, f in zip(params, together, alone, formula):
+        assert torch.equal(p.detach(), t)
+        assert (p.detach() - w).abs().max() < tolerance and (p.detach() - f).abs().max() < tolerance
 
 
 def _muon_fused_linear(rows, cols, sizes):
@@ -1759,36 +1789,14 @@ def _muon_run_recipe(index):
     return namespace
 
 
-@pytest.mark.parametrize("index", [0, 1, 2, 3])
-def test_readme_muonclip_recipes_run(index, tmp_path, monkeypatch):
+@pytest.mark.parametrize("index", [0, 1])
+def test_readme_muonclip_recipes_run(index):
+    """docs/muonclip.md's recipes 1 and 2 (torch only; 3 and 4, with transformers, run in
+    tests/test_muonclip_hf.py), as printed: every layer's statistic is fed."""
     assert len(_muon_readme_recipes()) == 4
-    if index >= 2:
-        pytest.importorskip("transformers")
-    if index == 2:
-        pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
-    monkeypatch.chdir(tmp_path)                          # Trainer writes into its output_dir
-    namespace = _muon_run_recipe(index)
-    opt = namespace["trainer"].optimizer.optimizer if index == 2 else namespace["opt"]
+    opt = _muon_run_recipe(index)["opt"]
     assert len(opt.attention_modules) == 2 and opt.clip_stats["max_logits"].shape == (2, 4)
-    assert opt.clip_stats["max_logits"].isfinite().all()            # every layer's statistic was fed
-    if index == 3:                  # the rule by hand: a clip-only step scales each head by its factor
-        model = namespace["model"]
-        for m in model.modules():                                    # dropout off, so a replay repeats
-            if isinstance(m, nn.Dropout):
-                m.p = 0.0
-            if hasattr(m, "attn_dropout"):                           # a float in GPT-BigCode
-                m.attn_dropout = 0.0
-        adapter = _MuonHFAdapter(model)
-        idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
-        inputs = _muon_record_attention_inputs(adapter, idx)
-        before = _muon_replay_max_logits(adapter, inputs)
-        tau = float(before.median())
-        _muon_clip_only_step(adapter, idx, tau)
-        gamma = qk_clip_gamma(before, tau)
-        after = _muon_replay_max_logits(adapter, inputs)
-        assert (before > tau).any() and (after <= tau * (1 + 1e-5)).all()
-        one_key_head = (gamma * gamma.amin(-1, keepdim=True)).sqrt()
-        assert torch.allclose(after, before * one_key_head, rtol=1e-5)
+    assert opt.clip_stats["max_logits"].isfinite().all()
 
 
 @pytest.fixture(scope="module")
@@ -1835,536 +1843,14 @@ def test_nanogpt_style_fused_model_trains_with_clip_and_post_clip_logits_never_e
             assert torch.equal(p, weights[name]), name
 
 
-# --------------------------------------------------------------- 10. transformers models
-
-def _muon_hf_config(kind):
-    """(model class name, config) of a tiny random decoder of each family; 4 query heads."""
-    import transformers
-    llama = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, initializer_range=0.2)
-    gpt = dict(vocab_size=61, num_hidden_layers=2, num_attention_heads=4, initializer_range=0.2)
-    falcon = dict(hidden_size=32, alibi=False, **gpt)
-    moe = dict(num_local_experts=4, num_experts_per_tok=2)
-    model, config, fields = {
-        "llama": ("LlamaForCausalLM", "LlamaConfig", llama),
-        "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", llama),
-        "mistral": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=4, **llama)),
-        "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(**moe, **llama)),
-        "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(head_dim=8, query_pre_attn_scalar=12, sliding_window=4,
-                                                              attn_logit_softcapping=2.0, **llama)),
-        "gpt_oss": ("GptOssForCausalLM", "GptOssConfig", dict(head_dim=8, sliding_window=4, **moe, **llama)),
-        "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2,
-                                                                    moe_intermediate_size=16,
-                                                                    shared_expert_intermediate_size=16, **llama)),
-        "starcoder2": ("Starcoder2ForCausalLM", "Starcoder2Config", llama),
-        "phi": ("PhiForCausalLM", "PhiConfig", dict(partial_rotary_factor=0.5, **llama)),
-        "gptj": ("GPTJForCausalLM", "GPTJConfig", dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, vocab_size=61,
-                                                       initializer_range=0.2)),
-        "opt": ("OPTForCausalLM", "OPTConfig", dict(hidden_size=32, ffn_dim=48, word_embed_proj_dim=32, dropout=0.0,
-                                                    attention_dropout=0.0, **gpt)),
-        "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", llama),
-        "cohere": ("CohereForCausalLM", "CohereConfig", dict(use_qk_norm=True, **llama)),
-        "stablelm": ("StableLmForCausalLM", "StableLmConfig", dict(qk_layernorm=True, **llama)),
-        "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(pad_token_id=0, **llama)),
-        "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
-            q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
-            num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=16, n_group=1, topk_group=1,
-            **{**llama, "num_key_value_heads": 4})),
-        "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=61,
-                                                       initializer_range=0.2, scale_attn_by_inverse_layer_idx=True,
-                                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
-        "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", dict(hidden_size=32, intermediate_size=48, rotary_pct=0.5,
-                                                                 **gpt)),
-        "falcon_grouped": ("FalconForCausalLM", "FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2,
-                                                                     **falcon)),
-        "falcon_multi_query": ("FalconForCausalLM", "FalconConfig", dict(new_decoder_architecture=False,
-                                                                         multi_query=True, **falcon)),
-        "falcon_mha": ("FalconForCausalLM", "FalconConfig", dict(new_decoder_architecture=False, multi_query=False,
-                                                                 **falcon)),
-        "falcon_alibi": ("FalconForCausalLM", "FalconConfig", dict(falcon, alibi=True)),
-        "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=8, **llama)),
-        "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(head_dim=8, num_experts=4, num_experts_per_tok=2,
-                                                                    moe_intermediate_size=16, **llama)),
-        "codegen": ("CodeGenForCausalLM", "CodeGenConfig", dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
-                                                                vocab_size=61)),
-        "bloom": ("BloomForCausalLM", "BloomConfig", dict(hidden_size=32, n_layer=2, n_head=4, vocab_size=61)),
-        "mpt": ("MptForCausalLM", "MptConfig", dict(d_model=32, n_heads=4, n_layers=2, vocab_size=61)),
-        "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(head_dim=8, query_pre_attn_scalar=8, **llama)),
-    }[kind]
-    return model, getattr(transformers, config)(**fields)
-
-
-# Every family attach_qk_clip clips: its key heads per layer, and its eager-only families.
-_MUON_HF_KEY_HEADS = {"llama": 2, "qwen2": 2, "mistral": 2, "mixtral": 2, "gemma2": 2, "gpt_oss": 2, "olmo2": 2,
-                      "cohere": 2, "qwen2_moe": 2, "starcoder2": 2, "phi": 2, "gptj": 4, "opt": 4, "phi3": 2, "deepseek_v3": 4, "gpt2": 4, "gpt_neox": 4, "falcon_grouped": 2,
-                      "falcon_multi_query": 1, "falcon_mha": 4}
-_MUON_HF_EAGER_ONLY = ("gemma2", "gpt_oss", "bloom", "mpt")     # soft-capping, sinks, ALiBi: no sdpa in transformers
-
-
-def _muon_hf_model(kind, attn="sdpa", layers=2):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    name, config = _muon_hf_config(kind)
-    config.num_hidden_layers = layers
-    config._attn_implementation = "eager" if kind in _MUON_HF_EAGER_ONLY else attn
-    model = getattr(transformers, name)(config)
-    if kind == "qwen2":
-        with torch.no_grad():                              # non-zero q/k biases, so the bias rule shows
-            for layer in model.model.layers:
-                layer.self_attn.q_proj.bias.normal_(0, 0.3)
-                layer.self_attn.k_proj.bias.normal_(0, 0.3)
-    return model
-
-
-class _MuonHFAdapter(nn.Module):
-    """model(x, x) -> (logits, loss) for a transformers causal LM, as the helpers above call it, with
-    a fixed padding mask if given."""
-
-    def __init__(self, hf, attention_mask=None):
-        super().__init__()
-        self.hf, self.attention_mask = hf, attention_mask
-
-    def forward(self, idx, targets, attention_mask=None):
-        mask = self.attention_mask if attention_mask is None else attention_mask
-        out = self.hf(input_ids=idx, attention_mask=mask, labels=targets, use_cache=False)
-        return out.logits, out.loss
-
-
-def _muon_hf_padding(batch, length, seed):
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, 61, (batch, length), generator=gen)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    mask[0, :2] = 0                                          # left padding
-    mask[batch // 2:, -5:] = 0                               # right padding, half the rows
-    return idx, mask
-
-
-def _muon_hf_spy_qk(monkeypatch, model):
-    """[(query, key)] each attention layer attends with, in layer order: caught at torch's SDPA, or
-    at the modeling file's eager function (the eager-only families)."""
-    seen = []
-    if model.config._attn_implementation == "eager":
-        modeling = sys.modules[type(model).__module__]
-        eager = modeling.eager_attention_forward
-        monkeypatch.setattr(modeling, "eager_attention_forward", lambda module, q, k, *a, **kw: (
-            seen.append((q.detach(), k.detach())), eager(module, q, k, *a, **kw))[1])
-    else:
-        sdpa = F.scaled_dot_product_attention
-        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda q, k, *a, **kw: (
-            seen.append((q.detach(), k.detach())), sdpa(q, k, *a, **kw))[1])
-    return seen
-
-
-def _muon_hf_hand_max(kind, config, layer, q, k, mask, real_queries_only=True):
-    """Per-head max of scale * q.k over causal, in-window positions whose key (and query) is a real
-    token, from the family's config: the scale and window as its modeling file sets them."""
-    H, T = q.shape[1], q.shape[2]
-    scale = config.query_pre_attn_scalar ** -0.5 if kind == "gemma2" else q.shape[-1] ** -0.5
-    scale = 1.0 if kind == "opt" else scale                       # OPT scales q before attending
-    scale /= layer + 1 if kind == "gpt2" else 1                   # scale_attn_by_inverse_layer_idx
-    i, j = torch.arange(T)[:, None], torch.arange(T)
-    visible = j <= i                                              # (T, T)
-    types, window = getattr(config, "layer_types", None), getattr(config, "sliding_window", None)
-    if window is not None and (types is None or types[layer] == "sliding_attention"):
-        visible = visible & (i - j < window)
-    real = mask.bool()                                            # (B, T)
-    visible = visible & real[:, None, :] & (real[:, :, None] if real_queries_only else True)   # (B, T, T)
-    logits = (q.float() @ k.float().repeat_interleave(H // k.shape[1], 1).mT) * scale           # (B, H, T, T)
-    return logits.masked_fill(~visible[:, None], -math.inf).amax(dim=(0, 2, 3))
-
-
-@pytest.mark.parametrize("kind, attn", [(kind, "eager" if kind in _MUON_HF_EAGER_ONLY else "sdpa")
-                                        for kind in sorted(_MUON_HF_KEY_HEADS)] +
-                         [(kind, "eager") for kind in ("llama", "qwen2", "phi3", "gpt2", "gpt_neox")])
-def test_hf_family_records_the_max_logit_of_real_tokens(kind, attn, monkeypatch):
-    """The statistic is the max over causal, in-window positions of real tokens (keys and queries:
-    padding rows do not count) of scale * q.k, computed here from the q and k the model attends
-    with and the family's own scale and window (Gemma2: before the soft-cap); eval and no-grad
-    forwards do not feed it."""
-    model = _muon_hf_model(kind, attn)
-    modules = attach_qk_clip(model)
-    seen = _muon_hf_spy_qk(monkeypatch, model)
-    idx, mask = _muon_hf_padding(6, 9, 0)
-    model.train()
-    model(input_ids=idx, attention_mask=mask)
-    assert len(seen) == len(modules) == 2
-    padded_rows_count = []
-    for layer, (m, (q, k)) in enumerate(zip(modules, seen)):
-        expected = _muon_hf_hand_max(kind, model.config, layer, q, k, mask)
-        assert (m.max_logits - expected).abs().max() < 1e-4, (layer, m.max_logits, expected)
-        padded_rows_count.append(_muon_hf_hand_max(kind, model.config, layer, q, k, mask, real_queries_only=False))
-    # on this batch (seed 0: half the rows right-padded) some head's max would come from a padded row
-    assert (torch.stack(padded_rows_count) > torch.stack([m.max_logits for m in modules])).any()
-    if kind == "gemma2":                                          # the soft-cap bounds what softmax sees, not S
-        assert torch.stack([m.max_logits for m in modules]).max() > model.config.attn_logit_softcapping
-    before = torch.stack([m.max_logits.clone() for m in modules])
-    model.eval()
-    model(input_ids=idx, attention_mask=mask)                               # eval: not fed
-    with torch.no_grad():
-        model.train()(input_ids=idx)                                        # no grad: not fed
-    assert torch.equal(torch.stack([m.max_logits for m in modules]), before)
-
-
-def _muon_hf_fused_maps(kind):
-    """{parameter name: [map]} of each family's fused weights, read off its modeling file: a map takes
-    a tensor shaped like the weight and returns that map's matrix (or expert stack)."""
-    def rows(*sizes):
-        ends = np.cumsum((0,) + sizes)
-        return [lambda w, a=a, b=b: w[..., a:b, :] for a, b in zip(ends[:-1], ends[1:])]
-
-    def per_group(groups, *sizes):                               # rows: `groups` x [block 0 | block 1 | ...]
-        ends = np.cumsum((0,) + sizes)
-        return [lambda w, a=a, b=b: w.unflatten(0, (groups, -1))[:, a:b].flatten(0, 1)
-                for a, b in zip(ends[:-1], ends[1:])]
-
-    layers = range(2)
-    return {
-        "gpt2": {f"transformer.h.{l}.attn.c_attn.weight": [lambda w, i=i: w[:, 32 * i:32 * (i + 1)]
-                                                             for i in range(3)]  # Conv1D (in, out): column blocks
-                 for l in layers},
-        "phi3": {**{f"model.layers.{l}.self_attn.qkv_proj.weight": rows(32, 16, 16) for l in layers},
-                 **{f"model.layers.{l}.mlp.gate_up_proj.weight": rows(48, 48) for l in layers}},
-        "gpt_neox": {f"gpt_neox.layers.{l}.attention.query_key_value.weight": per_group(4, 8, 8, 8) for l in layers},
-        "falcon_grouped": {f"transformer.h.{l}.self_attention.query_key_value.weight": per_group(2, 16, 8, 8)
-                           for l in layers},
-        "falcon_multi_query": {f"transformer.h.{l}.self_attention.query_key_value.weight": rows(32, 8, 8)
-                               for l in layers},
-        "falcon_mha": {f"transformer.h.{l}.self_attention.query_key_value.weight": per_group(4, 8, 8, 8)
-                       for l in layers},
-        "mixtral": {f"model.layers.{l}.mlp.experts.gate_up_proj": rows(48, 48) for l in layers},
-        "gpt_oss": {f"model.layers.{l}.mlp.experts.gate_up_proj": [lambda w: w[..., ::2], lambda w: w[..., 1::2]]
-                    for l in layers},                             # (E, D, 2I), gate and up columns alternate
-        "deepseek_v3": {"model.layers.1.mlp.experts.gate_up_proj": rows(16, 16)},
-        "qwen2_moe": {f"model.layers.{l}.mlp.experts.gate_up_proj": rows(16, 16) for l in layers},
-    }.get(kind, {})
-
-
-@pytest.mark.parametrize("kind", sorted(_MUON_HF_KEY_HEADS))
-def test_hf_family_post_clip_logits_never_exceed_tau(kind):
-    """A clip-only step at tau between the heads' maxima: each layer replayed on the (padded) input
-    its max came from has logits scaled by sqrt(gamma_h * smallest gamma of the key group) (MLA:
-    gamma_h), so <= tau; only q/k weights (or OLMo2's q/k norm gains) move, v maps stay."""
-    model = _muon_hf_model(kind)
-    attach_qk_clip(model)
-    idx, mask = _muon_hf_padding(3, 9, 2)
-    adapter = _MuonHFAdapter(model, mask)
-    inputs = _muon_record_attention_inputs(adapter, idx)
-    before = _muon_replay_max_logits(adapter, inputs)
-    tau = float(before.median())
-    weights = _muon_snapshot(model)
-    _, opt = _muon_clip_only_step(adapter, idx, tau)
-    after = _muon_replay_max_logits(adapter, inputs)
-    gamma, kv = qk_clip_gamma(before, tau), _MUON_HF_KEY_HEADS[kind]                   # (L, H)
-    group_min = gamma.view(-1, kv, 4 // kv).amin(-1).repeat_interleave(4 // kv, -1)    # (L, H)
-    factor = gamma if kind == "deepseek_v3" else (gamma * group_min).sqrt()
-    assert (before > tau).any() and (after <= tau * (1 + 1e-5)).all()
-    assert torch.allclose(after, before * factor, rtol=1e-5, atol=1e-6)
-    moved = {n for n, p in model.named_parameters() if not torch.equal(p, weights[n])}
-    qk = r"\.(q|k|qkv|q_b|kv_b)_proj\.|c_attn|query_key_value|[qk]_norm"
-    assert moved and all(re.search(qk, n) for n in moved), moved
-    params = dict(model.named_parameters())
-    for name, maps in _muon_hf_fused_maps(kind).items():
-        if len(maps) == 3:                                        # q | k | v: the v map is untouched
-            assert torch.equal(maps[2](params[name]), maps[2](weights[name])), name
-
-
-def _muon_first_update(g):
-    """muon_update's first step direction for one matrix (stack) g: -(W after a step at lr 1 from 0)."""
-    w = torch.zeros_like(g)
-    muon_update([w], [g.clone()], [torch.zeros_like(g)], 1.0, ns_dtype=torch.float32)
-    return -w
-
-
-@pytest.mark.parametrize("kind", sorted(k for k in _MUON_HF_KEY_HEADS if _muon_hf_fused_maps(k)))
-def test_hf_family_fused_weights_are_orthogonalised_map_by_map(kind):
-    """MuonClip.for_model alone (no attach_qk_clip) declares each family's fused weights: one step
-    moves each map (as the modeling file splits it) by its own Muon update, not by the update of
-    the whole weight as one matrix."""
-    model = _muon_hf_model(kind)
-    maps = _muon_hf_fused_maps(kind)
-    params = dict(model.named_parameters())
-    gen = torch.Generator().manual_seed(0)
-    grads = {name: torch.randn(params[name].shape, generator=gen) for name in maps}
-    start = {name: params[name].detach().clone() for name in maps}
-    opt = MuonClip.for_model(model, lr=0.1, weight_decay=0.0, qk_clip_tau=None, ns_dtype=torch.float32)
-    for name, p in params.items():
-        p.grad = grads.get(name)
-    opt.step()
-    for name, split in maps.items():
-        step = params[name].detach() - start[name]
-        for piece in split:
-            g = piece(grads[name])
-            assert torch.allclose(piece(step), -0.1 * _muon_first_update(g), atol=1e-5), name
-        whole = -0.1 * _muon_first_update(grads[name])
-        assert not torch.allclose(step, whole, atol=1e-3), name
-
-
-def test_hf_flash_visibility_is_what_flash_attends():
-    """Under flash attention transformers passes no 4-D mask: a (B, T) padding mask or None, with
-    packed documents in position_ids and a sliding window as kwargs. The visibility handed to
-    causal_max_logits is causal & same document & inside the window & key and query not padding."""
-    from muonclip import _hf_visibility
-    module = types.SimpleNamespace(is_causal=True)
-    config = types.SimpleNamespace(_attn_implementation="flash_attention_2")
-    gen = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 4, 9, 8, generator=gen), torch.randn(2, 2, 9, 8, generator=gen)
-    i, j = torch.arange(9)[:, None], torch.arange(9)
-    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
-    doc = (positions == 0).cumsum(-1)                                                   # (B, T)
-    padding = torch.ones(2, 9, dtype=torch.bool)
-    padding[1, :3] = padding[0, -3:] = False                                            # left, right padding
-    cases = [(None, dict(position_ids=positions), (j <= i) & (doc[:, :, None] == doc[:, None, :])),
-             (padding, dict(sliding_window=4), (j <= i) & (i - j < 4) & padding[:, None, :] & padding[:, :, None])]
-    for mask, kwargs, visible in cases:
-        got = causal_max_logits(q, k, 0.5, **_hf_visibility(module, q, k, mask, config, kwargs))
-        logits = (q @ k.repeat_interleave(2, 1).mT) * 0.5                                # (B, H, T, T)
-        expected = logits.masked_fill(~visible.expand(2, 9, 9)[:, None], -math.inf).amax(dim=(0, 2, 3))
-        assert torch.allclose(got, expected, rtol=1e-6)
-
-
-def _muon_hf_unknown_attention():
-    """A Llama whose first attention module has lost q_proj for a fused `wqkv` of unknown layout."""
-    model = _muon_hf_model("llama")
-    attn = model.model.layers[0].self_attn
-    attn.wqkv = nn.Linear(32, 64, bias=False)
-    del attn.q_proj
-    return model
-
-
-@pytest.mark.parametrize("kind, reason", [
-    ("qwen3", r"QK-norm\) with no gain that scales each head.*undoes any scaling.*qk_clip_tau=None"),
-    ("gemma3", r"QK-norm\) with no gain that scales each head.*undoes any scaling.*qk_clip_tau=None"),
-    ("stablelm", r"QK-norm\) with no gain that scales each head.*undoes any scaling.*qk_clip_tau=None"),
-    ("qwen3_moe", r"QK-norm\) with no gain that scales each head.*undoes any scaling.*qk_clip_tau=None"),
-    ("codegen", r"CodeGenAttention\) has neither.*rules=\{CodeGenAttention: fn\(module, gamma\)\}"),
-    ("bloom", r"no attention module it can read.*recipe 1"),
-    ("mpt", r"no attention module it can read.*recipe 1"),
-    ("falcon_alibi", r"ALiBi.*bias does not scale with the weights"),
-    ("unknown", r"LlamaAttention\) has neither.*rules=\{LlamaAttention: fn\(module, gamma\)\}.*recipe 4"),
-])
-@pytest.mark.filterwarnings("ignore:MuonClip.*is named as fused")   # wqkv: unknown on purpose
-def test_hf_refusals_name_the_reason_and_the_way_out(kind, reason):
-    model = _muon_hf_unknown_attention() if kind == "unknown" else _muon_hf_model(kind)
-    with pytest.raises(ValueError, match=reason):
-        attach_qk_clip(model)
-
-
-@pytest.mark.filterwarnings("ignore:MuonClip.*is named as fused")   # wqkv: unknown on purpose
-def test_hf_rules_give_an_unknown_attention_class_its_clip_and_the_statistic_comes_free():
-    """attach_qk_clip(model, rules={cls: fn}): fn(module, gamma) is the module's qk_clip_, the
-    statistic is read through the attention interface as for a known class."""
-    model = _muon_hf_unknown_attention()
-    calls = []
-    modules = attach_qk_clip(model, rules={"LlamaAttention": lambda m, gamma: calls.append((m, gamma))})
-    modules[0].qk_clip_(torch.ones(4))
-    assert len(modules) == 2 and calls[0][0] is modules[0] and calls[0][1].shape == (4,)
-    calls.clear()
-    model = _muon_hf_model("llama")                                # a class it knows: the rule replaces its own
-    modules = attach_qk_clip(model, rules={type(model.model.layers[0].self_attn): lambda m, gamma: calls.append(m)})
-    opt = MuonClip.for_model(model, lr=0.0, weight_decay=0.0, qk_clip_tau=1e-3)
-    model.train()(input_ids=torch.randint(0, 61, (2, 6)), labels=torch.randint(0, 61, (2, 6))).loss.backward()
-    opt.step()
-    assert calls == modules and opt.clip_stats["max_logits"].isfinite().all()
-
-
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-@pytest.mark.parametrize("how", ["optimizers", "optimizer_cls_and_kwargs"])
-def test_hf_model_trains_through_trainer_with_clip_and_post_clip_logits_never_exceed_tau(kind, how, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
-    model = _muon_hf_model(kind)
-    attach_qk_clip(model)
-    adapter = _MuonHFAdapter(model)
-    idx, mask = _muon_hf_padding(4, 12, 1)
-    tau = float(_muon_forward_max_logits(adapter, idx).median())
-    kwargs = dict(lr=0.02, weight_decay=0.1, qk_clip_tau=tau, ns_dtype=torch.float32)
-    if how == "optimizers":
-        trainer_kw = dict(optimizers=(MuonClip.for_model(model, **kwargs), None))
-    else:
-        trainer_kw = dict(optimizer_cls_and_kwargs=(MuonClip, {"model": model, **kwargs}))
-    data = [{"input_ids": i, "attention_mask": m, "labels": i.masked_fill(m == 0, -100)} for i, m in zip(idx, mask)]
-    args = transformers.TrainingArguments(str(tmp_path), max_steps=20, per_device_train_batch_size=4,
-                                          report_to="none", save_strategy="no", use_cpu=True,
-                                          dataloader_num_workers=0, logging_strategy="no", disable_tqdm=True)
-    class CountClips(transformers.TrainerCallback):       # heads_clipped after every optimizer step
-        def __init__(self):
-            self.clipped = []
-
-        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-            self.clipped.append(int(optimizer.optimizer.clip_stats["heads_clipped"]))   # accelerate's wrapper
-
-    counter = CountClips()
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[counter], **trainer_kw)
-    trainer.train()
-    assert len(counter.clipped) == 20 and sum(counter.clipped) > 0
-
-    # after training: a clip-only step, then each layer replayed on the input its max came from
-    inputs = _muon_record_attention_inputs(adapter, idx)
-    before = _muon_replay_max_logits(adapter, inputs)
-    tau = float(before.median())
-    _, opt = _muon_clip_only_step(adapter, idx, tau)
-    after = _muon_replay_max_logits(adapter, inputs)
-    gamma = qk_clip_gamma(before, tau)                                        # (L, H)
-    group_min = gamma.view(-1, 2, 2).amin(-1).repeat_interleave(2, -1)      # (L, H), 2 query heads per key
-    assert (before > tau).any() and (after <= tau * (1 + 1e-5)).all()
-    assert torch.allclose(after, before * (gamma * group_min).sqrt(), rtol=1e-5)
-    smallest = (before > tau) & (gamma == group_min)                       # these end exactly at tau
-    assert smallest.any() and torch.allclose(after[smallest], torch.full_like(after[smallest], tau), rtol=1e-5)
-
-
-def _muon_hf_trainer_run(out_dir, world=1, steps=3):
-    """A tiny Llama through Trainer with MuonClip (trainer_optimizer, tau low enough to clip): 4
-    sequences of equal length, one global batch of 4 per step (4 // world per process); returns
-    (parameters, clip_stats of the last step)."""
-    import transformers
-    from muonclip import trainer_optimizer
-    model = _muon_hf_model("llama")
-    attach_qk_clip(model)
-    ids = torch.randint(0, 61, (4, 12), generator=torch.Generator().manual_seed(1))
-    data = [{"input_ids": i, "labels": i} for i in ids]
-    args = transformers.TrainingArguments(out_dir, max_steps=steps, per_device_train_batch_size=4 // world,
-                                          report_to="none", save_strategy="no", use_cpu=True, seed=0,
-                                          dataloader_num_workers=0, logging_strategy="no", disable_tqdm=True,
-                                          ddp_broadcast_buffers=False)   # each rank keeps its own running max
-    optimizer = trainer_optimizer(lr=0.02, weight_decay=0.1, qk_clip_tau=2.5, ns_dtype=torch.float32)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=optimizer)
-    trainer.train()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, trainer.optimizer.optimizer.clip_stats
-
-
-def _muon_hf_trainer_worker(out_dir):
-    torch.set_num_threads(1)
-    params, stats = _muon_hf_trainer_run(out_dir, world=int(os.environ["WORLD_SIZE"]))
-    torch.save((params, stats), os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
-
-
-def test_hf_trainer_on_two_processes_matches_one_process(tmp_path):
-    """torchrun --nproc_per_node=2 (gloo, CPU): Trainer wraps the model in DDP and MuonClip
-    all-reduces the max logits, so both ranks clip alike and end where one process ends, within
-    fp32 rounding (the gradient is averaged over ranks instead of summed in one process)."""
-    pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
-    proc = torchrun([os.path.abspath(__file__), "muonclip-hf-trainer", str(tmp_path)], timeout=300,
-                     env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    (rank0, stats0), (rank1, stats1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    single, stats = _muon_hf_trainer_run(str(tmp_path / "single"))
-    assert int(stats["heads_clipped"]) > 0
-    assert torch.equal(stats0["max_logits"], stats1["max_logits"])
-    assert torch.allclose(stats0["max_logits"], stats["max_logits"], rtol=1e-5)
-    for name in single:
-        assert torch.equal(rank0[name], rank1[name]), name
-        assert (rank0[name] - single[name]).abs().max() < 1e-5, name
-
-
-def test_hf_trainer_optimizer_pair_serves_a_second_trainer(tmp_path):
-    """The (factory, kwargs) pair of trainer_optimizer is never changed by Trainer, so a second
-    Trainer (a resume, a new run) takes it as it is."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
-    from muonclip import trainer_optimizer
-    model = _muon_hf_model("llama")
-    attach_qk_clip(model)
-    pair = trainer_optimizer(lr=0.02, weight_decay=0.1, qk_clip_tau=100.0)
-    data = [{"input_ids": i, "labels": i} for i in torch.randint(0, 61, (4, 8))]
-    args = transformers.TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=4,
-                                          report_to="none", save_strategy="no", use_cpu=True,
-                                          logging_strategy="no", disable_tqdm=True)
-    for _ in range(2):
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=pair)
-        trainer.train()
-        assert len(trainer.optimizer.optimizer.attention_modules) == 2
-    assert pair[1] == dict(lr=0.02, weight_decay=0.1, qk_clip_tau=100.0)
-
-
-def test_hf_deepseek_v3_and_kimik2_train_alike_with_muonclip(tmp_path):
-    """One optimizer, two implementations of one model: transformers' DeepseekV3ForCausalLM with
-    attach_qk_clip and kimik2.KimiK2, from the same weights and batches, stay equal over steps in
-    which heads clip (MLA rule, fused gate/up declared as two blocks, the same roles)."""
-    transformers = pytest.importorskip("transformers")
-    ours = _muon_mla_model(0, heads=4, layers=2, init=0.2)
-    ours.save_pretrained(str(tmp_path / "start"))
-    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "start"))
-    attach_qk_clip(theirs)
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 61, (2, 10), generator=gen) for _ in range(2)]
-    tau = float(_muon_forward_max_logits(ours, batches[0]).median())
-    opts = [MuonClip.for_model(m, lr=0.01, weight_decay=0.1, qk_clip_tau=tau, ns_dtype=torch.float32)
-            for m in (ours, theirs)]
-    for role in (0, 1):                                          # the same roles: Muon, AdamW
-        assert len({sum(p.numel() for p in o.param_groups[role]["params"]) for o in opts}) == 1
-    clipped = []
-    for step in range(4):
-        x = batches[step % 2]
-        for model, opt in zip((ours, theirs), opts):
-            model.train()
-            logits = ours(x)[0] if model is ours else theirs(input_ids=x).logits
-            F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        a, b = (o.clip_stats for o in opts)
-        assert torch.allclose(a["max_logits"], b["max_logits"], rtol=1e-5, atol=1e-6)
-        assert int(a["heads_clipped"]) == int(b["heads_clipped"])
-        clipped.append(int(a["heads_clipped"]))
-    assert sum(clipped) > 0
-    theirs.save_pretrained(str(tmp_path / "theirs"))
-    back = KimiK2.from_pretrained(str(tmp_path / "theirs"))
-    for (name, p), q in zip(ours.state_dict().items(), back.state_dict().values()):
-        assert (p - q).abs().max() < 5e-6, name                # measured 4e-7 after 4 steps
-
-
 # ==================================================================================================
-# data.py: corpus, tokenizer, sampler, rephrasing
+# data.py: rephrasing, tokenizer, split, sampler
 #
-# Tests of data.py: the offline corpus, the byte tokenizer, the document split, the exact sampler,
-# and K2's chunk-wise rephrasing against a real chat-completions server on 127.0.0.1 (bench.py's
-# fake server), its deadlines, its output lock and the files it must not touch.
+# Tests of data.py's concepts: K2's chunk-wise rephrasing and its fidelity measures against a real
+# chat-completions server on 127.0.0.1 (bench.py's fake server), the byte tokenizer, the document
+# split and mixture, the exact sampler. The corpus-scale client is tested in
+# tests/test_data_rephrase.py, the cache and bad input in tests/test_data.py.
 # ==================================================================================================
-
-_DATA_PY = Path(data.__file__)
-
-
-# -----------------------------------------------------------------------------------------------
-# Corpus, tokenizer, preparation
-
-
-@pytest.fixture(scope="module")
-def _data_default_corpus(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("data_cache")
-    real_connect = socket.socket.connect
-
-    def offline(*args):
-        raise AssertionError("prepare() tried to use the network")
-
-    socket.socket.connect = offline  # the default corpus must build with no network at all
-    try:
-        return cache, data.prepare(cache)
-    finally:
-        socket.socket.connect = real_connect
-
-
-def test_default_corpus_builds_offline_with_three_nontrivial_domains(_data_default_corpus):
-    cache, info = _data_default_corpus
-    assert set(info["stats"]) == {"code", "knowledge", "math"}
-    for domain, s in info["stats"].items():
-        assert s["bytes"] > 500_000, domain
-        assert s["train_docs"] > 10 and s["val_docs"] >= 1, domain
-    train, val = data.load_tokens(info, "train"), data.load_tokens(info, "val")
-    assert len(train) == info["tokens"]["train"] and len(val) == info["tokens"]["val"]
-    assert train.dtype == np.uint8 and info["eos"] == 0 and info["vocab_size"] == 256
-    docs = sum(s["train_docs"] + s["val_docs"] for s in info["stats"].values())
-    assert int((np.asarray(train) == 0).sum() + (np.asarray(val) == 0).sum()) == docs  # one eos each
-    assert data.describe_load_report(info) == ""  # nothing skipped: train.py logs no line
-
-
-def test_stats_command_prints_every_domain_and_reuses_the_cache(_data_default_corpus, capsys):
-    cache, info = _data_default_corpus
-    assert data.main(["stats", "--cache-dir", str(cache)]) == 0
-    out = capsys.readouterr().out
-    for domain in ("code", "knowledge", "math"):
-        assert re.search(rf"^{domain}\s+[\d,]+\s+[\d,]+\s+[\d,]+\s+[\d,]+", out, re.M), out
-    assert "unigram entropy" in out and "(reused)" in out and info["key"] in out
-
 
 @given(st.text())
 def test_byte_tokenizer_round_trips_any_unicode(text):
@@ -2421,48 +1907,15 @@ def test_domain_weights_set_the_training_mixture(tmp_path):
         data.prepare(tmp_path / "cache", sources, weights={"a": 1})
 
 
-def test_cache_is_reused_and_rebuilt_only_when_inputs_change(tmp_path):
-    _data_write_docs(tmp_path / "docs", [f"text number {i}\n" * 5 for i in range(10)])
-    src = [str(tmp_path / "docs")]
-    first = data.prepare(tmp_path / "cache", src)
-    again = data.prepare(tmp_path / "cache", src)
-    assert not first["cached"] and again["cached"] and again["key"] == first["key"]
-    changed_settings = data.prepare(tmp_path / "cache", src, val_fraction=0.3)
-    assert not changed_settings["cached"] and changed_settings["key"] != first["key"]
-    (tmp_path / "docs" / "doc003.txt").write_text("new content, different size\n")
-    changed_input = data.prepare(tmp_path / "cache", src)
-    assert not changed_input["cached"] and changed_input["key"] not in (first["key"], changed_settings["key"])
-    assert not list((tmp_path / "cache").glob("tmp-*"))  # built aside, renamed into place
-
-
-def test_empty_non_utf8_enormous_and_bad_json_inputs_are_counted_not_fatal(tmp_path):
-    d = tmp_path / "in"
-    d.mkdir()
-    (d / "empty.txt").write_bytes(b"")
-    (d / "blank.md").write_text("  \n\n ")
-    (d / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e".encode("latin-1"))
-    rng = random.Random(0)
-    huge_line = " ".join(map(str, range(350_000)))  # one 2.3 MB line
-    (d / "huge.txt").write_text(huge_line)
-    (d / "nospace.py").write_text("".join(rng.choices("xyz", k=250_000)))
-    lines = [json.dumps({"text": "a good record"}), "{not json", json.dumps({"title": "no text"}),
-             "", json.dumps({"text": "".join(rng.choices("abc", k=300_000))}), json.dumps({"text": ""})]
-    (d / "records.jsonl").write_bytes("\n".join(lines).encode() + b"\n" + b'{"text": "bad \xff byte"}\n')
-    info = data.prepare(tmp_path / "cache", [str(d)], max_doc_chars=100_000)
-    report = info["load_report"]
-    assert report["files"] == 6
-    assert report["empty_documents"] == 3  # empty.txt, blank.md, the jsonl record with ""
-    assert report["non_utf8_files"] == 1
-    assert report["bad_json_lines"] == 3  # "{not json", no "text", the non-UTF-8 line
-    assert report["split_documents"] == 3  # huge.txt, nospace.py, the 300 kB record
-    assert report["duplicate_documents"] == 0
-    assert any("records.jsonl:2:" in p for p in report["problems"])
-    assert any("records.jsonl:7:" in p for p in report["problems"])
-    tokens = np.concatenate([data.load_tokens(info, "train"), data.load_tokens(info, "val")])
-    n_docs = report["documents"]
-    expected = len(huge_line) + 250_000 + 300_000 + len("a good record") + len("caf\ufffd cr\ufffdme br\ufffdl\ufffde".encode())
-    assert len(tokens) == expected + n_docs  # every byte kept, one eos per document
-    assert "caf\ufffd" in data.ByteTokenizer().decode(tokens.tolist())
+def test_a_single_file_corpus_gets_validation_text_cut_from_its_end(tmp_path):
+    text = "\n\n".join(f"Paragraph {i}: " + "words and more words. " * 20 for i in range(40))
+    (tmp_path / "one_big.txt").write_text(text)
+    info = data.prepare(tmp_path / "cache", [str(tmp_path / "one_big.txt")], val_fraction=0.1)
+    tok = data.ByteTokenizer()
+    train = tok.decode(data.load_tokens(info, "train").tolist()).rstrip("\0")
+    val = tok.decode(data.load_tokens(info, "val").tolist()).rstrip("\0")
+    assert train + val == text  # nothing lost, nothing in both
+    assert val.startswith("Paragraph ") and 0.1 <= len(val) / len(text) <= 0.2  # cut at a paragraph
 
 
 @given(st.text(st.sampled_from("ab .!?\n\t")) | st.text(), st.integers(1, 200))
@@ -2499,10 +1952,6 @@ def test_math_problems_are_reproducible_and_their_answers_are_right():
             continue
         checked += 1
     assert checked > 100
-
-
-# -----------------------------------------------------------------------------------------------
-# Sampler and entropy
 
 
 @given(st.integers(20, 400), st.integers(1, 4), st.integers(1, 9), st.integers(0, 1000),
@@ -2557,10 +2006,6 @@ def test_unigram_entropy_is_in_nats_per_token():
     assert data.unigram_entropy(tokens, chunk=777) == pytest.approx(-(p[p > 0] * np.log(p[p > 0])).sum())
 
 
-# -----------------------------------------------------------------------------------------------
-# Rephrasing: fidelity, styles, and a real HTTP server
-
-
 def test_fidelity_scores_drift_and_missing_numbers():
     source = "The Eiffel Tower is 330 metres tall and was finished in 1889 in Paris."
     assert data.fidelity(source, source)["similarity"] == pytest.approx(1.0)
@@ -2579,7 +2024,7 @@ def test_styles_cover_k2_perspectives_maths_notes_and_translation():
     assert data.styles_for(maths, 3)[0] == "learning_note" and len(set(data.styles_for(maths, 3))) == 3
     russian = data.Document("math", "r", "Решите уравнение 2x + 1 = 5.")
     assert data.styles_for(russian, 2) == ["translate_en", "learning_note"]
-    names = [data.styles_for(data.Document("user", f"d{i}", "text"), 1)[0] for i in range(60)]
+    names = [data.styles_for(data.Document("user", "d", f"text {i}"), 1)[0] for i in range(60)]
     assert set(names) == set(data.GENERAL_STYLES)  # spread over the corpus
 
 
@@ -2628,152 +2073,6 @@ def test_failed_fidelity_check_is_retried_with_feedback_then_kept_or_dropped(_da
         assert result.chunks[1]["status"] == {"keep": "kept_original", "drop": "dropped"}[policy]
         assert result.chunks[1]["similarity"] < data.MIN_SIMILARITY["lexical"]  # the score is recorded
         assert result.text == ("In other words: The bridge opened in 1932.\n\n" + expected).strip()
-
-
-@pytest.mark.parametrize("failure, message", [("500", "HTTP 500: .*scripted 500"), ("429", "HTTP 429"),
-                                              ("hang", "timed out"), ("badjson", "malformed"),
-                                              ("drop", "RemoteDisconnected")])
-def test_server_errors_are_retried_then_reported(_data_server, failure, message):
-    timeout = 0.5 if failure == "hang" else 2.0
-    _data_server.scripts[f"flaky-{failure}"] = [failure, failure]
-    messages = data.rephrase_messages("One sentence.", "qa")
-    reply = _data_endpoint(_data_server, f"flaky-{failure}", timeout=timeout)(messages)
-    assert reply == "In other words: One sentence."
-    assert len(_data_requests(_data_server, f"flaky-{failure}")) == 3
-    _data_server.scripts[f"down-{failure}"] = [failure] * 3
-    with pytest.raises(data.GenerationError, match=f"after 3 attempts.*{message}"):
-        _data_endpoint(_data_server, f"down-{failure}", timeout=timeout)(messages)
-
-
-def test_other_client_errors_fail_at_once_with_status_and_body(_data_server):
-    _data_server.scripts["bad-request"] = ["400"]
-    with pytest.raises(data.GenerationError, match="HTTP 400: .*scripted 400"):
-        _data_endpoint(_data_server, "bad-request")(data.rephrase_messages("x", "qa"))
-    assert len(_data_requests(_data_server, "bad-request")) == 1
-
-
-@pytest.mark.parametrize("concurrency, delay", [(1, 0.05), (4, 0.25)])
-def test_killed_rephrase_run_resumes_with_each_document_and_style_exactly_once(_data_server, tmp_path,
-                                                                                concurrency, delay):
-    texts = [f"Document {i} opens here. It has 2 sentences.\n\nAnd a second paragraph, number {i}." for i in range(6)]
-    _data_write_docs(tmp_path / "docs", texts)
-    out = tmp_path / "out.jsonl"
-    model = f"slow-{concurrency}"
-    _data_server.delay[model] = delay
-    command = [sys.executable, str(_DATA_PY), "rephrase", str(tmp_path / "docs"), "--endpoint", _data_server.url,
-               "--model", model, "--styles", "2", "--out", str(out), "--max-chunk-chars", "50",
-               "--timeout", "5", "--backoff", "0.01", "--concurrency", str(concurrency)]
-    run = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while (not out.exists() or out.read_bytes().count(b"\n") < 2) and time.time() < deadline:
-        time.sleep(0.02)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    records_at_kill = out.read_bytes().count(b"\n")
-    assert 2 <= records_at_kill < 12, "the kill must land mid-run"
-    with open(out, "ab") as f:
-        f.write(b'{"id": "half a rec')  # what a kill in the middle of a write leaves
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert finished.returncode == 0, finished.stderr
-    assert "ETA" in finished.stderr and "chunks" in finished.stderr
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    keys = [(r["id"], r["style"]) for r in records]
-    assert len(keys) == len(set(keys)) == 12
-    assert {k[0] for k in keys} == {str(tmp_path / "docs" / f"doc{i:03d}.txt") for i in range(6)}
-    assert all(r["text"].startswith("In other words:") and r["similarity_min"] > 0 for r in records)
-    assert _data_server.max_inflight[model] == concurrency  # the pairs really were concurrent
-    assert re.search(rf"pairs {12 - records_at_kill}/{12 - records_at_kill}, documents 6/6", finished.stderr)
-
-
-def test_checkpoint_backend_prompts_kimik2_generate_and_stops_at_eos(monkeypatch):
-    seen = {}
-
-    class FakeModel:
-        config = types.SimpleNamespace(max_position_embeddings=64)
-
-        def to(self, device):
-            return self
-
-        def eval(self):
-            return self
-
-        def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None):
-            seen["prompt"] = data.ByteTokenizer().decode(input_ids[0].tolist())
-            reply = torch.tensor([list(b"rewritten") + [0] + list(b"junk")])
-            return torch.cat([input_ids, reply], dim=1)
-
-    fake = types.SimpleNamespace(KimiK2=types.SimpleNamespace(from_pretrained=lambda path: FakeModel()))
-    monkeypatch.setitem(sys.modules, "kimik2", fake)
-    generate = data.CheckpointGenerator("some/dir", max_new_tokens=16)
-    assert generate(data.rephrase_messages("A source chunk.", "qa")) == "rewritten"
-    assert len(seen["prompt"]) == 64 - 16 and seen["prompt"].endswith("</source>\n\nassistant: ")
-
-
-def test_checkpoint_backend_replies_with_kimik2s_greedy_continuation(tmp_path):
-    torch.manual_seed(0)
-    config = Config(**{**Config.from_preset("tiny").to_dict(), "num_hidden_layers": 2, "n_routed_experts": 4,
-                       "num_experts_per_tok": 2})
-    KimiK2(config).save_pretrained(str(tmp_path))
-    messages = data.rephrase_messages("Hi.", "qa")
-    reply = data.CheckpointGenerator(str(tmp_path), max_new_tokens=8, temperature=0)(messages)
-    # The reference: the same prompt, greedy by full forwards without a cache, cut at eos, decoded.
-    model = KimiK2.from_pretrained(str(tmp_path)).eval()
-    tokenizer = data.ByteTokenizer()
-    ids = tokenizer.encode("".join(f"{m['role']}: {m['content']}\n\n" for m in messages) + "assistant: ")
-    new = []
-    with torch.no_grad():
-        for _ in range(8):
-            new.append(int(model(torch.tensor([ids + new]))[0][0, -1].argmax()))
-    expected = tokenizer.decode(new[:new.index(tokenizer.eos)] if tokenizer.eos in new else new)
-    assert reply == expected
-
-
-def _data_pairs(texts, domain="user"):
-    return [(data.Document(domain, f"doc{i}", text), "qa") for i, text in enumerate(texts)]
-
-
-def _data_records(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-def test_shards_partition_the_pairs_of_a_single_run(_data_server, tmp_path):
-    _data_write_docs(tmp_path / "docs", [f"Fact {i}: the answer is {i * 7}." for i in range(9)])
-    common = ["rephrase", str(tmp_path / "docs"), "--endpoint", _data_server.url, "--model", "shards",
-              "--styles", "2", "--concurrency", "2", "--backoff", "0.01"]
-    assert data.main(common + ["--out", str(tmp_path / "all.jsonl")]) == 0
-    single = {(r["id"], r["style"]): r["text"] for r in _data_records(tmp_path / "all.jsonl")}
-    shards = []
-    for i in range(3):
-        assert data.main(common + ["--shard", f"{i}/3", "--out", str(tmp_path / f"shard{i}.jsonl")]) == 0
-        shards.append({(r["id"], r["style"]): r["text"] for r in _data_records(tmp_path / f"shard{i}.jsonl")})
-    assert len(single) == 18 and all(shards)
-    assert sum(len(s) for s in shards) == len(single)  # no overlap
-    assert {k: v for s in shards for k, v in s.items()} == single  # no gap, same records
-
-
-def test_retry_after_from_one_request_pauses_every_worker(_data_server, tmp_path):
-    _data_server.scripts["pause"] = ["429-wait"]  # the first request is told to come back in 1 s
-    _data_server.delay["pause"] = 0.02
-    texts = [f"Short document {i}.\n\nIts second paragraph." for i in range(8)]
-    generate = _data_endpoint(_data_server, "pause", backoff=0.01)
-    summary = data.rephrase_corpus(_data_pairs(texts), generate, tmp_path / "out.jsonl", concurrency=4,
-                                   log=lambda line: None, max_chunk_chars=30)
-    assert summary["records"] == 8 and summary["ok"] == 16 and summary["error"] is None
-    times = [t for model, t in _data_server.arrivals if model == "pause"]
-    refused = times[0]
-    # Requests already on the wire finish; after that nobody sends until Retry-After has passed
-    # (a per-worker backoff of 0.01 s would send dozens in this window).
-    assert not [t for t in times if refused + 0.3 < t < refused + 0.95]
-    assert _data_server.max_inflight["pause"] > 1
-
-
-def test_progress_eta_counts_wall_time_of_concurrent_pairs():
-    pairs = _data_pairs(["x" * 100] * 8)
-    now = [0.0]
-    progress = data._Progress(pairs, pairs, clock=lambda: now[0])
-    now[0] = 1.0  # four pairs in flight together finish after one second
-    lines = [progress.done(doc, 2) for doc, _ in pairs[:4]]
-    assert "pairs 4/8, documents 4/8, chunks 8 | 8.00 chunks/s | ETA 00:00:01" in lines[-1]
 
 
 def test_embedding_fidelity_retries_its_endpoint_and_drives_retry_and_policy(_data_server):
@@ -2830,555 +2129,13 @@ def test_llm_judge_rejects_malformed_answers_and_its_findings_drive_the_retry(_d
         data.fidelity("a", "b", broken)
 
 
-def test_empty_and_invalid_unicode_replies_are_reported_never_silent(_data_server, tmp_path, capsys):
-    _data_write_docs(tmp_path / "docs", ["Alpha has 1 fact.", "Beta has 2 facts."])
-    common = ["rephrase", str(tmp_path / "docs"), "--endpoint", _data_server.url, "--backoff", "0.01",
-              "--fidelity-retries", "1"]
-    _data_server.scripts["empty"] = ["empty"] * 4
-    assert data.main(common + ["--model", "empty", "--out", str(tmp_path / "empty.jsonl")]) == 0
-    err = capsys.readouterr().err
-    assert "chunks: 0 rewritten, 2 kept their original text" in err and "4 empty replies" in err
-    assert "warning: no chunk was rewritten" in err
-    assert [c["empty_replies"] for r in _data_records(tmp_path / "empty.jsonl") for c in r["chunks"]] == [2, 2]
-    _data_server.scripts["surrogate"] = ["surrogate"] * 2
-    assert data.main(common + ["--model", "surrogate", "--out", str(tmp_path / "bad.jsonl")]) == 0
-    assert "2 replies with invalid Unicode repaired" in capsys.readouterr().err
-    assert all(r["text"].startswith("In other words \ufffd:") for r in _data_records(tmp_path / "bad.jsonl"))
-
-
-def test_bad_encoding_lines_and_unsupported_files_are_counted_and_described(tmp_path, capsys):
-    d = tmp_path / "in"
-    d.mkdir()
-    lines = [json.dumps({"text": f"good record {i}"}) for i in range(60)]
-    lines.insert(40, '{"text": "half an emoji \\udc80 here"}')  # valid JSON, no UTF-8 exists for it
-    (d / "records.jsonl").write_text("\n".join(lines) + "\n")
-    (d / "paper.pdf").write_bytes(b"%PDF-1.4")
-    info = data.prepare(tmp_path / "cache", [str(d)])
-    report = info["load_report"]
-    assert report["bad_encoding_lines"] == 1 and report["unsupported_files"] == 1 and report["documents"] == 60
-    line = data.describe_load_report(info)
-    assert "\n" not in line and "1 bad encoding lines" in line and "1 unsupported files" in line
-    assert "records.jsonl:41" in line and "paper.pdf" in line
-    assert data.main(["stats", "--data", str(d), "--cache-dir", str(tmp_path / "cache")]) == 0
-    assert "bad_encoding_lines 1" in capsys.readouterr().out
-
-
-def test_a_single_file_corpus_gets_validation_text_cut_from_its_end(tmp_path):
-    text = "\n\n".join(f"Paragraph {i}: " + "words and more words. " * 20 for i in range(40))
-    (tmp_path / "one_big.txt").write_text(text)
-    info = data.prepare(tmp_path / "cache", [str(tmp_path / "one_big.txt")], val_fraction=0.1)
-    tok = data.ByteTokenizer()
-    train = tok.decode(data.load_tokens(info, "train").tolist()).rstrip("\0")
-    val = tok.decode(data.load_tokens(info, "val").tolist()).rstrip("\0")
-    assert train + val == text  # nothing lost, nothing in both
-    assert val.startswith("Paragraph ") and 0.1 <= len(val) / len(text) <= 0.2  # cut at a paragraph
-
-
-def test_a_full_disk_while_caching_names_the_path_and_leaves_the_previous_state(tmp_path, monkeypatch, capsys):
-    _data_write_docs(tmp_path / "docs", [f"text number {i}\n" * 5 for i in range(10)])
-    src, cache = [str(tmp_path / "docs")], tmp_path / "cache"
-    previous = data.prepare(cache, src)
-    (tmp_path / "docs" / "doc003.txt").write_text("changed, so a new cache entry is built\n")
-
-    def full_disk(path, *args):
-        path.write_bytes(b"half")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(data, "_write_tokens", full_disk)
-    with pytest.raises(OSError) as failure:
-        data.prepare(cache, src)
-    assert failure.value.errno == errno.ENOSPC and str(cache) in failure.value.filename
-    assert [p.name for p in cache.iterdir()] == [previous["key"]]  # no tmp-<key>-<pid> left
-    assert data.main(["stats", "--data", *src, "--cache-dir", str(cache)]) == 1
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "No space left on device" in err and str(cache) in err
-
-
-@pytest.mark.parametrize("case, fragment", [
-    ("missing path", "nowhere': no such file or folder"),
-    ("builtin:physics", "unknown built-in domain(s) ['physics']"),
-    ("--styles 9", "argument --styles: must be an integer in [1, 7], got '9'"),
-    ("--styles -2", "argument --styles: must be an integer in [1, 7], got '-2'"),
-    ("--styles 0", "argument --styles: must be an integer in [1, 7], got '0'"),
-    ("record-less --out", "out.jsonl:1: not a rephrase record"),
-    ("folder --out", "not a file"),
-    ("empty folder", "no .txt/.md/.py/.jsonl files in"),
-    ("unsupported only", "no .txt/.md/.py/.jsonl files in"),
-    ("--shard 3/3", "argument --shard: expected I/N with 0 <= I < N, got '3/3'"),
-    ("--concurrency 0", "argument --concurrency: must be an integer >= 1, got '0'"),
-    ("bad weight", "weight 'lots' is not a number >= 0"),
-])
-def test_bad_command_line_input_gives_one_line_naming_it(case, fragment, tmp_path, capsys):
-    _data_write_docs(tmp_path / "docs", ["One document."])
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "pdfs").mkdir()
-    (tmp_path / "pdfs" / "a.pdf").write_bytes(b"%PDF")
-    (tmp_path / "out.jsonl").write_text("not a record\n")
-    rephrase = ["rephrase", "--endpoint", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "new.jsonl")]
-    argv = {"missing path": rephrase + [str(tmp_path / "nowhere")],
-            "builtin:physics": ["stats", "--data", "builtin:physics", "--cache-dir", str(tmp_path / "c")],
-            "--styles 9": rephrase + [str(tmp_path / "docs"), "--styles", "9"],
-            "--styles -2": rephrase + [str(tmp_path / "docs"), "--styles", "-2"],
-            "--styles 0": rephrase + [str(tmp_path / "docs"), "--styles", "0"],
-            "record-less --out": rephrase + [str(tmp_path / "docs"), "--out", str(tmp_path / "out.jsonl")],
-            "folder --out": rephrase + [str(tmp_path / "docs"), "--out", str(tmp_path / "empty")],
-            "empty folder": rephrase + [str(tmp_path / "empty")],
-            "unsupported only": ["stats", "--data", str(tmp_path / "pdfs"), "--cache-dir", str(tmp_path / "c")],
-            "--shard 3/3": rephrase + [str(tmp_path / "docs"), "--shard", "3/3"],
-            "--concurrency 0": rephrase + [str(tmp_path / "docs"), "--concurrency", "0"],
-            "bad weight": ["stats", "--data", f"k:lots={tmp_path / 'docs'}", "--cache-dir", str(tmp_path / "c")],
-            }[case]
-    try:
-        code = data.main(argv)
-    except SystemExit as e:  # argparse: usage, then one error line
-        code = e.code
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "Traceback" not in err
-    assert fragment in err.splitlines()[-1], err
-    assert not (tmp_path / "new.jsonl").exists() or not (tmp_path / "new.jsonl").read_bytes()
-
-
-def test_rephrased_output_trains_as_its_own_domain_with_its_stated_weight(_data_server, tmp_path):
-    # corpus -> rephrase -> stats -> train: the fake rephraser ("upper") writes the source in
-    # capitals, so every training byte tells which domain it came from.
-    rng = random.Random(0)
-    _data_write_docs(tmp_path / "docs", [" ".join("".join(rng.choices("ab", k=5)) for _ in range(40))
-                                         for _ in range(30)])
-    out = tmp_path / "rephrased.jsonl"
-    assert data.main(["rephrase", str(tmp_path / "docs"), "--endpoint", _data_server.url, "--model", "upper",
-                      "--out", str(out), "--concurrency", "4", "--backoff", "0.01"]) == 0
-    sources = [f"knowledge={tmp_path / 'docs'}", f"rephrased:3={out}"]
-    info = data.prepare(tmp_path / "cache", sources, val_fraction=0.1)
-    assert info["load_report"]["documents"] == 60 and info["stats"]["rephrased"]["val_docs"] == 3
-    sampler = data.BatchSampler(data.load_tokens(info, "train"), 8, 64, seed=1)
-    drawn = np.concatenate([sampler.next()[0].flatten().numpy() for _ in range(100)])
-    lower, upper = np.isin(drawn, [ord("a"), ord("b")]).sum(), np.isin(drawn, [ord("A"), ord("B")]).sum()
-    assert upper / lower == pytest.approx(3, rel=0.1)  # drawn in proportion to the weights 1 : 3
-    with pytest.raises(data.DataError, match="already has weight 3"):
-        data.prepare(tmp_path / "cache", sources + [f"rephrased:2={out}"])
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({**train.Config.from_preset("tiny").to_dict(), "num_hidden_layers": 1,
-                                  "n_routed_experts": 4, "num_experts_per_tok": 2}))
-    train.main(["--data", *sources, "--data-cache", str(tmp_path / "cache"), "--config", str(config),
-                "--out", str(tmp_path / "run"), "--max-steps", "2", "--warmup-steps", "1", "--batch-size", "2",
-                "--seq-len", "32", "--eval-interval", "2", "--eval-iters", "1", "--sample-tokens", "0",
-                "--dtype", "float32", "--device", "cpu", "--peak-flops", "1e9"])
-    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") >= 2
-
-
-def test_bench_throughput_is_bounded_by_the_fake_servers_latency_and_capacity():
-    latency, capacity = 0.05, 2
-    rows = bench.bench_rephrase(levels=(1, 2, 4), latency=latency, capacity=capacity, chunks_per_doc=1)
-    by = {r["concurrency"]: r for r in rows}
-    assert sorted(by) == [1, 2, 4] and all(r["pairs"] == 20 and r["cpu_ms_per_chunk"] > 0 for r in rows)
-    for concurrency, row in by.items():  # each pair holds one of `capacity` slots for `latency` seconds
-        assert row["pairs_per_s"] <= min(concurrency, capacity) / latency
-    assert by[2]["pairs_per_s"] > 1.4 * by[1]["pairs_per_s"]  # two in flight overlap their waits
-
-
-# -----------------------------------------------------------------------------------------------
-# Nothing lost: one writer per output, a user's files untouched, deadlines, bad paths
-
-
-def _data_rephrase_command(docs, out, server, model, *extra):
-    return [sys.executable, str(_DATA_PY), "rephrase", str(docs), "--endpoint", server.url, "--model", model,
-            "--out", str(out), "--max-chunk-chars", "50", "--timeout", "5", "--backoff", "0.01", *extra]
-
-
-def _data_wait_for(condition, seconds=60):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
-
-
-def test_a_second_rephrase_on_one_out_is_refused_naming_the_holder_and_a_dead_ones_lock_is_taken_over(
-        _data_server, tmp_path):
-    _data_write_docs(tmp_path / "docs", [f"Document {i} says {i}.\n\nIts paragraph {i}." for i in range(6)])
-    out, lock = tmp_path / "out.jsonl", tmp_path / "out.jsonl.lock"
-    _data_server.delay["locked"] = 1.0  # slow enough that the first run is still going when the second starts
-    command = _data_rephrase_command(tmp_path / "docs", out, _data_server, "locked", "--styles", "2")
-    first = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    try:
-        _data_wait_for(lambda: out.exists() and out.read_bytes().count(b"\n") >= 1)
-        second = subprocess.run(command, capture_output=True, text=True, timeout=60)
-        assert second.returncode == 2
-        message = second.stderr.strip()
-        assert "\n" not in message and f"pid {first.pid} " in message and "data.py rephrase" in message
-        assert str(out) in message
-        first.send_signal(signal.SIGKILL)  # the holder dies: its lock file stays, its lock does not
-    finally:
-        first.kill()
-        first.wait()
-    assert lock.exists() and f"pid {first.pid} " in lock.read_text()
-    _data_server.delay["locked"] = 0.0
-    assert data.main(command[2:]) == 0
-    keys = [(r["id"], r["style"]) for r in _data_records(out)]
-    assert len(keys) == len(set(keys)) == 12  # every pair once: the refused run wrote nothing
-    assert not lock.exists()
-
-
-def test_an_interrupted_rephrase_exits_130_in_one_line_and_the_same_command_resumes(_data_server, tmp_path):
-    _data_write_docs(tmp_path / "docs", [f"Document {i} says {i}." for i in range(6)])
-    out = tmp_path / "out.jsonl"
-    _data_server.delay["interrupted"] = 1.0
-    command = _data_rephrase_command(tmp_path / "docs", out, _data_server, "interrupted", "--concurrency", "2")
-    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    _data_wait_for(lambda: out.exists() and out.read_bytes().count(b"\n") >= 1)
-    run.send_signal(signal.SIGINT)  # two pairs are in flight: they are dropped, not half-written
-    err = run.communicate(timeout=30)[1].strip().splitlines()
-    assert run.returncode == 130 and "Traceback" not in "\n".join(err)
-    assert err[-1] == "data.py rephrase: interrupted; what was written stays, and the same command resumes"
-    written = _data_records(out)  # every line whole
-    assert 1 <= len(written) < 6 and not Path(f"{out}.lock").exists()
-    _data_server.delay["interrupted"] = 0.0
-    assert data.main(command[2:]) == 0
-    records = _data_records(out)
-    assert records[:len(written)] == written and len({r["id"] for r in records}) == len(records) == 6
-
-
-@pytest.mark.parametrize("content", [b"my notes\nthe last line has no newline", b"",
-                                     b'{"id": "x", "style": "qa"}\nnot a record\n',
-                                     json.dumps({"text": "a training record"}).encode() + b"\n"])
-def test_rephrase_refuses_an_out_that_is_not_its_own_before_writing_a_byte(_data_server, tmp_path, content,
-                                                                             capsys):
-    _data_write_docs(tmp_path / "docs", ["One fact: 7."])
-    out = tmp_path / "notes.txt"
-    out.write_bytes(content)
-    code = data.main(["rephrase", str(tmp_path / "docs"), "--endpoint", _data_server.url, "--out", str(out)])
-    err = capsys.readouterr().err.strip()
-    if not content:  # an empty file holds nothing to lose: it becomes the output
-        assert code == 0 and len(_data_records(out)) == 1
-        return
-    assert code == 2 and "\n" not in err and f"{out}:" in err and "not a rephrase record" in err, err
-    assert out.read_bytes() == content and not Path(f"{out}.lock").exists()
-
-
-def test_a_users_file_named_like_the_lock_is_left_alone(_data_server, tmp_path, capsys):
-    _data_write_docs(tmp_path / "docs", ["One fact: 7."])
-    lock = tmp_path / "out.jsonl.lock"
-    lock.write_text("my lock-picking notes")
-    code = data.main(["rephrase", str(tmp_path / "docs"), "--endpoint", _data_server.url,
-                      "--out", str(tmp_path / "out.jsonl")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in err and str(lock) in err and "not a lock of this command" in err
-    assert lock.read_text() == "my lock-picking notes" and not (tmp_path / "out.jsonl").exists()
-
-
-def test_a_trickling_server_fails_at_the_request_deadline(_data_server):
-    _data_server.scripts["trickle"] = ["trickle"]  # about 90 bytes at one per 0.3 s: no read ever times out
-    endpoint = _data_endpoint(_data_server, "trickle", timeout=1.0, retries=0)
-    start = time.monotonic()
-    with pytest.raises(data.GenerationError, match="timed out: no complete reply within the 1 s deadline"):
-        endpoint(data.rephrase_messages("One sentence.", "qa"))
-    assert time.monotonic() - start < 2.5
-
-
-def test_each_retry_and_each_pause_is_logged_in_one_line(_data_server):
-    _data_server.scripts["logged"] = ["500", "429-wait", "cut"]
-    lines = []
-    reply = _data_endpoint(_data_server, "logged", retries=3, log=lines.append)(data.rephrase_messages("Hi.", "qa"))
-    assert reply == "In other words: Hi."
-    assert len(lines) == 3 and all("\n" not in line and _data_server.url in line for line in lines)
-    assert "attempt 1/4: HTTP 500" in lines[0] and "every request to it pauses 0.01 s" in lines[0]
-    assert "attempt 2/4: HTTP 429" in lines[1] and "pauses 1 s, as the server asked (Retry-After)" in lines[1]
-    assert "attempt 3/4: IncompleteRead" in lines[2] and "retrying in 0.04 s" in lines[2]
-
-
-def test_a_reply_far_longer_than_its_chunk_is_rejected_and_the_record_says_so(_data_server, tmp_path, capsys):
-    _data_server.scripts["runaway"] = ["huge"]  # a 1 MB "rewrite" of a 30-character chunk, then a good one
-    result = data.rephrase_chunkwise("The bridge opened in 1932.", "qa", _data_endpoint(_data_server, "runaway"))
-    assert result.text == "In other words: The bridge opened in 1932."
-    assert result.chunks[0]["attempts"] == 2 and result.chunks[0]["long_replies"] == 1
-    assert "far longer than a rewrite of this 26-character part" in \
-        _data_requests(_data_server, "runaway")[-1]["messages"][-1]["content"]
-    _data_write_docs(tmp_path / "docs", ["The bridge opened in 1932."])
-    _data_server.scripts["runaway-always"] = ["huge"] * 3
-    out = tmp_path / "out.jsonl"
-    assert data.main(["rephrase", str(tmp_path / "docs"), "--endpoint", _data_server.url, "--model", "runaway-always",
-                      "--max-tokens", "77", "--out", str(out)]) == 0
-    [record] = _data_records(out)
-    assert record["text"] == "The bridge opened in 1932." and record["chunks"][0]["status"] == "kept_original"
-    assert record["chunks"][0]["long_replies"] == 3
-    assert "3 far longer than their chunk" in capsys.readouterr().err
-    assert {r["max_tokens"] for r in _data_requests(_data_server, "runaway-always")} == {77}
-
-
-def test_an_interrupted_cache_build_leaves_nothing_the_next_build_keeps(tmp_path):
-    # A build killed while it writes its temporary folder; the next prepare() removes that folder.
-    _data_write_docs(tmp_path / "docs", [f"document {i} " + "words and more words. " * 70_000 for i in range(4)])
-    cache = tmp_path / "cache"
-    code = f"import data; data.prepare({str(cache)!r}, [{str(tmp_path / 'docs')!r}])"
-    build = subprocess.Popen([sys.executable, "-c", code], cwd=_HERE)
-    try:
-        _data_wait_for(lambda: list(cache.glob("tmp-*")) or build.poll() is not None)
-        build.send_signal(signal.SIGKILL)
-    finally:
-        build.kill()
-        build.wait()
-    [stale] = list(cache.glob("tmp-*"))
-    alive = cache / stale.name.replace(f"-{build.pid}@", "-1@")  # a build whose process (init) still runs
-    alive.mkdir()
-    info = data.prepare(cache, [str(tmp_path / "docs")])
-    assert not stale.exists() and alive.exists()
-    assert sorted(p.name for p in cache.iterdir()) == sorted([alive.name, info["key"]])
-
-
-def _data_without_root_override():
-    """The command prefix under which a mode-000 file cannot be read: none for a user; for root (who
-    reads anything), setpriv without the capabilities that override file permissions."""
-    if os.geteuid() != 0:
-        return []
-    if not shutil.which("setpriv"):
-        pytest.skip("running as root without setpriv: no file is unreadable")
-    return ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"]
-
-
-def test_an_unreadable_data_file_is_named_as_such(tmp_path):
-    path = tmp_path / "unreadable.txt"
-    path.write_text("secret")
-    path.chmod(0)
-    done = subprocess.run([*_data_without_root_override(), sys.executable, str(_DATA_PY), "stats", "--data", str(path),
-                           "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=60)
-    err = done.stderr.strip()
-    assert done.returncode == 2 and "\n" not in err and "Traceback" not in err, err
-    assert f"data.py stats: data source '{path}': {path} cannot be read (Permission denied)" == err
-    path.chmod(0o644)
-    assert path.read_text() == "secret" and not (tmp_path / "cache").exists()
-
-
-@pytest.mark.parametrize("case, message", [
-    ("fifo", "pipe.txt is a FIFO (named pipe), not a file or folder"),
-    ("loop", "loop.txt is a symlink loop, not a file or folder"),
-    ("broken link", "broken.txt is a broken symbolic link (to nowhere.txt), not a file or folder"),
-])
-def test_a_data_path_that_is_no_file_is_named_for_what_it_is(tmp_path, case, message, capsys):
-    path = tmp_path / {"fifo": "pipe.txt", "loop": "loop.txt", "broken link": "broken.txt"}[case]
-    if case == "fifo":
-        os.mkfifo(path)  # opened, it would block forever
-    elif case == "loop":
-        os.symlink(tmp_path / "other.txt", path)
-        os.symlink(path, tmp_path / "other.txt")
-    else:
-        os.symlink("nowhere.txt", path)
-    assert data.main(["stats", "--data", str(path), "--cache-dir", str(tmp_path / "cache")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.endswith(message), err
-
-
-def test_bad_entries_in_a_folder_are_skipped_and_counted_and_nul_bytes_reported(tmp_path):
-    d = tmp_path / "in"
-    _data_write_docs(d, ["A good document.", "Another one."])
-    (d / "unreadable.txt").write_text("secret")
-    (d / "unreadable.txt").chmod(0)
-    os.mkfifo(d / "pipe.txt")  # read, it would block forever
-    os.symlink(d / "b.txt", d / "a.txt")
-    os.symlink(d / "a.txt", d / "b.txt")
-    (d / "nul.txt").write_bytes(b"before\0after\0")
-    done = subprocess.run([*_data_without_root_override(), sys.executable, str(_DATA_PY), "stats", "--data", str(d),
-                           "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    loader = re.search(r"^loader: (.*)$", done.stdout, re.M)[1]
-    assert "unreadable_files 1" in loader and "unsupported_files 3" in loader and "nul_bytes 2" in loader
-    for where, why in (("unreadable.txt", "cannot be read (Permission denied); skipped"),
-                       ("pipe.txt", "a FIFO (named pipe); skipped"), ("a.txt", "a symlink loop; skipped"),
-                       ("nul.txt", "2 NUL characters, which the byte tokenizer reads as end of document")):
-        assert re.search(rf"^  \S*{re.escape(where)}: {re.escape(why)}$", done.stdout, re.M), (where, done.stdout)
-    info = data.prepare(tmp_path / "cache2", [str(d / "nul.txt")], val_fraction=0)
-    assert "2 nul bytes" in data.describe_load_report(info)
-    tokens = np.concatenate([data.load_tokens(info, "train"), data.load_tokens(info, "val")])
-    assert data.ByteTokenizer().decode(tokens.tolist()) == "before\0after\0\0"  # kept, then the eos
-
-
 # ==================================================================================================
-# train.py: the training program
+# train.py: the training loop
 #
-# Tests of train.py: exact resume after SIGKILL and after SIGINT, atomic checkpoints (also on a full
-# disk), runs never lost to a rerun, resume checks before anything is built, DDP / FSDP2 against one
-# process, gradient accumulation, non-finite steps, the hf/ export through transformers' Auto classes,
-# and one-line errors that name the bad option, file or path. No run lost: one writer per run folder,
-# a user's own files never touched, a resume from an older checkpoint keeping the newer ones, corrupt
-# checkpoint bytes named, and any number of signals during a checkpoint write.
-#
-# Runs on CPU in float32 with tiny settings (a 2-layer, 8-expert cut of the tiny preset; 8 steps of
-# 4 x 32 tokens). Training subprocesses run with one thread each: PyTorch's multi-threaded CPU kernels
-# can differ in the last bit between two identical runs on a loaded machine, and exact resume is about
-# train.py, not about them.
+# The loop's concepts, fast and in-process: the options and their one-line errors, the WSD schedule,
+# --set typed by the Config field, and validation batches fixed by --val-seed. The runs themselves
+# (resume, signals, the run folder, fine-tuning, faults) are in tests/test_train.py.
 # ==================================================================================================
-
-# Wall-clock fields of a metrics record; everything else must repeat exactly.
-_TRAIN_TIMING_KEYS = {"tokens_per_s", "mfu", "elapsed_s"}
-_TRAIN_STEPS = 8
-_TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _train_args(out, setup, *extra):
-    """A tiny CPU run: every step logged, evaluated every 3 and checkpointed every 2 steps."""
-    cache, config = setup
-    return ["--out", str(out), "--data-cache", str(cache), "--config", str(config), "--max-steps", str(_TRAIN_STEPS),
-            "--batch-size", "4", "--seq-len", "32", "--warmup-steps", "3", "--log-interval", "1",
-            "--eval-interval", "3", "--eval-iters", "2", "--ckpt-interval", "2", "--sample-tokens", "8",
-            "--dtype", "float32", "--device", "cpu", "--peak-flops", "1e9", *extra]
-
-
-def _train_run(args, nproc=1, timeout=300):
-    """train.py ARGS in a subprocess (under torchrun for nproc 2), which must succeed."""
-    assert nproc in (1, 2)
-    if nproc == 1:
-        done = subprocess.run([sys.executable, "train.py", *args], cwd=_HERE, capture_output=True,
-                              text=True, timeout=timeout, env=_TRAIN_ENV)
-    else:
-        done = torchrun(["train.py", *args], env=_TRAIN_ENV)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
-
-
-def _train_metrics(out, timing=False):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return records if timing else [{k: v for k, v in r.items() if k not in _TRAIN_TIMING_KEYS} for r in records]
-
-
-def _train_losses(out):
-    return [(r["step"], r["loss"] if "loss" in r else r["val_loss"]) for r in _train_metrics(out)]
-
-
-@pytest.fixture(scope="module")
-def train_setup(tmp_path_factory):
-    """(data cache shared by every run of this module, model config.json)."""
-    folder = tmp_path_factory.mktemp("train_setup")
-    config = {**train.Config.from_preset("tiny").to_dict(), "num_hidden_layers": 2, "n_routed_experts": 8,
-              "num_experts_per_tok": 2}
-    with open(folder / "config.json", "w") as f:
-        json.dump(config, f)
-    return folder / "data_cache", folder / "config.json"
-
-
-@pytest.fixture(scope="module")
-def train_reference(tmp_path_factory, train_setup):
-    """One uninterrupted single-process run that the other runs are compared with."""
-    out = tmp_path_factory.mktemp("reference")
-    return out, _train_run(_train_args(out, train_setup)).stdout
-
-
-def test_run_folder_holds_config_metrics_checkpoints_export(train_reference):
-    out, stdout = train_reference
-    config = json.load(open(os.path.join(out, "config.json")))
-    assert config["model"]["num_hidden_layers"] == 2 and config["batch_size"] == 4
-    records = _train_metrics(out, timing=True)
-    train_records = [r for r in records if "loss" in r]
-    assert [r["step"] for r in train_records] == list(range(1, _TRAIN_STEPS + 1))
-    assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 6, _TRAIN_STEPS]
-    assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in train_records)
-    assert train_records[-1]["loss"] < train_records[0]["loss"]
-    ckpts = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "ckpt_*.pt")))
-    assert ckpts == ["ckpt_0000006.pt", "ckpt_0000008.pt"]  # the last --keep-ckpts 2
-    assert os.path.exists(os.path.join(out, "hf", "config.json"))
-    # the manifest lists every file of the run, and nothing else
-    written = {str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file()} - {train.MANIFEST, train.LOCK}
-    assert set(json.loads((Path(out) / train.MANIFEST).read_text())["files"]) == written
-    assert (Path(out) / train.LOCK).read_text() == ""  # an orderly end lets go of the lock and its line
-    assert "final val loss" in stdout and "unigram entropy" in stdout
-
-
-def test_resume_after_sigkill_logs_exactly_the_uninterrupted_metrics(tmp_path, train_setup, train_reference):
-    reference, _ = train_reference
-    # an arbitrary step between checkpoints, at least two steps before the end: the kill lands once a
-    # line follows that step's record, and must land before the final export even on a loaded machine
-    kill_after = random.Random(5).randint(3, _TRAIN_STEPS - 3)
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "train.py", *_train_args(out, train_setup)], cwd=_HERE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_TRAIN_ENV)
-    metrics, deadline = out / "metrics.jsonl", time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any('"loss"' in line and json.loads(line)["step"] >= kill_after
-                                    for line in metrics.read_text().splitlines()[:-1]):
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(out / "hf"), "killed too late"
-    for path in glob.glob(str(out / "ckpt_*.pt")):  # every checkpoint on disk is whole
-        assert train.load_checkpoint(path)["step"] >= 2
-    resumed = _train_run(_train_args(out, train_setup, "--resume"))
-    assert _train_metrics(out) == _train_metrics(reference)
-    # the killed run's lock is taken over, in one line naming the process that held it
-    assert f"--out {out}: the lock of pid {proc.pid} (" in resumed.stdout
-    assert "which has ended, is taken over" in resumed.stdout
-
-
-def test_checkpoint_is_never_half_written(tmp_path, monkeypatch):
-    first = {"step": 1, "model": {"w": torch.ones(3)}}
-    good = train.save_checkpoint(first, train.RunFolder(str(tmp_path)), keep=2)
-
-    def torch_save_killed_midway(obj, f):
-        f.write(b"PK\x03\x04 half a checkpoint")
-        raise KeyboardInterrupt  # the process dies while writing
-
-    monkeypatch.setattr(torch, "save", torch_save_killed_midway)
-    with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint({"step": 2, "model": {"w": torch.zeros(3)}}, train.RunFolder(str(tmp_path)), keep=2)
-    assert glob.glob(str(tmp_path / "ckpt_*.pt")) == [good]
-    assert torch.equal(torch.load(good, weights_only=True)["model"]["w"], torch.ones(3))
-
-
-def test_checkpoints_beyond_keep_are_removed_and_only_those_train_py_wrote(tmp_path):
-    users = tmp_path / "ckpt_0000000.pt"  # named like a checkpoint, but not written by this run
-    users.write_bytes(b"the user's own")
-    folder = train.RunFolder(str(tmp_path))
-    for step in range(1, 5):
-        train.save_checkpoint({"step": step}, folder, keep=2)
-    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000000.pt", "ckpt_0000003.pt", "ckpt_0000004.pt", train.MANIFEST]
-    assert users.read_bytes() == b"the user's own"
-    assert json.loads((tmp_path / train.MANIFEST).read_text())["files"] == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
-
-
-@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
-def test_two_processes_with_accumulation_match_one_process(tmp_path, train_setup, train_reference, mode):
-    """2 ranks x 2 micro-steps x 1 sequence is the reference's global batch of 4: same loss curve."""
-    reference, _ = train_reference
-    done = _train_run(_train_args(tmp_path, train_setup, "--grad-accum", "2", *mode), nproc=2)
-    assert "FutureWarning" not in done.stderr, done.stderr  # DDP's broadcast_buffers deprecation, once per rank
-    ours, theirs = _train_losses(tmp_path), _train_losses(reference)
-    assert [s for s, _ in ours] == [s for s, _ in theirs]
-    assert max(abs(a - b) for (_, a), (_, b) in zip(ours, theirs)) < 1e-4
-    # Redo the last two steps from the step-6 checkpoint (FSDP: every rank's optimizer shard). DDP
-    # repeats them bit for bit; FSDP2 to float32 rounding (2e-7 measured on the last val loss).
-    os.remove(tmp_path / "ckpt_0000008.pt")
-    _train_run(_train_args(tmp_path, train_setup, "--grad-accum", "2", *mode, "--resume"), nproc=2)
-    again = _train_losses(tmp_path)
-    assert [s for s, _ in again] == [s for s, _ in ours]
-    assert max(abs(a - b) for (_, a), (_, b) in zip(again, ours)) < 1e-5
-
-
-def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, train_setup, monkeypatch):
-    forward = train.KimiK2.forward
-
-    def nan_loss(self, input_ids, targets=None, **kw):
-        logits, loss = forward(self, input_ids, targets, **kw)
-        return logits, (loss * float("nan") if self.training else loss)
-
-    monkeypatch.setattr(train.KimiK2, "forward", nan_loss)
-    with pytest.raises(SystemExit, match="3 non-finite steps in a row"):
-        train.main(_train_args(tmp_path, train_setup, "--max-bad-steps", "3"))
-    records = _train_metrics(tmp_path)
-    assert [r["step"] for r in records if "skipped" in r] == [1, 2, 3]
-    assert not any("loss" in r and "skipped" not in r for r in records)
-
-
-def test_non_finite_model_is_never_checkpointed(tmp_path, train_setup, monkeypatch):
-    step = train.MuonClip.step
-
-    def poisoning_step(self, closure=None):
-        step(self, closure)
-        self.param_groups[0]["params"][0].data.fill_(float("nan"))
-
-    monkeypatch.setattr(train.MuonClip, "step", poisoning_step)
-    with pytest.raises(SystemExit, match="non-finite weights"):
-        train.main(_train_args(tmp_path, train_setup, "--ckpt-interval", "1"))
-    assert not glob.glob(str(tmp_path / "ckpt_*"))
-
 
 @pytest.mark.parametrize("argv, named", [
     (["--preset", "huge"], "--preset"),
@@ -3394,330 +2151,6 @@ def test_bad_options_fail_naming_the_option(argv, named, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(argv)
     assert f"argument {named}" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("argv, named", [
-    (["--data", "/no/such/corpus.txt"], "/no/such/corpus.txt"),
-    (["--dtype", "float16"], "--dtype float16"),
-    (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6"),
-    (["--seq-len", "100000"], "--seq-len 100000"),
-    (["--config", "/no/such/config.json"], "/no/such/config.json"),
-    (["--fsdp"], "--fsdp"),
-    (["--resume"], "--resume"),
-])
-def test_bad_settings_fail_naming_them(tmp_path, train_setup, argv, named):
-    with pytest.raises(SystemExit, match=named.replace(".", r"\.")) as e:
-        train.main(_train_args(tmp_path, train_setup, *argv))
-    assert str(e.value).startswith("train.py: error:")
-
-
-def test_corrupt_checkpoint_fails_naming_the_file(tmp_path, train_setup):
-    bad = tmp_path / "ckpt_0000002.pt"
-    bad.write_bytes(b"\x00garbage, not a zip archive")
-    with pytest.raises(SystemExit, match=f"cannot read checkpoint {bad}: not a whole checkpoint"):
-        train.main(_train_args(tmp_path / "run", train_setup, "--resume", str(bad)))
-
-
-def _train_build_nothing(monkeypatch):
-    """Make building the data or the model fail loudly: the checks before them must stop the run."""
-    def built(*a, **k):
-        raise AssertionError("built something before the check")
-    monkeypatch.setattr(train.data, "prepare", built)
-    monkeypatch.setattr(train, "KimiK2", built)
-
-
-def test_resume_with_incompatible_config_fails_naming_the_field_and_builds_nothing(tmp_path, train_setup,
-                                                                                   train_reference, monkeypatch):
-    reference, _ = train_reference
-    ckpt = sorted(glob.glob(os.path.join(reference, "ckpt_*.pt")))[-1]  # step 8
-    out = tmp_path / "run"
-    _train_build_nothing(monkeypatch)
-    with pytest.raises(SystemExit, match=r"different --seq-len \(32, this run: 16\)"):
-        train.main(_train_args(out, train_setup, "--seq-len", "16", "--resume", ckpt))
-    with pytest.raises(SystemExit, match="different --optimizer"):
-        train.main(_train_args(out, train_setup, "--optimizer", "adamw", "--resume", ckpt))
-    # the precision changes the losses as much as any option checked here (bfloat16 autocast runs on CPU)
-    with pytest.raises(SystemExit, match=r"different --dtype \('float32', this run: 'bfloat16'\)$"):
-        train.main([*_train_args(out, train_setup, "--resume", ckpt), "--dtype", "bfloat16"])
-    other = tmp_path / "three_layers.json"
-    other.write_text(json.dumps({**json.load(open(train_setup[1])), "num_hidden_layers": 3}))
-    with pytest.raises(SystemExit, match=r"different --preset/--config: num_hidden_layers 2 \(this run: 3\)$"):
-        train.main([*_train_args(out, train_setup, "--resume", ckpt), "--config", str(other)])
-    with pytest.raises(SystemExit, match=r"is at step 8, past --max-steps 5 \(give --max-steps 8 or more\)"):
-        train.main(_train_args(out, train_setup, "--max-steps", "5", "--resume", ckpt))
-    assert os.listdir(out) == [train.LOCK]  # nor was the run folder written: only locked
-
-
-def _train_snapshot(folder):
-    """Every file's bytes, but the lock's line, which names whichever process last held the folder."""
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
-            if p.is_file() and p.name != train.LOCK}
-
-
-def test_rerun_without_resume_keeps_the_earlier_run(tmp_path, train_setup, train_reference, monkeypatch):
-    reference, _ = train_reference
-    run = tmp_path / "run"
-    shutil.copytree(reference, run)
-    before = _train_snapshot(run)
-    _train_build_nothing(monkeypatch)
-    with pytest.raises(SystemExit, match=f"--out {run} holds an earlier run .*ckpt_0000008.pt.*--resume.*--overwrite"):
-        train.main(_train_args(run, train_setup))
-    assert _train_snapshot(run) == before
-    # --overwrite is the explicit way to start over: the earlier checkpoints, metrics and export go
-    args = train.parse_args(_train_args(run, train_setup, "--overwrite"))
-    setup = train.Setup(False, 0, 1, torch.device("cpu"), torch.float32, 4)
-    assert train.prepare_run_folder(args, train.RunFolder(str(run)), None, None, {"run": "new"}, setup) == []
-    assert sorted(os.listdir(run)) == ["config.json", "metrics.jsonl", train.LOCK, train.MANIFEST]
-    assert (run / "metrics.jsonl").read_text() == ""
-
-
-def test_sigint_checkpoints_then_resume_logs_exactly_the_uninterrupted_metrics(tmp_path, train_setup, train_reference):
-    reference, _ = train_reference
-    out = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, "train.py", *_train_args(out, train_setup)], cwd=_HERE, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_TRAIN_ENV)
-    metrics, deadline = out / "metrics.jsonl", time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any('"loss"' in line and json.loads(line)["step"] >= 3
-                                    for line in metrics.read_text().splitlines()[:-1]):
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == train.INTERRUPTED, stderr
-    assert "Traceback" not in stderr and not os.path.exists(out / "hf")
-    stopped = int(re.search(r"stopped by SIGINT after step (\d+), checkpointed", stdout)[1])
-    assert stopped < _TRAIN_STEPS and os.path.exists(out / f"ckpt_{stopped:07d}.pt")
-    command = stdout.rpartition("continue with: ")[2].split()
-    assert command[:2] == ["python", "train.py"] and command[-2:] == ["--resume", str(out / f"ckpt_{stopped:07d}.pt")]
-    _train_run(command[2:])
-    assert _train_metrics(out) == _train_metrics(reference)
-
-
-@pytest.mark.parametrize("failure", ["torch.save", "fsync"])
-def test_full_disk_during_checkpoint_leaves_the_previous_one_and_no_temporary_file(tmp_path, monkeypatch, failure):
-    folder = train.RunFolder(str(tmp_path))
-    good = train.save_checkpoint({"step": 1, "model": {"w": torch.ones(3)}}, folder, keep=2)
-    if failure == "torch.save":  # torch's own error for a full disk: /dev/full answers every write with ENOSPC
-        save = torch.save
-        monkeypatch.setattr(torch, "save", lambda obj, f: (f.write(b"PK\x03\x04 partial"), save(obj, open("/dev/full", "wb"))))
-    else:
-        def fsync_full(fd):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        monkeypatch.setattr(os, "fsync", fsync_full)
-    with pytest.raises(SystemExit, match=f"--out {tmp_path}: cannot write checkpoint .*ckpt_0000002.pt: No space left on device$"):
-        train.save_checkpoint({"step": 2, "model": {"w": torch.zeros(3)}}, folder, keep=2)
-    assert sorted(os.listdir(tmp_path)) == [os.path.basename(good), train.MANIFEST]
-    assert torch.equal(torch.load(good, weights_only=True)["model"]["w"], torch.ones(3))
-
-
-def _flip_tensor_bytes(path):
-    """64 bytes inside the largest tensor record overwritten, as by a failing disk: the zip still opens."""
-    import zipfile
-    with zipfile.ZipFile(path) as archive:
-        record = max(archive.infolist(), key=lambda info: info.file_size)
-    raw = bytearray(path.read_bytes())
-    start = record.header_offset + 30 + len(record.filename) + len(record.extra) + record.file_size // 2  # in its data
-    raw[start:start + 64] = bytes(b ^ 0xFF for b in raw[start:start + 64])
-    path.write_bytes(bytes(raw))
-
-
-_NOT_WHOLE = r"not a whole checkpoint \(empty, cut short, or not a zip archive\)"
-
-
-@pytest.mark.parametrize("corrupt, reason", [
-    (lambda p: p.write_bytes(p.read_bytes()[:5000]), _NOT_WHOLE),  # cut short
-    (lambda p: p.write_bytes(b""), _NOT_WHOLE),
-    (lambda p: p.write_bytes(random.Random(0).randbytes(5000)), _NOT_WHOLE),
-    (_flip_tensor_bytes, r"corrupt bytes \(record archive/data/\d+ fails its CRC-32 check\)"),
-], ids=["cut", "empty", "random", "flipped"])
-def test_corrupt_newest_checkpoint_names_the_older_good_one(tmp_path, train_setup, train_reference, corrupt, reason):
-    reference, _ = train_reference
-    run = tmp_path / "run"
-    shutil.copytree(reference, run)
-    newest = run / "ckpt_0000008.pt"
-    corrupt(newest)
-    before = _train_snapshot(run)
-    with pytest.raises(SystemExit) as e:
-        train.main(_train_args(run, train_setup, "--resume"))
-    message = str(e.value)
-    assert re.fullmatch(f"train.py: error: --resume: cannot read checkpoint {newest}: {reason}; the older checkpoint "
-                        f"next to it reads \\(step 6\\): --resume {run / 'ckpt_0000006.pt'}", message), message
-    assert "\n" not in message and "torch" not in message and "mmap" not in message  # torch's words never reach the user
-    assert _train_snapshot(run) == before
-
-
-def _train_users_files(folder):
-    """A folder of the user's own files, with names train.py also writes."""
-    (folder / "hf").mkdir(parents=True)
-    for name in ("config.json", "plot.png", "hf/model.safetensors", "ckpt_best.pt", "notes"):
-        (folder / name).write_text(f"the user's {name}")
-
-
-@pytest.mark.parametrize("extra", [[], ["--overwrite"], ["--resume"]], ids=["run", "overwrite", "resume"])
-def test_a_folder_with_files_train_py_did_not_write_is_refused_and_left_untouched(tmp_path, train_setup, train_reference,
-                                                                                  monkeypatch, extra):
-    reference, _ = train_reference
-    users, run = tmp_path / "users", tmp_path / "run"
-    _train_users_files(users)
-    shutil.copytree(reference, run)
-    (run / "notes.txt").write_text("the user's note in a train.py run folder")
-    _train_build_nothing(monkeypatch)
-    for out, foreign in ((users, users / "ckpt_best.pt"), (run, run / "notes.txt")):
-        before = _train_snapshot(out)
-        with pytest.raises(SystemExit, match=f"^train.py: error: --out {out} holds files that are not train.py's "
-                                             f"\\(not listed in its {train.MANIFEST}\\), e.g. {foreign}: .*choose an empty "
-                                             f"or new --out$"):
-            train.main(_train_args(out, train_setup, *extra))
-        assert _train_snapshot(out) == before and not (users / train.LOCK).exists()
-    before = _train_snapshot(users)
-    monkeypatch.chdir(users)  # --out . where the user keeps their files
-    with pytest.raises(SystemExit, match=r"--out \. holds files that are not train.py's .*, e\.g\. \./ckpt_best\.pt:"):
-        train.main(_train_args(".", train_setup, *extra))
-    assert _train_snapshot(users) == before and not (users / train.LOCK).exists()
-
-
-def test_overwrite_deletes_what_train_py_wrote_and_nothing_else(tmp_path, train_setup, train_reference):
-    reference, _ = train_reference
-    run = tmp_path / "run"
-    shutil.copytree(reference, run)
-    cache = run / "data_cache"  # another program's folder inside --out is neither foreign nor ours
-    shutil.copytree(train_setup[0], cache)
-    cached = _train_snapshot(cache)
-    args = _train_args(run, train_setup, "--overwrite", "--max-steps", "1", "--sample-tokens", "0", "--keep-ckpts", "1")
-    args[args.index("--data-cache") + 1] = str(cache)
-    _train_run(args)
-    assert _train_snapshot(cache) == cached
-    left = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and cache not in p.parents)
-    assert left == sorted(["ckpt_0000001.pt", "config.json", "metrics.jsonl", "plot.png", train.LOCK, train.MANIFEST,
-                           *[str(p.relative_to(reference)) for p in Path(reference, "hf").iterdir()]])
-    assert [r["step"] for r in _train_metrics(run) if "loss" in r] == [1]
-
-
-def test_one_writer_per_run_folder_names_the_holder(tmp_path, train_setup, train_reference):
-    """A run holds its folder: a second run, also a torchrun job, stops in one line naming the holder's pid
-    and command before writing anything, and the first run ends as if alone."""
-    reference, _ = train_reference
-    out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "train.py", *_train_args(out, train_setup)], cwd=_HERE,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_TRAIN_ENV)
-    lock, deadline = out / train.LOCK, time.time() + 120
-    while time.time() < deadline and not (lock.exists() and lock.read_text().endswith("\n")):
-        time.sleep(0.01)
-    first.send_signal(signal.SIGSTOP)  # holding the lock, wherever it is in its run
-    try:
-        before = _train_snapshot(out)
-        second = subprocess.run([sys.executable, "train.py", *_train_args(out, train_setup, "--seed", "7")], cwd=_HERE,
-                                capture_output=True, text=True, timeout=120, env=_TRAIN_ENV)
-        job = torchrun(["train.py", *_train_args(out, train_setup, "--seed", "7")], env=_TRAIN_ENV)
-        assert _train_snapshot(out) == before
-    finally:
-        first.send_signal(signal.SIGCONT)
-    assert "Traceback" not in second.stderr
-    assert 'train.py", line' not in job.stderr  # torchrun adds its own report of a failed worker, no train.py traceback
-    for refused in (second, job):
-        assert refused.returncode != 0
-        holder = f"train.py: error: --out {out} is in use by pid {first.pid} (python"
-        assert any(line.startswith(holder) and "train.py --out" in line for line in refused.stderr.splitlines()), refused.stderr
-    assert first.wait(timeout=240) == 0, first.stderr.read()
-    assert _train_metrics(out) == _train_metrics(reference)
-
-
-def test_resume_from_an_older_checkpoint_keeps_the_newer_run_and_continues_its_own(tmp_path, train_setup, train_reference):
-    """--resume of ckpt 6 in a finished run: ckpt 8, its metrics, plot and export move aside (never deleted,
-    never pruned); a SIGTERM's "continue with" resumes this run's newest checkpoint; metrics and the final
-    loss are those of the uninterrupted run."""
-    reference, stdout = train_reference
-    run = tmp_path / "run"
-    shutil.copytree(reference, run)
-    proc = subprocess.Popen([sys.executable, "train.py", *_train_args(run, train_setup, "--keep-ckpts", "1",
-                                                                      "--resume", str(run / "ckpt_0000006.pt"))],
-                            cwd=_HERE, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**_TRAIN_ENV, "PYTHONUNBUFFERED": "1"})
-    lines = []
-    while not lines or lines[-1] and not lines[-1].startswith(("step 7/8", "final val loss")):  # "": the run ended
-        lines.append(proc.stdout.readline())
-    proc.send_signal(signal.SIGTERM)  # in the loop: it stops after step 7 or 8, with a checkpoint
-    out, err = proc.communicate(timeout=120)
-    out = "".join(lines) + out
-    assert proc.returncode == train.INTERRUPTED and "Traceback" not in err, err
-    aside = run / "after_step_6"
-    assert f"the newer checkpoints (ckpt_0000008.pt) and their metrics, plot and export are kept in {aside}\n" in out
-    assert (aside / "ckpt_0000008.pt").read_bytes() == Path(reference, "ckpt_0000008.pt").read_bytes()
-    assert (aside / "hf" / "model.safetensors").read_bytes() == Path(reference, "hf", "model.safetensors").read_bytes()
-    assert _train_metrics(aside) == [r for r in _train_metrics(reference) if r["step"] > 6]
-    kept = _train_snapshot(aside)
-    command = out.rpartition("continue with: ")[2].split()
-    stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", out)[1])
-    assert command[-2:] == ["--resume", str(run / f"ckpt_{stopped:07d}.pt")]
-    finished = _train_run(command[2:])
-    assert _train_metrics(run) == _train_metrics(reference)
-    final = re.compile(r"final val loss [\d.]+")
-    assert final.search(finished.stdout)[0] == final.search(stdout)[0]
-    assert _train_snapshot(aside) == kept
-    assert sorted(p.name for p in run.glob("ckpt_*.pt")) == ["ckpt_0000008.pt"]  # --keep-ckpts 1 of this run's own
-
-
-def test_signals_during_a_checkpoint_write_exit_130_and_leave_it_whole(tmp_path, train_setup):
-    """Ctrl-C, Ctrl-C, SIGTERM, Ctrl-C while ckpt 2 is written (torch.save slowed so that they land in it):
-    the write completes, then the run stops with status 130 and one line, no traceback, no temporary file."""
-    out = tmp_path / "run"
-    slowed = ("import runpy, sys, time, torch\n"
-              "save = torch.save\n"
-              "class Slow:\n"
-              "    def __init__(self, f): self.f = f\n"
-              "    def write(self, b): time.sleep(0.02); return self.f.write(b)\n"
-              "    def flush(self): self.f.flush()\n"
-              "torch.save = lambda obj, f: save(obj, Slow(f))\n"
-              f"sys.argv = ['train.py', *{_train_args(out, train_setup)!r}]\n"
-              "runpy.run_path('train.py', run_name='__main__')\n")
-    proc = subprocess.Popen([sys.executable, "-c", slowed], cwd=_HERE, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=_TRAIN_ENV)
-    tmp, deadline = out / "ckpt_0000002.pt.tmp", time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not tmp.exists():
-        time.sleep(0.005)
-    for sig in (signal.SIGINT, signal.SIGINT, signal.SIGTERM, signal.SIGINT):
-        proc.send_signal(sig)
-        time.sleep(0.05)
-    assert tmp.exists(), "the signals did not all land during the write"
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == train.INTERRUPTED, stderr
-    assert stderr.strip() == "train.py: interrupted"
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt_0000002.pt", "config.json", "metrics.jsonl", train.LOCK,
-                                                     train.MANIFEST]
-    assert train.load_checkpoint(str(out / "ckpt_0000002.pt"))["step"] == 2
-
-
-@pytest.mark.parametrize("make, argv, named", [
-    (lambda d: (d / "f").write_text("x"), ["--out", "{d}/f"], "--out {d}/f: exists and is not a folder"),
-    (lambda d: (d / "f").write_text("x"), ["--out", "{d}/f/run"], "--out {d}/f/run: cannot write {d}/f/run: Not a directory"),
-    (lambda d: (d / "f").write_text("x"), ["--data-cache", "{d}/f", "--data", "{d}/f"], "--data-cache {d}/f/"),
-    (lambda d: None, ["--resume", "--overwrite"], "argument --overwrite: not allowed with --resume"),
-])
-def test_bad_run_folders_fail_in_one_line_naming_the_path(tmp_path, train_setup, make, argv, named):
-    make(tmp_path)
-    argv = [a.format(d=tmp_path) for a in argv]
-    done = subprocess.run([sys.executable, "train.py", *_train_args(tmp_path / "run", train_setup), *argv], cwd=_HERE,
-                          capture_output=True, text=True, timeout=120, env=_TRAIN_ENV)
-    assert done.returncode in (1, 2) and "Traceback" not in done.stderr
-    assert named.format(d=tmp_path) in done.stderr.strip().splitlines()[-1], done.stderr
-
-
-def test_hf_export_loads_in_auto_tokenizer_and_generates_as_kimik2(train_reference):
-    transformers = pytest.importorskip("transformers", reason="transformers not installed: the HF export is checked against it")
-    hf = os.path.join(train_reference[0], "hf")
-    tokenizer, ours = transformers.AutoTokenizer.from_pretrained(hf), data.ByteTokenizer()
-    for text in ["Kimi-K2 \u00e9t\u00e9 \u65e5\u672c \U0001f389", " two  spaces\n\ttab", "nul\x00inside", "<0x41>"]:
-        ids = tokenizer(text)["input_ids"]
-        assert ids == ours.encode(text) and tokenizer.decode(ids) == text
-    assert tokenizer.eos_token_id == ours.eos == 0
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf)
-    prompt = tokenizer("def main(", return_tensors="pt")["input_ids"]  # (1, 9)
-    theirs = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)[0, prompt.shape[1]:]
-    mine = KimiK2.from_pretrained(hf).generate(prompt, 12, temperature=0)[0, prompt.shape[1]:]
-    assert theirs.tolist() == mine.tolist()
-    assert tokenizer.decode(theirs) == ours.decode(mine.tolist())
 
 
 def test_wsd_schedule_warms_up_holds_then_decays_to_min_ratio():
@@ -3748,45 +2181,6 @@ def test_val_seed_scores_runs_of_different_seeds_on_the_same_batches():
     assert val_loss("--seed", "0") == val_loss("--seed", "5", "--val-seed", "0")
 
 
-# --------------------------------------------------------------------------------------------------
-# Experiments: --set and --val-data
-
-
-def _run_model_config(tmp_path, train_setup, *overrides):
-    """The model config a one-step train.py run with these --set overrides actually trained."""
-    train.main(_train_args(tmp_path, train_setup, "--max-steps", "1", "--sample-tokens", "0",
-                           *[a for o in overrides for a in ("--set", o)]))
-    with open(tmp_path / "config.json") as f:
-        return Config(**json.load(f)["model"])
-
-
-def test_set_routed_experts_keeps_activated_params_and_adds_whole_experts(tmp_path, train_setup):
-    base = Config(**json.loads(train_setup[1].read_text()))
-    wider = _run_model_config(tmp_path, train_setup, "n_routed_experts=16")
-    assert (wider.n_routed_experts, wider.num_experts_per_tok, wider.moe_intermediate_size) == \
-        (16, base.num_experts_per_tok, base.moe_intermediate_size)
-    before, after = count_params(base), count_params(wider)
-    added, layers, D = 16 - base.n_routed_experts, before["moe_layers"], base.hidden_size
-    # each added expert: its three projections, plus its router row and bias in every MoE layer;
-    # a token still runs num_experts_per_tok of them, so only the router grows what it activates
-    assert after["total"] - before["total"] == layers * added * (3 * base.moe_intermediate_size * D + D + 1)
-    assert after["activated"] - before["activated"] == layers * added * (D + 1)
-
-
-def test_set_doubles_heads_and_keeps_every_per_head_dim(tmp_path, train_setup):
-    base = Config(**json.loads(train_setup[1].read_text()))
-    H = base.num_attention_heads
-    doubled = _run_model_config(tmp_path, train_setup, f"num_attention_heads={2 * H}", f"num_key_value_heads={2 * H}")
-    dims = ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "q_lora_rank", "kv_lora_rank", "hidden_size")
-    assert doubled.num_attention_heads == 2 * H
-    assert [getattr(doubled, d) for d in dims] == [getattr(base, d) for d in dims]
-    # per layer and added head: a q_b_proj slice, a kv_b_proj slice and an o_proj slice
-    per_head = (base.q_lora_rank * base.qk_head_dim + base.kv_lora_rank * (base.qk_nope_head_dim + base.v_head_dim)
-                + base.v_head_dim * base.hidden_size)
-    grown = count_params(doubled)["total"] - count_params(base)["total"]
-    assert grown == base.num_hidden_layers * H * per_head
-
-
 @pytest.mark.parametrize("override, named", [
     ("n_routed_expert=64", "'n_routed_expert' is not a Config field"),
     ("n_routed_experts=1.5", "Config field n_routed_experts takes int, got '1.5'"),
@@ -3806,39 +2200,3 @@ def test_set_parses_values_by_field_type():
                              "--set", "rope_theta=1e4", "--set", 'rope_scaling={"type": "yarn"}'])
     assert args.set == [("q_lora_rank", None), ("tie_word_embeddings", True), ("rope_theta", 1e4),
                         ("rope_scaling", {"type": "yarn"})]
-
-
-def test_set_that_breaks_the_config_fails_naming_the_field(tmp_path, train_setup):
-    with pytest.raises(SystemExit, match=r"--set num_attention_heads=8: Config\.num_key_value_heads"):
-        train.main(_train_args(tmp_path, train_setup, "--set", "num_attention_heads=8"))
-
-
-def test_val_data_is_the_whole_validation_set_and_all_of_data_trains(tmp_path, train_setup, monkeypatch):
-    train_texts = [f"training document {i}: " + "the quick brown fox " * 5 for i in range(20)]
-    val_texts = ["held-out one: " + "lorem ipsum dolor " * 6, "held-out two: " + "sit amet elit " * 8]
-    for name, texts in (("train.jsonl", train_texts), ("val.jsonl", val_texts)):
-        (tmp_path / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    seen = []
-
-    class Recording(data.BatchSampler):
-        def __init__(self, tokens, *args, **kwargs):
-            seen.append(bytes(np.asarray(tokens)).split(b"\0")[:-1])  # documents, eos-separated
-            super().__init__(tokens, *args, **kwargs)
-
-    monkeypatch.setattr(train.data, "BatchSampler", Recording)
-    train.main(_train_args(tmp_path / "run", train_setup, "--max-steps", "1", "--sample-tokens", "0",
-                           "--data", str(tmp_path / "train.jsonl"), "--val-data", str(tmp_path / "val.jsonl")))
-    trained, *evaluated = seen  # the training sampler, then one fresh sampler per evaluation
-    assert sorted(trained) == sorted(t.encode() for t in train_texts)  # none held back for validation
-    assert evaluated and all(sorted(v) == sorted(t.encode() for t in val_texts) for v in evaluated)
-
-
-if __name__ == "__main__":
-    if sys.argv[1] == "model-dtensor-clip":
-        _model_dtensor_clip_worker(sys.argv[2])
-    elif sys.argv[1] == "model-router-bias":
-        _model_router_bias_worker(sys.argv[2])
-    elif sys.argv[1] == "muonclip-dist":
-        _muon_dist_worker(sys.argv[2])
-    elif sys.argv[1] == "muonclip-hf-trainer":
-        _muon_hf_trainer_worker(sys.argv[2])
