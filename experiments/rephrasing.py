@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 import data
 from kimik2 import KimiK2
-from train import _pyplot
+from train_run import pyplot
 
 TOKENS_PER_STEP = 16 * 128  # train.py's default batch of 16 sequences of 128 tokens
 
@@ -386,7 +386,7 @@ def report(result: dict) -> str:
 
 
 def plot(result: dict, path: str):
-    if (plt := _pyplot(path)) is None:
+    if (plt := pyplot(path)) is None:
         return
     s, scores = result["settings"], result["scores"]
     columns = COLUMNS
