@@ -33,7 +33,6 @@ shares of the training text (see `prepare`).
 from __future__ import annotations  # the rephrasing half comes first and names Document, defined below
 
 import argparse
-import ast
 import errno
 import hashlib
 import json
@@ -42,18 +41,13 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import stat
 import sys
-import sysconfig
-import tempfile
 import threading
-import traceback
 from collections import Counter
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
@@ -359,23 +353,36 @@ def _drift(score: dict) -> str:
     return f"drifted from the source ({feedback})"
 
 
-# The corpus-scale client (backends, shards, the output lock, resume, its command line) lives in
-# data_rephrase.py; its names are reachable here too (`data.rephrase_corpus`), imported on first use.
-REPHRASE_CLIENT = {"OpenAIEndpoint", "ChatEndpoint", "EmbeddingEndpoint", "CheckpointGenerator", "MAX_REPLY_BYTES",
-                   "rephrase_corpus", "rephrase_key", "in_shard", "exclusive_output", "completed_keys", "styles_for",
-                   "record_line"}
+# Companions, imported on first use: data_rephrase.py (the corpus-scale client: backends, shards, the
+# output lock, resume; the command lines and their error boundary) and data_builtin.py (the built-in
+# corpus). Their names are reachable here too (`data.rephrase_corpus`, `data.main`).
+COMPANION_NAMES = {
+    "data_rephrase": {"OpenAIEndpoint", "ChatEndpoint", "EmbeddingEndpoint", "CheckpointGenerator", "MAX_REPLY_BYTES",
+                      "rephrase_corpus", "rephrase_key", "in_shard", "exclusive_output", "completed_keys",
+                      "styles_for", "record_line", "main", "run_stats", "error_boundary", "exit_now", "Interrupted",
+                      "STOP_SIGNALS"},
+    "data_builtin": {"STDLIB", "BUILTIN_DOMAINS", "stdlib_documents", "math_documents", "MATH_KINDS"},
+}
+
+
+def _companion(module: str, needed_for: str):
+    """The companion module, or one line (ModuleNotFoundError) saying to copy it beside data.py."""
+    try:
+        return __import__(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise ModuleNotFoundError(f"{needed_for} lives in {module}.py; copy it beside data.py", name=module) from None
 
 
 def __getattr__(name):
-    if name not in REPHRASE_CLIENT and name != "rephrase_main":
-        raise AttributeError(f"module 'data' has no attribute {name!r}")
-    try:
-        import data_rephrase
-    except ModuleNotFoundError as e:
-        if e.name != "data_rephrase":
-            raise
-        raise AttributeError(f"data.{name} lives in data_rephrase.py; copy it beside data.py") from None
-    return getattr(data_rephrase, "main" if name == "rephrase_main" else name)
+    for module, names in COMPANION_NAMES.items():
+        if name in names:
+            try:
+                return getattr(_companion(module, f"data.{name}"), name)
+            except ModuleNotFoundError as e:
+                raise AttributeError(str(e)) from None
+    raise AttributeError(f"module 'data' has no attribute {name!r}")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -635,22 +642,12 @@ def parse_source(spec: str) -> Source:
     return Source(domain or "user", weight, files, skipped)
 
 
-BUILTIN_DOMAINS = ("code", "knowledge", "math")
-
-
-def _builtin_documents(spec: str, seed: int) -> list[Document]:
-    """'builtin' or 'builtin:DOMAIN[,DOMAIN]' -> the embedded corpus's documents (see its section)."""
-    domains = (spec.partition(":")[2] or ",".join(BUILTIN_DOMAINS)).split(",")
-    if unknown := sorted(set(domains) - set(BUILTIN_DOMAINS)):
-        raise DataError(f"data source {spec!r}: unknown built-in domain(s) {unknown}; "
-                        f"the built-in domains are {', '.join(BUILTIN_DOMAINS)}")
-    docs = []
-    if "code" in domains or "knowledge" in domains:
-        code, knowledge = stdlib_documents(seed)
-        docs += (code if "code" in domains else []) + (knowledge if "knowledge" in domains else [])
-    if "math" in domains:
-        docs += math_documents(seed=seed)
-    return docs
+def _builtin():
+    """data_builtin.py, which holds the built-in corpus; without it, "builtin" is a DataError."""
+    try:
+        return _companion("data_builtin", 'data source "builtin"')
+    except ModuleNotFoundError as e:
+        raise DataError(f"{e} (files and folders need only data.py)") from None
 
 
 def load_documents(sources=("builtin",), seed=0, max_doc_chars=1_000_000, report=None):
@@ -660,7 +657,7 @@ def load_documents(sources=("builtin",), seed=0, max_doc_chars=1_000_000, report
     docs = []
     for spec in map(str, sources):
         if spec.startswith("builtin"):
-            docs += _builtin_documents(spec, seed)
+            docs += _builtin().builtin_documents(spec, seed)
             continue
         source = parse_source(spec)
         for count, where, why in source.skipped:
@@ -779,13 +776,16 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 def _cache_key(sources, tokenizer, settings) -> str:
     """Hash of everything the token files depend on. User files enter by (path, size, mtime) like
-    make; the built-in corpus by the Python version; this file by its bytes, so any edit of the
-    generators or the split rebuilds."""
+    make; the built-in corpus by the Python version and data_builtin.py's bytes; this file by its
+    bytes, so any edit of the loader, the generators or the split rebuilds."""
     h = hashlib.sha256(Path(__file__).read_bytes())
-    h.update(json.dumps([settings, _tokenizer_fingerprint(tokenizer), sys.version, str(STDLIB)]).encode())
+    h.update(json.dumps([settings, _tokenizer_fingerprint(tokenizer), sys.version]).encode())
     for spec in map(str, sources):
         h.update(spec.encode())
-        if not spec.startswith("builtin"):
+        if spec.startswith("builtin"):
+            builtin = _builtin()
+            h.update(Path(builtin.__file__).read_bytes() + str(builtin.STDLIB).encode())
+        else:
             for path in parse_source(spec).files:
                 st = path.stat()
                 h.update(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -1089,249 +1089,6 @@ def unigram_entropy(tokens, chunk=1 << 24) -> float:
 
 
 # -----------------------------------------------------------------------------------------------
-# The built-in corpus: the standard library's code and documentation, and generated maths
-
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "_bundled"}
-CODE_BYTES = 2_000_000       # standard-library source used as the code domain (of about 12 MB)
-KNOWLEDGE_BYTES = 2_000_000  # cap on pydoc topics + docstrings (about 2 MB are available)
-MATH_PROBLEMS = 6_000        # generated worked problems, about 1.5 MB before duplicates are dropped
-
-
-def _stdlib_files(seed: int) -> list[Path]:
-    """The standard library's own .py files (no tests, no installed packages), in a seeded order."""
-    paths = []
-    for root, dirs, files in os.walk(STDLIB):
-        dirs[:] = sorted(d for d in dirs if d not in STDLIB_SKIP)
-        paths += [Path(root, f) for f in sorted(files) if f.endswith(".py")]
-    random.Random(seed).shuffle(paths)
-    return paths
-
-
-def _docstring_document(path: Path, source: str) -> str | None:
-    """pydoc-like text from one module: its docstring, then every public class and function's
-    signature and docstring. Parsed with `ast`, never imported (importing runs code)."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return None
-    module = ".".join(path.relative_to(STDLIB).with_suffix("").parts).removesuffix(".__init__")
-    parts = [ast.get_docstring(tree) or ""]
-
-    def visit(node, prefix):
-        for child in node.body:
-            if not isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            if child.name.startswith("_"):
-                continue
-            doc = ast.get_docstring(child)
-            signature = "" if isinstance(child, ast.ClassDef) else f"({ast.unparse(child.args)})"
-            if doc:
-                parts.append(f"{prefix}{child.name}{signature}\n    " + doc.replace("\n", "\n    "))
-            if isinstance(child, ast.ClassDef):
-                visit(child, f"{prefix}{child.name}.")
-
-    visit(tree, "")
-    if not any(parts):
-        return None
-    return "\n\n".join([f"Help on module {module}:"] + [p for p in parts if p])
-
-
-def stdlib_documents(seed=0, code_bytes=CODE_BYTES, knowledge_bytes=KNOWLEDGE_BYTES):
-    """The code and knowledge domains, from disjoint sets of standard-library files so that no
-    docstring is both a code document and a knowledge document. Returns (code, knowledge)."""
-    from pydoc_data.topics import topics
-    code, knowledge = [], []
-    used_code = 0
-    used_knowledge = 0
-    for key in sorted(topics):
-        if used_knowledge < knowledge_bytes:
-            knowledge.append(Document("knowledge", f"pydoc:{key}", topics[key]))
-            used_knowledge += len(topics[key])
-    for path in _stdlib_files(seed):
-        if used_code >= code_bytes and used_knowledge >= knowledge_bytes:
-            break
-        source = path.read_text(encoding="utf-8", errors="replace")
-        if used_code < code_bytes:
-            code.append(Document("code", str(path.relative_to(STDLIB)), source))
-            used_code += len(source)
-        elif (doc := _docstring_document(path, source)) is not None:
-            knowledge.append(Document("knowledge", f"docstrings:{path.relative_to(STDLIB)}", doc))
-            used_knowledge += len(doc)
-    return code, knowledge
-
-
-# Mathematics: each generator returns (problem, steps, answer) from a random.Random; a problem's
-# text depends only on (seed, index), so the corpus is reproducible and grows without reshuffling.
-
-def _linear(terms) -> str:
-    """Render [(3, "x"), (-1, "y"), (5, "")] as '3x - y + 5'; zero terms are dropped."""
-    out = ""
-    for coef, var in terms:
-        if coef == 0:
-            continue
-        body = f"{'' if abs(coef) == 1 and var else abs(coef)}{var}"
-        out = (("-" if coef < 0 else "") + body) if not out else f"{out} {'-' if coef < 0 else '+'} {body}"
-    return out or "0"
-
-
-def _p(n) -> str:
-    """A number as a factor: negative numbers in brackets."""
-    return f"({n})" if n < 0 else f"{n}"
-
-
-def _nonzero(rng, lo, hi, exclude=()):
-    return rng.choice([i for i in range(lo, hi + 1) if i != 0 and i not in exclude])
-
-
-def _order_of_operations(rng):
-    a, b, c, d = (rng.randint(2, 20) for _ in range(4))
-    form = rng.randrange(4)
-    if form == 0:
-        return (f"Compute {a} + {b} * {c}.",
-                [f"Multiplication comes before addition: {b} * {c} = {b * c}.",
-                 f"Then {a} + {b * c} = {a + b * c}."], f"{a + b * c}")
-    if form == 1:
-        return (f"Compute ({a} + {b}) * {c}.",
-                [f"Work inside the brackets first: {a} + {b} = {a + b}.",
-                 f"Then {a + b} * {c} = {(a + b) * c}."], f"{(a + b) * c}")
-    if form == 2:
-        return (f"Compute {a} * {b} - {c} * {d}.",
-                [f"Do both multiplications first: {a} * {b} = {a * b} and {c} * {d} = {c * d}.",
-                 f"Then {a * b} - {c * d} = {a * b - c * d}."], f"{a * b - c * d}")
-    return (f"Compute {a} - {b * c} / {c}.",
-            [f"Division comes before subtraction: {b * c} / {c} = {b}.",
-             f"Then {a} - {b} = {a - b}."], f"{a - b}")
-
-
-def _fractions(rng):
-    b, d = rng.randint(2, 12), rng.randint(2, 12)
-    a, c = rng.randint(1, 2 * b), rng.randint(1, 2 * d)
-    op = rng.choice("+-*")
-    if op == "*":
-        num, den, result = a * c, b * d, Fraction(a, b) * Fraction(c, d)
-        steps = [f"Multiply numerators and denominators: ({a} * {c}) / ({b} * {d}) = {num}/{den}."]
-    else:
-        den = math.lcm(b, d)
-        na, nc = a * (den // b), c * (den // d)
-        num = na + nc if op == "+" else na - nc
-        result = Fraction(a, b) + Fraction(c, d) if op == "+" else Fraction(a, b) - Fraction(c, d)
-        steps = [f"The least common denominator of {b} and {d} is {den}.",
-                 f"Rewrite both fractions over {den}: {a}/{b} = {na}/{den} and {c}/{d} = {nc}/{den}.",
-                 f"{'Add' if op == '+' else 'Subtract'} the numerators: {na} {op} {nc} = {num}, "
-                 f"giving {num}/{den}."]
-    g = math.gcd(num, den)
-    steps.append(f"Divide numerator and denominator by their greatest common divisor {g}: "
-                 f"{num}/{den} = {result}." if g > 1 else f"{num}/{den} is already in lowest terms.")
-    return f"Compute {a}/{b} {op} {c}/{d} and simplify.", steps, f"{result}"
-
-
-def _linear_equation(rng):
-    x, a, b = rng.randint(-12, 12), _nonzero(rng, -9, 9, exclude=(1,)), _nonzero(rng, -30, 30)
-    c = a * x + b
-    move = f"Subtract {b} from" if b > 0 else f"Add {-b} to"
-    return (f"Solve {_linear([(a, 'x'), (b, '')])} = {c} for x.",
-            [f"{move} both sides: {_linear([(a, 'x')])} = {c - b}.",
-             f"Divide both sides by {a}: x = {c - b} / {_p(a)} = {x}.",
-             f"Check: {a} * {_p(x)} + {_p(b)} = {a * x} + {_p(b)} = {c}, as required."], f"x = {x}")
-
-
-def _linear_system(rng):
-    x, y = rng.randint(-9, 9), rng.randint(-9, 9)
-    b1, a2 = _nonzero(rng, -5, 5), _nonzero(rng, -5, 5)
-    b2 = rng.choice([v for v in range(-5, 6) if v != a2 * b1])  # keeps the system solvable
-    c1, c2 = x + b1 * y, a2 * x + b2 * y
-    k, rhs = b2 - a2 * b1, c2 - a2 * c1
-    substituted = f"{a2} * ({_linear([(c1, ''), (-b1, 'y')])})"
-    if b2:
-        substituted += f" {'+' if b2 > 0 else '-'} {_linear([(abs(b2), 'y')])}"
-    return (f"Solve the system {_linear([(1, 'x'), (b1, 'y')])} = {c1} and "
-            f"{_linear([(a2, 'x'), (b2, 'y')])} = {c2}.",
-            [f"From the first equation, x = {_linear([(c1, ''), (-b1, 'y')])}.",
-             f"Substitute into the second: {substituted} = {c2}.",
-             f"Expand and collect the y terms: {k}y = {c2} - {_p(a2 * c1)} = {rhs}.",
-             f"So y = {rhs} / {_p(k)} = {y}.",
-             f"Then x = {c1} - {_p(b1)} * {_p(y)} = {x}.",
-             f"Check: {a2} * {_p(x)} + {_p(b2)} * {_p(y)} = {c2}, as required."], f"x = {x}, y = {y}")
-
-
-def _quadratic(rng):
-    r, s = sorted((rng.randint(-15, 15), rng.randint(-15, 15)))
-    a, b, c = rng.choice((1, 1, 2, 3, 4, 5)), -(r + s), r * s
-    roots = f"x = {r} or x = {s}" if r != s else f"x = {r}"
-    monic = _linear([(1, 'x^2'), (b, 'x'), (c, '')])
-    return (f"Solve {_linear([(a, 'x^2'), (a * b, 'x'), (a * c, '')])} = 0.",
-            ([f"Divide both sides by {a}: {monic} = 0."] if a > 1 else []) +
-            [f"Look for two numbers whose product is {c} and whose sum is {b}: {-r} and {-s}.",
-             f"So the equation factors as ({_linear([(1, 'x'), (-r, '')])})"
-             f"({_linear([(1, 'x'), (-s, '')])}) = 0.",
-             f"A product is zero only when one of its factors is zero, so {roots}."], roots)
-
-
-def _percentages(rng):
-    p, n = rng.randrange(5, 100, 5), 20 * rng.randint(2, 60)
-    part = p * n // 100  # exact: p is a multiple of 5 and n of 20
-    form = rng.randrange(3)
-    if form == 0:
-        return (f"What is {p}% of {n}?",
-                [f"{p}% means {p}/100 = {p / 100:g}.", f"{p / 100:g} * {n} = {part}."], f"{part}")
-    if form == 1:
-        up = rng.random() < 0.5
-        new = n + part if up else n - part
-        return (f"A jacket costs ${n}. Its price {'rises' if up else 'falls'} by {p}%. "
-                "What is the new price?",
-                [f"{p}% of {n} is {p}/100 * {n} = {part}.",
-                 f"The new price is {n} {'+' if up else '-'} {part} = {new}."], f"${new}")
-    return (f"{part} is what percent of {n}?",
-            [f"Divide the part by the whole: {part} / {n} = {part / n:g}.",
-             f"Multiply by 100 to get a percentage: {part / n:g} * 100 = {p}%."], f"{p}%")
-
-
-def _gcd_lcm(rng):
-    g = rng.randint(2, 15)
-    a, b = sorted((g * rng.randint(2, 20), g * rng.randint(21, 40)), reverse=True)
-    steps, x, y = ["Use Euclid's algorithm: divide, then divide the divisor by the remainder."], a, b
-    while y:
-        q, r = divmod(x, y)
-        steps.append(f"{x} = {q} * {y} + {r}.")
-        x, y = y, r
-    steps += [f"The last nonzero remainder is {x}, so gcd({a}, {b}) = {x}.",
-              f"lcm({a}, {b}) = {a} * {b} / {x} = {a * b // x}."]
-    return (f"Find the greatest common divisor and the least common multiple of {a} and {b}.",
-            steps, f"gcd = {x}, lcm = {a * b // x}")
-
-
-def _speed_and_mean(rng):
-    if rng.random() < 0.5:
-        who, slowest, fastest = rng.choice((("A cyclist", 8, 30), ("A car", 40, 130), ("A train", 60, 300)))
-        v, t = rng.randint(slowest, fastest), rng.randint(2, 12)
-        return (f"{who} covers {v * t} km in {t} hours at a constant speed. What is the speed?",
-                ["Speed is distance divided by time.", f"{v * t} / {t} = {v}."], f"{v} km/h")
-    values = [rng.randint(1, 99) for _ in range(rng.choice((4, 5)))]
-    total = sum(values)
-    return (f"Find the mean of {', '.join(map(str, values))}.",
-            [f"Add the values: {' + '.join(map(str, values))} = {total}.",
-             f"Divide by how many there are: {total} / {len(values)} = {total / len(values):g}."],
-            f"{total / len(values):g}")
-
-
-MATH_KINDS = [_order_of_operations, _fractions, _linear_equation, _linear_system, _quadratic,
-              _percentages, _gcd_lcm, _speed_and_mean]
-
-
-def math_documents(n=MATH_PROBLEMS, seed=0) -> list[Document]:
-    """n worked problems; problem i depends only on (seed, i)."""
-    docs = []
-    for i in range(n):
-        rng = random.Random(f"{seed}:{i}")
-        problem, steps, answer = rng.choice(MATH_KINDS)(rng)
-        lines = [f"Problem: {problem}", "", "Solution:"]
-        lines += [s if s.startswith("Check:") else f"Step {k}: {s}" for k, s in enumerate(steps, 1)]
-        docs.append(Document("math", f"math#{i}", "\n".join(lines + ["", f"Answer: {answer}"])))
-    return docs
-
-
-# -----------------------------------------------------------------------------------------------
 # Shared by data.py and train.py: argparse numbers, atomic writes, verified reads, confined paths
 
 def number(cast, low, high=None, *, above=False):
@@ -1423,133 +1180,9 @@ def confined(root, name) -> Path:
     return path
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT, SIGTERM or SIGHUP, raised in the main thread (see `error_boundary`)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _interrupt(signum, frame):
-    for sig in STOP_SIGNALS:  # the first signal ends the program; more while it cleans up are ignored
-        signal.signal(sig, signal.SIG_IGN)
-    raise Interrupted(signum)
-
-
-STOP_SIGNALS = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]  # no SIGHUP on Windows
-
-
-def error_boundary(prog: str, run: Callable[[], int], secrets=()) -> int:
-    """Run a program's body and turn whatever ends it into an exit code and one line on stderr:
-    bad input (DataError, CorruptFile) 2; a file that cannot be read or written (OSError, a full
-    disk among them) 1, naming the file; SIGINT, SIGTERM or SIGHUP at any moment 128 + its number
-    (what was written stays whole: every writer here is atomic or resumable); anything else 1,
-    with the traceback saved to a file whose path the line gives. No string of `secrets` (an API
-    key) is ever printed or saved: it is replaced by "***"."""
-    def say(line):
-        for secret in filter(None, secrets):
-            line = line.replace(secret, "***")
-        print(f"{prog}: {line}", file=sys.stderr, flush=True)
-
-    handlers = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
+if __name__ == "__main__":  # `python data.py stats|rephrase ...`: the command lines live in data_rephrase.py
     try:
-        return run()
-    except (DataError, CorruptFile) as e:
-        say(str(e))
-        return 2
-    except KeyboardInterrupt as e:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
-        signum = getattr(e, "signum", signal.SIGINT)
-        say(f"interrupted ({signal.Signals(signum).name}); what was written stays, and the same command resumes")
-        return 128 + signum
-    except Exception as e:
-        if isinstance(e, OSError) and e.filename is not None:  # a full disk among them
-            say(f"{e.filename}: {e.strerror or e}")
-            return 1
-        say(f"unexpected error: {_one_line(f'{type(e).__name__}: {e}')} ({_save_traceback(prog, secrets)})")
-        return 1
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-
-
-def _save_traceback(prog: str, secrets) -> str:
-    """The traceback being handled, `secrets` replaced by ***, saved to a new file: where it is."""
-    text = traceback.format_exc()
-    for secret in filter(None, secrets):
-        text = text.replace(secret, "***")
-    try:
-        fd, saved = tempfile.mkstemp(prefix=f"{prog.split()[0].removesuffix('.py')}-traceback-", suffix=".txt")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-    except OSError as e:
-        return f"its traceback could not be saved: {e.strerror}"
-    return f"traceback saved to {saved}"
-
-
-def _one_line(text: str, limit=300) -> str:
-    """An error text (a server's body may hold anything) as one line of at most `limit` characters."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def exit_now(code: int):
-    """Leave with `code`; after a signal at once, not after the requests still in flight (their
-    pairs are redone on resume)."""
-    if code >= 128:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
-
-
-# -----------------------------------------------------------------------------------------------
-# Command line
-
-
-def run_stats(args) -> int:
-    info = prepare(args.cache_dir, args.data, val_fraction=args.val_fraction, seed=args.seed)
-    print(f"{'domain':<12}{'docs':>9}{'bytes':>13}{'train tokens':>15}{'val tokens':>13}{'epochs':>8}")
-    for domain, s in sorted(info["stats"].items()):
-        print(f"{domain:<12}{s['train_docs'] + s['val_docs']:>9,}{s['bytes']:>13,}"
-              f"{s['train_tokens']:>15,}{s['val_tokens']:>13,}{s['epochs']:>8}")
-    train = load_tokens(info, "train")
-    print(f"total: {info['tokens']['train']:,} train + {info['tokens']['val']:,} val tokens "
-          f"({info['dtype']}, vocab {info['vocab_size']}, eos {info['eos']}); unigram entropy "
-          f"{unigram_entropy(train):.3f} nats/token; cache {info['dir']}"
-          f"{' (reused)' if info['cached'] else ''}")
-    if info.get("rebuilt"):
-        print(f"token cache rebuilt: {info['rebuilt']}")
-    report = {k: v for k, v in info["load_report"].items() if k != "problems" and v}
-    print("loader:", ", ".join(f"{k} {v}" for k, v in report.items()))
-    for problem in info["load_report"]["problems"]:
-        print(f"  {problem}")
-    return 0
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    stats = commands.add_parser("stats", help="documents, bytes and tokens per domain")
-    stats.add_argument("--data", nargs="+", default=None,
-                       help="builtin[:DOMAIN] or [DOMAIN[:WEIGHT]=]PATH (default: builtin)")
-    stats.add_argument("--cache-dir", default="data_cache")
-    stats.add_argument("--val-fraction", type=number(float, 0, 1), default=0.05)
-    stats.add_argument("--seed", type=int, default=0)
-    commands.add_parser("rephrase", add_help=False,  # handed to data_rephrase.py before parsing, see main
-                        help="rewrite documents with an LLM (K2 rephrasing): data.py rephrase --help")
-    return parser
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["rephrase"]:  # the corpus-scale client lives in its companion file
-        return __getattr__("rephrase_main")(argv[1:], prog="data.py rephrase")
-    args = _parser().parse_args(argv)
-    return error_boundary(f"data.py {args.command}", lambda: run_stats(args))
-
-
-if __name__ == "__main__":
-    exit_now(main())
+        cli = _companion("data_rephrase", "data.py's command line")
+    except ModuleNotFoundError as e:
+        sys.exit(f"data.py: {e}")
+    cli.exit_now(cli.main())
