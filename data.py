@@ -9,26 +9,24 @@ maths rewritten as "learning notes" and non-English maths translated. In reading
 - Rephrasing: the prompts (`STYLES`, `rephrase_messages`), `split_chunks`, `rephrase_chunkwise`
   (chunk by chunk, the rewrite so far in each prompt, failures retried with their reason), and
   `fidelity` (a lexical, an embedding or an LLM-judge measure, and "every number survives"). Any
-  callable `generate(messages) -> str` is the rephraser. The corpus-scale client (HTTP backends,
-  shards, the output lock, resume, its command line) is data_rephrase.py.
+  callable `generate(messages) -> str` is the rephraser.
 - The training data: `ByteTokenizer` (256 ids, lossless; any object with `encode`, `decode`,
   `vocab_size`, `eos` plugs in); documents from files or folders of .txt, .md, .py and .jsonl
-  (field "text"), everything odd in them counted in a `LoadReport`, bad input a `DataError` naming
-  it; `prepare`: split by document, per-domain mixture weights, tokenised once into memory-mapped
-  files cached under a hash of inputs and settings, each file's length and SHA-256 recorded and
-  checked before use; `BatchSampler`: batches that are a pure function of (seed, step), so a resumed
-  run sees exactly the batches it would have seen, the global batch independent of the number of
-  DDP processes; `unigram_entropy`, the loss val loss must beat; the built-in corpus (the standard
-  library's code and documentation, generated maths), so `python train.py` works offline.
-- Shared with train.py: `number`, `write_atomically`, `digest`/`verify`, `confined`, `error_boundary`.
+  (field "text"), everything odd counted in a `LoadReport`, bad input a `DataError` naming it;
+  `prepare`: split by document, per-domain mixture weights, tokenised once into memory-mapped files
+  cached under a hash of inputs and settings, each checked (length, SHA-256) before use;
+  `BatchSampler`: batches that are a pure function of (seed, step), so a resumed run sees exactly
+  the batches it would have seen, on any number of DDP processes; `unigram_entropy`, the loss val
+  loss must beat. Shared with train.py: `number`, `write_atomically`, `digest`/`verify`, `confined`.
 
-Run:
+Companions, copied beside this file: data_builtin.py, the built-in corpus (the standard library's
+code and documentation, generated maths: `python train.py` works offline), and data_rephrase.py,
+the corpus-scale rephrasing client and the command line:
     python data.py stats [--data SOURCE ...] [--cache-dir data_cache]
-    python data.py rephrase ...        (data_rephrase.py's command line)
+    python data.py rephrase ...        (= python data_rephrase.py ...)
 Sources: "builtin" (all three default domains), "builtin:code", "builtin:knowledge", "builtin:math",
-or "[DOMAIN[:WEIGHT]=]PATH" for a file or folder (domain "user" when not named). A rephrase output
-file is a source like any other: `knowledge=docs/ rephrased:0.5=rephrased.jsonl`. Weights are
-shares of the training text (see `prepare`).
+or "[DOMAIN[:WEIGHT]=]PATH" for a file or folder (domain "user" when not named), a rephrase output
+among them: `knowledge=docs/ rephrased:0.5=rephrased.jsonl`. Weights: see `prepare`.
 """
 from __future__ import annotations  # the rephrasing half comes first and names Document, defined below
 
@@ -353,9 +351,9 @@ def _drift(score: dict) -> str:
     return f"drifted from the source ({feedback})"
 
 
-# Companions, imported on first use: data_rephrase.py (the corpus-scale client: backends, shards, the
-# output lock, resume; the command lines and their error boundary) and data_builtin.py (the built-in
-# corpus). Their names are reachable here too (`data.rephrase_corpus`, `data.main`).
+# The companions' names are reachable here too (`data.rephrase_corpus`, `data.main`), imported on
+# first use: data_rephrase.py (backends, shards, the output lock, resume; the command line and its
+# error boundary) and data_builtin.py (the built-in corpus).
 COMPANION_NAMES = {
     "data_rephrase": {"OpenAIEndpoint", "ChatEndpoint", "EmbeddingEndpoint", "CheckpointGenerator", "MAX_REPLY_BYTES",
                       "rephrase_corpus", "rephrase_key", "in_shard", "exclusive_output", "completed_keys",
@@ -365,29 +363,25 @@ COMPANION_NAMES = {
 }
 
 
-def _companion(module: str, needed_for: str):
-    """The companion module, or one line (ModuleNotFoundError) saying to copy it beside data.py."""
+def _companion(module: str, needed_for: str, error=ModuleNotFoundError):
+    """The companion module, imported; without it, `error`: one line saying to copy it beside data.py."""
     try:
         return __import__(module)
     except ModuleNotFoundError as e:
         if e.name != module:
             raise
-        raise ModuleNotFoundError(f"{needed_for} lives in {module}.py; copy it beside data.py", name=module) from None
+        raise error(f"{needed_for} lives in {module}.py; copy it beside data.py") from None
 
 
 def __getattr__(name):
     for module, names in COMPANION_NAMES.items():
         if name in names:
-            try:
-                return getattr(_companion(module, f"data.{name}"), name)
-            except ModuleNotFoundError as e:
-                raise AttributeError(str(e)) from None
+            return getattr(_companion(module, f"data.{name}", AttributeError), name)
     raise AttributeError(f"module 'data' has no attribute {name!r}")
 
 
 # -----------------------------------------------------------------------------------------------
 # The training data. Tokenizer
-
 
 class Tokenizer(Protocol):
     """What `prepare`, the samplers and the kimik2 backend need from a tokenizer."""
@@ -400,14 +394,10 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens: 256 ids, no training, lossless for any Unicode text.
-
-    eos is 0, the NUL byte. A 256-entry vocabulary has no free id, and the model's tiny preset has
-    vocab_size 256, so rather than growing the vocabulary to 257 we spend the one byte that text
-    practically never contains. A NUL inside a document still round-trips exactly; the model merely
-    reads it as a document boundary. `decode` replaces invalid UTF-8 (a model can emit any byte
-    sequence) with U+FFFD.
-    """
+    """UTF-8 bytes as tokens: 256 ids, no training, lossless for any Unicode text. eos is 0, the NUL
+    byte: the tiny preset's 256 ids have none free, so the byte text practically never holds is
+    spent (a NUL inside a document still round-trips; the model reads it as a document boundary).
+    `decode` replaces invalid UTF-8 (a model can emit any byte sequence) with U+FFFD."""
     vocab_size = 256
     eos = 0
 
@@ -418,11 +408,10 @@ class ByteTokenizer:
         return bytes(ids).decode("utf-8", errors="replace")
 
     def save_pretrained(self, directory: str):
-        """tokenizer.json + tokenizer_config.json, so that transformers' AutoTokenizer loads this
-        tokenizer with the same ids and text: a BPE vocabulary of the 256 byte tokens <0x00>..<0xFF>
-        (id = byte) and nothing else, so byte fallback spells every character in its UTF-8 bytes;
-        eos <0x00>, id 0. (Decoding invalid UTF-8 differs: there U+FFFD replaces every byte of a run
-        of byte tokens that does not decode, where `decode` replaces only the invalid bytes.)"""
+        """tokenizer.json + tokenizer_config.json for transformers' AutoTokenizer, with the same ids
+        and text: a BPE of the 256 byte tokens <0x00>..<0xFF> (id = byte) only, so byte fallback
+        spells every character in UTF-8; eos <0x00>. (Invalid UTF-8 decodes differently: U+FFFD
+        for every byte of a run that does not decode, where `decode` replaces only the bad bytes.)"""
         byte_token = [f"<0x{b:02X}>" for b in range(256)]
         tokenizer = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
                      "pre_tokenizer": None, "post_processor": None,
@@ -484,10 +473,8 @@ LOAD_SKIPS = (  # what describe_load_report counts: input skipped, repaired or t
 
 
 def describe_load_report(info: dict) -> str:
-    """One line on what loading skipped or repaired, or found odd (the `LOAD_SKIPS` counts, with the first
-    problems as file:line examples), "" when there was nothing. Split long documents and dropped
-    duplicates are normal preparation, not problems of the input, and are left to `data.py stats`.
-    A token cache that failed its check and was rebuilt is said too."""
+    """One line on what loading skipped, repaired or found odd (the `LOAD_SKIPS` counts, the first
+    problems as file:line examples) and on a token cache rebuilt; "" when there was nothing."""
     report = info["load_report"]
     counts = [f"{report[k]} {k.replace('_', ' ')}" for k in LOAD_SKIPS if report[k]]
     line = f"skipped or repaired {', '.join(counts)} (e.g. {'; '.join(report['problems'][:3])})" if counts else ""
@@ -549,10 +536,9 @@ RECORD_CHECK = re.compile(rb'(\{"key": .*), "check": "([0-9a-f]{16})"\}', re.S)
 
 
 def checked_record(line: bytes) -> dict | None:
-    """The rephrase record on `line` (no newline) when it passes its check: its last field,
-    "check", is the SHA-256 (16 hex digits) of the line's bytes before it. None when the line does
-    not look like one (it begins with {"key": and ends with a check; a user's JSON line does not),
-    CorruptFile when it does and fails: its bytes changed after it was written."""
+    """The rephrase record on `line` (no newline) when its last field, "check", is the SHA-256 (16 hex
+    digits) of the bytes before it; None when the line is no such record (a user's JSON line is
+    not); CorruptFile when it is one and fails: its bytes changed after it was written."""
     if not (m := RECORD_CHECK.fullmatch(line)):
         return None
     if hashlib.sha256(m[1]).hexdigest()[:16].encode() != m[2]:
@@ -562,8 +548,7 @@ def checked_record(line: bytes) -> dict | None:
 
 @dataclass
 class Source:
-    """One parsed "[DOMAIN[:WEIGHT]=]PATH": the files to read, and what else a folder held, skipped:
-    (LoadReport field, path, why) each."""
+    """One parsed "[DOMAIN[:WEIGHT]=]PATH": the files to read, and (LoadReport field, path, why) per skip."""
     domain: str
     weight: float | None
     files: list
@@ -610,10 +595,9 @@ def _folder_files(folder: Path) -> tuple[list, list]:
 
 
 def parse_source(spec: str) -> Source:
-    """'[DOMAIN[:WEIGHT]=]PATH' -> Source. Folders contribute their .txt/.md/.py/.jsonl files (the
-    rest is skipped and counted, see `_folder_files`); a file named explicitly is read whatever its
-    suffix, and one that cannot be read, or a path that is no file or folder, is a DataError naming
-    it. An existing path is taken literally, "=" and all."""
+    """'[DOMAIN[:WEIGHT]=]PATH' -> Source (an existing path is taken literally, "=" and all). A file
+    named explicitly is read whatever its suffix; one that cannot be read, or a path that is no file
+    or folder, is a DataError naming it; a folder, see `_folder_files`."""
     head, _, path = ("", "", spec) if os.path.lexists(spec) else spec.rpartition("=")
     domain, _, weight_text = head.partition(":")
     weight = None
@@ -643,11 +627,8 @@ def parse_source(spec: str) -> Source:
 
 
 def _builtin():
-    """data_builtin.py, which holds the built-in corpus; without it, "builtin" is a DataError."""
-    try:
-        return _companion("data_builtin", 'data source "builtin"')
-    except ModuleNotFoundError as e:
-        raise DataError(f"{e} (files and folders need only data.py)") from None
+    """data_builtin.py, the built-in corpus (files and folders need only data.py)."""
+    return _companion("data_builtin", 'data source "builtin"', DataError)
 
 
 def load_documents(sources=("builtin",), seed=0, max_doc_chars=1_000_000, report=None):
@@ -687,9 +668,9 @@ def load_documents(sources=("builtin",), seed=0, max_doc_chars=1_000_000, report
 # Preparation: split by document, mix domains, tokenise once into memory-mapped files
 
 def _carve_validation(doc: Document, val_fraction: float) -> tuple[Document, Document]:
-    """A domain's only document, cut in two so that it still has validation text: the end of the
-    document, about val_fraction of it (at most twice that), from a paragraph break, else a
-    sentence end, else a space, else exactly at (1 - val_fraction) of its characters."""
+    """A domain's only document cut in two, so that it has validation text: its end, about
+    val_fraction of it (at most twice that), from a paragraph break, else a sentence end, else a
+    space, else exactly at (1 - val_fraction) of its characters."""
     text = doc.text
     at = min(len(text) - 1, max(1, round(len(text) * (1 - val_fraction))))
     lo = max(1, at - (len(text) - at))  # the cut lies in [lo, at]: validation gets 1x to 2x its share
@@ -703,11 +684,10 @@ def _carve_validation(doc: Document, val_fraction: float) -> tuple[Document, Doc
 
 
 def split_by_document(docs, val_fraction, seed):
-    """Per domain, the documents whose seeded hash ranks lowest go to validation:
-    round(val_fraction * n) of them, at least one if the domain has two or more documents and
-    val_fraction > 0, never all of them. Hash ranking keeps a document's side stable when others
-    are added or removed. A domain of a single document (one big file) is cut instead: its end
-    is validation (`_carve_validation`), so a one-file corpus still trains and validates."""
+    """Per domain, the round(val_fraction * n) documents whose seeded hash ranks lowest go to
+    validation (at least one when n >= 2 and val_fraction > 0, never all): a document keeps its
+    side when others are added or removed. A domain of one document is cut instead, its end to
+    validation (`_carve_validation`), so a one-file corpus still trains and validates."""
     by_domain = {}
     for doc in docs:
         by_domain.setdefault(doc.domain, []).append(doc)
@@ -728,9 +708,8 @@ def split_by_document(docs, val_fraction, seed):
 
 def mix_domains(train, weights, seed):
     """Resample training documents so that domain d holds weights[d] / sum(weights) of the training
-    text (UTF-8 bytes, total unchanged): whole documents in a seeded order, cycled when a domain is
-    up-weighted past its size (extra epochs, as K2 does with its rephrased knowledge), cut short when
-    it is down-weighted. Weight 0 drops a domain from training."""
+    text (UTF-8 bytes, total unchanged): whole documents in a seeded order, cycled past a domain's
+    size (extra epochs, as K2 gives its rephrased knowledge) or cut short; weight 0 drops a domain."""
     by_domain = {}
     for doc in train:
         by_domain.setdefault(doc.domain, []).append(doc)
@@ -754,9 +733,8 @@ def mix_domains(train, weights, seed):
 
 
 def source_weights(sources, domains, weights=None) -> dict | None:
-    """The mixture weights of a run: those stated in the sources ("DOMAIN:WEIGHT=PATH"), every
-    other domain counting 1, and `weights` (domain -> weight) over both; None (natural sizes) when
-    nothing states a weight."""
+    """The mixture weights: those stated in the sources ("DOMAIN:WEIGHT=PATH"), every other domain 1,
+    and `weights` (domain -> weight) over both; None (natural sizes) when nothing states a weight."""
     stated = {}
     for spec in map(str, sources):
         if not spec.startswith("builtin") and (source := parse_source(spec)).weight is not None:
@@ -835,20 +813,19 @@ def prepare(out_dir="data_cache", sources=None, tokenizer=None, val_fraction=0.0
     """Tokenise `sources` once into out_dir/<key>/{train,val}.bin and return their description.
 
     Every document is followed by tokenizer.eos. The split is by document (`split_by_document`), so
-    no validation text is ever in the training file; mixture weights (`source_weights`: stated in
-    the sources as "DOMAIN:WEIGHT=PATH", or `weights`, domain -> weight, each a share of the
-    training text) resample the training documents (`mix_domains`); validation keeps every domain
-    at its natural size. The files are cached under a hash of the inputs and settings and rebuilt
-    only when one of them changes, or when the cached folder fails its check (`_adopt`: never
-    trained on; "rebuilt" says why). They are built in a temporary folder, fsynced and renamed into
-    place, so a killed or concurrent `prepare` (one per DDP rank) never leaves or reads half a file;
-    a failed write (a full disk) removes the temporary folder and raises OSError naming the file.
+    no validation text is in the training file; mixture weights (`source_weights`: stated in the
+    sources as "DOMAIN:WEIGHT=PATH", or `weights`, domain -> share of the training text) resample
+    the training documents (`mix_domains`); validation keeps every domain at its natural size. The
+    files are cached under a hash of inputs and settings, rebuilt when one changes or the folder
+    fails its check (`_adopt`: never trained on; "rebuilt" says why), and built in a temporary
+    folder renamed into place, so a killed or concurrent `prepare` (one per DDP rank) never leaves
+    or reads half a file.
 
     Returns a JSON-able dict: "train"/"val" paths, "dtype", "vocab_size", "eos", "tokens" per
     split, "stats" per domain (docs, bytes, tokens per split; "epochs" = training copies per
     document), "load_report" (`LoadReport`; `describe_load_report` says it in one line), "key",
     "cached", "rebuilt", "files" (each file's `digest`). Open the files with `load_tokens`. Bad
-    sources raise DataError.
+    sources raise DataError; a failed write (a full disk), OSError naming the file.
     """
     tokenizer = tokenizer or ByteTokenizer()
     sources = [str(s) for s in (sources or ["builtin"])]
@@ -890,11 +867,9 @@ CACHE_FILES = ("train.bin", "val.bin", "meta.json")  # all that a cache folder h
 
 def _adopt(final: Path) -> tuple[dict | None, str | None]:
     """(meta.json's info, None) when `final` is a complete cache folder whose every file passes its
-    check; (None, why not) otherwise, or (None, None) when there is no folder. A folder without
-    meta.json (a copy that stopped early), with a meta.json that fails its own check or names
-    another key (another corpus's files), or with a file whose length or SHA-256 is not what was
-    written, is never used: `prepare` rebuilds it. A folder that also holds files this program does
-    not write is refused (DataError), before anything is moved."""
+    check (meta.json its own and its key, the token files their digests); (None, why not) otherwise,
+    and `prepare` rebuilds it; (None, None) when there is no folder. A folder that also holds files
+    this program does not write is refused (DataError) before anything is moved."""
     if not final.exists():
         return None, None
     if extra := sorted(set(os.listdir(final)) - set(CACHE_FILES)):
@@ -925,10 +900,8 @@ def _json_check(obj) -> str:
 
 
 def _remove_stale_builds(cache: Path):
-    """Remove what builds on this host whose process is gone left in the cache folder: a build
-    killed mid-write leaves its temporary folder (`_write_cache`'s tmp-<key>-<pid>@<host>), one
-    killed while it replaced an unusable folder leaves that folder (old-<key>-<pid>@<host>). Only
-    such names, holding only cache files, are removed. The host is in the name because a cache
+    """Remove the tmp-<key>-<pid>@<host> and old-<key>-<pid>@<host> folders (`_write_cache`), holding
+    only cache files, that killed builds on this host left. The host is in the name because a cache
     folder may be shared by machines, where another host's pid says nothing here."""
     host = socket.gethostname()
     for tmp in cache.glob("*-*-*@*"):
@@ -949,11 +922,9 @@ def _alive(pid: int) -> bool:
 
 
 def _write_cache(final: Path, splits: dict, tokenizer, info: dict) -> dict:
-    """Write each split's documents as tokens and `info` (completed with the token counts per
-    domain and split, each file's `digest`, and its own check) as meta.json into a temporary folder
-    beside `final`, fsynced, then rename it to `final`. An unusable folder in the way (see `_adopt`)
-    is moved aside first and removed after. A failure or a signal removes the temporary folder; a
-    failed write raises OSError naming the file."""
+    """Each split's tokens, and `info` (completed with token counts, each file's `digest` and its own
+    check) as meta.json, fsynced in a temporary folder then renamed to `final`; an unusable folder in
+    the way is moved aside first. A failure or a signal removes the temporary folder."""
     stats, dtype = info["stats"], np.dtype(info["dtype"])
     suffix = f"{final.name}-{os.getpid()}@{socket.gethostname()}"
     tmp, old = confined(final.parent, f"tmp-{suffix}"), confined(final.parent, f"old-{suffix}")
@@ -1001,9 +972,8 @@ def verify_once(path, expected: dict, what="file"):
 
 
 def load_tokens(info: dict, split="train") -> np.ndarray:
-    """The split's tokens as a read-only memory map (an empty array for an empty split, which
-    np.memmap cannot map), verified first against the length and SHA-256 that `prepare` recorded
-    (`verify_once`): CorruptFile names a file that changed since."""
+    """The split's tokens as a read-only memory map (an empty split, which np.memmap cannot map, as an
+    empty array), checked first against what `prepare` recorded: CorruptFile names a changed file."""
     dtype = np.dtype(info["dtype"])
     path = info[split]
     verify_once(path, info["files"][os.path.basename(path)], "token file")
@@ -1013,21 +983,17 @@ def load_tokens(info: dict, split="train") -> np.ndarray:
 # -----------------------------------------------------------------------------------------------
 # Batches
 
-
 class BatchSampler:
     """Training batches that are a pure function of (seed, step).
 
     Each epoch cuts the token stream into non-overlapping windows of seq_len + 1 tokens at a
     random shift and visits them in a seeded random order, so every token is used once per epoch
-    and nothing but the step counter needs saving: `state_dict()` goes into the checkpoint and
-    `load_state_dict()` makes a resumed run see exactly the batches it would have seen.
-    `next()` returns (x, y), int64 tensors of shape (B, T), y = x shifted left by one token.
+    and only the step counter is saved (`state_dict`): a resumed run sees exactly the batches it
+    would have seen. `next()` returns (x, y), int64 (B, T), y = x shifted left by one token.
 
-    DDP: `batch_size` is the GLOBAL batch. Rank r of world_size gets the contiguous rows
-    [r * b, (r + 1) * b) with b = batch_size // world_size, so the union over ranks is the
-    single-process batch and training does not depend on how many processes run it.
-    For evaluation build a fresh sampler over the val tokens with a fixed seed each time: the same
-    val batches every eval.
+    DDP: `batch_size` is the GLOBAL batch; rank r of world_size gets the rows [r * b, (r + 1) * b),
+    b = batch_size // world_size, so the union over ranks is the single-process batch. For
+    evaluation, a fresh sampler over the val tokens with a fixed seed: the same batches every eval.
     """
 
     def __init__(self, tokens, batch_size, seq_len, seed=0, rank=0, world_size=1):
@@ -1111,9 +1077,8 @@ def number(cast, low, high=None, *, above=False):
 def write_atomically(path, write, mode="w"):
     """Replace `path` with what write(file) writes, in one step (a new temporary file beside it,
     fsync, rename, fsync of the folder): a reader or a kill at any moment sees the old file or the
-    new one, never half of one, and a failure leaves no temporary file (an OSError without a file
-    name, such as a full disk's, is raised again naming `path`). Returns the new file's
-    `digest` (its length and SHA-256), for the caller to record where a later read can check it."""
+    new one, never half of one; a failure leaves no temporary file and an OSError naming `path`.
+    Returns the new file's `digest`, for the caller to record where a later read can check it."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
@@ -1180,9 +1145,6 @@ def confined(root, name) -> Path:
     return path
 
 
-if __name__ == "__main__":  # `python data.py stats|rephrase ...`: the command lines live in data_rephrase.py
-    try:
-        cli = _companion("data_rephrase", "data.py's command line")
-    except ModuleNotFoundError as e:
-        sys.exit(f"data.py: {e}")
+if __name__ == "__main__":  # `python data.py stats|rephrase ...`
+    cli = _companion("data_rephrase", "data.py's command line", SystemExit)
     cli.exit_now(cli.main())

@@ -12,7 +12,9 @@ report, arXiv 2507.20534, sec. 2.2); this companion holds what a real run over m
   not its own refused untouched, progress with an ETA. Records are keyed by content
   (`rephrase_key`: the source text, style, prompt and chunking), carry the shard plan and check
   themselves (`record_line`), so resume does exactly the missing work and verifies what it reads.
-- The command line (also reached as `python data.py rephrase ...`).
+- The command lines: its own (also reached as `python data.py rephrase ...`) and data.py's (`main`,
+  also `data.main`: `stats` and `rephrase`), and the one error boundary they run in (`error_boundary`:
+  one line per failure, signals, no API key ever printed).
 
 Run:
     python data_rephrase.py SOURCE... --endpoint http://localhost:8000/v1 --model NAME \
