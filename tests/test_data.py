@@ -51,7 +51,8 @@ else:
     raise AssertionError("the builtin source without data_builtin.py")
 import subprocess, sys
 run = subprocess.run([sys.executable, "data.py", "stats"], capture_output=True, text=True)
-assert run.returncode == 1 and run.stderr == "data.py's command line lives in data_rephrase.py; copy it beside data.py\n"
+assert run.returncode == 1, run.stderr
+assert run.stderr.strip() == "data.py's command line lives in data_rephrase.py; copy it beside data.py", run.stderr
 """)
     assert out.strip().endswith("ok")
 
