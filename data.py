@@ -363,7 +363,7 @@ COMPANION_NAMES = {
 }
 
 
-def _companion(module: str, needed_for: str, error=ModuleNotFoundError):
+def _companion(module: str, needed_for: str, error: type[Exception]):
     """The companion module, imported; without it, `error`: one line saying to copy it beside data.py."""
     try:
         return __import__(module)
