@@ -223,13 +223,20 @@ def _flat_ranges(p, world):
 
 
 def _assign_owners(costs, holders, world):
-    """Greedy bin-packing (longest first) of the units' NS costs onto ranks: each unit goes to the
-    least-loaded rank, on a tie to the rank that holds its data. Deterministic: every rank computes
-    the same assignment from the same list."""
-    load, owners = [0.0] * world, [0] * len(costs)
-    for u in sorted(range(len(costs)), key=lambda u: -costs[u]):
-        owners[u] = min(range(world), key=lambda r: (load[r], r != holders[u], r))
-        load[owners[u]] += costs[u]
+    """Units' NS costs onto ranks. A unit one rank holds whole (FSDP2: an expert of a stack sharded by
+    experts) goes to that rank while it stays within its fair share, so its rows need not move; the
+    rest by greedy bin-packing (longest first) onto the least-loaded rank. Deterministic: every rank
+    computes the same assignment from the same list."""
+    load, owners, fair = [0.0] * world, [-1] * len(costs), sum(costs) / world
+    by_cost = sorted(range(len(costs)), key=lambda u: -costs[u])
+    for u in by_cost:
+        if holders[u] >= 0 and load[holders[u]] + costs[u] <= fair:
+            owners[u] = holders[u]
+            load[owners[u]] += costs[u]
+    for u in by_cost:
+        if owners[u] < 0:
+            owners[u] = min(range(world), key=lambda r: (load[r], r))
+            load[owners[u]] += costs[u]
     return owners
 
 
@@ -320,8 +327,8 @@ class _ExchangePlan:
                 f"MuonClip: the processes step different Muon parameters ((units, elements) per rank: "
                 f"{[s.tolist() for s in everyone]}); sharing Newton-Schulz out needs data-parallel "
                 "replicas (DDP, FSDP2); for other layouts pass distribute=False")
-        holders = [next((r for r in range(world) if held(u, r).numel()), -1) if self.sharded[i] else -1
-                   for u, (i, *_) in enumerate(self.units)]
+        holders = [next((r for r in range(world) if held(u, r).numel() == math.prod(self.units[u][3])), -1)
+                   if self.sharded[i] else -1 for u, (i, *_) in enumerate(self.units)]   # the rank holding u whole
         self.owners = _assign_owners([_ns_cost(shape) for *_, shape in self.units], holders, world)
         self.mine = [u for u, o in enumerate(self.owners) if o == rank]
         owned = [u for u in self.mine if self.sharded[self.units[u][0]]]
