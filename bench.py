@@ -59,6 +59,7 @@ causal context (T+1)/2; elementwise work is not counted. Time is the whole step,
                                     Newton-Schulz variant (one thread), the logged losses
     python bench.py rephrase        row 13 alone: data.py's rephrasing pairs/s by concurrency against a fake
                                     OpenAI-compatible server on 127.0.0.1 (python bench.py rephrase --help)
+    python bench.py --distributed   row 11 alone: the optimizer step on 1 and 2 processes and its phases
     python bench.py --threads-study row 8 alone: train.py's step with 1 thread, 2 threads, and 2 threads
                                     waiting passively (OMP_WAIT_POLICY=PASSIVE, train.py's default), each
                                     alone and beside a busy 2-thread process that the bench starts
@@ -1288,6 +1289,8 @@ def parse_args(argv):
     p.add_argument("--threads-study", action="store_true",
                    help="only row 8: the training step under each thread setting, quiet and beside a busy 2-thread process")
     p.add_argument("--rounds", type=int, default=3, help="--threads-study: rounds of the settings (median)")
+    p.add_argument("--distributed", action="store_true",
+                   help="only row 11: the optimizer step on 1 and 2 processes (DDP, FSDP2) and its phases")
     p.add_argument("--busy", action="store_true",
                    help="only run row 8's competing busy 2-thread process, until killed (to time anything beside it)")
     p.add_argument("--memory-worker", choices=("kimik2", "transformers"), help=argparse.SUPPRESS)
@@ -1323,6 +1326,15 @@ def main(argv=None):
     if args.threads_study:
         res = bench_threads(args)
         print(json.dumps(res, indent=2)) if args.json else print_threads(res)
+        return
+    if args.distributed:
+        report = Report(args.json)
+        report.res["load_average_at_start"] = os.getloadavg()
+        report.add("distributed", bench_distributed(args))
+        report.print(f"load average {_load(report.res['load_average_at_start'])} at start, "
+                     f"{_load(os.getloadavg())} at end")
+        if args.json:
+            print(json.dumps(report.res, indent=2))
         return
     res = run(args, Report(args.json))
     if args.json:
