@@ -9,8 +9,11 @@ Without it every process orthogonalises everything (correct, said once).
   optimizer state alike). Each process owns a contiguous run of the Muon matrices (balanced by
   Newton-Schulz FLOPs) and of the AdamW tensors (balanced by size), runs the whole update on them
   alone (momentum, Newton-Schulz, weight decay, RMS scale; AdamW) and keeps only their state; one
-  all-to-all then hands every process the updated weights. state_dict() joins the shares (collective),
-  so a checkpoint loads on any number of processes.
+  all-to-all then hands every process the updated weights. state_dict() joins the shares (collective:
+  every process calls it, as train.py does), so a checkpoint loads on any number of processes. A
+  trainer that saves one process's state_dict() alone (transformers' Trainer under DDP) needs
+  MuonClip(distribute="newton_schulz"): every process then keeps the whole state and only
+  Newton-Schulz is shared out, as under FSDP2 below.
 - FSDP2 (DTensor parameters): each process already holds only its shard of each tensor, gradient and
   state. Units (a matrix, an expert of a stack, a block of a fused weight) go to processes by greedy
   bin-packing of their Newton-Schulz FLOPs (Megatron-Core's way); the rows travel in packed
@@ -32,10 +35,11 @@ from muonclip import (DTensor, _full, _local_part, default_ns_dtype, muon_update
 def group_steps(optimizer):
     """(muon_step, adamw_step, share) for MuonClip.step under torchrun: the first two are f(group,
     params with a gradient), share() runs once after every group. Replicated parameters (DDP):
-    ZeRO-1 (_ShareOut), each process updating its share; FSDP2's DTensors: each process already
-    holds only its shard of every tensor and of its state, and orthogonalise_across_ranks brings each
-    Newton-Schulz unit to one process."""
-    if not any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"]):
+    ZeRO-1 (_ShareOut), each process updating its share; FSDP2's DTensors (or distribute=
+    "newton_schulz"): each process steps what it holds (under FSDP2 its shards and their state), and
+    orthogonalise_across_ranks brings each Newton-Schulz unit to one process."""
+    if optimizer.distribute != "newton_schulz" and not any(
+            isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"]):
         return _ShareOut(optimizer).steps()
     plans = {}                                    # _ExchangePlan per parameter list, built once
 
