@@ -524,16 +524,16 @@ class MuonClip(torch.optim.Optimizer):
     momentum, nesterov, ns_steps: Muon. betas, eps: AdamW.
     ns_dtype: Newton-Schulz precision; None: default_ns_dtype (bf16 on CUDA and on CPUs with fast bf16
       matmul, float32 elsewhere). ns_variant: newton_schulz's variant ("jordan", the default).
-    distribute: under torchrun, share the work out among the processes (muonclip_dist.py, if it is
-      beside this file); False: every process orthogonalises everything.
+    distribute: under torchrun, share the work out (muonclip_dist.py beside this file); "newton_schulz":
+      share only that, each process keeping the whole state (for trainers that save one process's
+      state); False: every process orthogonalises everything.
     qk_clip_tau: logit cap (K2: 100); None turns the clip off (the statistic is still reduced,
       reset and reported in clip_stats). With tau set and no attention module it raises.
     attention_modules: modules with the surface (module docstring); default: found in model=, the
       model the groups come from (for roles, fused blocks and attention modules).
 
-    Under torchrun see _group_steps (with muonclip_dist.py under DDP each process keeps its share of
-    the state, and state_dict() is collective); max logits are all-reduced with MAX, so every
-    replica clips alike.
+    Under torchrun see _group_steps (muonclip_dist.py: under DDP each process keeps its share of the
+    state, state_dict() is collective); max logits are all-reduced (MAX): every replica clips alike.
     Under DDP pass broadcast_buffers=False, or rank 0's max_logits overwrite the other ranks'.
     Parameters should be fp32 master weights (autocast for bf16 compute): a bf16 weight loses every
     update below half its ulp (weight decay at lr*wd = 1e-3 does nothing), so other dtypes warn.
@@ -554,6 +554,8 @@ class MuonClip(torch.optim.Optimizer):
             raise ValueError(f"ns_variant {ns_variant!r} is not one of {__getattr__('NS_VARIANTS')}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_steps=ns_steps, ns_dtype=ns_dtype, ns_variant=ns_variant, betas=betas, eps=eps)
+        if distribute not in (True, False, "newton_schulz"):
+            raise ValueError(f"distribute must be True, False or 'newton_schulz', not {distribute!r}")
         self.distribute, self._shared = distribute, None
         self.newton_schulz_matrices = 0           # matrices this process orthogonalised in the last step
         super().__init__(params, defaults)
@@ -678,11 +680,9 @@ class MuonClip(torch.optim.Optimizer):
         self.clip_stats = {"max_logits": max_logits, "heads_clipped": clipped}
 
     def _group_steps(self):
-        """(muon_step, adamw_step, share): two f(group, params with a gradient), and share() after
-        all groups. This process's own (share: nothing), or under torchrun muonclip_dist.group_steps
-        if muonclip_dist.py is beside this file (each process updates its share, share() sends it to
-        all). Without it (or distribute=False) every process orthogonalises everything: correct, as
-        all hold the same averaged gradients (FSDP2: split matrices gathered), only not shared out."""
+        """(muon_step, adamw_step, share): two f(group, params with a gradient), share() after all
+        groups. This process's own, or under torchrun muonclip_dist.group_steps (if beside this file).
+        Without it (or distribute=False) every process does everything: correct, only not shared out."""
         if not (self.distribute and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return self._muon_step, self._adamw_step, lambda: None
         if self._shared is None:
