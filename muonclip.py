@@ -146,12 +146,10 @@ def orthogonalise_by_shape(inputs, layouts, ns):
 
 @functools.lru_cache(maxsize=None)
 def default_ns_dtype(device_type):
-    """The Newton-Schulz precision used when the caller does not choose one (ns_dtype=None).
-
-    bfloat16 on CUDA (as reference Muon) and on a CPU with bf16 matmul instructions; float32 on every
-    other CPU, where bf16 matmul is emulated and about 10x slower than float32. The CPU is judged by
-    the flags Linux reports for x86 (avx512_bf16, amx_bf16), else (macOS, ARM) by timing bf16 against
-    float32 matmul once per process. Pass ns_dtype=torch.float32 or torch.bfloat16 to choose yourself."""
+    """The Newton-Schulz precision when the caller does not choose one (ns_dtype=None): bfloat16 on
+    CUDA (as reference Muon) and on a CPU with bf16 matmul instructions; float32 on every other CPU,
+    where bf16 matmul is emulated and about 10x slower. The CPU is judged by the flags Linux reports
+    for x86 (avx512_bf16, amx_bf16), else (macOS, ARM) by timing bf16 against float32 matmul once."""
     if device_type == "cuda":
         return torch.bfloat16
     if device_type != "cpu":

@@ -392,17 +392,17 @@ def _mla_q_name(m):
 def _output_tensors(m, name):
     """[(tensor, its output-feature dim)] of projection m.<name> as the forward reads them: an
     nn.Linear's weight rows and bias, a Conv1D's weight columns and bias and, under PEFT LoRA (output
-    W x + s B A x), each active adapter's B rows too: scaling all of them by f along those dims
+    W x + s B A x), every adapter's B rows too: scaling all of them by f along those dims
     scales the output by f (the frozen W is rescaled as well). Anything else between the weights and
     the output (DoRA, another wrapper, a parametrization, a quantized or offloaded weight, hooks) is
     refused in one line naming it. Checked when attached, when MuonClip is built, and at every clip."""
     proj, where, lora = getattr(m, name), f"attach_qk_clip: {type(m).__name__}.{name}", []
     if hasattr(proj, "base_layer") and hasattr(proj, "lora_B"):                 # PEFT LoRA
-        active = [a for a in proj.active_adapters if a in proj.lora_B]
-        if any(proj.use_dora.get(a, False) for a in active):
+        adapters = list(proj.lora_B)           # all of them, so each one's W + s B A scales alike
+        if any(proj.use_dora.get(a, False) for a in adapters):
             raise ValueError(f"{where} is PEFT DoRA: its magnitude vector renormalises each row, so scaling the "
                              "weights cannot scale q or k; use LoRA (use_dora=False) or train with qk_clip_tau=None")
-        lora = [(t, 0) for a in active for t in (proj.lora_B[a].weight, proj.lora_B[a].bias) if t is not None]
+        lora = [(t, 0) for a in adapters for t in (proj.lora_B[a].weight, proj.lora_B[a].bias) if t is not None]
         proj = proj.base_layer
     kind = type(proj).__name__
     if type(proj) is not nn.Linear and kind not in ("Conv1D", "FalconLinear"):     # both: y = x W^T (+ b), W as is

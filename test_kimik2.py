@@ -108,7 +108,7 @@ def test_twins_of_kimik2_and_muonclip_behave_alike():
     """kimik2.py carries the few lines of muonclip.py that MLA and the Gate run, so that it copies
     alone. Each says whose twin it is and computes what its twin computes on the same inputs:
     is_training_forward in every mode; causal_max_logits on MLA's shapes (T queries, the last of S
-    keys; chunked or not; 16-bit q and k, ours under bf16 autocast); MLA.qk_clip_ (qk_clip_factors applied by _scale_rows_) against
+    keys; chunked or not; 16-bit q and k under bf16 autocast); MLA.qk_clip_ (qk_clip_factors applied by _scale_rows_) against
     muonclip.qk_clip_mla_ on the same weights, with and without a query LoRA, in fp32 and bf16.
     The clip is compared bitwise: both sides take the same sqrt and elementwise products, which
     IEEE rounds alike on any CPU; the max-logit matmuls differ in batch layout, which BLAS does not
@@ -128,11 +128,13 @@ def test_twins_of_kimik2_and_muonclip_behave_alike():
         ours = kimik2.causal_max_logits(q, k, 0.3, chunk_size=chunk)
         theirs = muonclip.causal_max_logits(q, k, 0.3, chunk_size=chunk)
         assert ours.dtype == theirs.dtype == torch.float32 and torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6)
-        q, k = q.bfloat16(), k.bfloat16()  # kimik2's under the caller's autocast: still float32 of these q, k
+        q, k = q.bfloat16(), k.bfloat16()  # under the caller's autocast both stay float32 of these q, k
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ours = kimik2.causal_max_logits(q, k, 0.3, chunk_size=chunk)
-        theirs = muonclip.causal_max_logits(q, k, 0.3, chunk_size=chunk)
-        assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+            theirs = muonclip.causal_max_logits(q, k, 0.3, chunk_size=chunk)
+        future = torch.ones(T, S, dtype=torch.bool).triu(S - T + 1)  # key after query
+        exact = ((q.double() @ k.double().mT) * 0.3).masked_fill(future, -math.inf).amax(dim=(0, 2, 3))
+        assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6) and torch.allclose(ours.double(), exact, rtol=1e-6)
     for dtype, q_lora_rank in [(torch.float32, 24), (torch.float32, None), (torch.bfloat16, 24)]:
         attn = _model_random(_model_config(q_lora_rank=q_lora_rank)).model.layers[0].self_attn.to(dtype)
         w_q = (attn.q_proj if q_lora_rank is None else attn.q_b_proj).weight

@@ -635,6 +635,37 @@ def test_lora_clip_scales_the_effective_query_and_key_weights(order):
     assert all(re.search(r"\.[qk]_proj\.(base_layer|lora_B)", n) for n in moved), moved
 
 
+@pytest.mark.parametrize("case", ["qwen2_biases_lora_bias_checkpointing", "rslora", "second_adapter_active"])
+def test_lora_variants_clip_exactly(case):
+    """The hostile pass on LoRA: Qwen2 (q/k biases) with LoRA's own bias under gradient
+    checkpointing, rsLoRA (scale alpha / sqrt(r)), two adapters with the second active: a clip-only
+    step scales each head's logits by its factor; the inactive adapter's B is scaled with W too, so
+    switching back to it gives its own effective weight, scaled alike."""
+    peft = pytest.importorskip("peft")
+    model = _muon_hf_model("qwen2" if case.startswith("qwen2") else "llama")
+    if case.startswith("qwen2"):
+        model.gradient_checkpointing_enable()
+    model = _muon_peft(model, **({"lora_bias": True} if case.startswith("qwen2") else
+                                 {"use_rslora": True} if case == "rslora" else {}))
+    if case == "second_adapter_active":
+        model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["q_proj", "k_proj"], init_lora_weights=False))
+        model.set_adapter("second")
+    attach_qk_clip(model)
+    idx, mask = _muon_hf_padding(3, 9, 2)
+    adapter = _MuonHFAdapter(model, mask)
+    inputs = _muon_record_attention_inputs(adapter, idx)
+    before = _muon_replay_max_logits(adapter, inputs)
+    tau = float(before.median())
+    weights = _muon_snapshot(model)
+    _muon_clip_only_step(adapter, idx, tau)
+    after = _muon_replay_max_logits(adapter, inputs)
+    gamma = qk_clip_gamma(before, tau)
+    group_min = gamma.view(-1, 2, 2).amin(-1).repeat_interleave(2, -1)
+    assert (before > tau).any() and torch.allclose(after, before * (gamma * group_min).sqrt(), rtol=1e-5, atol=1e-6)
+    if case == "second_adapter_active":
+        assert not all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if "lora_B.default" in n)
+
+
 def test_dora_is_refused_naming_it_and_the_way_out():
     """DoRA renormalises each row by its norm and rescales by a magnitude vector: scaling W and B
     changes nothing, so attach_qk_clip refuses it (and so does MuonClip, if DoRA came after)."""
