@@ -9,8 +9,11 @@ Without it every process orthogonalises everything (correct, said once).
   optimizer state alike). Each process owns a contiguous run of the Muon matrices (balanced by
   Newton-Schulz FLOPs) and of the AdamW tensors (balanced by size), runs the whole update on them
   alone (momentum, Newton-Schulz, weight decay, RMS scale; AdamW) and keeps only their state; one
-  all-to-all then hands every process the updated weights. state_dict() joins the shares (collective),
-  so a checkpoint loads on any number of processes.
+  all-to-all then hands every process the updated weights. state_dict() joins the shares (collective:
+  every process calls it, as train.py does), so a checkpoint loads on any number of processes. A
+  trainer that saves one process's state_dict() alone (transformers' Trainer under DDP) needs
+  MuonClip(distribute="newton_schulz"): every process then keeps the whole state and only
+  Newton-Schulz is shared out, as under FSDP2 below.
 - FSDP2 (DTensor parameters): each process already holds only its shard of each tensor, gradient and
   state. Units (a matrix, an expert of a stack, a block of a fused weight) go to processes by greedy
   bin-packing of their Newton-Schulz FLOPs (Megatron-Core's way); the rows travel in packed
@@ -32,10 +35,11 @@ from muonclip import (DTensor, _full, _local_part, default_ns_dtype, muon_update
 def group_steps(optimizer):
     """(muon_step, adamw_step, share) for MuonClip.step under torchrun: the first two are f(group,
     params with a gradient), share() runs once after every group. Replicated parameters (DDP):
-    ZeRO-1 (_ShareOut), each process updating its share; FSDP2's DTensors: each process already
-    holds only its shard of every tensor and of its state, and orthogonalise_across_ranks brings each
-    Newton-Schulz unit to one process."""
-    if not any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"]):
+    ZeRO-1 (_ShareOut), each process updating its share; FSDP2's DTensors (or distribute=
+    "newton_schulz"): each process steps what it holds (under FSDP2 its shards and their state), and
+    orthogonalise_across_ranks brings each Newton-Schulz unit to one process."""
+    if optimizer.distribute != "newton_schulz" and not any(
+            isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"]):
         return _ShareOut(optimizer).steps()
     plans = {}                                    # _ExchangePlan per parameter list, built once
 
@@ -223,13 +227,20 @@ def _flat_ranges(p, world):
 
 
 def _assign_owners(costs, holders, world):
-    """Greedy bin-packing (longest first) of the units' NS costs onto ranks: each unit goes to the
-    least-loaded rank, on a tie to the rank that holds its data. Deterministic: every rank computes
-    the same assignment from the same list."""
-    load, owners = [0.0] * world, [0] * len(costs)
-    for u in sorted(range(len(costs)), key=lambda u: -costs[u]):
-        owners[u] = min(range(world), key=lambda r: (load[r], r != holders[u], r))
-        load[owners[u]] += costs[u]
+    """Units' NS costs onto ranks. A unit one rank holds whole (FSDP2: an expert of a stack sharded by
+    experts) goes to that rank while it stays within its fair share, so its rows need not move; the
+    rest by greedy bin-packing (longest first) onto the least-loaded rank. Deterministic: every rank
+    computes the same assignment from the same list."""
+    load, owners, fair = [0.0] * world, [-1] * len(costs), sum(costs) / world
+    by_cost = sorted(range(len(costs)), key=lambda u: -costs[u])
+    for u in by_cost:
+        if holders[u] >= 0 and load[holders[u]] + costs[u] <= fair:
+            owners[u] = holders[u]
+            load[owners[u]] += costs[u]
+    for u in by_cost:
+        if owners[u] < 0:
+            owners[u] = min(range(world), key=lambda r: (load[r], r))
+            load[owners[u]] += costs[u]
     return owners
 
 
@@ -320,8 +331,8 @@ class _ExchangePlan:
                 f"MuonClip: the processes step different Muon parameters ((units, elements) per rank: "
                 f"{[s.tolist() for s in everyone]}); sharing Newton-Schulz out needs data-parallel "
                 "replicas (DDP, FSDP2); for other layouts pass distribute=False")
-        holders = [next((r for r in range(world) if held(u, r).numel()), -1) if self.sharded[i] else -1
-                   for u, (i, *_) in enumerate(self.units)]
+        holders = [next((r for r in range(world) if held(u, r).numel() == math.prod(self.units[u][3])), -1)
+                   if self.sharded[i] else -1 for u, (i, *_) in enumerate(self.units)]   # the rank holding u whole
         self.owners = _assign_owners([_ns_cost(shape) for *_, shape in self.units], holders, world)
         self.mine = [u for u, o in enumerate(self.owners) if o == rank]
         owned = [u for u in self.mine if self.sharded[self.units[u][0]]]

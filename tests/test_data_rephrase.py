@@ -30,7 +30,7 @@ from kimik2 import Config, KimiK2
 DATA_PY = Path(HERE, "data.py")
 
 
-def test_data_rephrase_py_copied_with_data_py_rephrases_through_its_command_line(tmp_path):
+def test_data_rephrase_py_copied_with_data_py_rephrases_a_corpus_and_runs_data_py_stats(tmp_path):
     out = run_alone(tmp_path, ["data.py", "data_rephrase.py"], """
 import json, data, data_rephrase
 from pathlib import Path
@@ -40,6 +40,7 @@ summary = data_rephrase.rephrase_corpus(pairs, lambda m: "The fact: 7.", "out.js
 assert summary["records"] == 1 and data_rephrase.rephrase_corpus is data_rephrase.rephrase_corpus
 [record] = [json.loads(line) for line in open("out.jsonl")]
 assert record["text"] == "The fact: 7."
+assert data.main(["stats", "--data", "out.jsonl", "--cache-dir", "cache"]) == 0  # data.py's command line
 """)
     assert out.strip().endswith("ok")
 

@@ -36,13 +36,13 @@ def rank_0s_gradient(state, bucket):
     return dist.broadcast(bucket.buffer(), src=0, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
-def make(world):
+def make(world, distribute=True):
     """(model, what steps it, optimizer): a fresh small KimiK2 and MuonClip, under DDP on several processes."""
     from kimik2 import Config, KimiK2
     from muonclip import MuonClip
     torch.manual_seed(0)
     model = KimiK2(Config(**CONFIG))
-    opt = MuonClip.for_model(model, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32)
+    opt = MuonClip.for_model(model, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32, distribute=distribute)
     if world == 1:
         return model, model, opt
     wrapped = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
@@ -87,6 +87,12 @@ def worker(out_dir, checkpoint=None):
     rank, world = dist.get_rank(), dist.get_world_size()
     checkpoint = torch.load(checkpoint, weights_only=False) if checkpoint else None
     torch.save(run(world, checkpoint), os.path.join(out_dir, f"{'resumed' if checkpoint else 'run'}-{world}-{rank}.pt"))
+    if world == 2 and checkpoint is None:         # only Newton-Schulz shared: a state_dict of rank 0 alone
+        model, wrapped, opt = make(world, distribute="newton_schulz")
+        train(wrapped, opt, range(STEPS))
+        result = dict(weights={n: p.detach().clone() for n, p in model.named_parameters()}, held=held(opt),
+                      state=opt.state_dict() if rank == 0 else None)
+        torch.save(result, os.path.join(out_dir, f"ns-{world}-{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -166,3 +172,17 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(runs, resumed):
 
 if __name__ == "__main__" and sys.argv[1] == "zero":
     worker(*sys.argv[2:])
+
+
+@pytest.mark.slow
+def test_sharing_only_newton_schulz_keeps_the_whole_state_on_every_process(runs):
+    """distribute="newton_schulz" (for trainers that save one process's state): each process keeps
+    all of it, and rank 0's state_dict() alone (no collective, else the run would hang) is whole."""
+    single = runs["run-1-0"]
+    for rank in (0, 1):
+        r = runs[f"ns-2-{rank}"]
+        assert r["held"] == single["held"]
+        for name, w in single["weights"].items():
+            assert torch.equal(r["weights"][name], runs["ns-2-0"]["weights"][name]), name
+            assert (r["weights"][name] - w).abs().max() <= 1e-6, name
+    assert_close_states(runs["ns-2-0"]["state"], single["state"])
