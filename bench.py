@@ -20,8 +20,10 @@ timed round-robin, A B A B ..., so that load from other processes hits both side
   10. Newton-Schulz variants (Keller Jordan's quintic, Polar Express, Gram Newton-Schulz) on K2's
      matrix shapes / 16: time, and the worst max |sigma - 1| of the output against an SVD
   11. the optimizer step of `tiny` under torchrun --nproc_per_node 2 (DDP, FSDP2; one thread per
-     process) against the same model's 1-process step: each Newton-Schulz unit on one rank (now)
-     beside every rank orthogonalising everything (MuonClip(distribute=False), before)
+     process) against the same model's 1-process step: the work shared out (muonclip_dist.py: under
+     DDP each process updates its share, ZeRO-1; under FSDP2 each Newton-Schulz unit on one process)
+     beside every process orthogonalising everything (MuonClip(distribute=False)); and the step's
+     phases on 1 and 2 processes (momentum and update, Newton-Schulz, exchange, AdamW, QK-Clip, the rest)
   12. (--ns-variant-losses) the default training run's losses with each Newton-Schulz variant
   13. (python bench.py rephrase) data.py's rephrasing pairs/s by concurrency against a fake server
   On CUDA also: the `small` preset's bf16 training MFU against the GPU's measured bf16 matmul peak.
@@ -57,6 +59,7 @@ causal context (T+1)/2; elementwise work is not counted. Time is the whole step,
                                     Newton-Schulz variant (one thread), the logged losses
     python bench.py rephrase        row 13 alone: data.py's rephrasing pairs/s by concurrency against a fake
                                     OpenAI-compatible server on 127.0.0.1 (python bench.py rephrase --help)
+    python bench.py --distributed   row 11 alone: the optimizer step on 1 and 2 processes and its phases
     python bench.py --threads-study row 8 alone: train.py's step with 1 thread, 2 threads, and 2 threads
                                     waiting passively (OMP_WAIT_POLICY=PASSIVE, train.py's default), each
                                     alone and beside a busy 2-thread process that the bench starts
@@ -339,14 +342,17 @@ class Decoder:
         return self.model(ids, caches=self.caches, start_pos=start)[0][:, -1]
 
 
-def bench_decode(model: KimiK2, context: int, new_tokens: int, reps: int) -> dict:
+def bench_decode(model: KimiK2, context: int, new_tokens: int, reps: int, budget_s=None) -> dict:
     """Greedy decoding of new_tokens after a random prompt of `context` tokens, batch 1; the timed
-    part is the decoding (the prefill is not timed). Both caches must produce the same tokens."""
+    part is the decoding (the prefill is not timed). Both caches must produce the same tokens. No
+    repetition starts past budget_s seconds."""
     model.eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(2))
     max_len = context + new_tokens
-    out, times = {}, {"absorbed": [], "full": []}
+    out, times, start = {}, {"absorbed": [], "full": []}, time.perf_counter()
     for _ in range(reps):
+        if times["full"] and budget_s is not None and time.perf_counter() - start > budget_s:
+            break
         for name in ("absorbed", "full"):
             cache = Decoder(model, 1, max_len, naive=name == "full")
             ids, tokens = cache(prompt, 0).argmax(-1, keepdim=True), []
@@ -664,10 +670,12 @@ class PhaseTimer:
 
 # (module, function, phase), muonclip's first (muonclip_dist, imported here after them, takes the wrapped
 # muon_update from muonclip): muon_update's own time is the momentum, weight decay and update (Newton-
-# Schulz and any exchange inside it are timed as theirs); the exchange is the all-to-alls and, under
-# DDP, unpacking the updated weights every other process sent
+# Schulz and any exchange inside it are timed as theirs); the exchange is the all-to-alls and the
+# packing around them (FSDP2: the units' rows to their owners and the results back; DDP: the updated
+# weights every other process sent)
 PHASES = [("muonclip", "muon_update", "momentum and update"), ("muonclip", "newton_schulz", "Newton-Schulz"),
           ("muonclip_dist", "_exchange", "exchange"), ("muonclip_dist", "_ShareOut.share", "exchange"),
+          ("muonclip_dist", "orthogonalise_across_ranks", "exchange"),
           ("muonclip", "MuonClip._adamw_step", "AdamW"), ("muonclip", "MuonClip._qk_clip", "QK-Clip")]
 PHASE_NAMES = list(dict.fromkeys(phase for *_, phase in PHASES)) + ["bookkeeping"]
 
@@ -1238,7 +1246,8 @@ def run(args, report: Report) -> dict:
     # 7. decoding
     progress(f"row 7: decoding {args.decode_tokens} tokens after {args.decode_context} with each cache")
     report.add("decode", dict(context=args.decode_context, new_tokens=args.decode_tokens,
-                              **bench_decode(model, args.decode_context, args.decode_tokens, max(1, args.reps // 4))))
+                              **bench_decode(model, args.decode_context, args.decode_tokens, max(1, args.reps // 4),
+                                             args.budget)))
 
     # 9-11. MuonClip at scale
     report.add("ns_precision", bench_ns_precision(opt_model, grads, args.reps,
@@ -1280,6 +1289,8 @@ def parse_args(argv):
     p.add_argument("--threads-study", action="store_true",
                    help="only row 8: the training step under each thread setting, quiet and beside a busy 2-thread process")
     p.add_argument("--rounds", type=int, default=3, help="--threads-study: rounds of the settings (median)")
+    p.add_argument("--distributed", action="store_true",
+                   help="only row 11: the optimizer step on 1 and 2 processes (DDP, FSDP2) and its phases")
     p.add_argument("--busy", action="store_true",
                    help="only run row 8's competing busy 2-thread process, until killed (to time anything beside it)")
     p.add_argument("--memory-worker", choices=("kimik2", "transformers"), help=argparse.SUPPRESS)
@@ -1315,6 +1326,15 @@ def main(argv=None):
     if args.threads_study:
         res = bench_threads(args)
         print(json.dumps(res, indent=2)) if args.json else print_threads(res)
+        return
+    if args.distributed:
+        report = Report(args.json)
+        report.res["load_average_at_start"] = os.getloadavg()
+        report.add("distributed", bench_distributed(args))
+        report.print(f"load average {_load(report.res['load_average_at_start'])} at start, "
+                     f"{_load(os.getloadavg())} at end")
+        if args.json:
+            print(json.dumps(report.res, indent=2))
         return
     res = run(args, Report(args.json))
     if args.json:

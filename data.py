@@ -9,31 +9,28 @@ maths rewritten as "learning notes" and non-English maths translated. In reading
 - Rephrasing: the prompts (`STYLES`, `rephrase_messages`), `split_chunks`, `rephrase_chunkwise`
   (chunk by chunk, the rewrite so far in each prompt, failures retried with their reason), and
   `fidelity` (a lexical, an embedding or an LLM-judge measure, and "every number survives"). Any
-  callable `generate(messages) -> str` is the rephraser. The corpus-scale client (HTTP backends,
-  shards, the output lock, resume, its command line) is data_rephrase.py.
+  callable `generate(messages) -> str` is the rephraser.
 - The training data: `ByteTokenizer` (256 ids, lossless; any object with `encode`, `decode`,
   `vocab_size`, `eos` plugs in); documents from files or folders of .txt, .md, .py and .jsonl
-  (field "text"), everything odd in them counted in a `LoadReport`, bad input a `DataError` naming
-  it; `prepare`: split by document, per-domain mixture weights, tokenised once into memory-mapped
-  files cached under a hash of inputs and settings, each file's length and SHA-256 recorded and
-  checked before use; `BatchSampler`: batches that are a pure function of (seed, step), so a resumed
-  run sees exactly the batches it would have seen, the global batch independent of the number of
-  DDP processes; `unigram_entropy`, the loss val loss must beat; the built-in corpus (the standard
-  library's code and documentation, generated maths), so `python train.py` works offline.
-- Shared with train.py: `number`, `write_atomically`, `digest`/`verify`, `confined`, `error_boundary`.
+  (field "text"), everything odd counted in a `LoadReport`, bad input a `DataError` naming it;
+  `prepare`: split by document, per-domain mixture weights, tokenised once into memory-mapped files
+  cached under a hash of inputs and settings, each checked (length, SHA-256) before use;
+  `BatchSampler`: batches that are a pure function of (seed, step), so a resumed run sees exactly
+  the batches it would have seen, on any number of DDP processes; `unigram_entropy`, the loss val
+  loss must beat. Shared with train.py: `number`, `write_atomically`, `digest`/`verify`, `confined`.
 
-Run:
+Companions, copied beside this file: data_builtin.py, the built-in corpus (the standard library's
+code and documentation, generated maths: `python train.py` works offline), and data_rephrase.py,
+the corpus-scale rephrasing client and the command line:
     python data.py stats [--data SOURCE ...] [--cache-dir data_cache]
-    python data.py rephrase ...        (data_rephrase.py's command line)
+    python data.py rephrase ...        (= python data_rephrase.py ...)
 Sources: "builtin" (all three default domains), "builtin:code", "builtin:knowledge", "builtin:math",
-or "[DOMAIN[:WEIGHT]=]PATH" for a file or folder (domain "user" when not named). A rephrase output
-file is a source like any other: `knowledge=docs/ rephrased:0.5=rephrased.jsonl`. Weights are
-shares of the training text (see `prepare`).
+or "[DOMAIN[:WEIGHT]=]PATH" for a file or folder (domain "user" when not named), a rephrase output
+among them: `knowledge=docs/ rephrased:0.5=rephrased.jsonl`. Weights: see `prepare`.
 """
 from __future__ import annotations  # the rephrasing half comes first and names Document, defined below
 
 import argparse
-import ast
 import errno
 import hashlib
 import json
@@ -42,18 +39,13 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import stat
 import sys
-import sysconfig
-import tempfile
 import threading
-import traceback
 from collections import Counter
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
@@ -359,28 +351,37 @@ def _drift(score: dict) -> str:
     return f"drifted from the source ({feedback})"
 
 
-# The corpus-scale client (backends, shards, the output lock, resume, its command line) lives in
-# data_rephrase.py; its names are reachable here too (`data.rephrase_corpus`), imported on first use.
-REPHRASE_CLIENT = {"OpenAIEndpoint", "ChatEndpoint", "EmbeddingEndpoint", "CheckpointGenerator", "MAX_REPLY_BYTES",
-                   "rephrase_corpus", "rephrase_key", "in_shard", "exclusive_output", "completed_keys", "styles_for",
-                   "record_line"}
+# The companions' names are reachable here too (`data.rephrase_corpus`, `data.main`), imported on
+# first use: data_rephrase.py (backends, shards, the output lock, resume; the command line and its
+# error boundary) and data_builtin.py (the built-in corpus).
+COMPANION_NAMES = {
+    "data_rephrase": {"OpenAIEndpoint", "ChatEndpoint", "EmbeddingEndpoint", "CheckpointGenerator", "MAX_REPLY_BYTES",
+                      "rephrase_corpus", "rephrase_key", "in_shard", "exclusive_output", "completed_keys",
+                      "styles_for", "record_line", "main", "run_stats", "error_boundary", "exit_now", "Interrupted",
+                      "STOP_SIGNALS"},
+    "data_builtin": {"STDLIB", "BUILTIN_DOMAINS", "stdlib_documents", "math_documents", "MATH_KINDS"},
+}
+
+
+def _companion(module: str, needed_for: str, error: type[Exception]):
+    """The companion module, imported; without it, `error`: one line saying to copy it beside data.py."""
+    try:
+        return __import__(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise error(f"{needed_for} lives in {module}.py; copy it beside data.py") from None
 
 
 def __getattr__(name):
-    if name not in REPHRASE_CLIENT and name != "rephrase_main":
-        raise AttributeError(f"module 'data' has no attribute {name!r}")
-    try:
-        import data_rephrase
-    except ModuleNotFoundError as e:
-        if e.name != "data_rephrase":
-            raise
-        raise AttributeError(f"data.{name} lives in data_rephrase.py; copy it beside data.py") from None
-    return getattr(data_rephrase, "main" if name == "rephrase_main" else name)
+    for module, names in COMPANION_NAMES.items():
+        if name in names:
+            return getattr(_companion(module, f"data.{name}", AttributeError), name)
+    raise AttributeError(f"module 'data' has no attribute {name!r}")
 
 
 # -----------------------------------------------------------------------------------------------
 # The training data. Tokenizer
-
 
 class Tokenizer(Protocol):
     """What `prepare`, the samplers and the kimik2 backend need from a tokenizer."""
@@ -393,14 +394,10 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens: 256 ids, no training, lossless for any Unicode text.
-
-    eos is 0, the NUL byte. A 256-entry vocabulary has no free id, and the model's tiny preset has
-    vocab_size 256, so rather than growing the vocabulary to 257 we spend the one byte that text
-    practically never contains. A NUL inside a document still round-trips exactly; the model merely
-    reads it as a document boundary. `decode` replaces invalid UTF-8 (a model can emit any byte
-    sequence) with U+FFFD.
-    """
+    """UTF-8 bytes as tokens: 256 ids, no training, lossless for any Unicode text. eos is 0, the NUL
+    byte: the tiny preset's 256 ids have none free, so the byte text practically never holds is
+    spent (a NUL inside a document still round-trips; the model reads it as a document boundary).
+    `decode` replaces invalid UTF-8 (a model can emit any byte sequence) with U+FFFD."""
     vocab_size = 256
     eos = 0
 
@@ -411,11 +408,10 @@ class ByteTokenizer:
         return bytes(ids).decode("utf-8", errors="replace")
 
     def save_pretrained(self, directory: str):
-        """tokenizer.json + tokenizer_config.json, so that transformers' AutoTokenizer loads this
-        tokenizer with the same ids and text: a BPE vocabulary of the 256 byte tokens <0x00>..<0xFF>
-        (id = byte) and nothing else, so byte fallback spells every character in its UTF-8 bytes;
-        eos <0x00>, id 0. (Decoding invalid UTF-8 differs: there U+FFFD replaces every byte of a run
-        of byte tokens that does not decode, where `decode` replaces only the invalid bytes.)"""
+        """tokenizer.json + tokenizer_config.json for transformers' AutoTokenizer, with the same ids
+        and text: a BPE of the 256 byte tokens <0x00>..<0xFF> (id = byte) only, so byte fallback
+        spells every character in UTF-8; eos <0x00>. (Invalid UTF-8 decodes differently: U+FFFD
+        for every byte of a run that does not decode, where `decode` replaces only the bad bytes.)"""
         byte_token = [f"<0x{b:02X}>" for b in range(256)]
         tokenizer = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
                      "pre_tokenizer": None, "post_processor": None,
@@ -477,10 +473,8 @@ LOAD_SKIPS = (  # what describe_load_report counts: input skipped, repaired or t
 
 
 def describe_load_report(info: dict) -> str:
-    """One line on what loading skipped or repaired, or found odd (the `LOAD_SKIPS` counts, with the first
-    problems as file:line examples), "" when there was nothing. Split long documents and dropped
-    duplicates are normal preparation, not problems of the input, and are left to `data.py stats`.
-    A token cache that failed its check and was rebuilt is said too."""
+    """One line on what loading skipped, repaired or found odd (the `LOAD_SKIPS` counts, the first
+    problems as file:line examples) and on a token cache rebuilt; "" when there was nothing."""
     report = info["load_report"]
     counts = [f"{report[k]} {k.replace('_', ' ')}" for k in LOAD_SKIPS if report[k]]
     line = f"skipped or repaired {', '.join(counts)} (e.g. {'; '.join(report['problems'][:3])})" if counts else ""
@@ -542,10 +536,9 @@ RECORD_CHECK = re.compile(rb'(\{"key": .*), "check": "([0-9a-f]{16})"\}', re.S)
 
 
 def checked_record(line: bytes) -> dict | None:
-    """The rephrase record on `line` (no newline) when it passes its check: its last field,
-    "check", is the SHA-256 (16 hex digits) of the line's bytes before it. None when the line does
-    not look like one (it begins with {"key": and ends with a check; a user's JSON line does not),
-    CorruptFile when it does and fails: its bytes changed after it was written."""
+    """The rephrase record on `line` (no newline) when its last field, "check", is the SHA-256 (16 hex
+    digits) of the bytes before it; None when the line is no such record (a user's JSON line is
+    not); CorruptFile when it is one and fails: its bytes changed after it was written."""
     if not (m := RECORD_CHECK.fullmatch(line)):
         return None
     if hashlib.sha256(m[1]).hexdigest()[:16].encode() != m[2]:
@@ -555,8 +548,7 @@ def checked_record(line: bytes) -> dict | None:
 
 @dataclass
 class Source:
-    """One parsed "[DOMAIN[:WEIGHT]=]PATH": the files to read, and what else a folder held, skipped:
-    (LoadReport field, path, why) each."""
+    """One parsed "[DOMAIN[:WEIGHT]=]PATH": the files to read, and (LoadReport field, path, why) per skip."""
     domain: str
     weight: float | None
     files: list
@@ -603,10 +595,9 @@ def _folder_files(folder: Path) -> tuple[list, list]:
 
 
 def parse_source(spec: str) -> Source:
-    """'[DOMAIN[:WEIGHT]=]PATH' -> Source. Folders contribute their .txt/.md/.py/.jsonl files (the
-    rest is skipped and counted, see `_folder_files`); a file named explicitly is read whatever its
-    suffix, and one that cannot be read, or a path that is no file or folder, is a DataError naming
-    it. An existing path is taken literally, "=" and all."""
+    """'[DOMAIN[:WEIGHT]=]PATH' -> Source (an existing path is taken literally, "=" and all). A file
+    named explicitly is read whatever its suffix; one that cannot be read, or a path that is no file
+    or folder, is a DataError naming it; a folder, see `_folder_files`."""
     head, _, path = ("", "", spec) if os.path.lexists(spec) else spec.rpartition("=")
     domain, _, weight_text = head.partition(":")
     weight = None
@@ -635,22 +626,9 @@ def parse_source(spec: str) -> Source:
     return Source(domain or "user", weight, files, skipped)
 
 
-BUILTIN_DOMAINS = ("code", "knowledge", "math")
-
-
-def _builtin_documents(spec: str, seed: int) -> list[Document]:
-    """'builtin' or 'builtin:DOMAIN[,DOMAIN]' -> the embedded corpus's documents (see its section)."""
-    domains = (spec.partition(":")[2] or ",".join(BUILTIN_DOMAINS)).split(",")
-    if unknown := sorted(set(domains) - set(BUILTIN_DOMAINS)):
-        raise DataError(f"data source {spec!r}: unknown built-in domain(s) {unknown}; "
-                        f"the built-in domains are {', '.join(BUILTIN_DOMAINS)}")
-    docs = []
-    if "code" in domains or "knowledge" in domains:
-        code, knowledge = stdlib_documents(seed)
-        docs += (code if "code" in domains else []) + (knowledge if "knowledge" in domains else [])
-    if "math" in domains:
-        docs += math_documents(seed=seed)
-    return docs
+def _builtin():
+    """data_builtin.py, the built-in corpus (files and folders need only data.py)."""
+    return _companion("data_builtin", 'data source "builtin"', DataError)
 
 
 def load_documents(sources=("builtin",), seed=0, max_doc_chars=1_000_000, report=None):
@@ -660,7 +638,7 @@ def load_documents(sources=("builtin",), seed=0, max_doc_chars=1_000_000, report
     docs = []
     for spec in map(str, sources):
         if spec.startswith("builtin"):
-            docs += _builtin_documents(spec, seed)
+            docs += _builtin().builtin_documents(spec, seed)
             continue
         source = parse_source(spec)
         for count, where, why in source.skipped:
@@ -690,9 +668,9 @@ def load_documents(sources=("builtin",), seed=0, max_doc_chars=1_000_000, report
 # Preparation: split by document, mix domains, tokenise once into memory-mapped files
 
 def _carve_validation(doc: Document, val_fraction: float) -> tuple[Document, Document]:
-    """A domain's only document, cut in two so that it still has validation text: the end of the
-    document, about val_fraction of it (at most twice that), from a paragraph break, else a
-    sentence end, else a space, else exactly at (1 - val_fraction) of its characters."""
+    """A domain's only document cut in two, so that it has validation text: its end, about
+    val_fraction of it (at most twice that), from a paragraph break, else a sentence end, else a
+    space, else exactly at (1 - val_fraction) of its characters."""
     text = doc.text
     at = min(len(text) - 1, max(1, round(len(text) * (1 - val_fraction))))
     lo = max(1, at - (len(text) - at))  # the cut lies in [lo, at]: validation gets 1x to 2x its share
@@ -706,11 +684,10 @@ def _carve_validation(doc: Document, val_fraction: float) -> tuple[Document, Doc
 
 
 def split_by_document(docs, val_fraction, seed):
-    """Per domain, the documents whose seeded hash ranks lowest go to validation:
-    round(val_fraction * n) of them, at least one if the domain has two or more documents and
-    val_fraction > 0, never all of them. Hash ranking keeps a document's side stable when others
-    are added or removed. A domain of a single document (one big file) is cut instead: its end
-    is validation (`_carve_validation`), so a one-file corpus still trains and validates."""
+    """Per domain, the round(val_fraction * n) documents whose seeded hash ranks lowest go to
+    validation (at least one when n >= 2 and val_fraction > 0, never all): a document keeps its
+    side when others are added or removed. A domain of one document is cut instead, its end to
+    validation (`_carve_validation`), so a one-file corpus still trains and validates."""
     by_domain = {}
     for doc in docs:
         by_domain.setdefault(doc.domain, []).append(doc)
@@ -731,9 +708,8 @@ def split_by_document(docs, val_fraction, seed):
 
 def mix_domains(train, weights, seed):
     """Resample training documents so that domain d holds weights[d] / sum(weights) of the training
-    text (UTF-8 bytes, total unchanged): whole documents in a seeded order, cycled when a domain is
-    up-weighted past its size (extra epochs, as K2 does with its rephrased knowledge), cut short when
-    it is down-weighted. Weight 0 drops a domain from training."""
+    text (UTF-8 bytes, total unchanged): whole documents in a seeded order, cycled past a domain's
+    size (extra epochs, as K2 gives its rephrased knowledge) or cut short; weight 0 drops a domain."""
     by_domain = {}
     for doc in train:
         by_domain.setdefault(doc.domain, []).append(doc)
@@ -757,9 +733,8 @@ def mix_domains(train, weights, seed):
 
 
 def source_weights(sources, domains, weights=None) -> dict | None:
-    """The mixture weights of a run: those stated in the sources ("DOMAIN:WEIGHT=PATH"), every
-    other domain counting 1, and `weights` (domain -> weight) over both; None (natural sizes) when
-    nothing states a weight."""
+    """The mixture weights: those stated in the sources ("DOMAIN:WEIGHT=PATH"), every other domain 1,
+    and `weights` (domain -> weight) over both; None (natural sizes) when nothing states a weight."""
     stated = {}
     for spec in map(str, sources):
         if not spec.startswith("builtin") and (source := parse_source(spec)).weight is not None:
@@ -779,13 +754,16 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 def _cache_key(sources, tokenizer, settings) -> str:
     """Hash of everything the token files depend on. User files enter by (path, size, mtime) like
-    make; the built-in corpus by the Python version; this file by its bytes, so any edit of the
-    generators or the split rebuilds."""
+    make; the built-in corpus by the Python version and data_builtin.py's bytes; this file by its
+    bytes, so any edit of the loader, the generators or the split rebuilds."""
     h = hashlib.sha256(Path(__file__).read_bytes())
-    h.update(json.dumps([settings, _tokenizer_fingerprint(tokenizer), sys.version, str(STDLIB)]).encode())
+    h.update(json.dumps([settings, _tokenizer_fingerprint(tokenizer), sys.version]).encode())
     for spec in map(str, sources):
         h.update(spec.encode())
-        if not spec.startswith("builtin"):
+        if spec.startswith("builtin"):
+            builtin = _builtin()
+            h.update(Path(builtin.__file__).read_bytes() + str(builtin.STDLIB).encode())
+        else:
             for path in parse_source(spec).files:
                 st = path.stat()
                 h.update(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -835,20 +813,19 @@ def prepare(out_dir="data_cache", sources=None, tokenizer=None, val_fraction=0.0
     """Tokenise `sources` once into out_dir/<key>/{train,val}.bin and return their description.
 
     Every document is followed by tokenizer.eos. The split is by document (`split_by_document`), so
-    no validation text is ever in the training file; mixture weights (`source_weights`: stated in
-    the sources as "DOMAIN:WEIGHT=PATH", or `weights`, domain -> weight, each a share of the
-    training text) resample the training documents (`mix_domains`); validation keeps every domain
-    at its natural size. The files are cached under a hash of the inputs and settings and rebuilt
-    only when one of them changes, or when the cached folder fails its check (`_adopt`: never
-    trained on; "rebuilt" says why). They are built in a temporary folder, fsynced and renamed into
-    place, so a killed or concurrent `prepare` (one per DDP rank) never leaves or reads half a file;
-    a failed write (a full disk) removes the temporary folder and raises OSError naming the file.
+    no validation text is in the training file; mixture weights (`source_weights`: stated in the
+    sources as "DOMAIN:WEIGHT=PATH", or `weights`, domain -> share of the training text) resample
+    the training documents (`mix_domains`); validation keeps every domain at its natural size. The
+    files are cached under a hash of inputs and settings, rebuilt when one changes or the folder
+    fails its check (`_adopt`: never trained on; "rebuilt" says why), and built in a temporary
+    folder renamed into place, so a killed or concurrent `prepare` (one per DDP rank) never leaves
+    or reads half a file.
 
     Returns a JSON-able dict: "train"/"val" paths, "dtype", "vocab_size", "eos", "tokens" per
     split, "stats" per domain (docs, bytes, tokens per split; "epochs" = training copies per
     document), "load_report" (`LoadReport`; `describe_load_report` says it in one line), "key",
     "cached", "rebuilt", "files" (each file's `digest`). Open the files with `load_tokens`. Bad
-    sources raise DataError.
+    sources raise DataError; a failed write (a full disk), OSError naming the file.
     """
     tokenizer = tokenizer or ByteTokenizer()
     sources = [str(s) for s in (sources or ["builtin"])]
@@ -890,11 +867,9 @@ CACHE_FILES = ("train.bin", "val.bin", "meta.json")  # all that a cache folder h
 
 def _adopt(final: Path) -> tuple[dict | None, str | None]:
     """(meta.json's info, None) when `final` is a complete cache folder whose every file passes its
-    check; (None, why not) otherwise, or (None, None) when there is no folder. A folder without
-    meta.json (a copy that stopped early), with a meta.json that fails its own check or names
-    another key (another corpus's files), or with a file whose length or SHA-256 is not what was
-    written, is never used: `prepare` rebuilds it. A folder that also holds files this program does
-    not write is refused (DataError), before anything is moved."""
+    check (meta.json its own and its key, the token files their digests); (None, why not) otherwise,
+    and `prepare` rebuilds it; (None, None) when there is no folder. A folder that also holds files
+    this program does not write is refused (DataError) before anything is moved."""
     if not final.exists():
         return None, None
     if extra := sorted(set(os.listdir(final)) - set(CACHE_FILES)):
@@ -925,10 +900,8 @@ def _json_check(obj) -> str:
 
 
 def _remove_stale_builds(cache: Path):
-    """Remove what builds on this host whose process is gone left in the cache folder: a build
-    killed mid-write leaves its temporary folder (`_write_cache`'s tmp-<key>-<pid>@<host>), one
-    killed while it replaced an unusable folder leaves that folder (old-<key>-<pid>@<host>). Only
-    such names, holding only cache files, are removed. The host is in the name because a cache
+    """Remove the tmp-<key>-<pid>@<host> and old-<key>-<pid>@<host> folders (`_write_cache`), holding
+    only cache files, that killed builds on this host left. The host is in the name because a cache
     folder may be shared by machines, where another host's pid says nothing here."""
     host = socket.gethostname()
     for tmp in cache.glob("*-*-*@*"):
@@ -949,11 +922,9 @@ def _alive(pid: int) -> bool:
 
 
 def _write_cache(final: Path, splits: dict, tokenizer, info: dict) -> dict:
-    """Write each split's documents as tokens and `info` (completed with the token counts per
-    domain and split, each file's `digest`, and its own check) as meta.json into a temporary folder
-    beside `final`, fsynced, then rename it to `final`. An unusable folder in the way (see `_adopt`)
-    is moved aside first and removed after. A failure or a signal removes the temporary folder; a
-    failed write raises OSError naming the file."""
+    """Each split's tokens, and `info` (completed with token counts, each file's `digest` and its own
+    check) as meta.json, fsynced in a temporary folder then renamed to `final`; an unusable folder in
+    the way is moved aside first. A failure or a signal removes the temporary folder."""
     stats, dtype = info["stats"], np.dtype(info["dtype"])
     suffix = f"{final.name}-{os.getpid()}@{socket.gethostname()}"
     tmp, old = confined(final.parent, f"tmp-{suffix}"), confined(final.parent, f"old-{suffix}")
@@ -1001,9 +972,8 @@ def verify_once(path, expected: dict, what="file"):
 
 
 def load_tokens(info: dict, split="train") -> np.ndarray:
-    """The split's tokens as a read-only memory map (an empty array for an empty split, which
-    np.memmap cannot map), verified first against the length and SHA-256 that `prepare` recorded
-    (`verify_once`): CorruptFile names a file that changed since."""
+    """The split's tokens as a read-only memory map (an empty split, which np.memmap cannot map, as an
+    empty array), checked first against what `prepare` recorded: CorruptFile names a changed file."""
     dtype = np.dtype(info["dtype"])
     path = info[split]
     verify_once(path, info["files"][os.path.basename(path)], "token file")
@@ -1013,21 +983,17 @@ def load_tokens(info: dict, split="train") -> np.ndarray:
 # -----------------------------------------------------------------------------------------------
 # Batches
 
-
 class BatchSampler:
     """Training batches that are a pure function of (seed, step).
 
     Each epoch cuts the token stream into non-overlapping windows of seq_len + 1 tokens at a
     random shift and visits them in a seeded random order, so every token is used once per epoch
-    and nothing but the step counter needs saving: `state_dict()` goes into the checkpoint and
-    `load_state_dict()` makes a resumed run see exactly the batches it would have seen.
-    `next()` returns (x, y), int64 tensors of shape (B, T), y = x shifted left by one token.
+    and only the step counter is saved (`state_dict`): a resumed run sees exactly the batches it
+    would have seen. `next()` returns (x, y), int64 (B, T), y = x shifted left by one token.
 
-    DDP: `batch_size` is the GLOBAL batch. Rank r of world_size gets the contiguous rows
-    [r * b, (r + 1) * b) with b = batch_size // world_size, so the union over ranks is the
-    single-process batch and training does not depend on how many processes run it.
-    For evaluation build a fresh sampler over the val tokens with a fixed seed each time: the same
-    val batches every eval.
+    DDP: `batch_size` is the GLOBAL batch; rank r of world_size gets the rows [r * b, (r + 1) * b),
+    b = batch_size // world_size, so the union over ranks is the single-process batch. For
+    evaluation, a fresh sampler over the val tokens with a fixed seed: the same batches every eval.
     """
 
     def __init__(self, tokens, batch_size, seq_len, seed=0, rank=0, world_size=1):
@@ -1089,249 +1055,6 @@ def unigram_entropy(tokens, chunk=1 << 24) -> float:
 
 
 # -----------------------------------------------------------------------------------------------
-# The built-in corpus: the standard library's code and documentation, and generated maths
-
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "_bundled"}
-CODE_BYTES = 2_000_000       # standard-library source used as the code domain (of about 12 MB)
-KNOWLEDGE_BYTES = 2_000_000  # cap on pydoc topics + docstrings (about 2 MB are available)
-MATH_PROBLEMS = 6_000        # generated worked problems, about 1.5 MB before duplicates are dropped
-
-
-def _stdlib_files(seed: int) -> list[Path]:
-    """The standard library's own .py files (no tests, no installed packages), in a seeded order."""
-    paths = []
-    for root, dirs, files in os.walk(STDLIB):
-        dirs[:] = sorted(d for d in dirs if d not in STDLIB_SKIP)
-        paths += [Path(root, f) for f in sorted(files) if f.endswith(".py")]
-    random.Random(seed).shuffle(paths)
-    return paths
-
-
-def _docstring_document(path: Path, source: str) -> str | None:
-    """pydoc-like text from one module: its docstring, then every public class and function's
-    signature and docstring. Parsed with `ast`, never imported (importing runs code)."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return None
-    module = ".".join(path.relative_to(STDLIB).with_suffix("").parts).removesuffix(".__init__")
-    parts = [ast.get_docstring(tree) or ""]
-
-    def visit(node, prefix):
-        for child in node.body:
-            if not isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            if child.name.startswith("_"):
-                continue
-            doc = ast.get_docstring(child)
-            signature = "" if isinstance(child, ast.ClassDef) else f"({ast.unparse(child.args)})"
-            if doc:
-                parts.append(f"{prefix}{child.name}{signature}\n    " + doc.replace("\n", "\n    "))
-            if isinstance(child, ast.ClassDef):
-                visit(child, f"{prefix}{child.name}.")
-
-    visit(tree, "")
-    if not any(parts):
-        return None
-    return "\n\n".join([f"Help on module {module}:"] + [p for p in parts if p])
-
-
-def stdlib_documents(seed=0, code_bytes=CODE_BYTES, knowledge_bytes=KNOWLEDGE_BYTES):
-    """The code and knowledge domains, from disjoint sets of standard-library files so that no
-    docstring is both a code document and a knowledge document. Returns (code, knowledge)."""
-    from pydoc_data.topics import topics
-    code, knowledge = [], []
-    used_code = 0
-    used_knowledge = 0
-    for key in sorted(topics):
-        if used_knowledge < knowledge_bytes:
-            knowledge.append(Document("knowledge", f"pydoc:{key}", topics[key]))
-            used_knowledge += len(topics[key])
-    for path in _stdlib_files(seed):
-        if used_code >= code_bytes and used_knowledge >= knowledge_bytes:
-            break
-        source = path.read_text(encoding="utf-8", errors="replace")
-        if used_code < code_bytes:
-            code.append(Document("code", str(path.relative_to(STDLIB)), source))
-            used_code += len(source)
-        elif (doc := _docstring_document(path, source)) is not None:
-            knowledge.append(Document("knowledge", f"docstrings:{path.relative_to(STDLIB)}", doc))
-            used_knowledge += len(doc)
-    return code, knowledge
-
-
-# Mathematics: each generator returns (problem, steps, answer) from a random.Random; a problem's
-# text depends only on (seed, index), so the corpus is reproducible and grows without reshuffling.
-
-def _linear(terms) -> str:
-    """Render [(3, "x"), (-1, "y"), (5, "")] as '3x - y + 5'; zero terms are dropped."""
-    out = ""
-    for coef, var in terms:
-        if coef == 0:
-            continue
-        body = f"{'' if abs(coef) == 1 and var else abs(coef)}{var}"
-        out = (("-" if coef < 0 else "") + body) if not out else f"{out} {'-' if coef < 0 else '+'} {body}"
-    return out or "0"
-
-
-def _p(n) -> str:
-    """A number as a factor: negative numbers in brackets."""
-    return f"({n})" if n < 0 else f"{n}"
-
-
-def _nonzero(rng, lo, hi, exclude=()):
-    return rng.choice([i for i in range(lo, hi + 1) if i != 0 and i not in exclude])
-
-
-def _order_of_operations(rng):
-    a, b, c, d = (rng.randint(2, 20) for _ in range(4))
-    form = rng.randrange(4)
-    if form == 0:
-        return (f"Compute {a} + {b} * {c}.",
-                [f"Multiplication comes before addition: {b} * {c} = {b * c}.",
-                 f"Then {a} + {b * c} = {a + b * c}."], f"{a + b * c}")
-    if form == 1:
-        return (f"Compute ({a} + {b}) * {c}.",
-                [f"Work inside the brackets first: {a} + {b} = {a + b}.",
-                 f"Then {a + b} * {c} = {(a + b) * c}."], f"{(a + b) * c}")
-    if form == 2:
-        return (f"Compute {a} * {b} - {c} * {d}.",
-                [f"Do both multiplications first: {a} * {b} = {a * b} and {c} * {d} = {c * d}.",
-                 f"Then {a * b} - {c * d} = {a * b - c * d}."], f"{a * b - c * d}")
-    return (f"Compute {a} - {b * c} / {c}.",
-            [f"Division comes before subtraction: {b * c} / {c} = {b}.",
-             f"Then {a} - {b} = {a - b}."], f"{a - b}")
-
-
-def _fractions(rng):
-    b, d = rng.randint(2, 12), rng.randint(2, 12)
-    a, c = rng.randint(1, 2 * b), rng.randint(1, 2 * d)
-    op = rng.choice("+-*")
-    if op == "*":
-        num, den, result = a * c, b * d, Fraction(a, b) * Fraction(c, d)
-        steps = [f"Multiply numerators and denominators: ({a} * {c}) / ({b} * {d}) = {num}/{den}."]
-    else:
-        den = math.lcm(b, d)
-        na, nc = a * (den // b), c * (den // d)
-        num = na + nc if op == "+" else na - nc
-        result = Fraction(a, b) + Fraction(c, d) if op == "+" else Fraction(a, b) - Fraction(c, d)
-        steps = [f"The least common denominator of {b} and {d} is {den}.",
-                 f"Rewrite both fractions over {den}: {a}/{b} = {na}/{den} and {c}/{d} = {nc}/{den}.",
-                 f"{'Add' if op == '+' else 'Subtract'} the numerators: {na} {op} {nc} = {num}, "
-                 f"giving {num}/{den}."]
-    g = math.gcd(num, den)
-    steps.append(f"Divide numerator and denominator by their greatest common divisor {g}: "
-                 f"{num}/{den} = {result}." if g > 1 else f"{num}/{den} is already in lowest terms.")
-    return f"Compute {a}/{b} {op} {c}/{d} and simplify.", steps, f"{result}"
-
-
-def _linear_equation(rng):
-    x, a, b = rng.randint(-12, 12), _nonzero(rng, -9, 9, exclude=(1,)), _nonzero(rng, -30, 30)
-    c = a * x + b
-    move = f"Subtract {b} from" if b > 0 else f"Add {-b} to"
-    return (f"Solve {_linear([(a, 'x'), (b, '')])} = {c} for x.",
-            [f"{move} both sides: {_linear([(a, 'x')])} = {c - b}.",
-             f"Divide both sides by {a}: x = {c - b} / {_p(a)} = {x}.",
-             f"Check: {a} * {_p(x)} + {_p(b)} = {a * x} + {_p(b)} = {c}, as required."], f"x = {x}")
-
-
-def _linear_system(rng):
-    x, y = rng.randint(-9, 9), rng.randint(-9, 9)
-    b1, a2 = _nonzero(rng, -5, 5), _nonzero(rng, -5, 5)
-    b2 = rng.choice([v for v in range(-5, 6) if v != a2 * b1])  # keeps the system solvable
-    c1, c2 = x + b1 * y, a2 * x + b2 * y
-    k, rhs = b2 - a2 * b1, c2 - a2 * c1
-    substituted = f"{a2} * ({_linear([(c1, ''), (-b1, 'y')])})"
-    if b2:
-        substituted += f" {'+' if b2 > 0 else '-'} {_linear([(abs(b2), 'y')])}"
-    return (f"Solve the system {_linear([(1, 'x'), (b1, 'y')])} = {c1} and "
-            f"{_linear([(a2, 'x'), (b2, 'y')])} = {c2}.",
-            [f"From the first equation, x = {_linear([(c1, ''), (-b1, 'y')])}.",
-             f"Substitute into the second: {substituted} = {c2}.",
-             f"Expand and collect the y terms: {k}y = {c2} - {_p(a2 * c1)} = {rhs}.",
-             f"So y = {rhs} / {_p(k)} = {y}.",
-             f"Then x = {c1} - {_p(b1)} * {_p(y)} = {x}.",
-             f"Check: {a2} * {_p(x)} + {_p(b2)} * {_p(y)} = {c2}, as required."], f"x = {x}, y = {y}")
-
-
-def _quadratic(rng):
-    r, s = sorted((rng.randint(-15, 15), rng.randint(-15, 15)))
-    a, b, c = rng.choice((1, 1, 2, 3, 4, 5)), -(r + s), r * s
-    roots = f"x = {r} or x = {s}" if r != s else f"x = {r}"
-    monic = _linear([(1, 'x^2'), (b, 'x'), (c, '')])
-    return (f"Solve {_linear([(a, 'x^2'), (a * b, 'x'), (a * c, '')])} = 0.",
-            ([f"Divide both sides by {a}: {monic} = 0."] if a > 1 else []) +
-            [f"Look for two numbers whose product is {c} and whose sum is {b}: {-r} and {-s}.",
-             f"So the equation factors as ({_linear([(1, 'x'), (-r, '')])})"
-             f"({_linear([(1, 'x'), (-s, '')])}) = 0.",
-             f"A product is zero only when one of its factors is zero, so {roots}."], roots)
-
-
-def _percentages(rng):
-    p, n = rng.randrange(5, 100, 5), 20 * rng.randint(2, 60)
-    part = p * n // 100  # exact: p is a multiple of 5 and n of 20
-    form = rng.randrange(3)
-    if form == 0:
-        return (f"What is {p}% of {n}?",
-                [f"{p}% means {p}/100 = {p / 100:g}.", f"{p / 100:g} * {n} = {part}."], f"{part}")
-    if form == 1:
-        up = rng.random() < 0.5
-        new = n + part if up else n - part
-        return (f"A jacket costs ${n}. Its price {'rises' if up else 'falls'} by {p}%. "
-                "What is the new price?",
-                [f"{p}% of {n} is {p}/100 * {n} = {part}.",
-                 f"The new price is {n} {'+' if up else '-'} {part} = {new}."], f"${new}")
-    return (f"{part} is what percent of {n}?",
-            [f"Divide the part by the whole: {part} / {n} = {part / n:g}.",
-             f"Multiply by 100 to get a percentage: {part / n:g} * 100 = {p}%."], f"{p}%")
-
-
-def _gcd_lcm(rng):
-    g = rng.randint(2, 15)
-    a, b = sorted((g * rng.randint(2, 20), g * rng.randint(21, 40)), reverse=True)
-    steps, x, y = ["Use Euclid's algorithm: divide, then divide the divisor by the remainder."], a, b
-    while y:
-        q, r = divmod(x, y)
-        steps.append(f"{x} = {q} * {y} + {r}.")
-        x, y = y, r
-    steps += [f"The last nonzero remainder is {x}, so gcd({a}, {b}) = {x}.",
-              f"lcm({a}, {b}) = {a} * {b} / {x} = {a * b // x}."]
-    return (f"Find the greatest common divisor and the least common multiple of {a} and {b}.",
-            steps, f"gcd = {x}, lcm = {a * b // x}")
-
-
-def _speed_and_mean(rng):
-    if rng.random() < 0.5:
-        who, slowest, fastest = rng.choice((("A cyclist", 8, 30), ("A car", 40, 130), ("A train", 60, 300)))
-        v, t = rng.randint(slowest, fastest), rng.randint(2, 12)
-        return (f"{who} covers {v * t} km in {t} hours at a constant speed. What is the speed?",
-                ["Speed is distance divided by time.", f"{v * t} / {t} = {v}."], f"{v} km/h")
-    values = [rng.randint(1, 99) for _ in range(rng.choice((4, 5)))]
-    total = sum(values)
-    return (f"Find the mean of {', '.join(map(str, values))}.",
-            [f"Add the values: {' + '.join(map(str, values))} = {total}.",
-             f"Divide by how many there are: {total} / {len(values)} = {total / len(values):g}."],
-            f"{total / len(values):g}")
-
-
-MATH_KINDS = [_order_of_operations, _fractions, _linear_equation, _linear_system, _quadratic,
-              _percentages, _gcd_lcm, _speed_and_mean]
-
-
-def math_documents(n=MATH_PROBLEMS, seed=0) -> list[Document]:
-    """n worked problems; problem i depends only on (seed, i)."""
-    docs = []
-    for i in range(n):
-        rng = random.Random(f"{seed}:{i}")
-        problem, steps, answer = rng.choice(MATH_KINDS)(rng)
-        lines = [f"Problem: {problem}", "", "Solution:"]
-        lines += [s if s.startswith("Check:") else f"Step {k}: {s}" for k, s in enumerate(steps, 1)]
-        docs.append(Document("math", f"math#{i}", "\n".join(lines + ["", f"Answer: {answer}"])))
-    return docs
-
-
-# -----------------------------------------------------------------------------------------------
 # Shared by data.py and train.py: argparse numbers, atomic writes, verified reads, confined paths
 
 def number(cast, low, high=None, *, above=False):
@@ -1354,9 +1077,8 @@ def number(cast, low, high=None, *, above=False):
 def write_atomically(path, write, mode="w"):
     """Replace `path` with what write(file) writes, in one step (a new temporary file beside it,
     fsync, rename, fsync of the folder): a reader or a kill at any moment sees the old file or the
-    new one, never half of one, and a failure leaves no temporary file (an OSError without a file
-    name, such as a full disk's, is raised again naming `path`). Returns the new file's
-    `digest` (its length and SHA-256), for the caller to record where a later read can check it."""
+    new one, never half of one; a failure leaves no temporary file and an OSError naming `path`.
+    Returns the new file's `digest`, for the caller to record where a later read can check it."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
@@ -1423,133 +1145,6 @@ def confined(root, name) -> Path:
     return path
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT, SIGTERM or SIGHUP, raised in the main thread (see `error_boundary`)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _interrupt(signum, frame):
-    for sig in STOP_SIGNALS:  # the first signal ends the program; more while it cleans up are ignored
-        signal.signal(sig, signal.SIG_IGN)
-    raise Interrupted(signum)
-
-
-STOP_SIGNALS = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]  # no SIGHUP on Windows
-
-
-def error_boundary(prog: str, run: Callable[[], int], secrets=()) -> int:
-    """Run a program's body and turn whatever ends it into an exit code and one line on stderr:
-    bad input (DataError, CorruptFile) 2; a file that cannot be read or written (OSError, a full
-    disk among them) 1, naming the file; SIGINT, SIGTERM or SIGHUP at any moment 128 + its number
-    (what was written stays whole: every writer here is atomic or resumable); anything else 1,
-    with the traceback saved to a file whose path the line gives. No string of `secrets` (an API
-    key) is ever printed or saved: it is replaced by "***"."""
-    def say(line):
-        for secret in filter(None, secrets):
-            line = line.replace(secret, "***")
-        print(f"{prog}: {line}", file=sys.stderr, flush=True)
-
-    handlers = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
-    try:
-        return run()
-    except (DataError, CorruptFile) as e:
-        say(str(e))
-        return 2
-    except KeyboardInterrupt as e:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
-        signum = getattr(e, "signum", signal.SIGINT)
-        say(f"interrupted ({signal.Signals(signum).name}); what was written stays, and the same command resumes")
-        return 128 + signum
-    except Exception as e:
-        if isinstance(e, OSError) and e.filename is not None:  # a full disk among them
-            say(f"{e.filename}: {e.strerror or e}")
-            return 1
-        say(f"unexpected error: {_one_line(f'{type(e).__name__}: {e}')} ({_save_traceback(prog, secrets)})")
-        return 1
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-
-
-def _save_traceback(prog: str, secrets) -> str:
-    """The traceback being handled, `secrets` replaced by ***, saved to a new file: where it is."""
-    text = traceback.format_exc()
-    for secret in filter(None, secrets):
-        text = text.replace(secret, "***")
-    try:
-        fd, saved = tempfile.mkstemp(prefix=f"{prog.split()[0].removesuffix('.py')}-traceback-", suffix=".txt")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-    except OSError as e:
-        return f"its traceback could not be saved: {e.strerror}"
-    return f"traceback saved to {saved}"
-
-
-def _one_line(text: str, limit=300) -> str:
-    """An error text (a server's body may hold anything) as one line of at most `limit` characters."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def exit_now(code: int):
-    """Leave with `code`; after a signal at once, not after the requests still in flight (their
-    pairs are redone on resume)."""
-    if code >= 128:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
-
-
-# -----------------------------------------------------------------------------------------------
-# Command line
-
-
-def run_stats(args) -> int:
-    info = prepare(args.cache_dir, args.data, val_fraction=args.val_fraction, seed=args.seed)
-    print(f"{'domain':<12}{'docs':>9}{'bytes':>13}{'train tokens':>15}{'val tokens':>13}{'epochs':>8}")
-    for domain, s in sorted(info["stats"].items()):
-        print(f"{domain:<12}{s['train_docs'] + s['val_docs']:>9,}{s['bytes']:>13,}"
-              f"{s['train_tokens']:>15,}{s['val_tokens']:>13,}{s['epochs']:>8}")
-    train = load_tokens(info, "train")
-    print(f"total: {info['tokens']['train']:,} train + {info['tokens']['val']:,} val tokens "
-          f"({info['dtype']}, vocab {info['vocab_size']}, eos {info['eos']}); unigram entropy "
-          f"{unigram_entropy(train):.3f} nats/token; cache {info['dir']}"
-          f"{' (reused)' if info['cached'] else ''}")
-    if info.get("rebuilt"):
-        print(f"token cache rebuilt: {info['rebuilt']}")
-    report = {k: v for k, v in info["load_report"].items() if k != "problems" and v}
-    print("loader:", ", ".join(f"{k} {v}" for k, v in report.items()))
-    for problem in info["load_report"]["problems"]:
-        print(f"  {problem}")
-    return 0
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    stats = commands.add_parser("stats", help="documents, bytes and tokens per domain")
-    stats.add_argument("--data", nargs="+", default=None,
-                       help="builtin[:DOMAIN] or [DOMAIN[:WEIGHT]=]PATH (default: builtin)")
-    stats.add_argument("--cache-dir", default="data_cache")
-    stats.add_argument("--val-fraction", type=number(float, 0, 1), default=0.05)
-    stats.add_argument("--seed", type=int, default=0)
-    commands.add_parser("rephrase", add_help=False,  # handed to data_rephrase.py before parsing, see main
-                        help="rewrite documents with an LLM (K2 rephrasing): data.py rephrase --help")
-    return parser
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["rephrase"]:  # the corpus-scale client lives in its companion file
-        return __getattr__("rephrase_main")(argv[1:], prog="data.py rephrase")
-    args = _parser().parse_args(argv)
-    return error_boundary(f"data.py {args.command}", lambda: run_stats(args))
-
-
-if __name__ == "__main__":
-    exit_now(main())
+if __name__ == "__main__":  # `python data.py stats|rephrase ...`
+    cli = _companion("data_rephrase", "data.py's command line", SystemExit)
+    cli.exit_now(cli.main())

@@ -7,10 +7,14 @@ report, arXiv 2507.20534, sec. 2.2); this companion holds what a real run over m
   (standard library only, a deadline per request, retries with backoff, 429/5xx pausing every
   worker), `CheckpointGenerator` for a trained kimik2 checkpoint, or any callable
   `generate(messages) -> str`.
-- `rephrase_corpus`: the (document, style) pairs and their shards, concurrent requests, one
-  crash-safe writer, one process per output file (a lock beside it), a file that is not its own
-  refused untouched, resume, progress with an ETA.
-- The command line (also reached as `python data.py rephrase ...`).
+- `rephrase_corpus`: the (document, style) pairs (`styles_for`) and their shards, concurrent
+  requests, one crash-safe writer, one process per output file (a lock beside it), a file that is
+  not its own refused untouched, progress with an ETA. Records are keyed by content
+  (`rephrase_key`: the source text, style, prompt and chunking), carry the shard plan and check
+  themselves (`record_line`), so resume does exactly the missing work and verifies what it reads.
+- The command lines: its own (also reached as `python data.py rephrase ...`) and data.py's (`main`,
+  also `data.main`: `stats` and `rephrase`), and the one error boundary they run in (`error_boundary`:
+  one line per failure, signals, no API key ever printed).
 
 Run:
     python data_rephrase.py SOURCE... --endpoint http://localhost:8000/v1 --model NAME \
@@ -27,10 +31,13 @@ import math
 import os
 import re
 import shlex
+import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
+import traceback
 import urllib.parse
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -41,11 +48,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+import data
 from data import (GENERAL_STYLES, MIN_SIMILARITY, RECORD_START, RULES, STYLES, ByteTokenizer, CorruptFile, DataError,
-                  Document,
-                  EmbeddingFidelity, GenerationError, JudgeFidelity, LexicalFidelity, LoadReport, _lone_surrogates,
-                  _one_line, checked_record, confined, error_boundary, exit_now, load_documents, number,
-                  rephrase_chunkwise)
+                  Document, EmbeddingFidelity, GenerationError, JudgeFidelity, LexicalFidelity, LoadReport,
+                  _lone_surrogates, checked_record, confined, load_documents, number, rephrase_chunkwise)
 
 
 def _stderr(line: str):
@@ -297,12 +303,14 @@ def in_shard(key: str, shard: tuple[int, int]) -> bool:
 
 
 def _command_line() -> str:
-    """This process's command, an --api-key's value replaced by *** (the lock file is at rest)."""
+    """This process's command, an --api-key's value replaced by *** (the lock file is at rest;
+    argparse also takes the option abbreviated, as --api)."""
     argv = [Path(sys.executable).name, *sys.argv]
+    is_key = [len(a.partition("=")[0]) > 2 and "--api-key".startswith(a.partition("=")[0]) for a in argv]
     for i, arg in enumerate(argv):
-        if arg.startswith("--api-key="):
-            argv[i] = "--api-key=***"
-        elif i and argv[i - 1] == "--api-key":
+        if is_key[i] and "=" in arg:
+            argv[i] = arg.partition("=")[0] + "=***"
+        elif i and is_key[i - 1] and "=" not in argv[i - 1]:
             argv[i] = "***"
     return shlex.join(argv)
 
@@ -611,10 +619,139 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return rephrase
 
 
-def main(argv=None, prog="data_rephrase.py") -> int:
+def rephrase_main(argv=None, prog="data_rephrase.py") -> int:
     args = _parser(prog).parse_args(argv)
     return error_boundary(prog, lambda: run_rephrase(args), secrets=[args.api_key])
 
 
+# -----------------------------------------------------------------------------------------------
+# data.py's command line (`python data.py stats|rephrase ...`) and the error boundary of both
+
+def run_stats(args) -> int:
+    """`data.py stats`: documents, bytes and tokens per domain, and what loading skipped."""
+    info = data.prepare(args.cache_dir, args.data, val_fraction=args.val_fraction, seed=args.seed)
+    print(f"{'domain':<12}{'docs':>9}{'bytes':>13}{'train tokens':>15}{'val tokens':>13}{'epochs':>8}")
+    for domain, s in sorted(info["stats"].items()):
+        print(f"{domain:<12}{s['train_docs'] + s['val_docs']:>9,}{s['bytes']:>13,}"
+              f"{s['train_tokens']:>15,}{s['val_tokens']:>13,}{s['epochs']:>8}")
+    train = data.load_tokens(info, "train")
+    print(f"total: {info['tokens']['train']:,} train + {info['tokens']['val']:,} val tokens "
+          f"({info['dtype']}, vocab {info['vocab_size']}, eos {info['eos']}); unigram entropy "
+          f"{data.unigram_entropy(train):.3f} nats/token; cache {info['dir']}"
+          f"{' (reused)' if info['cached'] else ''}")
+    if info.get("rebuilt"):
+        print(f"token cache rebuilt: {info['rebuilt']}")
+    report = {k: v for k, v in info["load_report"].items() if k != "problems" and v}
+    print("loader:", ", ".join(f"{k} {v}" for k, v in report.items()))
+    for problem in info["load_report"]["problems"]:
+        print(f"  {problem}")
+    return 0
+
+
+def _data_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=data.__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    stats = commands.add_parser("stats", help="documents, bytes and tokens per domain")
+    stats.add_argument("--data", nargs="+", default=None,
+                       help="builtin[:DOMAIN] or [DOMAIN[:WEIGHT]=]PATH (default: builtin)")
+    stats.add_argument("--cache-dir", default="data_cache")
+    stats.add_argument("--val-fraction", type=number(float, 0, 1), default=0.05)
+    stats.add_argument("--seed", type=int, default=0)
+    commands.add_parser("rephrase", add_help=False,  # handed to rephrase_main before parsing, see main
+                        help="rewrite documents with an LLM (K2 rephrasing): data.py rephrase --help")
+    return parser
+
+
+def main(argv=None) -> int:
+    """data.py's command line (`data.main`): `stats`, or `rephrase` (this file's own command line)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["rephrase"]:
+        return rephrase_main(argv[1:], prog="data.py rephrase")
+    args = _data_parser().parse_args(argv)
+    return error_boundary(f"data.py {args.command}", lambda: run_stats(args))
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP, raised in the main thread (see `error_boundary`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    for sig in STOP_SIGNALS:  # the first signal ends the program; more while it cleans up are ignored
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+STOP_SIGNALS = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]  # no SIGHUP on Windows
+
+
+def error_boundary(prog: str, run: Callable[[], int], secrets=()) -> int:
+    """Run a program's body and turn whatever ends it into an exit code and one line on stderr:
+    bad input (DataError, CorruptFile) 2; a file that cannot be read or written (OSError, a full
+    disk among them) 1, naming the file; SIGINT, SIGTERM or SIGHUP at any moment 128 + its number
+    (what was written stays whole: every writer here is atomic or resumable); anything else 1,
+    with the traceback saved to a file whose path the line gives. No string of `secrets` (an API
+    key) is ever printed or saved: it is replaced by "***"."""
+    def say(line):
+        for secret in filter(None, secrets):
+            line = line.replace(secret, "***")
+        print(f"{prog}: {line}", file=sys.stderr, flush=True)
+
+    handlers = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
+    try:
+        return run()
+    except (DataError, CorruptFile) as e:
+        say(str(e))
+        return 2
+    except KeyboardInterrupt as e:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        signum = getattr(e, "signum", signal.SIGINT)
+        say(f"interrupted ({signal.Signals(signum).name}); what was written stays, and the same command resumes")
+        return 128 + signum
+    except Exception as e:
+        if isinstance(e, OSError) and e.filename is not None:  # a full disk among them
+            say(f"{e.filename}: {e.strerror or e}")
+            return 1
+        say(f"unexpected error: {_one_line(f'{type(e).__name__}: {e}')} ({_save_traceback(prog, secrets)})")
+        return 1
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _save_traceback(prog: str, secrets) -> str:
+    """The traceback being handled, `secrets` replaced by ***, saved to a new file: where it is."""
+    text = traceback.format_exc()
+    for secret in filter(None, secrets):
+        text = text.replace(secret, "***")
+    try:
+        fd, saved = tempfile.mkstemp(prefix=f"{prog.split()[0].removesuffix('.py')}-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except OSError as e:
+        return f"its traceback could not be saved: {e.strerror}"
+    return f"traceback saved to {saved}"
+
+
+def _one_line(text: str, limit=300) -> str:
+    """An error text (a server's body may hold anything) as one line of at most `limit` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def exit_now(code: int):
+    """Leave with `code`; after a signal at once, not after the requests still in flight (their
+    pairs are redone on resume)."""
+    if code >= 128:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    exit_now(main())
+    exit_now(rephrase_main())

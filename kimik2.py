@@ -45,8 +45,8 @@ else:
 
 @dataclass
 class Config:
-    """Defaults: Kimi-K2's published config.json. Presets (PRESETS, after the model) override fields;
-    every value is checked when a Config is built (check_config: one line naming the field)."""
+    """Kimi-K2's shape by default (its published config.json, YaRN included, is PRESETS["kimi-k2"],
+    after the model); every value is checked when built (check_config: one line naming the field)."""
     # trunk
     vocab_size: int = 163840                 # tokens in the vocabulary
     hidden_size: int = 7168                  # residual stream width D

@@ -20,8 +20,8 @@ Where Muon must NOT be used (split_params sends these to AdamW)
   step touches only the rows of the tokens seen, and orthogonalising spreads that over every row.
 - Vectors (norm gains, biases) and convolution kernels: no matrix to orthogonalise.
 - Several maps in one tensor (a fused QKV, a fused gate/up): orthogonalised as one matrix they would
-  be coupled; declare the blocks with `mark_fused` and each is orthogonalised on its own.
-A stack (E, A, B), e.g. MoE experts, is E independent matrices.
+  be coupled; declare the blocks with `mark_fused` and each is orthogonalised on its own. A stack
+  (E, A, B) of MoE experts is E independent matrices; a 2-D stack (E*I, D) is declared with mark_fused.
 
 The attention surface QK-Clip talks to (duck-typed; the module has it, this file does not import it)
 - `num_heads` int; `max_logits`: (num_heads,) fp32 tensor, the running max over every training
@@ -30,7 +30,8 @@ The attention surface QK-Clip talks to (duck-typed; the module has it, this file
 - `qk_clip_(gamma)`: gamma (num_heads,); rescale in place, without grad, so that the head's logits
   on the same input are multiplied by gamma_h (or at most gamma_h, GQA); under FSDP2 only the local
   rows. Rules: `qk_clip_mha_`, `qk_clip_fused_mha_`, `qk_clip_mla_`.
-- optional `reset_max_logits_()`; without it max_logits is filled with -inf here.
+- optional `reset_max_logits_()` (without it max_logits is filled with -inf here); optional
+  `check_qk_clip()`: raises where the clip could not take effect (MuonClip calls it when built).
 
 Companions (each imports this file, never the reverse at module level): muonclip_hf.py
 (`attach_qk_clip`: the surface for transformers decoders; `trainer_optimizer`; both also as
@@ -41,7 +42,6 @@ import functools
 import math
 import time
 import warnings
-from collections import defaultdict
 
 import torch
 import torch.distributed as dist
@@ -127,9 +127,9 @@ def orthogonalise_by_shape(inputs, layouts, ns):
     input's parts are scaled each by its own rms_matching_scale and joined by the layout."""
     parts = [layout.split(x) if layout is not None else [x] for x, layout in zip(inputs, layouts)]
     units = [q for ps in parts for q in ps]                       # (..., A, B) each
-    by_shape = defaultdict(list)                                  # (A, B) -> indices into units
+    by_shape = {}                                                 # (A, B) -> indices into units
     for i, q in enumerate(units):
-        by_shape[tuple(q.shape[-2:])].append(i)
+        by_shape.setdefault(tuple(q.shape[-2:]), []).append(i)
     done = [None] * len(units)
     for shape, members in by_shape.items():
         stack = torch.cat([units[i].reshape(-1, *shape) for i in members])        # (N, A, B)
@@ -146,12 +146,10 @@ def orthogonalise_by_shape(inputs, layouts, ns):
 
 @functools.lru_cache(maxsize=None)
 def default_ns_dtype(device_type):
-    """The Newton-Schulz precision used when the caller does not choose one (ns_dtype=None).
-
-    bfloat16 on CUDA (as reference Muon) and on a CPU with bf16 matmul instructions; float32 on every
-    other CPU, where bf16 matmul is emulated and about 10x slower than float32. The CPU is judged by
-    the flags Linux reports for x86 (avx512_bf16, amx_bf16), else (macOS, ARM) by timing bf16 against
-    float32 matmul once per process. Pass ns_dtype=torch.float32 or torch.bfloat16 to choose yourself."""
+    """The Newton-Schulz precision when the caller does not choose one (ns_dtype=None): bfloat16 on
+    CUDA (as reference Muon) and on a CPU with bf16 matmul instructions; float32 on every other CPU,
+    where bf16 matmul is emulated and about 10x slower. The CPU is judged by the flags Linux reports
+    for x86 (avx512_bf16, amx_bf16), else (macOS, ARM) by timing bf16 against float32 matmul once."""
     if device_type == "cuda":
         return torch.bfloat16
     if device_type != "cpu":
@@ -279,8 +277,9 @@ def causal_max_logits(q, k, scale, *, causal=True, attention_mask=None, chunk_si
     """Per-head max over batch, query and key positions of the pre-softmax logit scale * q.k.
 
     q (B, H, Tq, D), k (B, Hkv, Tk, D) with H % Hkv == 0 (grouped-query: query head h reads key
-    head h // (H // Hkv)). Returns (H,) float32, -inf for a head that sees no key. The products
-    accumulate in fp32. Visibility: with `causal`, key j is visible to query i iff
+    head h // (H // Hkv)). Returns (H,) float32, -inf for a head that sees no key. The products are
+    float32 from the q and k given (pass the ones the kernel uses), with the caller's autocast off
+    (bf16 would round 3.0021 to 3.0). Visibility: with `causal`, key j is visible to query i iff
     j <= i + (Tk - Tq) (queries are the last Tq positions); `attention_mask` is either a (B, Tk)
     key padding mask (bool or 0/1, True/1 = keep), or a mask broadcastable to (B, H or 1, Tq, Tk):
     bool (True = keep) or additive float (added to the logits, as eager attention does; -inf or the
@@ -309,7 +308,8 @@ def causal_max_logits(q, k, scale, *, causal=True, attention_mask=None, chunk_si
     keys = torch.arange(Tk, device=q.device)
     out = torch.full((Hkv, G), -math.inf, device=q.device)
     for i in range(0, Tq, rows):
-        s = (qg[:, :, :, i:i + rows].float() @ kt) * scale                    # (B, Hkv, G, r, Tk)
+        with torch.autocast(q.device.type, enabled=False):
+            s = (qg[:, :, :, i:i + rows].float() @ kt) * scale                # (B, Hkv, G, r, Tk)
         if causal:
             query_pos = torch.arange(i, i + s.shape[-2], device=q.device)[:, None] + (Tk - Tq)
             s = s.masked_fill(keys > query_pos, -math.inf)
@@ -322,16 +322,16 @@ def causal_max_logits(q, k, scale, *, causal=True, attention_mask=None, chunk_si
 
 
 def is_training_forward(module):
-    """The one test of "this forward feeds S": module.training with grad enabled. Eval and no-grad
-    forwards never feed the statistic (K2 report sec. 2.1: S is the max of the training step)."""
+    """Whether this forward feeds S: training with grad enabled (S is the training step's max)."""
     return module.training and torch.is_grad_enabled()
 
 
 def record_max_logits_(module, q, k, scale, **visibility):
     """module.max_logits = max(module.max_logits, causal_max_logits(q, k, scale, **visibility)) on
-    training forwards only (is_training_forward): the one place this file raises the statistic;
-    reduce_max_logits_ is the one that resets it."""
+    training forwards (the one place this file raises S; reduce_max_logits_ resets it)."""
     if is_training_forward(module):
+        if torch.is_autocast_enabled(q.device.type):             # the kernel casts q and k, so do we
+            q, k = (t.to(torch.get_autocast_dtype(q.device.type)) for t in (q, k))
         s = causal_max_logits(q.detach(), k.detach(), scale, **visibility)
         torch.maximum(module.max_logits, s.to(module.max_logits.device), out=module.max_logits)
 
@@ -371,9 +371,6 @@ class RowBlocks:
 
     def __init__(self, sizes, groups=1):
         self.sizes, self.groups = tuple(int(s) for s in sizes), int(groups)
-
-    def __repr__(self):
-        return f"{type(self).__name__}({list(self.sizes)}, groups={self.groups})"
 
     def check(self, p, name, caller="mark_fused"):
         if p.dim() < 2 or self.groups * sum(self.sizes) != p.shape[self.dim]:
@@ -434,30 +431,33 @@ FUSED_NAMES = ("c_attn", "qkv_proj", "query_key_value", "gate_up_proj", "qkv", "
 
 
 def mark_known_fused(model):
-    """Declare the fused weights torch itself defines (nn.MultiheadAttention's in_proj_weight, rows
-    [q | k | v]), then warn, with the mark_fused line to add, for every matrix whose name says fused
-    (FUSED_NAMES) that no declaration covers. MuonClip calls it whenever it is given the model;
-    muonclip_hf.mark_known_fused knows the layouts of transformers' families as well. Returns
-    {qualified parameter name: layout} it declared."""
+    """Declare torch's fused weights (nn.MultiheadAttention's in_proj_weight, rows [q | k | v]), then
+    warn with the mark_fused line for each undeclared matrix named as fused (FUSED_NAMES) or as a 2-D
+    expert stack. MuonClip calls it when given the model. Returns {parameter name: layout} declared."""
     declared = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None and \
                 "in_proj_weight" not in m.__dict__.get("muon_blocks", {}):
             declared[f"{name}.in_proj_weight".lstrip(".")] = mark_fused(m, [m.embed_dim] * 3, "in_proj_weight")
     blocks, fused_names = fused_blocks(model), {n.lower() for n in FUSED_NAMES}
+    config = getattr(model, "config", None)                      # an expert count it names, for the line
+    experts = next((getattr(config, f) for f in ("num_local_experts", "num_experts", "n_routed_experts",
+                                                  "moe_num_experts") if isinstance(getattr(config, f, None), int)), 0)
     for name, p in model.named_parameters():
         owner, _, pname = name.rpartition(".")
         leaf = owner.rpartition(".")[2] if pname == "weight" else pname
-        if p.dim() < 2 or leaf.lower() not in fused_names or id(p) in blocks:
+        stack = p.dim() == 2 and pname != "weight" and "expert" in name.lower()     # DBRX's w1: (E*I, D)
+        if id(p) in blocks or not (stack or p.dim() >= 2 and leaf.lower() in fused_names):
             continue
-        parts, rows = (2 if "gate" in leaf.lower() else 3), p.shape[-2]
-        sizes = [rows // parts] * parts if rows % parts == 0 else "[the row counts of its maps]"
-        warnings.warn(f"MuonClip: {name} {tuple(p.shape)} is named as fused (several maps in one weight) but its "
-                      f"layout is unknown, so Muon would orthogonalise it as one matrix; declare its maps, e.g. "
-                      f"for {parts} row blocks: muonclip.mark_fused(model.get_submodule({owner!r}), {sizes}, "
-                      f"{pname!r}) (columns=True for blocks of columns, groups=n for blocks repeated per head; "
-                      "see RowBlocks; a transformers model: muonclip_hf.mark_known_fused(model) knows its "
-                      "families' layouts)", stacklevel=3)
+        parts, rows = (experts if stack else 2 if "gate" in leaf.lower() else 3), p.shape[-2]
+        sizes = (f"[{rows // parts}] * {parts}" if stack else [rows // parts] * parts) if parts and rows % parts == 0 \
+            else "[I] * E" if stack else "[the row counts of its maps]"
+        warnings.warn(f"MuonClip: {name} {tuple(p.shape)} is named as "
+                      f"{'a 2-D stack of experts' if stack else 'fused (several maps in one weight)'} but its layout is "
+                      f"unknown, so Muon would orthogonalise it as one matrix; declare its maps, e.g. "
+                      f"muonclip.mark_fused(model.get_submodule({owner!r}), {sizes}, {pname!r}) (row blocks; "
+                      "columns=True for blocks of columns, groups=n for blocks repeated per head; see RowBlocks; "
+                      "a transformers model: muonclip_hf.mark_known_fused(model) knows its families)", stacklevel=3)
     return declared
 
 
@@ -505,6 +505,8 @@ def _check_attention_module(m):
         raise ValueError(f"attention module {what}: `max_logits` must be a ({H},) tensor, one per head")
     if not callable(getattr(m, "qk_clip_", None)):
         raise ValueError(f"attention module {what} has max_logits but no callable `qk_clip_(gamma)`")
+    if callable(getattr(m, "check_qk_clip", None)):
+        m.check_qk_clip()                         # e.g. muonclip_hf's: wrappers, clamps, hooks
 
 
 # ---------------------------------------------------------------------------------- the optimizer
@@ -520,15 +522,16 @@ class MuonClip(torch.optim.Optimizer):
     momentum, nesterov, ns_steps: Muon. betas, eps: AdamW.
     ns_dtype: Newton-Schulz precision; None: default_ns_dtype (bf16 on CUDA and on CPUs with fast bf16
       matmul, float32 elsewhere). ns_variant: newton_schulz's variant ("jordan", the default).
-    distribute: under torchrun, share the work out among the processes (muonclip_dist.py, if it is
-      beside this file); False: every process orthogonalises everything.
+    distribute: under torchrun, share the work out (muonclip_dist.py beside this file); "newton_schulz":
+      share only that, each process keeping the whole state (for trainers that save one process's
+      state); False: every process orthogonalises everything.
     qk_clip_tau: logit cap (K2: 100); None turns the clip off (the statistic is still reduced,
       reset and reported in clip_stats). With tau set and no attention module it raises.
-    attention_modules: modules with the surface in the module docstring; default: found in model.
-    model: the model the groups come from, for roles, fused blocks and attention modules.
+    attention_modules: modules with the surface (module docstring); default: found in model=, the
+      model the groups come from (for roles, fused blocks and attention modules).
 
-    Under torchrun (DDP; FSDP2's DTensors: state is this process's shards, as its gradients) see
-    _group_steps; the (L, H) max logits are all-reduced with MAX, so every replica clips alike.
+    Under torchrun see _group_steps (muonclip_dist.py: under DDP each process keeps its share of the
+    state, state_dict() is collective); max logits are all-reduced (MAX): every replica clips alike.
     Under DDP pass broadcast_buffers=False, or rank 0's max_logits overwrite the other ranks'.
     Parameters should be fp32 master weights (autocast for bf16 compute): a bf16 weight loses every
     update below half its ulp (weight decay at lr*wd = 1e-3 does nothing), so other dtypes warn.
@@ -549,6 +552,8 @@ class MuonClip(torch.optim.Optimizer):
             raise ValueError(f"ns_variant {ns_variant!r} is not one of {__getattr__('NS_VARIANTS')}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_steps=ns_steps, ns_dtype=ns_dtype, ns_variant=ns_variant, betas=betas, eps=eps)
+        if distribute not in (True, False, "newton_schulz"):
+            raise ValueError(f"distribute must be True, False or 'newton_schulz', not {distribute!r}")
         self.distribute, self._shared = distribute, None
         self.newton_schulz_matrices = 0           # matrices this process orthogonalised in the last step
         super().__init__(params, defaults)
@@ -605,20 +610,20 @@ class MuonClip(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.newton_schulz_matrices = 0
-        muon_step, adamw_step = self._group_steps()
+        muon_step, adamw_step, share = self._group_steps()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params and group["use_muon"]:
                 muon_step(group, params)
             elif params:
                 adamw_step(group, params)
+        share()                                   # under torchrun: the processes' updates to every process
         if self.attention_modules:
             self._qk_clip()
         return loss
 
     def _muon_step(self, group, params, orthogonalise=None):
-        """muon_update on this process's tensors (under FSDP2 its shards; a matrix split across
-        processes is gathered whole for Newton-Schulz by orthogonalise_everywhere)."""
+        """muon_update on this process's tensors (FSDP2: its shards; split matrices gathered whole)."""
         grads = [_local(p.grad) for p in params]
         for p, g in zip(params, grads):
             if not self.state[p]:
@@ -673,13 +678,11 @@ class MuonClip(torch.optim.Optimizer):
         self.clip_stats = {"max_logits": max_logits, "heads_clipped": clipped}
 
     def _group_steps(self):
-        """(muon_step, adamw_step), each f(group, params with a gradient): this process's own, or
-        under torchrun muonclip_dist.group_steps(self) if muonclip_dist.py is beside this file (each
-        Newton-Schulz unit orthogonalised on one process). Without it (or distribute=False) every
-        process orthogonalises everything: correct, as all hold the same averaged gradients (FSDP2:
-        a matrix split across processes is gathered whole), only not shared out."""
+        """(muon_step, adamw_step, share): two f(group, params with a gradient), share() after all
+        groups. This process's own, or under torchrun muonclip_dist.group_steps (if beside this file).
+        Without it (or distribute=False) every process does everything: correct, only not shared out."""
         if not (self.distribute and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return self._muon_step, self._adamw_step
+            return self._muon_step, self._adamw_step, lambda: None
         if self._shared is None:
             try:
                 import muonclip_dist
@@ -687,7 +690,7 @@ class MuonClip(torch.optim.Optimizer):
                 warnings.warn("MuonClip: muonclip_dist.py is not beside muonclip.py, so every process "
                               "orthogonalises every matrix (correct, not shared out); copy it beside "
                               "muonclip.py to share the work", stacklevel=3)
-                self._shared = (self._muon_step, self._adamw_step)
+                self._shared = (self._muon_step, self._adamw_step, lambda: None)
             else:
                 self._shared = muonclip_dist.group_steps(self)
         return self._shared
@@ -740,9 +743,8 @@ def __getattr__(name):
     if companion is None:
         raise AttributeError(f"module 'muonclip' has no attribute {name!r}")
     try:
-        module = __import__(companion)
+        return getattr(__import__(companion), name)
     except ModuleNotFoundError as e:
         if e.name != companion:
             raise
         raise ImportError(f"muonclip.{name} lives in {companion}.py: copy it beside muonclip.py") from None
-    return getattr(module, name)

@@ -1,17 +1,25 @@
-"""The distributed exchange of muonclip.py (companion file): under torchrun, each Newton-Schulz unit
-orthogonalised on exactly one process.
+"""The distributed step of muonclip.py (companion file): under torchrun, the optimizer's work shared
+out among the processes.
 
 Copied beside muonclip.py it is used without a word: MuonClip.step asks muonclip_dist.group_steps
-for its (muon_step, adamw_step) whenever torch.distributed runs more than one process (DDP, FSDP2).
-Without it every process orthogonalises everything (correct, said once). Units (a matrix, an expert
-of a stack, a block of a fused weight) go to processes by greedy bin-packing of their Newton-Schulz
-FLOPs (Megatron-Core's way); the results travel in packed all-to-alls (torchtitan's DistMuon): under
-FSDP2 each process receives only its shard of each result, under DDP the whole results. With float32
-Newton-Schulz a 2-process run ends where one process does.
+for its (muon_step, adamw_step, share) whenever torch.distributed runs more than one process.
+Without it every process orthogonalises everything (correct, said once).
 
-The seam for ZeRO-1 (each process keeping and updating only its share of the optimizer state,
-Moonlight sec. 3): group_steps returns the two group updates MuonClip.step calls; today the Muon one
-is MuonClip._muon_step with orthogonalise_across_ranks and the AdamW one is MuonClip._adamw_step.
+- Replicated parameters (DDP): ZeRO-1 (_ShareOut; Moonlight sec. 3 keeps each process's share of the
+  optimizer state alike). Each process owns a contiguous run of the Muon matrices (balanced by
+  Newton-Schulz FLOPs) and of the AdamW tensors (balanced by size), runs the whole update on them
+  alone (momentum, Newton-Schulz, weight decay, RMS scale; AdamW) and keeps only their state; one
+  all-to-all then hands every process the updated weights. state_dict() joins the shares (collective:
+  every process calls it, as train.py does), so a checkpoint loads on any number of processes. A
+  trainer that saves one process's state_dict() alone (transformers' Trainer under DDP) needs
+  MuonClip(distribute="newton_schulz"): every process then keeps the whole state and only
+  Newton-Schulz is shared out, as under FSDP2 below.
+- FSDP2 (DTensor parameters): each process already holds only its shard of each tensor, gradient and
+  state. Units (a matrix, an expert of a stack, a block of a fused weight) go to processes by greedy
+  bin-packing of their Newton-Schulz FLOPs (Megatron-Core's way); the rows travel in packed
+  all-to-alls (torchtitan's DistMuon): each owner receives its units' rows, each process receives
+  only its shard of each result. The state stays per process (a checkpoint resumes on as many).
+With float32 Newton-Schulz a run on several processes ends where one process does.
 """
 import functools
 import itertools
@@ -20,18 +28,178 @@ import math
 import torch
 import torch.distributed as dist
 
-from muonclip import DTensor, _full, _local_part, default_ns_dtype, orthogonalise_by_shape, rms_matching_scale
+from muonclip import (DTensor, _full, _local_part, default_ns_dtype, muon_update, orthogonalise_by_shape,
+                      rms_matching_scale)
 
 
 def group_steps(optimizer):
-    """(muon_step, adamw_step) for MuonClip.step under torchrun: each f(group, params with a gradient)."""
+    """(muon_step, adamw_step, share) for MuonClip.step under torchrun: the first two are f(group,
+    params with a gradient), share() runs once after every group. Replicated parameters (DDP):
+    ZeRO-1 (_ShareOut), each process updating its share; FSDP2's DTensors (or distribute=
+    "newton_schulz"): each process steps what it holds (under FSDP2 its shards and their state), and
+    orthogonalise_across_ranks brings each Newton-Schulz unit to one process."""
+    if optimizer.distribute != "newton_schulz" and not any(
+            isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"]):
+        return _ShareOut(optimizer).steps()
     plans = {}                                    # _ExchangePlan per parameter list, built once
 
     def muon_step(group, params):
         dtype = group["ns_dtype"] or default_ns_dtype(params[0].device.type)
         optimizer._muon_step(group, params, functools.partial(orthogonalise_across_ranks, params=params,
                                                               dtype=dtype, plans=plans))
-    return muon_step, optimizer._adamw_step
+    return muon_step, optimizer._adamw_step, lambda: None
+
+
+# ------------------------------------------------------------- ZeRO-1 for replicated parameters
+
+def _share(t, rows):
+    """The rows of t (dim 0) one process updates: all of t (rows is slice(None)) or a slice."""
+    return t if rows == slice(None) else t[rows]
+
+
+class _ShareOut:
+    """ZeRO-1 (Moonlight sec. 3, each process keeping and updating only its share of the optimizer
+    state) for replicated parameters, as under DDP: every process holds the same averaged gradients.
+
+    Each parameter, or each matrix of an (E, A, B) stack, belongs to one process: the Muon ones in
+    contiguous runs balanced by Newton-Schulz cost, the AdamW ones balanced by size, so a process owns
+    whole tensors except where a run ends inside a stack (a slice of its experts). A process runs the
+    whole Muon update (muon_update: momentum, Newton-Schulz, weight decay, RMS scale) and AdamW
+    (MuonClip._adamw_step) on what it owns only, then share() sends each process's updated weights to
+    every other in one all-to-all. Each process keeps the state of its share alone; state_dict() joins
+    them into the state one process keeps (collective: call it on every process, as train.py does), so
+    a checkpoint loads on any number of processes, and load_state_dict keeps this process's share."""
+
+    def __init__(self, optimizer):
+        self.opt, self.rank, self.world = optimizer, dist.get_rank(), dist.get_world_size()
+        self.rows = {}                            # parameter -> per rank: its rows (a slice) or None
+        for group in optimizer.param_groups:
+            self._share_out(group)
+        self.updated = []                         # parameters updated in this step, until share()
+        self._check_replicas()
+        optimizer.register_state_dict_post_hook(self._join_state)
+        optimizer.register_load_state_dict_pre_hook(self._keep_share)
+        for p in list(optimizer.state):           # a state loaded before the first step is whole
+            share = self._share_of_state(p, optimizer.state[p])
+            if share is None:
+                del optimizer.state[p]
+            else:
+                optimizer.state[p] = share
+
+    def steps(self):
+        return self.muon_step, self.adamw_step, self.share
+
+    def _params(self):
+        return [p for group in self.opt.param_groups for p in group["params"]]
+
+    def _share_out(self, group):
+        """Per parameter of the group, the rows each rank updates: items (a tensor, or one matrix of a
+        non-fused stack) cut into `world` contiguous runs of equal cost, an item to the run its middle
+        falls in."""
+        items = []                                # (parameter, rows, cost)
+        for p in group["params"]:
+            layout = self.opt._blocks.get(id(p))
+            if group["use_muon"] and p.ndim == 3 and layout is None:
+                items += [(p, 1, _ns_cost(p.shape[-2:]))] * p.shape[0]
+            elif group["use_muon"]:
+                parts = _parts(torch.empty(p.shape, device="meta"), layout)
+                items.append((p, None, sum(math.prod(q.shape[:-2]) * _ns_cost(q.shape[-2:]) for q in parts)))
+            else:
+                items.append((p, None, p.numel()))
+        total, done = sum(cost for *_, cost in items) or 1, 0
+        for p, rows, cost in items:
+            owner = min(self.world - 1, int(self.world * (done + cost / 2) / total))
+            done += cost
+            shares = self.rows.setdefault(p, [None] * self.world)
+            if rows is None:
+                shares[owner] = slice(None)
+            else:                                 # one more matrix of a stack, after the ones before
+                start = sum(s.stop - s.start for s in shares if s is not None)
+                shares[owner] = slice(shares[owner].start if shares[owner] else start, start + 1)
+        for p, shares in self.rows.items():
+            if p.ndim == 3 and shares.count(None) == self.world - 1:
+                self.rows[p] = [s if s is None else slice(None) for s in shares]   # a whole stack
+
+    def _check_replicas(self):
+        """Every process must step the same parameters (data-parallel replicas); checked once."""
+        params = self._params()
+        signature = torch.tensor([len(params), sum(p.numel() for p in params)], device=params[0].device)
+        everyone = [torch.empty_like(signature) for _ in range(self.world)]
+        dist.all_gather(everyone, signature)
+        if any(not torch.equal(s, signature) for s in everyone):
+            raise RuntimeError(
+                f"MuonClip: the processes step different parameters ((tensors, elements) per rank: "
+                f"{[s.tolist() for s in everyone]}); sharing the step out needs data-parallel replicas "
+                "(DDP, FSDP2); for other layouts pass distribute=False")
+
+    def muon_step(self, group, params):
+        self.updated += params
+        mine = [(p, self.rows[p][self.rank]) for p in params if self.rows[p][self.rank] is not None]
+        if not mine:
+            return
+        grads = [_share(p.grad, rows) for p, rows in mine]
+        for (p, _), g in zip(mine, grads):
+            if not self.opt.state[p]:
+                self.opt.state[p]["momentum_buffer"] = torch.zeros_like(g)
+        muon_update([_share(p, rows) for p, rows in mine], grads, [self.opt.state[p]["momentum_buffer"] for p, _ in mine],
+                    group["lr"], group["weight_decay"], group["momentum"], group["nesterov"],
+                    functools.partial(self.opt._newton_schulz, group), [self.opt._blocks.get(id(p)) for p, _ in mine],
+                    [p.shape for p, _ in mine])
+
+    def adamw_step(self, group, params):
+        self.updated += params
+        mine = [p for p in params if self.rows[p][self.rank] is not None]
+        if mine:
+            self.opt._adamw_step(group, mine)
+
+    def share(self):
+        """Every process's updated rows to every other process: one all-to-all per dtype."""
+        updated, self.updated = self.updated, []
+        for dtype in dict.fromkeys(p.dtype for p in updated):
+            # per rank, the rows it updated: views of this process's parameters, to send or to fill
+            shares = [[_share(p, self.rows[p][r]) for p in updated if p.dtype == dtype and self.rows[p][r] is not None]
+                      for r in range(self.world)]
+            send = [[] if r == self.rank else [t.reshape(-1) for t in shares[self.rank]] for r in range(self.world)]
+            sizes = [0 if r == self.rank else sum(t.numel() for t in ts) for r, ts in enumerate(shares)]
+            for r, buffer in enumerate(_exchange(send, sizes, dtype, updated[0].device)):
+                if r != self.rank:
+                    for t, values in zip(shares[r], buffer.split([t.numel() for t in shares[r]])):
+                        t.copy_(values.view(t.shape))
+
+    def _share_of_state(self, p, state):
+        """Of p's whole state (as one process keeps it), what this process keeps: None if it updates
+        none of p, p's momentum rows of its share."""
+        rows = self.rows[p][self.rank]
+        if rows is None:
+            return None
+        buffer = state.get("momentum_buffer")
+        if rows != slice(None) and buffer is not None and buffer.shape == p.shape:
+            return {**state, "momentum_buffer": buffer[rows].clone()}
+        return state
+
+    def _join_state(self, optimizer, state_dict):
+        """state_dict's post-hook: the processes' shares joined into one state (all-gather)."""
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                                          for i, s in state_dict["state"].items()})
+        state = {}
+        for i, p in enumerate(self._params()):
+            for r, states in enumerate(everyone):
+                if i not in states:
+                    continue
+                s = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in states[i].items()}
+                if "momentum_buffer" in s and self.rows[p][r] != slice(None):
+                    whole = state.setdefault(i, {"momentum_buffer": p.new_zeros(p.shape)})["momentum_buffer"]
+                    whole[self.rows[p][r]] = s["momentum_buffer"]
+                else:
+                    state[i] = s
+        return {**state_dict, "state": state}
+
+    def _keep_share(self, optimizer, state_dict):
+        """load_state_dict's pre-hook: of a whole state, the share this process updates."""
+        params = self._params()
+        shares = {i: self._share_of_state(params[int(i)], s) for i, s in state_dict["state"].items()}
+        return {**state_dict, "state": {i: s for i, s in shares.items() if s is not None}}
 
 
 def _parts(x, layout):
@@ -59,13 +227,20 @@ def _flat_ranges(p, world):
 
 
 def _assign_owners(costs, holders, world):
-    """Greedy bin-packing (longest first) of the units' NS costs onto ranks: each unit goes to the
-    least-loaded rank, on a tie to the rank that holds its data. Deterministic: every rank computes
-    the same assignment from the same list."""
-    load, owners = [0.0] * world, [0] * len(costs)
-    for u in sorted(range(len(costs)), key=lambda u: -costs[u]):
-        owners[u] = min(range(world), key=lambda r: (load[r], r != holders[u], r))
-        load[owners[u]] += costs[u]
+    """Units' NS costs onto ranks. A unit one rank holds whole (FSDP2: an expert of a stack sharded by
+    experts) goes to that rank while it stays within its fair share, so its rows need not move; the
+    rest by greedy bin-packing (longest first) onto the least-loaded rank. Deterministic: every rank
+    computes the same assignment from the same list."""
+    load, owners, fair = [0.0] * world, [-1] * len(costs), sum(costs) / world
+    by_cost = sorted(range(len(costs)), key=lambda u: -costs[u])
+    for u in by_cost:
+        if holders[u] >= 0 and load[holders[u]] + costs[u] <= fair:
+            owners[u] = holders[u]
+            load[owners[u]] += costs[u]
+    for u in by_cost:
+        if owners[u] < 0:
+            owners[u] = min(range(world), key=lambda r: (load[r], r))
+            load[owners[u]] += costs[u]
     return owners
 
 
@@ -156,8 +331,8 @@ class _ExchangePlan:
                 f"MuonClip: the processes step different Muon parameters ((units, elements) per rank: "
                 f"{[s.tolist() for s in everyone]}); sharing Newton-Schulz out needs data-parallel "
                 "replicas (DDP, FSDP2); for other layouts pass distribute=False")
-        holders = [next((r for r in range(world) if held(u, r).numel()), -1) if self.sharded[i] else -1
-                   for u, (i, *_) in enumerate(self.units)]
+        holders = [next((r for r in range(world) if held(u, r).numel() == math.prod(self.units[u][3])), -1)
+                   if self.sharded[i] else -1 for u, (i, *_) in enumerate(self.units)]   # the rank holding u whole
         self.owners = _assign_owners([_ns_cost(shape) for *_, shape in self.units], holders, world)
         self.mine = [u for u, o in enumerate(self.owners) if o == rank]
         owned = [u for u in self.mine if self.sharded[self.units[u][0]]]

@@ -27,40 +27,50 @@ from muonclip import (ColumnBlocks, RowBlocks, is_training_forward, mark_fused, 
 def _qkv_layout(m):
     """(projection, layout [q, k, v], number of key heads) of an attention module whose q, k and v
     come out of one projection in a layout read from the module itself, else None. The layouts
-    are transformers' (read in each model's modeling file): GPT-2, Phi-3, Falcon, GPT-NeoX."""
+    are transformers' (read in each model's modeling file): GPT-2, Phi-3, DBRX, Falcon, GPT-NeoX.
+    The projection may be wrapped (PEFT: base_layer); _output_tensors judges the wrapper."""
     c_attn = getattr(m, "c_attn", None)
-    if type(c_attn).__name__ == "Conv1D" and hasattr(m, "split_size") and not getattr(m, "is_cross_attention", 0):
+    if type(_base(c_attn)).__name__ == "Conv1D" and hasattr(m, "split_size") and not getattr(m, "is_cross_attention", 0):
         return c_attn, ColumnBlocks([m.split_size] * 3), m.num_heads      # GPT-2: y = x @ W, W (D, 3D)
-    qkv = getattr(m, "qkv_proj", None)
-    if isinstance(qkv, nn.Linear) and hasattr(m, "num_key_value_heads") and hasattr(m, "head_dim"):
-        q_rows = qkv.out_features - 2 * m.num_key_value_heads * m.head_dim        # Phi-3: [q | k | v]
-        return qkv, RowBlocks([q_rows] + [m.num_key_value_heads * m.head_dim] * 2), m.num_key_value_heads
+    qkv = getattr(m, "qkv_proj", None) or getattr(m, "Wqkv", None)
+    if isinstance(_base(qkv), nn.Linear) and hasattr(m, "num_key_value_heads") and hasattr(m, "head_dim"):
+        kv_rows = m.num_key_value_heads * m.head_dim                     # Phi-3, DBRX: [q | k | v]
+        return qkv, RowBlocks([_base(qkv).out_features - 2 * kv_rows, kv_rows, kv_rows]), m.num_key_value_heads
     qkv = getattr(m, "query_key_value", None)
-    if isinstance(qkv, nn.Linear) and hasattr(m, "new_decoder_architecture"):  # Falcon
+    if isinstance(_base(qkv), nn.Linear) and hasattr(m, "new_decoder_architecture"):  # Falcon
         H, hd = m.num_heads, m.head_dim
         if m.new_decoder_architecture:                           # per key head: [its query heads | k | v]
             return qkv, RowBlocks([H // m.num_kv_heads * hd, hd, hd], groups=m.num_kv_heads), m.num_kv_heads
         if m.multi_query:                                        # [all queries | the key | the value]
             return qkv, RowBlocks([H * hd, hd, hd]), 1
         return qkv, RowBlocks([hd] * 3, groups=H), H             # per head [q | k | v]
-    if isinstance(qkv, nn.Linear) and hasattr(m, "head_size"):  # GPT-NeoX: per head [q | k | v]
-        H = qkv.out_features // (3 * m.head_size)
+    if isinstance(_base(qkv), nn.Linear) and hasattr(m, "head_size"):  # GPT-NeoX: per head [q | k | v]
+        H = _base(qkv).out_features // (3 * m.head_size)
         return qkv, RowBlocks([m.head_size] * 3, groups=H), H
     return None
+
+
+def _base(proj):
+    """The layer a PEFT wrapper wraps (base_layer), else proj itself."""
+    return getattr(proj, "base_layer", proj)
 
 
 def _known_fused_layouts(m):
     """[(module, parameter name, layout)] for the fused weights of module m (itself or its direct
     children) whose layout can be read from m."""
     found = _qkv_layout(m)
-    known = [(found[0], "weight", found[1])] if found else []
+    known = [(_base(found[0]), "weight", found[1])] if found else []
     w = getattr(m, "gate_up_proj", None)
     if isinstance(w, nn.Parameter) and w.dim() == 3 and hasattr(m, "is_transposed"):    # transformers experts
         inner = w.shape[-1 if m.is_transposed else -2] // 2
         sizes, groups = ([inner, inner], 1) if getattr(m, "is_concatenated", True) else ([1, 1], inner)
         known.append((m, "gate_up_proj", (ColumnBlocks if m.is_transposed else RowBlocks)(sizes, groups)))
-    if isinstance(w, nn.Linear) and w.out_features % 2 == 0:    # Phi-3, GLM: gate, up = out.chunk(2)
-        known.append((w, "weight", RowBlocks([w.out_features // 2] * 2)))
+    if isinstance(_base(w), nn.Linear) and _base(w).out_features % 2 == 0:    # Phi-3, GLM: gate, up = out.chunk(2)
+        known.append((_base(w), "weight", RowBlocks([_base(w).out_features // 2] * 2)))
+    stacks = [getattr(m, n, None) for n in ("w1", "v1", "w2")]
+    if hasattr(m, "moe_num_experts") and all(isinstance(p, nn.Parameter) and p.dim() == 2 for p in stacks):
+        # DBRX's experts: w1, v1, w2 each (E*I, D), expert e = rows e*I:(e+1)*I (w2 used transposed)
+        known += [(m, n, RowBlocks([m.ffn_hidden_size] * m.moe_num_experts)) for n in ("w1", "v1", "w2")]
     return known
 
 
@@ -104,10 +114,15 @@ def attach_qk_clip(model, rules=None):
       output (OLMo2: one norm over all heads together; Cohere with use_qk_norm: per head, gains
       (H, hd)): the norm undoes any scale of q_proj's rows, but the gain comes after it, so
       qk_clip_mha_ on the q and k norm gains scales the head's logits (checked on a probe).
+    - any of these with PEFT LoRA on the projections (attached before or after get_peft_model): the
+      same rule on what the forward reads, W x + s B A x (W's and B's rows alike; _output_tensors).
     Refused, with the reason: any other QK-norm (Qwen3, Gemma3: one gain of head_dim shared by all
     heads; StableLM's per-head LayerNorm: a bias after the gain), Falcon with ALiBi (the position
-    bias is added to q.k and does not scale with the weights), cross-attention, an unknown class
-    (pass `rules`), flex_attention (its BlockMask cannot be read).
+    bias is added to q.k and does not scale with the weights), a clamp after the projections (OLMo's,
+    DBRX's clip_qkv), anything between a scaled weight and q or k (DoRA, other wrappers, quantized or
+    offloaded weights, parametrizations, hooks: checked here, when MuonClip is built and at every
+    clip), cross-attention, an unknown class (pass `rules`), flex_attention (its BlockMask cannot be
+    read).
 
     rules: {attention class or class name: qk_clip_(module, gamma)}, the public path for a class this
     helper does not know (or to replace its rule): the function rescales the module's weights in
@@ -148,13 +163,15 @@ def attach_qk_clip(model, rules=None):
         if not (what.rstrip("0123456789").endswith("Attention") and hasattr(m, "config")):
             continue
         if "max_logits" not in m._buffers:                       # a second call changes nothing
-            rule = functools.partial(rules[what], m) if what in rules else _clip_rule(name, m)
+            rule, names = (functools.partial(rules[what], m), ()) if what in rules else _clip_rule(name, m)
             inline = hasattr(m, "_split_heads") and hasattr(m, "new_decoder_architecture")   # Falcon
             if not inline and not _calls_attention_interface(m):
                 raise ValueError(f"attach_qk_clip: {name} ({what}) does not compute attention through "
                                  "transformers' ALL_ATTENTION_FUNCTIONS, so its logits cannot be read; give it "
                                  "the surface by hand (muonclip.record_max_logits_ in its forward)")
-            m.qk_clip_ = rule
+            _check_clip(m, f"{name} ({what})", names)
+            m.check_qk_clip = functools.partial(_check_clip, m, f"{name} ({what})", names)
+            m.qk_clip_ = functools.partial(_checked_clip_, m, f"{name} ({what})", names, rule)
             m.num_heads = m.config.num_attention_heads
             device = next(m.parameters()).device
             m.register_buffer("max_logits", torch.full((m.num_heads,), -math.inf, device=device),
@@ -183,7 +200,8 @@ def trainer_optimizer(**kwargs):
 
 
 def _clip_rule(name, m):
-    """The qk_clip_ of a transformers attention module, or the reason it cannot have one."""
+    """(qk_clip_(gamma), the names of the projections it scales) of a transformers attention module,
+    or the reason it cannot have one."""
     what = f"{name} ({type(m).__name__})"
     q_norm, k_norm = (next((getattr(m, n) for n in names if getattr(m, n, None) is not None), None)
                       for names in (("q_norm", "q_layernorm"), ("k_norm", "k_layernorm")))
@@ -191,7 +209,7 @@ def _clip_rule(name, m):
         H, hd = m.config.num_attention_heads, m.head_dim
         Hkv = getattr(m.config, "num_key_value_heads", H)
         if _gain_scales_each_row(q_norm, H * hd) and _gain_scales_each_row(k_norm, Hkv * hd):
-            return functools.partial(_qk_clip_norm_gains_, q_norm, k_norm, Hkv)   # OLMo2, Cohere
+            return functools.partial(_qk_clip_norm_gains_, q_norm, k_norm, Hkv), ()   # OLMo2, Cohere
         raise ValueError(
             f"{what} normalises q and k after the projections (QK-norm) with no gain that scales each head's "
             "output on its own (Qwen3, Gemma3: one gain of head_dim shared by all heads; StableLM: a LayerNorm "
@@ -202,18 +220,20 @@ def _clip_rule(name, m):
                          "which attach_qk_clip does not handle; give its modules the surface by hand (docs/muonclip.md, "
                          "\"MuonClip in your model\", recipe 1) or train with qk_clip_tau=None")
     if hasattr(m, "kv_b_proj"):
-        return functools.partial(_qk_clip_mla_, m)
-    if all(isinstance(getattr(m, proj, None), nn.Linear) for proj in ("q_proj", "k_proj")):
+        return functools.partial(_qk_clip_mla_, m), (_mla_q_name(m), "kv_b_proj")
+    if all(getattr(m, proj, None) is not None for proj in ("q_proj", "k_proj")):
         # key heads from the shapes (q and k share head_dim): GPT-J's, OPT's configs do not name them
-        kv_heads = m.k_proj.out_features * m.config.num_attention_heads // m.q_proj.out_features
-        return functools.partial(_qk_clip_mha_, m, kv_heads)
+        kv_heads = _out_features(m, "k_proj") * m.config.num_attention_heads // _out_features(m, "q_proj")
+        return functools.partial(_qk_clip_mha_, m, kv_heads), ("q_proj", "k_proj")
     fused = _qkv_layout(m)
     if fused is not None and getattr(m.config, "alibi", False):
         raise ValueError(f"{what} uses ALiBi: its logits are (q.k + a position bias) * scale, and the bias does "
                          "not scale with the weights, so QK-Clip cannot scale the head's logits by gamma; train "
                          "it with qk_clip_tau=None")
     if fused is not None:
-        return functools.partial(_qk_clip_fused_, *fused)
+        proj, layout, kv_heads = fused
+        name = next(n for n, child in m.named_children() if child is proj)
+        return functools.partial(_qk_clip_fused_, m, name, layout, kv_heads), (name,)
     raise ValueError(f"{what} has neither separate q_proj/k_proj, a known fused q|k|v projection nor MLA's "
                      "kv_b_proj: pass its clip rule, attach_qk_clip(model, rules={" + type(m).__name__ +
                      ": fn(module, gamma)}) (docs/muonclip.md, \"MuonClip in your model\", recipe 4)")
@@ -316,16 +336,22 @@ def _visibility(module, query, key, mask, config, kwargs):
     return dict(causal=False, attention_mask=keep[:, None])                   # (B|1, 1, Tq, Tk)
 
 
+# The rules below apply muonclip's rule to ones, which gives its factor per output feature, and scale
+# by it what the forward reads (_scale_outputs_): one path for plain layers and LoRA-wrapped ones.
+
+@torch.no_grad()
 def _qk_clip_mha_(m, kv_heads, gamma):
-    qk_clip_mha_(m.q_proj.weight, m.k_proj.weight, gamma, kv_heads)
-    if m.q_proj.bias is not None:
-        qk_clip_mha_(m.q_proj.bias, m.k_proj.bias, gamma, kv_heads)
+    q, k = (torch.ones(_out_features(m, name), device=gamma.device) for name in ("q_proj", "k_proj"))
+    qk_clip_mha_(q, k, gamma, kv_heads)
+    _scale_outputs_(m, "q_proj", q)
+    _scale_outputs_(m, "k_proj", k)
 
 
-def _qk_clip_fused_(proj, layout, num_kv_heads, gamma):
-    for t in (proj.weight, proj.bias):
-        if t is not None:
-            qk_clip_fused_mha_(t, gamma, num_kv_heads, layout)
+@torch.no_grad()
+def _qk_clip_fused_(m, name, layout, num_kv_heads, gamma):
+    factor = torch.ones(_out_features(m, name), device=gamma.device)
+    qk_clip_fused_mha_(factor, gamma, num_kv_heads, layout)
+    _scale_outputs_(m, name, factor)
 
 
 def _gain_scales_each_row(norm, rows):
@@ -349,6 +375,77 @@ def _qk_clip_norm_gains_(q_norm, k_norm, num_kv_heads, gamma):
     qk_clip_mha_(q_norm.weight, k_norm.weight, gamma, num_kv_heads)
 
 
+@torch.no_grad()
 def _qk_clip_mla_(m, gamma):
-    w_q = m.q_proj.weight if m.q_proj is not None else m.q_b_proj.weight
-    qk_clip_mla_(w_q, m.kv_b_proj.weight, gamma, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim)
+    q, kv = (torch.ones(_out_features(m, name), device=gamma.device) for name in (_mla_q_name(m), "kv_b_proj"))
+    qk_clip_mla_(q, kv, gamma, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim)
+    _scale_outputs_(m, _mla_q_name(m), q)
+    _scale_outputs_(m, "kv_b_proj", kv)
+
+
+def _mla_q_name(m):
+    return "q_proj" if getattr(m, "q_proj", None) is not None else "q_b_proj"     # without / with a q LoRA
+
+
+# ------------------------------------------------ what sits between the scaled weights and the logits
+
+def _output_tensors(m, name):
+    """[(tensor, its output-feature dim)] of projection m.<name> as the forward reads them: an
+    nn.Linear's weight rows and bias, a Conv1D's weight columns and bias and, under PEFT LoRA (output
+    W x + s B A x), every adapter's B rows too: scaling all of them by f along those dims
+    scales the output by f (the frozen W is rescaled as well). Anything else between the weights and
+    the output (DoRA, another wrapper, a parametrization, a quantized or offloaded weight, hooks) is
+    refused in one line naming it. Checked when attached, when MuonClip is built, and at every clip."""
+    proj, where, lora = getattr(m, name), f"attach_qk_clip: {type(m).__name__}.{name}", []
+    if hasattr(proj, "base_layer") and hasattr(proj, "lora_B"):                 # PEFT LoRA
+        adapters = list(proj.lora_B)           # all of them, so each one's W + s B A scales alike
+        if any(proj.use_dora.get(a, False) for a in adapters):
+            raise ValueError(f"{where} is PEFT DoRA: its magnitude vector renormalises each row, so scaling the "
+                             "weights cannot scale q or k; use LoRA (use_dora=False) or train with qk_clip_tau=None")
+        lora = [(t, 0) for a in adapters for t in (proj.lora_B[a].weight, proj.lora_B[a].bias) if t is not None]
+        proj = proj.base_layer
+    kind = type(proj).__name__
+    if type(proj) is not nn.Linear and kind not in ("Conv1D", "FalconLinear"):     # both: y = x W^T (+ b), W as is
+        raise ValueError(f"{where} is a {type(proj).__module__}.{kind}, not an nn.Linear (a quantized layer, or a wrapper other than PEFT "
+                         "LoRA): QK-Clip cannot scale what its forward computes; train it with qk_clip_tau=None, or "
+                         "give the class a rule (attach_qk_clip(model, rules=...))")
+    w = proj.weight
+    if not (type(w) is nn.Parameter or isinstance(w, muonclip.DTensor)) or not w.is_floating_point() or w.is_meta:
+        raise ValueError(f"{where}.weight is a {type(w).__name__} of {w.dtype} on {w.device} (quantized, offloaded "
+                         "or a tensor subclass): scaling it in place cannot scale q or k; train with qk_clip_tau=None")
+    hooks = [*proj._forward_pre_hooks.values(), *proj._forward_hooks.values()]   # (a parametrization: a class)
+    if hooks:
+        what = ", ".join(type(h).__name__ for h in hooks)
+        raise ValueError(f"{where} has {what} on its forward, which may rewrite its weight or output, so the "
+                         "scaled weight may not be what it computes with; remove it or train with qk_clip_tau=None")
+    dim = 1 if kind == "Conv1D" else 0                                    # Conv1D: y = x @ W, W (in, out)
+    return [(w, dim)] + ([(proj.bias, 0)] if proj.bias is not None else []) + lora
+
+
+def _out_features(m, name):
+    w, dim = _output_tensors(m, name)[0]
+    return w.shape[dim]
+
+
+def _scale_outputs_(m, name, factor):
+    """Output feature i of m.<name> times factor[i], in what the forward reads (_output_tensors)."""
+    for t, dim in _output_tensors(m, name):
+        muonclip._scale_rows_(t if dim == 0 else t.mT, factor)
+
+
+def _check_clip(m, what, names):
+    """The clip of module m can take effect: no clamp after the projections, nothing between the
+    weights it scales and the logits (_output_tensors). Cheap: attribute reads."""
+    clamp = getattr(m, "clip_qkv", None)
+    clamp = getattr(m.config, "clip_qkv", None) if clamp is None else clamp
+    if clamp is not None:
+        raise ValueError(f"attach_qk_clip: {what} clamps q, k and v to [-{clamp}, {clamp}] after the projections "
+                         f"(clip_qkv={clamp}), so scaling their weights cannot lower a saturated logit; load the "
+                         "model with clip_qkv=None, or train with qk_clip_tau=None")
+    for name in names:
+        _output_tensors(m, name)
+
+
+def _checked_clip_(m, what, names, rule, gamma):
+    _check_clip(m, what, names)
+    rule(gamma)

@@ -46,7 +46,7 @@ import train
 from kimik2 import (PRESETS, Config, Gate, KimiK2, count_params, flops_per_token, heads_cost,
                     kv_cache_bytes_per_token)
 from muonclip import (MuonClip, causal_max_logits, find_attention_modules, fused_blocks, mark_fused, muon_update,
-                      newton_schulz, qk_clip_gamma, qk_clip_mha_, rms_matching_scale, split_params)
+                      newton_schulz, qk_clip_gamma, qk_clip_mha_, record_max_logits_, rms_matching_scale, split_params)
 
 from conftest import HERE, run_alone, torchrun
 
@@ -108,7 +108,7 @@ def test_twins_of_kimik2_and_muonclip_behave_alike():
     """kimik2.py carries the few lines of muonclip.py that MLA and the Gate run, so that it copies
     alone. Each says whose twin it is and computes what its twin computes on the same inputs:
     is_training_forward in every mode; causal_max_logits on MLA's shapes (T queries, the last of S
-    keys; chunked or not); MLA.qk_clip_ (qk_clip_factors applied by _scale_rows_) against
+    keys; chunked or not; 16-bit q and k under bf16 autocast); MLA.qk_clip_ (qk_clip_factors applied by _scale_rows_) against
     muonclip.qk_clip_mla_ on the same weights, with and without a query LoRA, in fp32 and bf16.
     The clip is compared bitwise: both sides take the same sqrt and elementwise products, which
     IEEE rounds alike on any CPU; the max-logit matmuls differ in batch layout, which BLAS does not
@@ -128,6 +128,13 @@ def test_twins_of_kimik2_and_muonclip_behave_alike():
         ours = kimik2.causal_max_logits(q, k, 0.3, chunk_size=chunk)
         theirs = muonclip.causal_max_logits(q, k, 0.3, chunk_size=chunk)
         assert ours.dtype == theirs.dtype == torch.float32 and torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+        q, k = q.bfloat16(), k.bfloat16()  # under the caller's autocast both stay float32 of these q, k
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = kimik2.causal_max_logits(q, k, 0.3, chunk_size=chunk)
+            theirs = muonclip.causal_max_logits(q, k, 0.3, chunk_size=chunk)
+        future = torch.ones(T, S, dtype=torch.bool).triu(S - T + 1)  # key after query
+        exact = ((q.double() @ k.double().mT) * 0.3).masked_fill(future, -math.inf).amax(dim=(0, 2, 3))
+        assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6) and torch.allclose(ours.double(), exact, rtol=1e-6)
     for dtype, q_lora_rank in [(torch.float32, 24), (torch.float32, None), (torch.bfloat16, 24)]:
         attn = _model_random(_model_config(q_lora_rank=q_lora_rank)).model.layers[0].self_attn.to(dtype)
         w_q = (attn.q_proj if q_lora_rank is None else attn.q_b_proj).weight
@@ -1761,6 +1768,70 @@ def test_fused_layout_along_the_wrong_dimension_names_the_fix():
     with pytest.raises(ValueError, match=r"qk_clip_fused_mha_: .* \(they sum to its columns"):
         sys.modules["muonclip"].qk_clip_fused_mha_(conv.weight, torch.ones(2), 2, [8] * 3)
     assert type(mark_fused(conv, [8] * 3, columns=True)).__name__ == "ColumnBlocks"
+
+
+class _MuonGivenQK(nn.Module):
+    """An attention module with the QK-Clip surface whose forward records the statistic of q and k
+    given as they are, and whose clip rule scales them (the weights are q and k themselves)."""
+
+    def __init__(self, q, k):
+        super().__init__()
+        self.num_heads, self.q, self.k = 1, nn.Parameter(q), nn.Parameter(k)
+        self.register_buffer("max_logits", torch.full((1,), -math.inf), persistent=False)
+
+    def forward(self):
+        record_max_logits_(self, self.q[None, None, None], self.k[None, None, None], 1.0)   # (1, 1, 1, 4)
+        return (self.q * self.k).sum()
+
+    def qk_clip_(self, gamma):
+        qk_clip_mha_(self.q.data, self.k.data, gamma, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_statistic_under_cpu_autocast_clips_a_logit_just_above_tau(dtype):
+    """q.k = 1 + 1 + 1 + 0.0021 (exact in bf16 and fp16 inputs) = 3.0021: under the caller's bf16
+    autocast a matmul would round it to 3.0 and the head would not be clipped at tau 3.0; the
+    statistic is float32 from the q and k the kernel uses, so it is 3.0021 and the head is clipped."""
+    q = torch.tensor([1.0, 1.0, 1.0, 0.0021]).to(dtype).float()
+    module = _MuonGivenQK(q, torch.ones(4))
+    expected = float((q.double() * 1.0).sum())
+    opt = MuonClip([{"params": list(module.parameters()), "use_muon": False}], lr=0.0, weight_decay=0.0,
+                   qk_clip_tau=3.0, attention_modules=[module])
+    with torch.autocast("cpu", dtype=dtype):
+        if dtype == torch.bfloat16:                                  # what a matmul under autocast gives
+            assert float(q[None] @ torch.ones(4, 1)) == 3.0
+        module().backward()
+    opt.step()
+    assert abs(float(opt.clip_stats["max_logits"][0, 0]) - expected) < 1e-6 and expected > 3.002
+    assert int(opt.clip_stats["heads_clipped"]) == 1
+
+
+def test_a_2d_expert_stack_warns_with_the_line_that_declares_it_per_expert():
+    """DBRX stores E experts' (I, D) matrices as one (E*I, D) parameter: MuonClip warns (the count
+    E taken from the model's config) with a mark_fused line; run as printed, it makes each expert's
+    update its own, as E separate matrices (each with its own RMS scale)."""
+    import warnings
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.config = types.SimpleNamespace(num_local_experts=4)
+    model.experts = nn.Module()
+    model.experts.w1 = nn.Parameter(torch.randn(4 * 6, 8))
+    with pytest.warns(UserWarning, match=r"experts\.w1 \(24, 8\) is named as a 2-D stack of experts") as caught:
+        MuonClip.for_model(model, lr=0.1, weight_decay=0.0, qk_clip_tau=None)
+    line = re.search(r"muonclip\.mark_fused\(.*?, 'w1'\)", str(caught[0].message)).group(0)
+    assert line == "muonclip.mark_fused(model.get_submodule('experts'), [6] * 4, 'w1')"
+    exec(line, {"muonclip": sys.modules["muonclip"], "model": model})
+    separate = [m.detach().clone().requires_grad_() for m in model.experts.w1.split(6)]
+    grad = torch.randn(24, 8)
+    model.experts.w1.grad = grad.clone()
+    for p, g in zip(separate, grad.split(6)):
+        p.grad = g.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MuonClip.for_model(model, lr=0.1, weight_decay=0.0, qk_clip_tau=None, ns_dtype=torch.float32).step()
+    MuonClip([{"params": separate, "use_muon": True}], lr=0.1, weight_decay=0.0, qk_clip_tau=None,
+             ns_dtype=torch.float32).step()
+    assert torch.allclose(model.experts.w1, torch.cat(separate), atol=1e-6)
 
 
 def test_import_muonclip_needs_only_torch():

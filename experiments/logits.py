@@ -23,7 +23,7 @@ import torch
 import data
 from data import number
 from kimik2 import KimiK2
-from train import _pyplot, read_metrics
+from train_run import pyplot, read_metrics
 
 RUNS = {"no clip": ("runs/exp-a-noclip", "0"), "MuonClip, tau 30": ("runs/exp-a-clip30", "30")}
 STEPS = (70, 130, 190, 280)
@@ -53,7 +53,7 @@ def row(run_dir) -> dict:
 
 def plot(path: str):
     """Both runs' logged max attention logit per step, with tau, and their validation losses."""
-    if (plt := _pyplot(path)) is None:
+    if (plt := pyplot(path)) is None:
         return
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for name, (folder, tau) in RUNS.items():

@@ -15,7 +15,7 @@ import os
 
 import summarize  # first: it puts the repository's modules on the path, and train.py's thread policy
 from data import number
-from train import _pyplot, read_metrics
+from train_run import pyplot, read_metrics
 
 GRID = {"muonclip": ("3e-3", "1e-2", "3e-2"), "adamw": ("1e-3", "3e-3", "1e-2")}
 LONGER = ("adamw", "3e-3", 400)  # AdamW at its best rate with twice the tokens
@@ -32,7 +32,7 @@ def final_val_loss(run_dir) -> float:
 
 def plot(runs: dict, path: str):
     """Validation loss against training tokens, every run: MuonClip solid, AdamW dashed."""
-    if (plt := _pyplot(path)) is None:
+    if (plt := pyplot(path)) is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (opt, lr, steps), folder in runs.items():

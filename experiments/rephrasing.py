@@ -37,14 +37,18 @@ that knows the values of an attribute but not who has which wins with probabilit
 distinct values), the chance printed beside it. The seed sets the people, the texts and train.py's
 seed.
 
-    python experiments/rephrasing.py data --out runs/rephrase/data      # the corpora and question sets
-    OMP_NUM_THREADS=1 nice python experiments/rephrasing.py run --jobs 2 --out runs/rephrase   # about an hour
+    python experiments/rephrasing.py data --out runs/rephrase/data      # one seed's corpora and question sets
     OMP_NUM_THREADS=1 python experiments/rephrasing.py run --pilot --jobs 2 --out runs/rephrase-pilot
+    OMP_NUM_THREADS=1 nice python experiments/rephrasing.py run --jobs 2 --out runs/rephrase   # 40 people, k 120
+    python experiments/rephrasing.py report --out runs/rephrase --plot assets/exp-e-rephrase.png
+
+Sizes: the pilot (20 people, k 60, seed 0) is 3 x 171 training steps of 16 x 128 tokens; the full
+run (40 people, k 120, seeds 0 1 2) 9 x 585 steps, about an hour on two quiet cores.
 
 `run` writes each seed's data, pretrains every (arm, seed), scores the gate, fine-tunes, scores,
-and prints the tables; scores go to OUT/scores.json. Run folders OUT/pre-<arm>-s<seed> and
+and prints the table; scores go to OUT/scores.json. Run folders OUT/pre-<arm>-s<seed> and
 OUT/ft-<arm>-s<seed> (a finished one is kept, a stopped one resumed); each train.py command is
-printed before it starts, its output in the folder's .log. `report --out OUT` prints the tables of
+printed before it starts, its output in the folder's .log. `report --out OUT` prints the table of
 OUT/scores.json again.
 """
 import argparse
@@ -60,7 +64,7 @@ import torch.nn.functional as F
 
 import data
 from kimik2 import KimiK2
-from train import _pyplot
+from train_run import pyplot
 
 TOKENS_PER_STEP = 16 * 128  # train.py's default batch of 16 sequences of 128 tokens
 
@@ -362,8 +366,8 @@ def spread(values) -> str:
     return mean + (f" ({', '.join(f'{100 * v:.1f}' for v in values)})" if len(values) > 1 else "")
 
 
-COLUMNS = (("gate", "exact_match"), ("ft_seen", "exact_match"), ("qa", "exact_match"), ("qa", "contrast"),
-           ("qa_unseen", "exact_match"), ("qa_unseen", "contrast"))
+COLUMNS = (("gate", "exact_match"), ("ft_seen", "exact_match"), ("ft_seen", "contrast"), ("qa", "exact_match"),
+           ("qa", "contrast"), ("qa_unseen", "exact_match"), ("qa_unseen", "contrast"))
 
 
 def report(result: dict) -> str:
@@ -386,7 +390,7 @@ def report(result: dict) -> str:
 
 
 def plot(result: dict, path: str):
-    if (plt := _pyplot(path)) is None:
+    if (plt := pyplot(path)) is None:
         return
     s, scores = result["settings"], result["scores"]
     columns = COLUMNS

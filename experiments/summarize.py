@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 from kimik2 import Config, KimiK2, count_params, flops_per_token  # noqa: E402
-from train import _pyplot, read_metrics  # noqa: E402
+from train_run import pyplot, read_metrics  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------
 # Running a sweep: train.py once per run folder, then the final model on fixed validation batches
@@ -202,7 +202,7 @@ def sweep(runs: dict, jobs=1, plot_path=None):
 
 
 def plot(rows, target, path):
-    if (plt := _pyplot(path)) is None:
+    if (plt := pyplot(path)) is None:
         return
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for row in rows:

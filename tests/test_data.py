@@ -36,12 +36,33 @@ for i in range(4):
 info = data.prepare("cache", ["docs"])
 x, y = data.BatchSampler(data.load_tokens(info, "train"), 2, 8).next()
 assert x.shape == (2, 8) and data.rephrase_chunkwise("A b.", "qa", lambda m: "A b.").text == "A b."
+for name, companion in (("ChatEndpoint", "data_rephrase.py"), ("math_documents", "data_builtin.py")):
+    try:
+        getattr(data, name)
+    except AttributeError as e:
+        assert companion in str(e), e
+    else:
+        raise AssertionError(f"data.{name} without {companion}")
 try:
-    data.ChatEndpoint
-except AttributeError as e:
-    assert "data_rephrase.py" in str(e), e
+    data.prepare("cache", ["builtin:math"])
+except data.DataError as e:
+    assert str(e) == 'data source "builtin" lives in data_builtin.py; copy it beside data.py', e
 else:
-    raise AssertionError("data.ChatEndpoint without data_rephrase.py")
+    raise AssertionError("the builtin source without data_builtin.py")
+import subprocess, sys
+run = subprocess.run([sys.executable, "data.py", "stats"], capture_output=True, text=True)
+assert run.returncode == 1, run.stderr
+assert run.stderr.strip() == "data.py's command line lives in data_rephrase.py; copy it beside data.py", run.stderr
+""")
+    assert out.strip().endswith("ok")
+
+
+def test_data_builtin_py_copied_with_data_py_gives_the_builtin_corpus(tmp_path):
+    out = run_alone(tmp_path, ["data.py", "data_builtin.py"], """
+import data, data_builtin
+info = data.prepare("cache", ["builtin:math"])
+assert set(info["stats"]) == {"math"} and info["tokens"]["train"] > 100_000
+assert data.math_documents is data_builtin.math_documents
 """)
     assert out.strip().endswith("ok")
 

@@ -30,7 +30,7 @@ from kimik2 import Config, KimiK2
 DATA_PY = Path(HERE, "data.py")
 
 
-def test_data_rephrase_py_copied_with_data_py_rephrases_through_its_command_line(tmp_path):
+def test_data_rephrase_py_copied_with_data_py_rephrases_a_corpus_and_runs_data_py_stats(tmp_path):
     out = run_alone(tmp_path, ["data.py", "data_rephrase.py"], """
 import json, data, data_rephrase
 from pathlib import Path
@@ -40,6 +40,7 @@ summary = data_rephrase.rephrase_corpus(pairs, lambda m: "The fact: 7.", "out.js
 assert summary["records"] == 1 and data_rephrase.rephrase_corpus is data_rephrase.rephrase_corpus
 [record] = [json.loads(line) for line in open("out.jsonl")]
 assert record["text"] == "The fact: 7."
+assert data.main(["stats", "--data", "out.jsonl", "--cache-dir", "cache"]) == 0  # data.py's command line
 """)
     assert out.strip().endswith("ok")
 
@@ -529,6 +530,9 @@ def test_no_api_key_is_written_to_any_file_or_printed(server, tmp_path, monkeypa
     err = run.communicate(timeout=60)[1]
     assert run.returncode == 0 and "--api-key '***'" in held, held
     assert secret not in held + err + out.read_text()
+    for given in (["--api", secret], [f"--api-k={secret}"], ["--api-key", secret, "--model", "m"]):
+        monkeypatch.setattr(sys, "argv", ["data.py", "rephrase", *given])
+        assert secret not in data_rephrase._command_line() and "***" in data_rephrase._command_line()
     # A key pasted with its line end used to reach an HTTP header error, and the terminal with it.
     assert data.main(command[2:-1] + [secret + "\n"]) == 2
     assert capsys.readouterr().err.strip() == ("data.py rephrase: --api-key: the key holds a space, a newline or "

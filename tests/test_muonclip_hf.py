@@ -79,6 +79,21 @@ def _muon_hf_config(kind):
         "bloom": ("BloomForCausalLM", "BloomConfig", dict(hidden_size=32, n_layer=2, n_head=4, vocab_size=61)),
         "mpt": ("MptForCausalLM", "MptConfig", dict(d_model=32, n_heads=4, n_layers=2, vocab_size=61)),
         "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(head_dim=8, query_pre_attn_scalar=8, **llama)),
+        "granite": ("GraniteForCausalLM", "GraniteConfig", dict(attention_multiplier=0.9, **llama)),
+        "granitemoe": ("GraniteMoeForCausalLM", "GraniteMoeConfig", dict(attention_multiplier=0.9, **moe, **llama)),
+        "olmo": ("OlmoForCausalLM", "OlmoConfig", llama),
+        "olmo_clip_qkv": ("OlmoForCausalLM", "OlmoConfig", dict(clip_qkv=0.3, **llama)),
+        "nemotron": ("NemotronForCausalLM", "NemotronConfig", dict(partial_rotary_factor=0.5, **llama)),
+        "glm": ("GlmForCausalLM", "GlmConfig", dict(head_dim=8, pad_token_id=0, **llama)),
+        "glm4": ("Glm4ForCausalLM", "Glm4Config", dict(head_dim=8, pad_token_id=0, **llama)),
+        "cohere2": ("Cohere2ForCausalLM", "Cohere2Config", dict(sliding_window=4, **llama)),
+        "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(head_dim=8, **llama)),
+        "helium": ("HeliumForCausalLM", "HeliumConfig", dict(head_dim=8, **llama)),
+        # DBRX clamps q, k, v in every forward (transformers 5.24's fails with clip_qkv=None): refused
+        "dbrx": ("DbrxForCausalLM", "DbrxConfig", dict(
+            d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=61, initializer_range=0.2,
+            attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+            ffn_config=dict(moe_num_experts=4, moe_top_k=2, ffn_hidden_size=16))),
     }[kind]
     return model, getattr(transformers, config)(**fields)
 
@@ -86,7 +101,8 @@ def _muon_hf_config(kind):
 # Every family attach_qk_clip clips: its key heads per layer, and its eager-only families.
 _MUON_HF_KEY_HEADS = {"llama": 2, "qwen2": 2, "mistral": 2, "mixtral": 2, "gemma2": 2, "gpt_oss": 2, "olmo2": 2,
                       "cohere": 2, "qwen2_moe": 2, "starcoder2": 2, "phi": 2, "gptj": 4, "opt": 4, "phi3": 2, "deepseek_v3": 4, "gpt2": 4, "gpt_neox": 4, "falcon_grouped": 2,
-                      "falcon_multi_query": 1, "falcon_mha": 4}
+                      "falcon_multi_query": 1, "falcon_mha": 4, "granite": 2, "granitemoe": 2, "olmo": 2, "nemotron": 2,
+                      "glm": 2, "glm4": 2, "cohere2": 2, "gemma": 2, "helium": 2}
 _MUON_HF_EAGER_ONLY = ("gemma2", "gpt_oss", "bloom", "mpt")     # soft-capping, sinks, ALiBi: no sdpa in transformers
 
 
@@ -146,9 +162,11 @@ def _muon_hf_spy_qk(monkeypatch, model):
 
 def _muon_hf_hand_max(kind, config, layer, q, k, mask, real_queries_only=True):
     """Per-head max of scale * q.k over causal, in-window positions whose key (and query) is a real
-    token, from the family's config: the scale and window as its modeling file sets them."""
+    token, in float64 from the q and k the kernel received: the scale and window from the family's
+    config as its modeling file sets them."""
     H, T = q.shape[1], q.shape[2]
     scale = config.query_pre_attn_scalar ** -0.5 if kind == "gemma2" else q.shape[-1] ** -0.5
+    scale = config.attention_multiplier if kind in ("granite", "granitemoe") else scale
     scale = 1.0 if kind == "opt" else scale                       # OPT scales q before attending
     scale /= layer + 1 if kind == "gpt2" else 1                   # scale_attn_by_inverse_layer_idx
     i, j = torch.arange(T)[:, None], torch.arange(T)
@@ -158,7 +176,7 @@ def _muon_hf_hand_max(kind, config, layer, q, k, mask, real_queries_only=True):
         visible = visible & (i - j < window)
     real = mask.bool()                                            # (B, T)
     visible = visible & real[:, None, :] & (real[:, :, None] if real_queries_only else True)   # (B, T, T)
-    logits = (q.float() @ k.float().repeat_interleave(H // k.shape[1], 1).mT) * scale           # (B, H, T, T)
+    logits = (q.double() @ k.double().repeat_interleave(H // k.shape[1], 1).mT) * scale         # (B, H, T, T)
     return logits.masked_fill(~visible[:, None], -math.inf).amax(dim=(0, 2, 3))
 
 
@@ -180,7 +198,7 @@ def test_hf_family_records_the_max_logit_of_real_tokens(kind, attn, monkeypatch)
     padded_rows_count = []
     for layer, (m, (q, k)) in enumerate(zip(modules, seen)):
         expected = _muon_hf_hand_max(kind, model.config, layer, q, k, mask)
-        assert (m.max_logits - expected).abs().max() < 1e-4, (layer, m.max_logits, expected)
+        assert torch.allclose(m.max_logits.double(), expected, rtol=1e-5, atol=1e-6), (layer, m.max_logits, expected)
         padded_rows_count.append(_muon_hf_hand_max(kind, model.config, layer, q, k, mask, real_queries_only=False))
     # on this batch (seed 0: half the rows right-padded) some head's max would come from a padded row
     assert (torch.stack(padded_rows_count) > torch.stack([m.max_logits for m in modules])).any()
@@ -225,6 +243,12 @@ def _muon_hf_fused_maps(kind):
                     for l in layers},                             # (E, D, 2I), gate and up columns alternate
         "deepseek_v3": {"model.layers.1.mlp.experts.gate_up_proj": rows(16, 16)},
         "qwen2_moe": {f"model.layers.{l}.mlp.experts.gate_up_proj": rows(16, 16) for l in layers},
+        "glm": {f"model.layers.{l}.mlp.gate_up_proj.weight": rows(48, 48) for l in layers},
+        "glm4": {f"model.layers.{l}.mlp.gate_up_proj.weight": rows(48, 48) for l in layers},
+        "granitemoe": {f"model.layers.{l}.block_sparse_moe.experts.gate_up_proj": rows(48, 48) for l in layers},
+        "dbrx": {**{f"transformer.blocks.{l}.norm_attn_norm.attn.Wqkv.weight": rows(32, 16, 16) for l in layers},
+                 **{f"transformer.blocks.{l}.ffn.experts.mlp.{w}": rows(16, 16, 16, 16)      # (E*I, D): per expert
+                    for l in layers for w in ("w1", "v1", "w2")}},
     }.get(kind, {})
 
 
@@ -264,7 +288,7 @@ def _muon_first_update(g):
     return -w
 
 
-@pytest.mark.parametrize("kind", sorted(k for k in _MUON_HF_KEY_HEADS if _muon_hf_fused_maps(k)))
+@pytest.mark.parametrize("kind", sorted(k for k in [*_MUON_HF_KEY_HEADS, "dbrx"] if _muon_hf_fused_maps(k)))
 def test_hf_family_fused_weights_are_orthogonalised_map_by_map(kind):
     """muonclip_hf.mark_known_fused (no attach_qk_clip: training without the clip) declares each
     family's fused weights: one step moves each map (as the modeling file splits it) by its own Muon
@@ -329,6 +353,8 @@ def _muon_hf_unknown_attention():
     ("bloom", r"no attention module it can read.*recipe 1"),
     ("mpt", r"no attention module it can read.*recipe 1"),
     ("falcon_alibi", r"ALiBi.*bias does not scale with the weights"),
+    ("olmo_clip_qkv", r"clamps q, k and v to \[-0.3, 0.3\] after the projections \(clip_qkv=0.3\).*clip_qkv=None"),
+    ("dbrx", r"clamps q, k and v to \[-8.0, 8.0\].*clip_qkv=None"),
     ("unknown", r"LlamaAttention\) has neither.*rules=\{LlamaAttention: fn\(module, gamma\)\}.*recipe 4"),
 ])
 @pytest.mark.filterwarnings("ignore:MuonClip.*is named as fused")   # wqkv: unknown on purpose
@@ -568,6 +594,174 @@ assert int(opt.clip_stats["heads_clipped"]) == 8
               "    assert str(e) == 'muonclip.attach_qk_clip lives in muonclip_hf.py: copy it beside muonclip.py', e\n"
     (tmp_path / "bare").mkdir()
     assert run_alone(tmp_path / "bare", "muonclip.py", missing).endswith("ok\n")
+
+
+# ------------------------------------------ a clip that cannot take effect is refused (issue 25)
+
+def _muon_peft(model, **lora):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], init_lora_weights=False, **lora)
+    return peft.get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("order", ["attach_then_peft", "peft_then_attach"])
+def test_lora_clip_scales_the_effective_query_and_key_weights(order):
+    """PEFT LoRA computes q = W x + s B A x: the clip scales the rows of W and of B together, so a
+    clip-only step scales each head's logits by its factor (<= tau), in either order of
+    attach_qk_clip and get_peft_model. A (and v, o, the MLP) stay; the frozen W is rescaled too,
+    which is why the saved adapter alone is not the clipped model (docs/muonclip.md). Before, the
+    first order scaled W only (logits stayed above tau), the second was refused."""
+    model = _muon_hf_model("llama")
+    if order == "attach_then_peft":
+        attach_qk_clip(model)
+        model = _muon_peft(model)
+    else:
+        model = _muon_peft(model)
+        attach_qk_clip(model)
+    idx, mask = _muon_hf_padding(3, 9, 2)
+    adapter = _MuonHFAdapter(model, mask)
+    inputs = _muon_record_attention_inputs(adapter, idx)
+    before = _muon_replay_max_logits(adapter, inputs)
+    tau = float(before.median())
+    weights = _muon_snapshot(model)
+    _muon_clip_only_step(adapter, idx, tau)
+    after = _muon_replay_max_logits(adapter, inputs)
+    gamma = qk_clip_gamma(before, tau)
+    group_min = gamma.view(-1, 2, 2).amin(-1).repeat_interleave(2, -1)
+    assert (before > tau).any() and (after <= tau * (1 + 1e-5)).all()
+    assert torch.allclose(after, before * (gamma * group_min).sqrt(), rtol=1e-5, atol=1e-6)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, weights[n])}
+    assert any("base_layer" in n for n in moved) and any("lora_B" in n for n in moved)
+    assert all(re.search(r"\.[qk]_proj\.(base_layer|lora_B)", n) for n in moved), moved
+
+
+@pytest.mark.parametrize("case", ["qwen2_biases_lora_bias_checkpointing", "rslora", "second_adapter_active"])
+def test_lora_variants_clip_exactly(case):
+    """The hostile pass on LoRA: Qwen2 (q/k biases) with LoRA's own bias under gradient
+    checkpointing, rsLoRA (scale alpha / sqrt(r)), two adapters with the second active: a clip-only
+    step scales each head's logits by its factor; the inactive adapter's B is scaled with W too, so
+    switching back to it gives its own effective weight, scaled alike."""
+    peft = pytest.importorskip("peft")
+    model = _muon_hf_model("qwen2" if case.startswith("qwen2") else "llama")
+    if case.startswith("qwen2"):
+        model.gradient_checkpointing_enable()
+    model = _muon_peft(model, **({"lora_bias": True} if case.startswith("qwen2") else
+                                 {"use_rslora": True} if case == "rslora" else {}))
+    if case == "second_adapter_active":
+        model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["q_proj", "k_proj"], init_lora_weights=False))
+        model.set_adapter("second")
+    attach_qk_clip(model)
+    idx, mask = _muon_hf_padding(3, 9, 2)
+    adapter = _MuonHFAdapter(model, mask)
+    inputs = _muon_record_attention_inputs(adapter, idx)
+    before = _muon_replay_max_logits(adapter, inputs)
+    tau = float(before.median())
+    weights = _muon_snapshot(model)
+    _muon_clip_only_step(adapter, idx, tau)
+    after = _muon_replay_max_logits(adapter, inputs)
+    gamma = qk_clip_gamma(before, tau)
+    group_min = gamma.view(-1, 2, 2).amin(-1).repeat_interleave(2, -1)
+    assert (before > tau).any() and torch.allclose(after, before * (gamma * group_min).sqrt(), rtol=1e-5, atol=1e-6)
+    if case == "second_adapter_active":
+        assert not all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if "lora_B.default" in n)
+
+
+def test_dora_is_refused_naming_it_and_the_way_out():
+    """DoRA renormalises each row by its norm and rescales by a magnitude vector: scaling W and B
+    changes nothing, so attach_qk_clip refuses it (and so does MuonClip, if DoRA came after)."""
+    with pytest.raises(ValueError, match=r"LlamaAttention.[qk]_proj is PEFT DoRA.*use_dora=False.*qk_clip_tau=None"):
+        attach_qk_clip(_muon_peft(_muon_hf_model("llama"), use_dora=True))
+    model = _muon_hf_model("llama")
+    attach_qk_clip(model)
+    model = _muon_peft(model, use_dora=True)
+    with pytest.raises(ValueError, match=r"PEFT DoRA"):
+        MuonClip.for_model(model, lr=0.0, weight_decay=0.0, qk_clip_tau=1.0)
+
+
+def test_a_clamp_set_after_attaching_is_refused_at_the_next_clip():
+    """OLMo's clip_qkv clamps q and k after the projections: refused when attaching (the family
+    table), and checked again at every clip, so a clamp switched on later stops the step in one line
+    instead of reporting heads clipped that did not move."""
+    model = _muon_hf_model("olmo")
+    attach_qk_clip(model)
+    opt = MuonClip.for_model(model, lr=0.0, weight_decay=0.0, qk_clip_tau=1e-3)
+    model.config.clip_qkv = 0.3
+    model.train()(input_ids=torch.randint(0, 61, (2, 6)), labels=torch.randint(0, 61, (2, 6))).loss.backward()
+    with pytest.raises(ValueError, match=r"clip_qkv=0.3"):
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_statistic_is_exact_under_cpu_autocast_from_the_q_and_k_the_kernel_receives(dtype, monkeypatch):
+    """Under autocast the kernel computes in bf16/fp16 (SDPA casts the q and k it is given, here
+    float32 after the rotary embedding); the statistic is float32 from those very q and k (captured
+    at the kernel, cast as it casts them), against a float64 hand computation."""
+    model = _muon_hf_model("llama")
+    modules = attach_qk_clip(model)
+    seen = _muon_hf_spy_qk(monkeypatch, model)
+    idx, mask = _muon_hf_padding(4, 9, 0)
+    with torch.autocast("cpu", dtype=dtype):
+        model.train()(input_ids=idx, attention_mask=mask)
+    for layer, (m, (q, k)) in enumerate(zip(modules, seen)):
+        with torch.autocast("cpu", dtype=dtype):          # SDPA casts what it is given...
+            assert F.scaled_dot_product_attention(q, k, k).dtype == dtype
+        q, k = q.to(dtype), k.to(dtype)                   # ...so these are what it computes with
+        expected = _muon_hf_hand_max("llama", model.config, layer, q, k, mask)
+        assert torch.allclose(m.max_logits.double(), expected, rtol=1e-6, atol=1e-7), (m.max_logits, expected)
+
+
+# ------------------------------------------------------------- the hostile pass: more wrappers
+
+def test_gpt2_with_lora_on_the_fused_conv1d_clips_exactly():
+    """GPT-2's c_attn is a Conv1D (y = x @ W) and PEFT wraps it with fan_in_fan_out: the clip scales
+    W's q and k columns and B's q and k rows alike, and the v block of both stays."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_muon_hf_model("gpt2"), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False))
+    attach_qk_clip(model)
+    idx, mask = _muon_hf_padding(3, 9, 2)
+    adapter = _MuonHFAdapter(model, mask)
+    inputs = _muon_record_attention_inputs(adapter, idx)
+    before = _muon_replay_max_logits(adapter, inputs)
+    tau = float(before.median())
+    weights = _muon_snapshot(model)
+    _muon_clip_only_step(adapter, idx, tau)
+    after = _muon_replay_max_logits(adapter, inputs)
+    assert (before > tau).any() and torch.allclose(after, before * qk_clip_gamma(before, tau), rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():                  # D = 32: columns (rows of B) [q | k | v]
+        clipped = bool((before[int(name.split(".h.")[1][0])] > tau).any()) if ".h." in name else False
+        if "c_attn.base_layer.weight" in name:
+            assert torch.equal(p[:, 64:], weights[name][:, 64:]) and torch.equal(p, weights[name]) != clipped
+        if "c_attn.lora_B" in name:
+            assert torch.equal(p[64:], weights[name][64:]) and torch.equal(p, weights[name]) != clipped
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("weight_norm", r"q_proj is a torch.nn.utils.parametrize.ParametrizedLinear, not an nn.Linear"),
+    ("forward_hook", r"q_proj has function on its forward"),
+    ("quantized", r"q_proj is a torch.ao.nn.quantized.dynamic.modules.linear.Linear, not an nn.Linear"),
+    ("offloaded", r"q_proj.weight is a Parameter of torch.float32 on meta"),
+    ("ia3", r"[qk]_proj is a peft.tuners.ia3.layer.Linear, not an nn.Linear \(a quantized layer, or a wrapper"),
+])
+def test_what_rewrites_the_weight_or_the_output_is_refused_naming_it(how, reason):
+    """Between q_proj's weight and q: a weight-norm parametrization, a forward hook, a dynamically
+    quantized Linear, a weight offloaded to the meta device, PEFT IA3 (a learned scale after the
+    layer, a wrapper it does not read): each refused at attach_qk_clip in one line naming it."""
+    model = _muon_hf_model("llama")
+    attn = model.model.layers[0].self_attn
+    if how == "weight_norm":
+        nn.utils.parametrizations.weight_norm(attn.q_proj)
+    elif how == "forward_hook":
+        attn.q_proj.register_forward_hook(lambda mod, args, out: out * 2)
+    elif how == "quantized":
+        attn.q_proj = torch.ao.nn.quantized.dynamic.Linear(32, 32)
+    elif how == "offloaded":
+        attn.q_proj.to("meta")
+    else:
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.IA3Config(target_modules=["q_proj", "k_proj"], feedforward_modules=[]))
+    with pytest.raises(ValueError, match=reason):
+        attach_qk_clip(model)
 
 
 if __name__ == "__main__":

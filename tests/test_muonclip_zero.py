@@ -1,0 +1,188 @@
+"""MuonClip's step shared out among processes (muonclip_dist.py, ZeRO-1 under DDP): each process keeps
+and updates only its share of the Muon momentum and the AdamW state, and state_dict() joins the shares
+into the state one process keeps, so a checkpoint moves between 1, 2 and 3 processes.
+
+    python -m pytest tests/test_muonclip_zero.py
+
+The workers (python tests/test_muonclip_zero.py WORKER OUT [CHECKPOINT], under torchrun) train a
+small KimiK2 with the whole batch on every process and rank 0's gradient taken by all (rank_0s_gradient),
+so every process's gradient is one process's and any difference is the optimizer's. Weights and state are compared with one process's to 1e-6, not
+bitwise: each process batches a different set of matrices into its Newton-Schulz calls, and BLAS does
+not promise that a matrix's product rounds alike in every batch. Across the processes of one run the
+weights are compared bitwise: the owner of each matrix computes it and the others copy its bytes.
+"""
+import copy
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import torchrun
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STEPS, CHECKPOINT_AT = 5, 3
+# 5 experts per stack, 3 layers: the runs of matrices the processes own end inside stacks
+CONFIG = dict(vocab_size=61, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+              num_attention_heads=2, num_key_value_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+              qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=5, num_experts_per_tok=2, n_shared_experts=1,
+              first_k_dense_replace=1, max_position_embeddings=64)
+
+
+def rank_0s_gradient(state, bucket):
+    """DDP communication hook: every process takes rank 0's gradient. All compute the same one here,
+    and a mean of 3 equal floats is not always that float (3g / 3), so this keeps it exact."""
+    return dist.broadcast(bucket.buffer(), src=0, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def make(world, distribute=True):
+    """(model, what steps it, optimizer): a fresh small KimiK2 and MuonClip, under DDP on several processes."""
+    from kimik2 import Config, KimiK2
+    from muonclip import MuonClip
+    torch.manual_seed(0)
+    model = KimiK2(Config(**CONFIG))
+    opt = MuonClip.for_model(model, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32, distribute=distribute)
+    if world == 1:
+        return model, model, opt
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    wrapped.register_comm_hook(None, rank_0s_gradient)
+    return model, wrapped, opt
+
+
+def train(wrapped, opt, steps):
+    for step in steps:
+        x = torch.randint(0, CONFIG["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(step))
+        wrapped(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def held(opt):
+    """What this process keeps: {parameter index: {state key: elements}}."""
+    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    return {index[id(p)]: {k: v.numel() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt.state.items()}
+
+
+def run(world, checkpoint=None):
+    """STEPS steps (or, from a checkpoint taken at CHECKPOINT_AT, the rest). Returns this process's
+    weights, the joined state after CHECKPOINT_AT and after STEPS steps, and what it kept."""
+    model, wrapped, opt = make(world)
+    out = {}
+    if checkpoint is None:
+        train(wrapped, opt, range(CHECKPOINT_AT))
+        out["checkpoint"] = copy.deepcopy(dict(model=model.state_dict(), opt=opt.state_dict()))  # not live views
+    else:
+        model.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(checkpoint["opt"])
+    train(wrapped, opt, range(CHECKPOINT_AT, STEPS))
+    out.update(weights={n: p.detach().clone() for n, p in model.named_parameters()}, held=held(opt),
+               state=opt.state_dict())
+    return out
+
+
+def worker(out_dir, checkpoint=None):
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    checkpoint = torch.load(checkpoint, weights_only=False) if checkpoint else None
+    torch.save(run(world, checkpoint), os.path.join(out_dir, f"{'resumed' if checkpoint else 'run'}-{world}-{rank}.pt"))
+    if world == 2 and checkpoint is None:         # only Newton-Schulz shared: a state_dict of rank 0 alone
+        model, wrapped, opt = make(world, distribute="newton_schulz")
+        train(wrapped, opt, range(STEPS))
+        result = dict(weights={n: p.detach().clone() for n, p in model.named_parameters()}, held=held(opt),
+                      state=opt.state_dict() if rank == 0 else None)
+        torch.save(result, os.path.join(out_dir, f"ns-{world}-{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One process in this interpreter; torchrun on 2 processes; on 3 processes, also resumed from
+    the 2 processes' checkpoint; one process resumed from the 3 processes' checkpoint."""
+    out = tmp_path_factory.mktemp("zero")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = {"run-1-0": run(1)}
+        done = torchrun([os.path.abspath(__file__), "zero", str(out)], env=env, nproc=2)
+        assert done.returncode == 0, done.stderr[-4000:]
+        torch.save(torch.load(out / "run-2-0.pt", weights_only=False)["checkpoint"], out / "ckpt-2.pt")
+        done = torchrun([os.path.abspath(__file__), "zero", str(out), str(out / "ckpt-2.pt")], env=env, nproc=3)
+        assert done.returncode == 0, done.stderr[-4000:]
+        done = torchrun([os.path.abspath(__file__), "zero", str(out)], env=env, nproc=3)
+        assert done.returncode == 0, done.stderr[-4000:]
+        results.update({f.stem: torch.load(f, weights_only=False) for f in out.glob("*-*-*.pt")})
+        results["resumed-1-0"] = run(1, copy.deepcopy(results["run-3-0"]["checkpoint"]))  # loading aliases it
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
+def assert_close_states(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for i, s in a["state"].items():
+        assert s.keys() == b["state"][i].keys(), i
+        for k, v in s.items():
+            if torch.is_tensor(v):
+                assert v.shape == b["state"][i][k].shape and (v - b["state"][i][k]).abs().max() <= 1e-6, (i, k)
+            else:
+                assert v == b["state"][i][k], (i, k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_shared_out_state_joins_into_one_processs_state(runs, world):
+    single = runs["run-1-0"]
+    for rank in range(world):
+        r = runs[f"run-{world}-{rank}"]
+        assert_close_states(r["checkpoint"]["opt"], single["checkpoint"]["opt"])
+        assert_close_states(r["state"], single["state"])
+        for name, w in single["weights"].items():
+            assert torch.equal(r["weights"][name], runs[f"run-{world}-0"]["weights"][name]), name
+            assert (r["weights"][name] - w).abs().max() <= 1e-6, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_process_keeps_only_its_share_of_the_state(runs, world):
+    """Every AdamW parameter's state on exactly one process; the Muon momentum split with no element
+    kept twice (a stack may be cut between processes, the only tensors two processes share)."""
+    single = runs["run-1-0"]["held"]
+    shares = [runs[f"run-{world}-{rank}"]["held"] for rank in range(world)]
+    assert all(len(s) < len(single) for s in shares)
+    for i, state in single.items():
+        for key, n in state.items():
+            assert sum(s.get(i, {}).get(key, 0) for s in shares) == n, (i, key)
+        if "exp_avg" in state:
+            assert sum(i in s for s in shares) == 1, i
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resumed", ["resumed-3-0", "resumed-3-1", "resumed-3-2", "resumed-1-0"])
+def test_a_checkpoint_resumes_on_another_number_of_processes(runs, resumed):
+    """2 processes' checkpoint resumed on 3; 3 processes' on 1: each ends where one process does."""
+    single = runs["run-1-0"]
+    assert_close_states(runs[resumed]["state"], single["state"])
+    for name, w in single["weights"].items():
+        assert (runs[resumed]["weights"][name] - w).abs().max() <= 1e-6, name
+
+
+if __name__ == "__main__" and sys.argv[1] == "zero":
+    worker(*sys.argv[2:])
+
+
+@pytest.mark.slow
+def test_sharing_only_newton_schulz_keeps_the_whole_state_on_every_process(runs):
+    """distribute="newton_schulz" (for trainers that save one process's state): each process keeps
+    all of it, and rank 0's state_dict() alone (no collective, else the run would hang) is whole."""
+    single = runs["run-1-0"]
+    for rank in (0, 1):
+        r = runs[f"ns-2-{rank}"]
+        assert r["held"] == single["held"]
+        for name, w in single["weights"].items():
+            assert torch.equal(r["weights"][name], runs["ns-2-0"]["weights"][name]), name
+            assert (r["weights"][name] - w).abs().max() <= 1e-6, name
+    assert_close_states(runs["ns-2-0"]["state"], single["state"])
