@@ -676,15 +676,5 @@ def train(args, stop):
     return val_loss
 
 
-# Names experiments/ imports from train.py that moved to train_run.py keep working from here (PEP 562).
-MOVED = {"_pyplot": "pyplot", "read_metrics": "read_metrics"}
-
-
-def __getattr__(name):
-    if name in MOVED:
-        return getattr(train_run, MOVED[name])
-    raise AttributeError(f"module 'train' has no attribute {name!r}")
-
-
 if __name__ == "__main__":
     train_run.error_boundary(main)
