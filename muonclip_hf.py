@@ -195,8 +195,10 @@ def trainer_optimizer(**kwargs):
     Returns (factory, kwargs): Trainer calls the factory, then its result with (its model, **kwargs),
     so MuonClip gets the model itself (roles, fused blocks, attention modules) and kwargs is never
     changed: the same pair serves a second Trainer (a resume). The form (MuonClip, {"model": model,
-    ...}) works once: Trainer removes "model" from the very dict it is given."""
-    return (lambda: muonclip.MuonClip), kwargs
+    ...}) works once: Trainer removes "model" from the very dict it is given. Trainer saves the
+    optimizer's state from one process, so under DDP only Newton-Schulz is shared out
+    (distribute="newton_schulz"): every process keeps the whole state, and rank 0's is complete."""
+    return (lambda: muonclip.MuonClip), {"distribute": "newton_schulz", **kwargs}
 
 
 def _clip_rule(name, m):

@@ -1,19 +1,17 @@
-"""The kimik2 test suite, for now in this one file (conftest.py holds the shared set-up): model,
-optimizer, data and training, each checked against an independent reference where one exists (the
-published Kimi-K2 / DeepSeek-V3 numbers and tensor list, transformers' DeepseekV3ForCausalLM,
-torch.optim.Muon and torch.optim.AdamW, explicit computations) and by hypothesis properties.
+"""The fast tier of the kimik2 tests: the card files' concepts (kimik2.py, muonclip.py, data.py,
+train.py), each checked against an independent reference where one exists (the published Kimi-K2 /
+DeepSeek-V3 numbers and tensor list, transformers' DeepseekV3ForCausalLM, torch.optim.Muon and
+torch.optim.AdamW, explicit computations) and by hypothesis properties, and each card file copied
+alone into an empty folder. The companions, subprocess and torchrun runs are tested in tests/.
 
-    python -m pytest                              the CI run (derandomized hypothesis profile "ci")
+    python -m pytest test_kimik2.py               this tier
+    python -m pytest                              everything (what CI runs)
     HYPOTHESIS_PROFILE=dev python -m pytest       many more random examples, for bug hunting
 
 Cross-checks against transformers skip when it is not installed. The published Kimi-K2 config.json
-and checkpoint tensor list the model is compared with are in reference/. Multi-process tests launch
-torchrun (gloo, CPU); their workers are at the bottom of this file (python test_kimik2.py WORKER
-ARGS, under torchrun).
+and checkpoint tensor list the model is compared with are in reference/.
 """
 import copy
-import errno
-import glob
 import inspect
 import io
 import json
@@ -21,13 +19,9 @@ import math
 import os
 import random
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import types
 from fractions import Fraction
 from pathlib import Path
@@ -35,9 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 from torch import nn
 
 import bench
@@ -48,7 +41,7 @@ from kimik2 import (PRESETS, Config, Gate, KimiK2, count_params, flops_per_token
 from muonclip import (MuonClip, causal_max_logits, find_attention_modules, fused_blocks, mark_fused, muon_update,
                       newton_schulz, qk_clip_gamma, qk_clip_mha_, record_max_logits_, rms_matching_scale, split_params)
 
-from conftest import HERE, run_alone, torchrun
+from conftest import HERE, run_alone
 
 _HERE = HERE
 

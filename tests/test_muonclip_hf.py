@@ -487,7 +487,8 @@ def test_hf_trainer_optimizer_pair_serves_a_second_trainer(tmp_path):
         trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=pair)
         trainer.train()
         assert len(trainer.optimizer.optimizer.attention_modules) == 2
-    assert pair[1] == dict(lr=0.02, weight_decay=0.1, qk_clip_tau=100.0)
+        assert trainer.optimizer.optimizer.distribute == "newton_schulz"  # Trainer saves rank 0's state
+    assert pair[1] == dict(distribute="newton_schulz", lr=0.02, weight_decay=0.1, qk_clip_tau=100.0)
 
 
 def test_hf_deepseek_v3_and_kimik2_train_alike_with_muonclip(tmp_path):
