@@ -422,7 +422,7 @@ def test_hf_model_trains_through_trainer_with_clip_and_post_clip_logits_never_ex
     gamma = qk_clip_gamma(before, tau)                                        # (L, H)
     group_min = gamma.view(-1, 2, 2).amin(-1).repeat_interleave(2, -1)      # (L, H), 2 query heads per key
     assert (before > tau).any() and (after <= tau * (1 + 1e-5)).all()
-    assert torch.allclose(after, before * (gamma * group_min).sqrt(), rtol=1e-5)
+    assert torch.allclose(after, before * factor.sqrt(), rtol=1e-5)
     smallest = (before > tau) & (gamma == group_min)                       # these end exactly at tau
     assert smallest.any() and torch.allclose(after[smallest], torch.full_like(after[smallest], tau), rtol=1e-5)
 
@@ -605,6 +605,23 @@ def _muon_peft(model, **lora):
     return peft.get_peft_model(model, config)
 
 
+def _muon_lora_clip(model):
+    """A clip-only step at the median head's max logit on a padded batch: (max logits before, after,
+    tau, the logit factor each head should get (GQA: its own gamma times its group's smallest),
+    the parameters before the step)."""
+    idx, mask = _muon_hf_padding(3, 9, 2)
+    adapter = _MuonHFAdapter(model, mask)
+    inputs = _muon_record_attention_inputs(adapter, idx)
+    before = _muon_replay_max_logits(adapter, inputs)
+    tau = float(before.median())
+    weights = _muon_snapshot(model)
+    _muon_clip_only_step(adapter, idx, tau)
+    after = _muon_replay_max_logits(adapter, inputs)
+    gamma = qk_clip_gamma(before, tau)
+    group_min = gamma.view(-1, 2, 2).amin(-1).repeat_interleave(2, -1)
+    return before, after, tau, gamma * group_min, weights
+
+
 @pytest.mark.parametrize("order", ["attach_then_peft", "peft_then_attach"])
 def test_lora_clip_scales_the_effective_query_and_key_weights(order):
     """PEFT LoRA computes q = W x + s B A x: the clip scales the rows of W and of B together, so a
@@ -619,18 +636,9 @@ def test_lora_clip_scales_the_effective_query_and_key_weights(order):
     else:
         model = _muon_peft(model)
         attach_qk_clip(model)
-    idx, mask = _muon_hf_padding(3, 9, 2)
-    adapter = _MuonHFAdapter(model, mask)
-    inputs = _muon_record_attention_inputs(adapter, idx)
-    before = _muon_replay_max_logits(adapter, inputs)
-    tau = float(before.median())
-    weights = _muon_snapshot(model)
-    _muon_clip_only_step(adapter, idx, tau)
-    after = _muon_replay_max_logits(adapter, inputs)
-    gamma = qk_clip_gamma(before, tau)
-    group_min = gamma.view(-1, 2, 2).amin(-1).repeat_interleave(2, -1)
+    before, after, tau, factor, weights = _muon_lora_clip(model)
     assert (before > tau).any() and (after <= tau * (1 + 1e-5)).all()
-    assert torch.allclose(after, before * (gamma * group_min).sqrt(), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(after, before * factor.sqrt(), rtol=1e-5, atol=1e-6)
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, weights[n])}
     assert any("base_layer" in n for n in moved) and any("lora_B" in n for n in moved)
     assert all(re.search(r"\.[qk]_proj\.(base_layer|lora_B)", n) for n in moved), moved
@@ -652,17 +660,8 @@ def test_lora_variants_clip_exactly(case):
         model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["q_proj", "k_proj"], init_lora_weights=False))
         model.set_adapter("second")
     attach_qk_clip(model)
-    idx, mask = _muon_hf_padding(3, 9, 2)
-    adapter = _MuonHFAdapter(model, mask)
-    inputs = _muon_record_attention_inputs(adapter, idx)
-    before = _muon_replay_max_logits(adapter, inputs)
-    tau = float(before.median())
-    weights = _muon_snapshot(model)
-    _muon_clip_only_step(adapter, idx, tau)
-    after = _muon_replay_max_logits(adapter, inputs)
-    gamma = qk_clip_gamma(before, tau)
-    group_min = gamma.view(-1, 2, 2).amin(-1).repeat_interleave(2, -1)
-    assert (before > tau).any() and torch.allclose(after, before * (gamma * group_min).sqrt(), rtol=1e-5, atol=1e-6)
+    before, after, tau, factor, weights = _muon_lora_clip(model)
+    assert (before > tau).any() and torch.allclose(after, before * factor.sqrt(), rtol=1e-5, atol=1e-6)
     if case == "second_adapter_active":
         assert not all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if "lora_B.default" in n)
 
