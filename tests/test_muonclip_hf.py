@@ -422,7 +422,7 @@ def test_hf_model_trains_through_trainer_with_clip_and_post_clip_logits_never_ex
     gamma = qk_clip_gamma(before, tau)                                        # (L, H)
     group_min = gamma.view(-1, 2, 2).amin(-1).repeat_interleave(2, -1)      # (L, H), 2 query heads per key
     assert (before > tau).any() and (after <= tau * (1 + 1e-5)).all()
-    assert torch.allclose(after, before * factor.sqrt(), rtol=1e-5)
+    assert torch.allclose(after, before * (gamma * group_min).sqrt(), rtol=1e-5)
     smallest = (before > tau) & (gamma == group_min)                       # these end exactly at tau
     assert smallest.any() and torch.allclose(after[smallest], torch.full_like(after[smallest], tau), rtol=1e-5)
 
