@@ -139,7 +139,7 @@ class RunFolder:
             return self.listed
         name = name.removesuffix(".tmp")  # data.write_atomically's temporary file of a listed name
         name = re.sub(r"^(.*/)?\.(.+)\.\d+\.\d+$", r"\1\2", name)
-        return name == LOCK or name in self.files or any(name.startswith(f) for f in self.files if f.endswith("/"))
+        return name in (LOCK, MANIFEST) or name in self.files or any(name.startswith(f) for f in self.files if f.endswith("/"))
 
     def names(self):
         """Every file, link or other non-folder entry under the folder, as a relative path, in order (lazily:
