@@ -39,14 +39,21 @@ def rank_0s_gradient(state, bucket):
     return dist.broadcast(bucket.buffer(), src=0, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
-def make(world, distribute=True):
-    """(model, what steps it, optimizer): a fresh small KimiK2 and MuonClip, under DDP on several processes."""
+def make(world, distribute=True, fsdp=False, tau=100.0):
+    """(model, what steps it, optimizer): a fresh small KimiK2 and MuonClip, under DDP (or FSDP2) on
+    several processes."""
     from kimik2 import Config, KimiK2
     from muonclip import MuonClip
     torch.manual_seed(0)
     model = KimiK2(Config(**CONFIG))
-    opt = MuonClip.for_model(model, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32, distribute=distribute)
-    if world == 1:
+    if fsdp and world > 1:                        # the layers' parameters become DTensors sharded by rows
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    opt = MuonClip.for_model(model, lr=0.02, weight_decay=0.1, qk_clip_tau=tau, ns_dtype=torch.float32,
+                             distribute=distribute)
+    if world == 1 or fsdp:
         return model, model, opt
     wrapped = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     wrapped.register_comm_hook(None, rank_0s_gradient)
@@ -54,11 +61,28 @@ def make(world, distribute=True):
 
 
 def train(wrapped, opt, steps):
+    """Returns the number of heads QK-Clip clipped at each step."""
+    clipped = []
     for step in steps:
         x = torch.randint(0, CONFIG["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(step))
         wrapped(x, x)[1].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        clipped.append(int(opt.clip_stats["heads_clipped"]))
+    return clipped
+
+
+# between the heads' max logits of the first steps (about 0.017-0.021): QK-Clip clips some heads
+FSDP_TAU = 0.019
+
+
+def fsdp_run(world):
+    """STEPS steps under FSDP2 (one process: unwrapped) with QK-Clip active: the full weights and
+    the heads clipped per step."""
+    model, wrapped, opt = make(world, fsdp=True, tau=FSDP_TAU)
+    clipped = train(wrapped, opt, range(STEPS))
+    return dict(weights={n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                         for n, p in model.named_parameters()}, clipped=clipped)
 
 
 def held(opt):
@@ -87,7 +111,7 @@ def run(world, checkpoint=None):
 def worker(out_dir, checkpoint=None):
     """Under torchrun (the process group initialised): a run from scratch, and one resumed from
     `checkpoint` (default: this run's own at CHECKPOINT_AT); on 2 processes also a run that shares
-    only Newton-Schulz out, whose rank 0 saves its state_dict() alone."""
+    only Newton-Schulz out, whose rank 0 saves its state_dict() alone; on 3 processes also FSDP2."""
     rank, world = dist.get_rank(), dist.get_world_size()
     fresh = run(world)
     torch.save(fresh, os.path.join(out_dir, f"run-{world}-{rank}.pt"))
@@ -99,6 +123,8 @@ def worker(out_dir, checkpoint=None):
         result = dict(weights={n: p.detach().clone() for n, p in model.named_parameters()}, held=held(opt),
                       state=opt.state_dict() if rank == 0 else None)
         torch.save(result, os.path.join(out_dir, f"ns-{world}-{rank}.pt"))
+    if world == 3:
+        torch.save(fsdp_run(world), os.path.join(out_dir, f"fsdp-{world}-{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +136,7 @@ def runs(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = {"run-1-0": run(1)}
+        results = {"run-1-0": run(1), "fsdp-1-0": fsdp_run(1)}
         results.update((name.removesuffix(".pt"), r) for name, r in two_process_results(tmp_path_factory).items()
                        if name.startswith(("run-", "resumed-", "ns-")))
         torch.save(results["run-2-0"]["checkpoint"], out / "ckpt-2.pt")
@@ -174,6 +200,23 @@ def test_a_checkpoint_resumes_on_1_2_and_3_processes(runs, resumed):
     assert_close_states(runs[resumed]["state"], single["state"])
     for name, w in single["weights"].items():
         assert (runs[resumed]["weights"][name] - w).abs().max() <= 1e-6, name
+
+
+@pytest.mark.slow
+def test_fsdp2_on_3_processes_ends_where_one_process_does(runs):
+    """FSDP2 on 3 processes (rows of every matrix split 3 ways, 5 experts per stack as 2 + 2 + 1:
+    each process orthogonalises its whole experts where they lie and shares out the split matrices),
+    QK-Clip scaling each process's own rows: the same heads clipped at every step as on one process,
+    every process's full weights equal, and within 1e-6 of one process's (FSDP2 averages 3 equal
+    gradients, which need not round back to the gradient)."""
+    single = runs["fsdp-1-0"]
+    assert sum(single["clipped"]) > 0
+    for rank in range(3):
+        r = runs[f"fsdp-3-{rank}"]
+        assert r["clipped"] == single["clipped"]
+        for name, w in single["weights"].items():
+            assert torch.equal(r["weights"][name], runs["fsdp-3-0"]["weights"][name]), name
+            assert (r["weights"][name] - w).abs().max() <= 1e-6, name
 
 
 @pytest.mark.slow
