@@ -301,11 +301,12 @@ class _ExchangePlan:
     built once and reused at every step (int64 indices of the sharded elements this rank holds or owns).
 
     Units are (tensor, part, matrix of the part, (A, B)) in the same order on every rank. A sharded
-    tensor (FSDP2's Shard(0)) whose local shard is whole units this rank owns, and which no other unit
-    of this rank touches, is `home` (FSDP2's experts of a stack sharded by experts, at home): it is
-    orthogonalised where it lies, nothing of it moved or copied. Other sharded tensors move by index:
-    `local` is the concatenation of this rank's flattened shards of them, `owned` that of its own
-    units' elements; replicated tensors (DDP) move whole units."""
+    tensor (FSDP2's Shard(0)) whose local shard is whole units this rank owns (a stack's whole
+    matrices, or a whole matrix), and which no other unit of this rank touches, is `home` (FSDP2's
+    experts of a stack sharded by experts): it is orthogonalised where it lies, nothing of it moved
+    or copied. Other sharded tensors move by index: `local` is the concatenation of this rank's
+    flattened shards of them, `owned` that of its own units' elements; replicated tensors (DDP) move
+    whole units."""
 
     def __init__(self, params, layouts, ranges, rank, device):
         world = dist.get_world_size()
@@ -344,7 +345,9 @@ class _ExchangePlan:
         def at_home(u):                           # u is not here, or here whole and this rank's
             here, size = held(u, rank).numel(), math.prod(self.units[u][3])
             return self.owners[u] == rank and here == size if here or self.owners[u] == rank else True
-        self.home = [self.sharded[i] and all(at_home(u) for us in self.of_tensor[i] for u in us) for i in range(len(params))]
+        # a 2-D tensor's layout reads the whole matrix: at home only if this rank holds all of it or none
+        self.home = [self.sharded[i] and all(at_home(u) for us in self.of_tensor[i] for u in us) and (
+            p.ndim > 2 or ranges[i][rank][1] - ranges[i][rank][0] in (0, p.numel())) for i, p in enumerate(params)]
         self.home_mine = [i for i, h in enumerate(self.home) if h and ranges[i][rank][1] > ranges[i][rank][0]]
         moved = [i for i in positions if not self.home[i]]
         base = dict(zip(moved, itertools.accumulate(

@@ -91,18 +91,22 @@ def _muon_train(kind, wrap=None, rank=0, world=1):
 
 
 class _MuonFusedLM(_MuonLM):
-    """_MuonLM with a fused residual branch: a (21, 24) weight of row blocks (5, 7, 9), which FSDP2's
-    row shards (11 + 10 rows) cut inside a block, and a (24, 21) weight of column blocks (10, 11)."""
+    """_MuonLM with fused residual branches: a (21, 24) weight of row blocks (5, 7, 9), which FSDP2's
+    row shards (11 + 10 rows) cut inside a block, a (24, 21) weight of column blocks (10, 11), and a
+    (24, 24) weight of row blocks (12, 12), one whole block in each of the 2 row shards."""
 
     def __init__(self):
         super().__init__()
         self.fused_in, self.fused_out = nn.Linear(24, 21, bias=False), nn.Linear(21, 24, bias=False)
+        self.fused_halves = nn.Linear(24, 24, bias=False)
         mark_fused(self.fused_in, [5, 7, 9])
         mark_fused(self.fused_out, [10, 11], columns=True)   # every row shard cuts through both blocks
+        mark_fused(self.fused_halves, [12, 12])
 
     def embed_input(self, idx):
         x = self.embed(idx)
-        return x + self.fused_out(F.gelu(self.fused_in(x)))
+        x = x + self.fused_out(F.gelu(self.fused_in(x)))
+        return x + self.fused_halves(F.gelu(x))
 
 
 _MUON_EXACT_STEPS, _MUON_EXACT_RESUME = 4, 2
