@@ -680,19 +680,20 @@ PHASES = [("muonclip", "muon_update", "momentum and update"), ("muonclip", "newt
 PHASE_NAMES = list(dict.fromkeys(phase for *_, phase in PHASES)) + ["bookkeeping"]
 
 
-def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int, phase_steps: int = 5) -> dict:
+def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int, phase_steps: int = 5):
     """Run under torchrun (or alone for 1 process), one thread per process: one forward + backward
     of `preset` on this rank's share of the batch, then MuonClip steps on those gradients, timed
     between barriers, round-robin between distribute=True (each process updating its share) and
     distribute=False (every process orthogonalising every unit, the way before); then phase_steps
-    more distribute=True steps with PhaseTimer on, each phase's ms per step averaged over the ranks."""
+    more distribute=True steps with PhaseTimer on, each phase's ms per step averaged over the ranks.
+    Rank 0 prints the result as one JSON line; every process then exits at once (os._exit)."""
     torch.set_num_threads(1)
     timer = PhaseTimer()
     timer.install()
-    world = 1
+    world, rank = 1, 0
     if wrap != "single":
         torch.distributed.init_process_group("gloo")
-        world = torch.distributed.get_world_size()
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     model = build_kimik2(preset)
     raw = model
     if wrap == "ddp":
@@ -733,9 +734,11 @@ def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int, pha
     res = dict(ns_dtype=str(dtype).removeprefix("torch."), world=world,
                ns_matrices=opts["new"].newton_schulz_matrices, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
                phases_ms=dict(zip(PHASE_NAMES, phases.tolist())))
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return res
+    if rank == 0:
+        print(json.dumps(res), flush=True)
+    # gloo can deadlock a process at teardown while it frees a finished collective's tensors (PyTorch
+    # issue 56297), here when DDP's reducer goes: the result is out, so leave without the teardown
+    os._exit(0)
 
 
 def bench_distributed(args) -> dict:
@@ -1315,10 +1318,7 @@ def main(argv=None):
         print(json.dumps(step_worker(args.preset, args.batch_size, args.seq_len, args.reps)))
         return
     if args.dist_worker:
-        res = dist_worker(args.dist_worker, args.preset, args.batch_size, args.seq_len, args.reps)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps(res))
-        return
+        dist_worker(args.dist_worker, args.preset, args.batch_size, args.seq_len, args.reps)
     if args.ns_variant_losses:
         res = bench_ns_variant_losses(args.ns_variant_losses)
         print(json.dumps(res, indent=2)) if args.json else print_ns_variant_losses(res)

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 if dist.is_available():  # QK-Clip scales only the rows a rank holds of an FSDP2 (DTensor) weight
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 else:
     DTensor = ()  # isinstance(x, ()) is False: no tensor is ever a DTensor
 
@@ -268,8 +268,7 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
         if cache is not None:
-            k_cache, v_cache = cache
-            end = start_pos + T
+            (k_cache, v_cache), end = cache, start_pos + T
             k_cache[:, :, start_pos:end], v_cache[:, :, start_pos:end] = k, v
             k, v = k_cache[:, :, :end], v_cache[:, :, :end]  # (B, H, S, Dn+Dr), (B, H, S, Dv)
         y = self._attention(q, k, v, track=self.track_max_logits and is_training_forward(self))
@@ -394,13 +393,15 @@ def causal_max_logits(q, k, scale, *, chunk_size=None):
 
 # twin of muonclip.py's _scale_rows_ (with its _local and _local_part folded in)
 def _scale_rows_(w, row_factor):
-    """w (rows, ...) *= row_factor (rows,) in place; on a DTensor (FSDP2) only the rows held here."""
+    """w (rows, ...) *= row_factor (rows,) in place; on a DTensor (FSDP2) the rows held here, no communication."""
     factor = row_factor.to(w.dtype).view(-1, *([1] * (w.dim() - 1))).expand(w.shape)  # like w
-    if isinstance(w, DTensor):  # the part of the factor that lies where w's local shard lies
-        mesh = w.device_mesh
-        factor = DTensor.from_local(factor, mesh, [Replicate()] * mesh.ndim).redistribute(mesh, w.placements)
-        w, factor = w.to_local(), factor.to_local()
-    w.mul_(factor)
+    if isinstance(w, DTensor) and any(pl.is_shard() and type(pl) is not Shard for pl in w.placements):
+        factor = distribute_tensor(factor, w.device_mesh, w.placements, src_data_rank=None).to_local()  # strided
+    elif isinstance(w, DTensor):  # DTensor cuts a Shard as torch.chunk does, per mesh dim, empty past the last chunk
+        for size, i, pl in zip(w.device_mesh.shape, w.device_mesh.get_coordinate(), w.placements):
+            if pl.is_shard():
+                factor = (*factor.chunk(size, pl.dim), *[factor.narrow(pl.dim, 0, 0)] * size)[i]
+    (w.to_local() if isinstance(w, DTensor) else w).mul_(factor)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 if dist.is_available():
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 else:
     DTensor = ()  # isinstance(x, ()) is False: no tensor is ever a DTensor
 
@@ -150,10 +150,8 @@ def default_ns_dtype(device_type):
     CUDA (as reference Muon) and on a CPU with bf16 matmul instructions; float32 on every other CPU,
     where bf16 matmul is emulated and about 10x slower. The CPU is judged by the flags Linux reports
     for x86 (avx512_bf16, amx_bf16), else (macOS, ARM) by timing bf16 against float32 matmul once."""
-    if device_type == "cuda":
-        return torch.bfloat16
     if device_type != "cpu":
-        return torch.float32
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
     flags = _cpu_flags()
     fast = bool(flags & {"avx512_bf16", "amx_bf16"}) if flags is not None else _bf16_matmul_is_faster()
     return torch.bfloat16 if fast else torch.float32
@@ -172,16 +170,13 @@ def _cpu_flags():
 
 
 def _bf16_matmul_is_faster():
-    """Whether a batch of (128, 128) products runs faster in bf16 than in float32 (best of 5)."""
-    def best(y):
-        times = []
-        for _ in range(6):                                        # the first call warms up
-            start = time.perf_counter()
-            torch.bmm(y, y)
-            times.append(time.perf_counter() - start)
-        return min(times[1:])
+    """Whether a batch of (128, 128) products runs faster in bf16 than in float32 (fastest of 6 runs)."""
+    def seconds(y):
+        start = time.perf_counter()
+        torch.bmm(y, y)
+        return time.perf_counter() - start
     x = torch.randn(8, 128, 128)
-    return best(x.bfloat16()) < best(x)
+    return min(seconds(x.bfloat16()) for _ in range(6)) < min(seconds(x) for _ in range(6))
 
 
 # ------------------------------------------------------------------------------- QK-Clip maths
@@ -238,8 +233,7 @@ def qk_clip_fused_mha_(w_qkv, gamma, num_kv_heads, layout):
     factor = layout.join([q * q_factor.repeat_interleave(q.numel() // q_factor.numel()).view(q.shape),
                           k * k_factor.repeat_interleave(k.numel() // k_factor.numel()).view(k.shape),
                           v])                                                        # (n, 1) or (1, n)
-    factor = factor.to(w_qkv.dtype)
-    factor = factor.expand(w_qkv.shape) if w_qkv.dim() > 1 else factor.flatten()
+    factor = factor.to(w_qkv.dtype).expand(w_qkv.shape) if w_qkv.dim() > 1 else factor.to(w_qkv.dtype).flatten()
     _local(w_qkv).mul_(_local_part(factor, w_qkv))
 
 
@@ -336,22 +330,22 @@ def record_max_logits_(module, q, k, scale, **visibility):
         torch.maximum(module.max_logits, s.to(module.max_logits.device), out=module.max_logits)
 
 
-def reduce_max_logits_(attention_modules):
+def reduce_max_logits_(attention_modules, async_op=False):
     """The step's (L, H) fp32 max logits of the modules, MAX-reduced across processes in one
     collective when torch.distributed is initialised, then every module's statistic is reset to
     -inf. Heads beyond a layer's num_heads (if layers differ) are -inf padding. MuonClip.step calls
-    it; a trainer that steps another optimizer calls it once per step to log the statistic."""
-    max_logits = nn.utils.rnn.pad_sequence(
-        [m.max_logits.detach().float() for m in attention_modules], batch_first=True,
-        padding_value=-math.inf)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(max_logits, op=dist.ReduceOp.MAX)
+    it; a trainer that steps another optimizer calls it once per step to log the statistic.
+    async_op=True: (max_logits, work), the collective under way; work.wait() (if not None) first."""
+    max_logits = nn.utils.rnn.pad_sequence([m.max_logits.detach().float() for m in attention_modules],
+                                           batch_first=True, padding_value=-math.inf)
+    distributed = dist.is_available() and dist.is_initialized()
+    work = dist.all_reduce(max_logits, op=dist.ReduceOp.MAX, async_op=async_op) if distributed else None
     for m in attention_modules:
         if hasattr(m, "reset_max_logits_"):
             m.reset_max_logits_()
         else:
             m.max_logits.fill_(-math.inf)
-    return max_logits
+    return (max_logits, work) if async_op else max_logits
 
 
 # ------------------------------------------------------------------- fused layouts and roles
@@ -610,6 +604,8 @@ class MuonClip(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.newton_schulz_matrices = 0
+        # the max logits are final: their reduction (under torchrun a collective) runs during the update
+        max_logits = reduce_max_logits_(self.attention_modules, async_op=True) if self.attention_modules else None
         muon_step, adamw_step, share = self._group_steps()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -618,8 +614,8 @@ class MuonClip(torch.optim.Optimizer):
             elif params:
                 adamw_step(group, params)
         share()                                   # under torchrun: the processes' updates to every process
-        if self.attention_modules:
-            self._qk_clip()
+        if max_logits is not None:
+            self._qk_clip(*max_logits)
         return loss
 
     def _muon_step(self, group, params, orthogonalise=None):
@@ -647,8 +643,7 @@ class MuonClip(torch.optim.Optimizer):
             if not s:
                 s.update(step=0, exp_avg=torch.zeros_like(g), exp_avg_sq=torch.zeros_like(g))
             s["step"] += 1
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
@@ -661,13 +656,15 @@ class MuonClip(torch.optim.Optimizer):
         torch._foreach_mul_(local_params, 1 - lr * wd)
         torch._foreach_addcdiv_(local_params, exp_avgs, denom, step_sizes)
 
-    def _qk_clip(self):
-        """QK-Clip after the update (K2 report sec. 2.1, Algorithm 1): the step's reduced max logits,
-        gamma per head, every module called (unclipped heads get exactly 1: no host sync). S_h was
-        measured before the update and the clip scales the updated weights, so on that input a
-        clipped head's logits become gamma_h (GQA: <= gamma_h) times the updated weights' logits:
-        <= tau when the update did not raise them (always for a clip-only step, lr = 0)."""
-        max_logits = reduce_max_logits_(self.attention_modules)  # (L, H)
+    def _qk_clip(self, max_logits, work):
+        """QK-Clip after the update (K2 report sec. 2.1, Algorithm 1): the step's max logits (L, H),
+        reduced once work (None on one process) is done, gamma per head, every module called
+        (unclipped heads get exactly 1: no host sync). S_h was measured before the update and the clip
+        scales the updated weights, so on that input a clipped head's logits become gamma_h (GQA: <=
+        gamma_h) times the updated weights' logits: <= tau when the update did not raise them (always
+        for a clip-only step, lr = 0)."""
+        if work is not None:
+            work.wait()
         if self.qk_clip_tau is None:
             clipped = torch.zeros((), dtype=torch.long, device=max_logits.device)
         else:
@@ -706,30 +703,32 @@ def _local(t):
 
 # twin of kimik2.py's _local_part (kimik2.py copies alone; a test keeps the two equal)
 def _local_part(full, p):
-    """The part of `full` (shaped like p) that this rank holds under p's placements; no comm."""
+    """The part of `full` (shaped like p) this rank holds, cut as DTensor cuts a Shard (torch.chunk per
+    mesh dim, empty past the last chunk): no communication. Strided shards (with tensor parallel): DTensor's."""
     if not isinstance(p, DTensor):
         return full
-    replicated = DTensor.from_local(full, p.device_mesh, [Replicate()] * p.device_mesh.ndim)
-    return replicated.redistribute(p.device_mesh, p.placements).to_local()
+    if any(pl.is_shard() and type(pl) is not Shard for pl in p.placements):
+        return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+    for size, i, pl in zip(p.device_mesh.shape, p.device_mesh.get_coordinate(), p.placements):
+        if pl.is_shard():
+            full = (*full.chunk(size, pl.dim), *[full.narrow(pl.dim, 0, 0)] * size)[i]
+    return full
 
 
 def _full(local, p):
     """Gather the full tensor of p's layout from this rank's `local` shard (all-gather)."""
-    return DTensor.from_local(local, p.device_mesh, p.placements,
-                              shape=p.shape, stride=p.stride()).full_tensor()
+    return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
 
 
 def _matrices_are_split(p):
     """True when a DTensor shards one of the last two dims, so no rank holds whole matrices.
     FSDP2 shards dim 0: a 2-D weight is split by rows, an (E, A, B) expert stack by experts."""
-    return isinstance(p, DTensor) and any(
-        pl.is_shard() and pl.dim % p.ndim >= p.ndim - 2 for pl in p.placements)
+    return isinstance(p, DTensor) and any(pl.is_shard() and pl.dim % p.ndim >= p.ndim - 2 for pl in p.placements)
 
 
 def orthogonalise_everywhere(inputs, layouts, ns, *, params):
-    """orthogonalise_by_shape of every unit on this process, for this process's shards `inputs` of
-    `params`: a matrix split across processes (FSDP2) is gathered whole, and this process keeps its
-    own part of the result."""
+    """orthogonalise_by_shape of every unit on this process, for its shards `inputs` of `params`: a
+    matrix split across processes (FSDP2) is gathered whole; this process keeps its part of the result."""
     gather = [_matrices_are_split(p) for p in params]
     whole = [_full(x, p) if g else x for x, p, g in zip(inputs, params, gather)]
     directions = orthogonalise_by_shape(whole, layouts, ns)

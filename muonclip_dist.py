@@ -161,7 +161,7 @@ class _ShareOut:
                       for r in range(self.world)]
             send = [[] if r == self.rank else [t.reshape(-1) for t in shares[self.rank]] for r in range(self.world)]
             sizes = [0 if r == self.rank else sum(t.numel() for t in ts) for r, ts in enumerate(shares)]
-            for r, buffer in enumerate(_exchange(send, sizes, dtype, updated[0].device)):
+            for r, buffer in enumerate(_exchange(send, sizes, dtype, updated[0].device)()):
                 if r != self.rank:
                     for t, values in zip(shares[r], buffer.split([t.numel() for t in shares[r]])):
                         t.copy_(values.view(t.shape))
@@ -251,16 +251,21 @@ def _ns_cost(shape):
 
 
 def _exchange(send, recv_sizes, dtype, device):
-    """One all-to-all of packed buffers: send[r] (1-D tensors) goes to rank r; returns per source
-    rank the 1-D buffer it sent here. It travels as bytes: gloo moves no bf16 or int16."""
+    """Start one all-to-all of packed buffers: send[r] (1-D tensors) goes to rank r. Returns wait():
+    per source rank the 1-D buffer it sent here, once arrived (the caller may compute meanwhile). It
+    travels as bytes: gloo moves no bf16 or int16."""
     size = torch.empty(0, dtype=dtype).element_size()
     pieces = [t.reshape(-1) for ts in send for t in ts]
     out = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
     data = torch.cat(pieces) if pieces else out.new_empty(0)
-    dist.all_to_all_single(out.view(torch.uint8), data.view(torch.uint8),
-                           output_split_sizes=[n * size for n in recv_sizes],
-                           input_split_sizes=[sum(t.numel() for t in ts) * size for ts in send])
-    return list(out.split(list(recv_sizes)))
+    work = dist.all_to_all_single(out.view(torch.uint8), data.view(torch.uint8),
+                                  output_split_sizes=[n * size for n in recv_sizes],
+                                  input_split_sizes=[sum(t.numel() for t in ts) * size for ts in send], async_op=True)
+
+    def wait():
+        work.wait()
+        return list(out.split(list(recv_sizes)))
+    return wait
 
 
 class _Moves:
@@ -295,9 +300,13 @@ class _ExchangePlan:
     one list of parameters on this rank. It depends only on shapes, layouts and placements, so it is
     built once and reused at every step (int64 indices of the sharded elements this rank holds or owns).
 
-    Units are (tensor, part, matrix of the part, (A, B)) in the same order on every rank. Sharded
-    tensors (FSDP2's Shard(0)) move by index: `local` is the concatenation of this rank's flattened
-    shards, `owned` that of its own units' elements; replicated tensors (DDP) move whole units."""
+    Units are (tensor, part, matrix of the part, (A, B)) in the same order on every rank. A sharded
+    tensor (FSDP2's Shard(0)) whose local shard is whole units this rank owns (a stack's whole
+    matrices, or a whole matrix), and which no other unit of this rank touches, is `home` (FSDP2's
+    experts of a stack sharded by experts): it is orthogonalised where it lies, nothing of it moved
+    or copied. Other sharded tensors move by index: `local` is the concatenation of this rank's
+    flattened shards of them, `owned` that of its own units' elements; replicated tensors (DDP) move
+    whole units."""
 
     def __init__(self, params, layouts, ranges, rank, device):
         world = dist.get_world_size()
@@ -314,8 +323,6 @@ class _ExchangePlan:
             if self.sharded[i]:
                 idx = torch.arange(p.numel(), device=device).view(p.shape)
                 positions[i] = [q.reshape(q.shape[:-2].numel(), -1) for q in _parts(idx, layout)]
-        base = dict(zip(positions, itertools.accumulate(
-            [0] + [ranges[i][rank][1] - ranges[i][rank][0] for i in positions])))   # offset of each shard in `local`
 
         def held(u, r):                           # positions (in the unit) of its elements that rank r holds
             i, j, k, _ = self.units[u]
@@ -334,7 +341,18 @@ class _ExchangePlan:
         holders = [next((r for r in range(world) if held(u, r).numel() == math.prod(self.units[u][3])), -1)
                    if self.sharded[i] else -1 for u, (i, *_) in enumerate(self.units)]   # the rank holding u whole
         self.owners = _assign_owners([_ns_cost(shape) for *_, shape in self.units], holders, world)
-        self.mine = [u for u, o in enumerate(self.owners) if o == rank]
+
+        def at_home(u):                           # u is not here, or here whole and this rank's
+            here, size = held(u, rank).numel(), math.prod(self.units[u][3])
+            return self.owners[u] == rank and here == size if here or self.owners[u] == rank else True
+        # a 2-D tensor's layout reads the whole matrix: at home only if this rank holds all of it or none
+        self.home = [self.sharded[i] and all(at_home(u) for us in self.of_tensor[i] for u in us) and (
+            p.ndim > 2 or ranges[i][rank][1] - ranges[i][rank][0] in (0, p.numel())) for i, p in enumerate(params)]
+        self.home_mine = [i for i, h in enumerate(self.home) if h and ranges[i][rank][1] > ranges[i][rank][0]]
+        moved = [i for i in positions if not self.home[i]]
+        base = dict(zip(moved, itertools.accumulate(
+            [0] + [ranges[i][rank][1] - ranges[i][rank][0] for i in moved])))   # offset of each shard in `local`
+        self.mine = [u for u, o in enumerate(self.owners) if o == rank and not self.home[self.units[u][0]]]
         owned = [u for u in self.mine if self.sharded[self.units[u][0]]]
         self.offsets = dict(zip(owned, itertools.accumulate([0] + [math.prod(self.units[u][3]) for u in owned])))
         self.owned_size = sum(math.prod(self.units[u][3]) for u in owned)
@@ -344,7 +362,7 @@ class _ExchangePlan:
             return base[i] + positions[i][j][k][held(u, r)] - ranges[i][r][0]
         empty = torch.empty(0, dtype=torch.long, device=device)
         cat = lambda ts: torch.cat([empty, *ts])  # noqa: E731
-        sharded_units = [u for u, (i, *_) in enumerate(self.units) if self.sharded[i]]
+        sharded_units = [u for u, (i, *_) in enumerate(self.units) if self.sharded[i] and not self.home[i]]
         packed = lambda index: _Moves(torch.arange(index.numel(), device=device), index)  # noqa: E731
         unpack = lambda index: _Moves(index, torch.arange(index.numel(), device=device))  # noqa: E731
         # 1. inputs: my elements of units others own -> them; theirs of my units -> `owned`
@@ -361,7 +379,7 @@ class _ExchangePlan:
                                 for s in range(world)]
         self.whole_units = [[u for u in range(len(self.units)) if self.owners[u] == s != rank
                              and not self.sharded[self.units[u][0]]] for s in range(world)]
-        self.local_size = sum(ranges[i][rank][1] - ranges[i][rank][0] for i in positions)
+        self.local_size = sum(ranges[i][rank][1] - ranges[i][rank][0] for i in moved)
         # a fused sharded tensor's parts carry their own scales (see orthogonalise_by_shape): per local element
         self.scales = torch.ones(self.local_size, device=device)
         for u in sharded_units:
@@ -375,12 +393,13 @@ def orthogonalise_across_ranks(inputs, layouts, ns, *, params, dtype, plans):
     fused layout) orthogonalised on exactly one rank, and each rank given the part it holds.
 
     Units go to ranks by _assign_owners (balanced by NS cost); a rank batches its own units by shape.
-    Two all-to-alls of packed buffers: under FSDP2 (Shard(0) DTensors) the first brings each owner
-    the rows of its units that other ranks hold, and the second sends each rank only its shard of
-    every result; replicated tensors (DDP) need only the second, in which each rank receives the whole
-    results it did not compute. `inputs` are this rank's shards of `params`; directions come back
-    shaped like them. Other placements are gathered whole first (as every rank did before). `plans`
-    caches the _ExchangePlan of each parameter list.
+    Tensors at home on this rank (the plan's `home`: FSDP2's whole experts) are orthogonalised in
+    place, last, while the second all-to-all travels. Two all-to-alls of packed buffers: under FSDP2
+    (Shard(0) DTensors) the first brings each owner the rows of its units that other ranks hold, and
+    the second sends each rank only its shard of every result; replicated tensors (DDP) need only the
+    second, in which each rank receives the whole results it did not compute. `inputs` are this rank's
+    shards of `params`; directions come back shaped like them. Other placements are gathered whole
+    first (as every rank did before). `plans` caches the _ExchangePlan of each parameter list.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     key = (dtype, *((id(p), tuple(p.shape), id(layout)) for p, layout in zip(params, layouts)))
@@ -389,8 +408,8 @@ def orthogonalise_across_ranks(inputs, layouts, ns, *, params, dtype, plans):
     plan = plans[key]
     inputs = [_full(x, p) if g else x for x, p, g in zip(inputs, params, plan.gathered)]
     device = inputs[0].device
-    sharded = [x for x, s in zip(inputs, plan.sharded) if s]
-    local = torch.cat([x.reshape(-1).to(dtype) for x in sharded]) if sharded else torch.empty(0, dtype=dtype, device=device)
+    moved = [x for x, s, h in zip(inputs, plan.sharded, plan.home) if s and not h]
+    local = torch.cat([x.reshape(-1).to(dtype) for x in moved]) if moved else torch.empty(0, dtype=dtype, device=device)
     whole = [None if s else _parts(x, layout) for x, layout, s in zip(inputs, layouts, plan.sharded)]
 
     def unit(parts, u):                           # unit u of a replicated tensor, from its parts
@@ -399,9 +418,9 @@ def orthogonalise_across_ranks(inputs, layouts, ns, *, params, dtype, plans):
 
     # 1. inputs to owners (only sharded tensors are not whole on their owner)
     owned = torch.empty(plan.owned_size, dtype=dtype, device=device)
-    if any(plan.sharded):
+    if any(plan.sharded):                         # (a collective: the same test on every rank)
         received = _exchange([[moves.packed(local)] for moves in plan.send_inputs],
-                             [moves.size for moves in plan.receive_inputs], dtype, device)
+                             [moves.size for moves in plan.receive_inputs], dtype, device)()
         for moves, values in zip(plan.receive_inputs, received):
             moves(owned, values)
     plan.own_inputs(owned, local)
@@ -409,7 +428,8 @@ def orthogonalise_across_ranks(inputs, layouts, ns, *, params, dtype, plans):
                    if plan.sharded[plan.units[u][0]] else unit(whole[plan.units[u][0]], u).to(dtype) for u in plan.mine]
     results = dict(zip(plan.mine, orthogonalise_by_shape(unit_inputs, [None] * len(unit_inputs), ns)))
 
-    # 2. results to every rank that holds a part of them: whole for replicated tensors, else its shard
+    # 2. results to every rank that holds a part of them (whole for replicated tensors, else its
+    # shard), while this rank orthogonalises the tensors at home
     for u in plan.offsets:
         owned[plan.offsets[u]:plan.offsets[u] + results[u].numel()] = results[u].reshape(-1)
     whole_mine = [u for u in plan.mine if not plan.sharded[plan.units[u][0]]]
@@ -417,9 +437,12 @@ def orthogonalise_across_ranks(inputs, layouts, ns, *, params, dtype, plans):
             for r in range(world)]
     sizes = [moves.size + sum(math.prod(plan.units[u][3]) for u in us)
              for moves, us in zip(plan.receive_results, plan.whole_units)]
+    arrived = _exchange(send, sizes, dtype, device)
+    at_home = dict(zip(plan.home_mine, orthogonalise_by_shape(
+        [inputs[i] for i in plan.home_mine], [layouts[i] for i in plan.home_mine], ns)))
     directions_local = torch.empty(plan.local_size, dtype=dtype, device=device)
     plan.own_results(directions_local, owned)
-    for s, buffer in enumerate(_exchange(send, sizes, dtype, device)):
+    for s, buffer in enumerate(arrived()):
         if s == rank:
             continue
         n = plan.receive_results[s].size
@@ -429,6 +452,9 @@ def orthogonalise_across_ranks(inputs, layouts, ns, *, params, dtype, plans):
 
     directions, offset = [], 0
     for i, (x, p, layout) in enumerate(zip(inputs, params, layouts)):
+        if plan.home[i]:
+            directions.append(at_home[i] if i in at_home else torch.empty_like(x))   # an empty shard: nothing
+            continue
         if plan.sharded[i]:
             n = x.numel()
             d = directions_local[offset:offset + n].to(x.dtype)

@@ -120,3 +120,23 @@ def test_phase_timer_counts_each_phase_without_the_phases_inside_it():
     timer.on = True
     outer()
     assert timer.seconds["inner"] >= 0.2 and 0.2 <= timer.seconds["outer"] < 0.35   # 0.4 with inner's time
+
+
+def test_every_phase_names_a_function_that_exists():
+    # PhaseTimer.install skips what it cannot find, so a renamed function would drop out of row 11's
+    # phase table without a word
+    import importlib
+    for module, name, phase in bench.PHASES:
+        owner = importlib.import_module(module)
+        for part in name.split("."):
+            owner = getattr(owner, part)
+        assert callable(owner), (module, name, phase)
+
+
+def test_row_11_prints_every_phase_for_1_and_2_processes():
+    phases = {phase: float(i) for i, phase in enumerate(bench.PHASE_NAMES)}
+    run = dict(new_ms=50.0, old_ms=90.0, ns_dtype="float32", phases_ms=phases)
+    lines = bench.ROW_LINES["distributed"](dict(single=dict(run, new_ms=100.0), ddp=run, fsdp=run))
+    text = {label.strip(): value for label, value, *_ in lines}
+    assert "= 0.50x" in text["11 opt step, 2 procs DDP / 1 proc (1 thread each)"]
+    assert all(text[phase] == f"{i:.1f} / {i:.1f} / {i:.1f}" for i, phase in enumerate(bench.PHASE_NAMES))

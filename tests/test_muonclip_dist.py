@@ -4,15 +4,18 @@ without it (muonclip.py copied alone: every process orthogonalises everything, s
 
     python -m pytest tests/test_muonclip_dist.py
 
-The workers live at the bottom of this file (python tests/test_muonclip_dist.py WORKER ARGS).
+Two torchrun launches: one of 2 processes runs every 2-process check of this file and of
+test_muonclip_zero.py (two_process_results, once per pytest session; python
+tests/test_muonclip_dist.py two OUT), and one runs muonclip.py copied alone, then with its companion.
+Each one-process run a check compares with is computed once (_one_process).
 """
+import functools
 import io
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -41,7 +44,7 @@ def _ns_batches_alike(params):
 
 # ------------------------------------------------------------- with muonclip_dist.py beside it
 
-_MUON_DIST_STEPS, _MUON_DIST_MICRO, _MUON_DIST_BATCH, _MUON_DIST_T = 3, 2, 4, 8
+_MUON_DIST_STEPS, _MUON_DIST_MICRO, _MUON_DIST_BATCH, _MUON_DIST_T = 2, 2, 4, 8
 
 
 def _muon_wrap(raw, kind, wrap, world, ns_dtype=torch.float32):
@@ -88,18 +91,22 @@ def _muon_train(kind, wrap=None, rank=0, world=1):
 
 
 class _MuonFusedLM(_MuonLM):
-    """_MuonLM with a fused residual branch: a (21, 24) weight of row blocks (5, 7, 9), which FSDP2's
-    row shards (11 + 10 rows) cut inside a block, and a (24, 21) weight of column blocks (10, 11)."""
+    """_MuonLM with fused residual branches: a (21, 24) weight of row blocks (5, 7, 9), which FSDP2's
+    row shards (11 + 10 rows) cut inside a block, a (24, 21) weight of column blocks (10, 11), and a
+    (24, 24) weight of row blocks (12, 12), one whole block in each of the 2 row shards."""
 
     def __init__(self):
         super().__init__()
         self.fused_in, self.fused_out = nn.Linear(24, 21, bias=False), nn.Linear(21, 24, bias=False)
+        self.fused_halves = nn.Linear(24, 24, bias=False)
         mark_fused(self.fused_in, [5, 7, 9])
         mark_fused(self.fused_out, [10, 11], columns=True)   # every row shard cuts through both blocks
+        mark_fused(self.fused_halves, [12, 12])
 
     def embed_input(self, idx):
         x = self.embed(idx)
-        return x + self.fused_out(F.gelu(self.fused_in(x)))
+        x = x + self.fused_out(F.gelu(self.fused_in(x)))
+        return x + self.fused_halves(F.gelu(x))
 
 
 _MUON_EXACT_STEPS, _MUON_EXACT_RESUME = 4, 2
@@ -147,7 +154,9 @@ def _muon_exact(kind, wrap=None, world=1, ns_dtype=torch.float32):
     return _muon_full_params(raw), _muon_full_params(twin_raw), counts
 
 
-def _muon_dist_worker(out_dir):
+def _two_process_worker(out_dir):
+    """Every 2-process check's runs, this file's and test_muonclip_zero.py's, in one launch."""
+    import test_muonclip_zero
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -158,23 +167,46 @@ def _muon_dist_worker(out_dir):
             torch.save(_muon_exact(kind, wrap, world), os.path.join(out_dir, f"exact-{kind}-{wrap}-{rank}.pt"))
     for wrap in ("ddp", "fsdp"):
         torch.save(_muon_exact("mha", wrap, world, torch.bfloat16), os.path.join(out_dir, f"bf16-{wrap}-{rank}.pt"))
-    dist.destroy_process_group()
+    test_muonclip_zero.worker(out_dir)
+    dist.barrier()
+    os._exit(0)  # every file is written; gloo can hang at teardown (PyTorch issue 56297)
+
+
+def two_process_results(tmp_path_factory):
+    """{file name: result} of the one 2-process launch (_two_process_worker), run on first use in a
+    pytest session and read back by every later caller (test_muonclip_zero.py's fixture too)."""
+    out = tmp_path_factory.getbasetemp() / "muonclip-two-processes"
+    if not (out / "done").exists():
+        out.mkdir(exist_ok=True)
+        proc = torchrun([os.path.abspath(__file__), "two", str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                        timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        (out / "done").write_text("")
+    return {f.name: torch.load(f, weights_only=False) for f in out.glob("*.pt")}
 
 
 @pytest.fixture(scope="module")
-def _muon_dist_results():
-    with tempfile.TemporaryDirectory() as out:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = torchrun([os.path.abspath(__file__), "muonclip-dist", out], env=env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        yield {name: torch.load(os.path.join(out, name)) for name in os.listdir(out)}
+def _muon_dist_results(tmp_path_factory):
+    return two_process_results(tmp_path_factory)
+
+
+@functools.lru_cache(maxsize=None)
+def _one_process(run, kind, ns_dtype=torch.float32):
+    """The one-process run (`train` or `exact`) that checks compare with, computed once, with one
+    thread as the workers (kernels may round differently per thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _muon_train(kind) if run == "train" else _muon_exact(kind, ns_dtype=ns_dtype)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("kind", ["mha", "mla"])
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
 def test_distributed_training_matches_single_process(_muon_dist_results, kind, wrap):
     (rank0, clipped0), (rank1, clipped1) = (_muon_dist_results[f"{kind}-{wrap}-{r}.pt"] for r in (0, 1))
-    single, clipped = _muon_train(kind)
+    single, clipped = _one_process("train", kind)
     assert sum(clipped) > 0 and clipped0 == clipped1 == clipped    # clipping active, same on all ranks
     assert rank0.keys() == rank1.keys() == single.keys()
     for name in single:
@@ -194,12 +226,7 @@ def test_two_processes_orthogonalise_each_matrix_once_and_match_one_process_bitw
     its own units, one process all of them: BLAS does not promise that), else within 1e-6."""
     (rank0, resumed0, counts0), (rank1, resumed1, counts1) = (
         _muon_dist_results[f"exact-{kind}-{wrap}-{r}.pt"] for r in (0, 1))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)                  # as the workers: kernels may round differently per thread count
-    try:
-        single, single_resumed, counts = _muon_exact(kind)
-    finally:
-        torch.set_num_threads(threads)
+    single, single_resumed, counts = _one_process("exact", kind)
     assert rank0.keys() == single.keys()
     same = torch.equal if _ns_batches_alike(single) else (lambda a, b: (a - b).abs().max() < 1e-6)
     for name in single:
@@ -214,7 +241,7 @@ def test_two_processes_with_bf16_newton_schulz_hold_equal_weights(_muon_dist_res
     """bf16 NS (its results travel between ranks as bytes): both ranks end with the same weights,
     those of one process up to bf16 NS rounding (0.2 * lr * 4 steps bounds each weight's drift)."""
     (rank0, resumed0, _), (rank1, resumed1, _) = (_muon_dist_results[f"bf16-{wrap}-{r}.pt"] for r in (0, 1))
-    single = _muon_exact("mha", ns_dtype=torch.bfloat16)[0]
+    single = _one_process("exact", "mha", torch.bfloat16)[0]
     for name in single:
         assert torch.equal(rank0[name], rank1[name]) and torch.equal(resumed0[name], rank0[name]), name
         assert (rank0[name] - single[name]).abs().max() < 0.2 * 0.02 * 4, name
@@ -287,43 +314,49 @@ def train(wrap):
 
 dist.init_process_group("gloo")
 torch.set_num_threads(1)
-companion = os.path.exists("muonclip_dist.py")
 single, single_counts, single_clipped, _ = train(None)     # distribute=False: this process alone
 assert single_clipped > 0
-for wrap in ("ddp", "fsdp"):
-    params, counts, clipped, said = train(wrap)
-    assert clipped == single_clipped, wrap
-    assert len(said) == (0 if companion else 1), (wrap, said)
-    for name in single:
-        assert (params[name] - single[name]).abs().max() < 1e-6, (wrap, name)
-    totals = [torch.tensor(counts)]
-    dist.all_reduce(totals[0])
-    if companion:                              # each unit once across the two processes
-        assert totals[0].tolist() == single_counts and counts != single_counts, (wrap, counts, single_counts)
-    else:                                      # every process all of them
-        assert counts == single_counts, (wrap, counts, single_counts)
-assert ("muonclip_dist" in sys.modules) == companion
+for companion in (False, True):
+    if companion:                              # from now on muonclip_dist.py imports, as if copied beside
+        sys.path.append(sys.argv[1])
+    for wrap in ("ddp", "fsdp"):
+        params, counts, clipped, said = train(wrap)
+        assert clipped == single_clipped, wrap
+        assert len(said) == (0 if companion else 1), (wrap, said)
+        for name in single:
+            assert (params[name] - single[name]).abs().max() < 1e-6, (wrap, name)
+        totals = [torch.tensor(counts)]
+        dist.all_reduce(totals[0])
+        if companion:                          # each unit once across the two processes
+            assert totals[0].tolist() == single_counts and counts != single_counts, (wrap, counts, single_counts)
+        else:                                  # every process all of them
+            assert counts == single_counts, (wrap, counts, single_counts)
+    assert ("muonclip_dist" in sys.modules) == companion
+assert os.path.dirname(os.path.abspath(sys.modules["muonclip_dist"].__file__)) == sys.argv[1]
 assert not {"muonclip_hf", "muonclip_ns", "kimik2", "test_kimik2", "data", "train", "bench"} & set(sys.modules)
 assert os.path.dirname(os.path.abspath(muonclip.__file__)) == os.getcwd()
-dist.destroy_process_group()
-print("ok", dist.is_available())
+dist.barrier()
+print("ok", dist.is_available(), flush=True)
+os._exit(0)                                    # gloo can hang at teardown (PyTorch issue 56297)
 """
 
 
-@pytest.mark.parametrize("files", [["muonclip.py"], ["muonclip.py", "muonclip_dist.py"]], ids=["alone", "with-dist"])
-def test_copied_muonclip_is_correct_under_ddp_and_fsdp2_and_shares_out_only_with_its_companion(tmp_path, files):
+def test_copied_muonclip_is_correct_under_ddp_and_fsdp2_and_shares_out_only_with_its_companion(tmp_path):
     """muonclip.py copied alone into an empty folder (PYTHONPATH cleared) trains a model under DDP and
     FSDP2 on 2 processes to the weights of one process (within 1e-6: the same batch on both), with
-    every process orthogonalising every matrix and one warning per optimizer that says so; with
-    muonclip_dist.py copied beside it the same run shares each unit out once and says nothing."""
-    folder = tmp_path / "alone"
+    every process orthogonalising every matrix and one warning per optimizer that says so; then, in
+    the same launch, with muonclip_dist.py importable (copied into a second folder put on sys.path)
+    the same run shares each unit out once and says nothing."""
+    folder, companion = tmp_path / "alone", tmp_path / "companion"
     folder.mkdir()
-    for name in files:
-        shutil.copy(os.path.join(HERE, name), folder)
+    companion.mkdir()
+    shutil.copy(os.path.join(HERE, "muonclip.py"), folder)
+    shutil.copy(os.path.join(HERE, "muonclip_dist.py"), companion)
     (folder / "worker.py").write_text(_ALONE_WORKER)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "worker.py"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "worker.py",
+           str(companion)]
     for _ in range(2):                         # gloo may hang at exit after the work is done (conftest.torchrun)
         proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
@@ -336,6 +369,5 @@ def test_copied_muonclip_is_correct_under_ddp_and_fsdp2_and_shares_out_only_with
     assert stdout.count("ok") == 2, stderr[-4000:]
 
 
-if __name__ == "__main__":
-    if sys.argv[1] == "muonclip-dist":
-        _muon_dist_worker(sys.argv[2])
+if __name__ == "__main__" and sys.argv[1] == "two":
+    _two_process_worker(sys.argv[2])
