@@ -3,7 +3,8 @@ FSDP2-style sharded (DTensor) weights scales only the rows each rank holds, alik
 its twin in muonclip.py; the router's bias update acts on the expert loads summed over processes.
 
     python -m pytest tests/test_kimik2_model.py
-The workers run as `python tests/test_kimik2_model.py WORKER ARGS` under torchrun.
+The workers run one after the other in one torchrun launch (its start-up costs seconds), as
+`python tests/test_kimik2_model.py workers OUT`.
 """
 import os
 import sys
@@ -61,11 +62,22 @@ def _dtensor_clip_worker(out_path):
     dist.destroy_process_group()
 
 
-def test_qk_clip_scales_only_local_rows_of_dim0_sharded_dtensor(tmp_path):
-    out = tmp_path / "result"
-    run = torchrun([HERE, "dtensor-clip", str(out)])
+def _workers(out_dir):
+    _dtensor_clip_worker(os.path.join(out_dir, "dtensor-clip"))
+    _router_bias_worker(out_dir)  # in a new process group: each worker sets up and tears down its own
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The folder where the workers of one torchrun launch left their results."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    run = torchrun([HERE, "workers", str(out)])
     assert run.returncode == 0, run.stderr[-2000:]
-    assert out.read_text() == "ok"
+    return out
+
+
+def test_qk_clip_scales_only_local_rows_of_dim0_sharded_dtensor(two_ranks):
+    assert (two_ranks / "dtensor-clip").read_text() == "ok"
 
 
 def _rank_loads(rank, layer, E):
@@ -89,10 +101,8 @@ def _router_bias_worker(out_dir):
     dist.destroy_process_group()
 
 
-def test_router_bias_update_sums_expert_loads_over_processes(tmp_path):
-    run = torchrun([HERE, "router-bias", str(tmp_path)])
-    assert run.returncode == 0, run.stderr[-2000:]
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+def test_router_bias_update_sums_expert_loads_over_processes(two_ranks):
+    results = [torch.load(two_ranks / f"rank{r}.pt") for r in range(2)]
     torch.manual_seed(0)
     model = KimiK2(_config())
     for i, gate in enumerate(model.moe_gates()):
@@ -107,4 +117,4 @@ def test_router_bias_update_sums_expert_loads_over_processes(tmp_path):
 
 
 if __name__ == "__main__":
-    {"dtensor-clip": _dtensor_clip_worker, "router-bias": _router_bias_worker}[sys.argv[1]](sys.argv[2])
+    {"workers": _workers}[sys.argv[1]](sys.argv[2])
