@@ -3,8 +3,8 @@ FSDP2-style sharded (DTensor) weights scales only the rows each rank holds, alik
 its twin in muonclip.py; the router's bias update acts on the expert loads summed over processes.
 
     python -m pytest tests/test_kimik2_model.py
-The workers run one after the other in one torchrun launch (its start-up costs seconds), as
-`python tests/test_kimik2_model.py workers OUT`.
+The workers run one after the other in one torchrun launch (its start-up costs seconds) and one
+process group, as `python tests/test_kimik2_model.py workers OUT`.
 """
 import os
 import sys
@@ -36,7 +36,6 @@ def _dtensor_clip_worker(out_path):
     import muonclip
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
-    dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     config = _config(num_attention_heads=3, num_key_value_heads=3, qk_nope_head_dim=3, qk_rope_head_dim=2,
                      v_head_dim=4)
@@ -59,12 +58,14 @@ def _dtensor_clip_worker(out_path):
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             f.write("ok" if ok else "mismatch")
-    dist.destroy_process_group()
 
 
 def _workers(out_dir):
+    dist.init_process_group("gloo")  # one for both: one set up again after a teardown can read stale addresses
     _dtensor_clip_worker(os.path.join(out_dir, "dtensor-clip"))
-    _router_bias_worker(out_dir)  # in a new process group: each worker sets up and tears down its own
+    _router_bias_worker(out_dir)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,6 @@ def _rank_loads(rank, layer, E):
 def _router_bias_worker(out_dir):
     """Each rank counts different expert loads; update_router_bias_ must act on their sum, the same
     on every rank."""
-    dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = KimiK2(_config())
@@ -98,7 +98,6 @@ def _router_bias_worker(out_dir):
     imbalance = model.update_router_bias_(0.01)
     biases = torch.stack([gate.e_score_correction_bias for gate in model.moe_gates()])
     torch.save({"imbalance": imbalance, "biases": biases}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
 def test_router_bias_update_sums_expert_loads_over_processes(two_ranks):
