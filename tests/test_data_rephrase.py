@@ -108,7 +108,7 @@ def test_other_client_errors_fail_at_once_with_status_and_body(server):
 
 
 @pytest.mark.parametrize("concurrency, delay", [(1, 0.05), (4, 0.25)])
-def test_killed_rephrase_run_resumes_with_each_document_and_style_exactly_once(server, tmp_path,
+def test_killed_rephrase_run_resumes_with_each_document_and_style_exactly_once(server, tmp_path, capsys,
                                                                                 concurrency, delay):
     texts = [f"Document {i} opens here. It has 2 sentences.\n\nAnd a second paragraph, number {i}." for i in range(6)]
     write_docs(tmp_path / "docs", texts)
@@ -128,16 +128,16 @@ def test_killed_rephrase_run_resumes_with_each_document_and_style_exactly_once(s
     assert 2 <= records_at_kill < 12, "the kill must land mid-run"
     with open(out, "ab") as f:
         f.write(b'{"key": "half a rec')  # what a kill in the middle of a write leaves
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert finished.returncode == 0, finished.stderr
-    assert "ETA" in finished.stderr and "chunks" in finished.stderr
+    assert data.main(command[2:]) == 0  # the same command resumes (in this process: no second start-up)
+    finished = capsys.readouterr()
+    assert "ETA" in finished.err and "chunks" in finished.err
     records = [json.loads(line) for line in out.read_text().splitlines()]
     keys = [(r["id"], r["style"]) for r in records]
     assert len(keys) == len(set(keys)) == 12
     assert {k[0] for k in keys} == {str(tmp_path / "docs" / f"doc{i:03d}.txt") for i in range(6)}
     assert all(r["text"].startswith("In other words:") and r["similarity_min"] > 0 for r in records)
     assert server.max_inflight[model] >= concurrency  # the pairs really were concurrent (a retry may add one)
-    assert re.search(rf"pairs {12 - records_at_kill}/{12 - records_at_kill}, documents 6/6", finished.stderr)
+    assert re.search(rf"pairs {12 - records_at_kill}/{12 - records_at_kill}, documents 6/6", finished.err)
 
 
 def test_checkpoint_backend_prompts_kimik2_generate_and_stops_at_eos(monkeypatch):
