@@ -574,7 +574,8 @@ def test_documented_names_work_where_the_docs_say_they_live():
 def test_muonclip_hf_with_muonclip_alone_attaches_and_steps_a_llama(tmp_path):
     """muonclip_hf.py and muonclip.py copied alone into an empty folder: attach_qk_clip on a tiny
     Llama, MuonClip.for_model, a step that clips; without muonclip_hf.py beside it,
-    muonclip.attach_qk_clip fails in one line naming the file to copy."""
+    muonclip.attach_qk_clip fails in one line naming the file to copy; without transformers, it
+    fails with transformers' ImportError."""
     pytest.importorskip("transformers")
     script = """
 import importlib, os
@@ -587,7 +588,14 @@ except ImportError as e:
     assert str(e) == 'muonclip.attach_qk_clip lives in muonclip_hf.py: copy it beside muonclip.py', e
 os.rename("muonclip_hf.py.away", "muonclip_hf.py")
 importlib.invalidate_caches()
-import torch
+import sys, torch
+sys.modules["transformers"] = None  # without transformers: muonclip_hf.py imports, attaching needs it
+try:
+    muonclip.attach_qk_clip(torch.nn.Linear(4, 4))
+    raise AssertionError("attach_qk_clip without transformers")
+except ImportError as e:
+    assert "transformers" in str(e), e
+del sys.modules["transformers"]
 from transformers import LlamaConfig, LlamaForCausalLM
 import muonclip_hf
 torch.manual_seed(0)
