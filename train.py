@@ -13,9 +13,10 @@ float16 with a grad scaler (CUDA); torch.compile; an exact --resume; fine-tuning
 metrics.jsonl, checkpoints, plot.png and a Hugging Face layout export (hf/, model and byte tokenizer).
 
 The run folder is train_run.py's, which this file imports when a run starts (copy both, with kimik2.py,
-muonclip.py and data.py; `--help` needs only the card files): one writer per folder, a manifest of what train.py wrote, verified checkpoints and metrics,
-pruning that never deletes the best checkpoint, signals, and one error boundary. Its docstring states
-the invariants; this file holds the loop, from config to cleanup, in nanoGPT's order.
+muonclip.py and data.py; `--help` needs only the card files): one writer per folder, a manifest of what
+train.py wrote, verified checkpoints and metrics, pruning that never deletes the best checkpoint,
+signals, and one error boundary. Its docstring states the invariants; this file holds the loop, from
+config to cleanup, in nanoGPT's order.
 
     python train.py                                    # tiny preset, embedded corpus, minutes on 2 CPU cores
     python train.py --resume                           # continue a stopped run exactly (here runs/tiny)
@@ -62,8 +63,7 @@ def fail(message):
 
 
 def run_folder():
-    """train_run.py, the run folder (lock, manifest, verified checkpoints, signals, the error boundary),
-    imported when a run starts: `python train.py --help` needs only the card files."""
+    """train_run.py (lock, manifest, checkpoints, signals, error boundary), imported when a run starts."""
     try:
         import train_run
     except ModuleNotFoundError as e:
