@@ -12,10 +12,11 @@ float16 with a grad scaler (CUDA); torch.compile; an exact --resume; fine-tuning
 (--init-from); non-finite steps skipped, and a diverging run stopped; a run folder with config.json,
 metrics.jsonl, checkpoints, plot.png and a Hugging Face layout export (hf/, model and byte tokenizer).
 
-The run folder is train_run.py's, which this file imports (copy both, with kimik2.py, muonclip.py and
-data.py): one writer per folder, a manifest of what train.py wrote, verified checkpoints and metrics,
-pruning that never deletes the best checkpoint, signals, and one error boundary. Its docstring states
-the invariants; this file holds the loop, from config to cleanup, in nanoGPT's order.
+The run folder is train_run.py's, which this file imports when a run starts (copy both, with kimik2.py,
+muonclip.py and data.py; `--help` needs only the card files): one writer per folder, a manifest of what
+train.py wrote, verified checkpoints and metrics, pruning that never deletes the best checkpoint,
+signals, and one error boundary. Its docstring states the invariants; this file holds the loop, from
+config to cleanup, in nanoGPT's order.
 
     python train.py                                    # tiny preset, embedded corpus, minutes on 2 CPU cores
     python train.py --resume                           # continue a stopped run exactly (here runs/tiny)
@@ -52,10 +53,24 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-import train_run
 from kimik2 import PRESETS, Config, KimiK2
 from muonclip import MuonClip
-from train_run import INTERRUPTED, fail, save_checkpoint
+
+
+def fail(message):
+    """Stop with one line naming the option or file at fault (exit status 1), as train_run.fail does."""
+    raise SystemExit(f"train.py: error: {message}")
+
+
+def run_folder():
+    """train_run.py (lock, manifest, checkpoints, signals, error boundary), imported when a run starts."""
+    try:
+        import train_run
+    except ModuleNotFoundError as e:
+        if e.name != "train_run":
+            raise
+        fail("the run folder lives in train_run.py: copy it beside train.py")
+    return train_run
 
 
 # -----------------------------------------------------------------------------
@@ -399,7 +414,7 @@ def gather_training_state(raw_model, optimizer, args, setup):
     """(model state, optimizer state), unsharded, on rank 0 (None elsewhere for FSDP's optimizer).
     Collective: every rank takes part."""
     model_state = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    optim_state = train_run.to_cpu(optimizer.state_dict())
+    optim_state = run_folder().to_cpu(optimizer.state_dict())
     if args.fsdp:  # MuonClip keeps each rank's state for its own shard: rank 0 stores them all
         shards = [None] * setup.world if setup.master else None
         dist.gather_object(optim_state, shards, dst=0)
@@ -420,7 +435,7 @@ def restore(ckpt, path, raw_model, optimizer, scaler, sampler, args, setup):
         sampler.load_state_dict(ckpt["sampler"])
     except ValueError as e:
         fail(f"--resume: {path}: {e}")
-    train_run.set_rng_state(ckpt["rng"])
+    run_folder().set_rng_state(ckpt["rng"])
     return ckpt["step"], ckpt["window"], Divergence(ckpt["bad_steps"], ckpt.get("best_loss", math.inf))
 
 
@@ -499,8 +514,11 @@ def progress_line(record, max_steps, eta):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    with train_run.StopSignals() as stop:  # SIGINT, SIGTERM, SIGHUP: one line at any moment
+    return run(parse_args(argv))
+
+
+def run(args):
+    with run_folder().StopSignals() as stop:  # SIGINT, SIGTERM, SIGHUP: one line at any moment
         return train(args, stop)
 
 
@@ -509,6 +527,7 @@ def train(args, stop):
     # config and init: processes, device, dtype; a checkpoint to resume or to start from (--init-from) is
     # read, verified and checked against this run, and the run folder locked and checked, before anything
     # is built or written
+    train_run = run_folder()
     setup = init_processes(args)
     log = setup.log
     ckpt, ckpt_path = train_run.open_checkpoint(args) if args.resume else (None, None)
@@ -589,7 +608,7 @@ def train(args, stop):
                 model_state, optim_state = gather_training_state(raw_model, optimizer, args, setup)
                 if setup.master:
                     with stop.held():
-                        last_ckpt = save_checkpoint(
+                        last_ckpt = train_run.save_checkpoint(
                             {"step": step, "model": model_state, "optimizer": optim_state,
                              "optimizer_per_rank": args.fsdp, "scaler": scaler.state_dict(),
                              "sampler": train_sampler.state_dict(), "rng": train_run.rng_state(),
@@ -672,9 +691,10 @@ def train(args, stop):
         del model
         dist.destroy_process_group()
     if stopping:
-        raise SystemExit(INTERRUPTED)
+        raise SystemExit(train_run.INTERRUPTED)
     return val_loss
 
 
 if __name__ == "__main__":
-    train_run.error_boundary(main)
+    args = parse_args()  # --help and a bad option are answered by the card files alone
+    run_folder().error_boundary(run, args)

@@ -1,6 +1,6 @@
 """
 train.py's run folder: what makes a training run safe to stop, resume and rerun. train.py (the loop)
-imports this file; it imports kimik2.py and data.py, never train.py.
+imports this file when a run starts; it imports kimik2.py and data.py, never train.py.
 
 Each invariant is enforced in one place:
 
@@ -63,7 +63,8 @@ _held_locks = {}  # lock path -> descriptor: a later main() in the same process 
 
 
 def fail(message):
-    """Stop with a one-line message naming the option or file at fault (exit status 1)."""
+    """Stop with a one-line message naming the option or file at fault (exit status 1); train.fail
+    is its twin, for the refusals of the card file, which copies without this one."""
     raise SystemExit(f"train.py: error: {message}")
 
 

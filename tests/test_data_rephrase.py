@@ -108,7 +108,7 @@ def test_other_client_errors_fail_at_once_with_status_and_body(server):
 
 
 @pytest.mark.parametrize("concurrency, delay", [(1, 0.05), (4, 0.25)])
-def test_killed_rephrase_run_resumes_with_each_document_and_style_exactly_once(server, tmp_path,
+def test_killed_rephrase_run_resumes_with_each_document_and_style_exactly_once(server, tmp_path, capsys,
                                                                                 concurrency, delay):
     texts = [f"Document {i} opens here. It has 2 sentences.\n\nAnd a second paragraph, number {i}." for i in range(6)]
     write_docs(tmp_path / "docs", texts)
@@ -128,16 +128,16 @@ def test_killed_rephrase_run_resumes_with_each_document_and_style_exactly_once(s
     assert 2 <= records_at_kill < 12, "the kill must land mid-run"
     with open(out, "ab") as f:
         f.write(b'{"key": "half a rec')  # what a kill in the middle of a write leaves
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert finished.returncode == 0, finished.stderr
-    assert "ETA" in finished.stderr and "chunks" in finished.stderr
+    assert data.main(command[2:]) == 0  # the same command resumes (in this process: no second start-up)
+    finished = capsys.readouterr()
+    assert "ETA" in finished.err and "chunks" in finished.err
     records = [json.loads(line) for line in out.read_text().splitlines()]
     keys = [(r["id"], r["style"]) for r in records]
     assert len(keys) == len(set(keys)) == 12
     assert {k[0] for k in keys} == {str(tmp_path / "docs" / f"doc{i:03d}.txt") for i in range(6)}
     assert all(r["text"].startswith("In other words:") and r["similarity_min"] > 0 for r in records)
     assert server.max_inflight[model] >= concurrency  # the pairs really were concurrent (a retry may add one)
-    assert re.search(rf"pairs {12 - records_at_kill}/{12 - records_at_kill}, documents 6/6", finished.stderr)
+    assert re.search(rf"pairs {12 - records_at_kill}/{12 - records_at_kill}, documents 6/6", finished.err)
 
 
 def test_checkpoint_backend_prompts_kimik2_generate_and_stops_at_eos(monkeypatch):
@@ -322,7 +322,7 @@ def test_bench_throughput_is_bounded_by_the_fake_servers_latency_and_capacity():
 
 
 def test_a_second_rephrase_on_one_out_is_refused_naming_the_holder_and_a_dead_ones_lock_is_taken_over(
-        server, tmp_path):
+        server, tmp_path, capsys):
     write_docs(tmp_path / "docs", [f"Document {i} says {i}.\n\nIts paragraph {i}." for i in range(6)])
     out, lock = tmp_path / "out.jsonl", tmp_path / "out.jsonl.lock"
     server.delay["locked"] = 3.0  # slow enough that the first run is still going when the second starts
@@ -330,11 +330,10 @@ def test_a_second_rephrase_on_one_out_is_refused_naming_the_holder_and_a_dead_on
     first = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: out.exists() and out.read_bytes().count(b"\n") >= 1)
-        # Hostile pass: a second process with another shard plan on the same --out is refused by the
-        # lock too, before it reads or writes anything.
-        second = subprocess.run(command + ["--shard", "1/2"], capture_output=True, text=True, timeout=60)
-        assert second.returncode == 2
-        message = second.stderr.strip()
+        # Hostile pass: a second run (here, in this process) with another shard plan on the same --out
+        # is refused by the lock too, before it reads or writes anything.
+        assert data.main(command[2:] + ["--shard", "1/2"]) == 2
+        message = capsys.readouterr().err.strip()
         assert "\n" not in message and f"pid {first.pid} " in message and "data.py rephrase" in message
         assert str(out) in message
         first.send_signal(signal.SIGKILL)  # the holder dies: its lock file stays, its lock does not

@@ -3,7 +3,8 @@ FSDP2-style sharded (DTensor) weights scales only the rows each rank holds, alik
 its twin in muonclip.py; the router's bias update acts on the expert loads summed over processes.
 
     python -m pytest tests/test_kimik2_model.py
-The workers run as `python tests/test_kimik2_model.py WORKER ARGS` under torchrun.
+The workers run one after the other in one torchrun launch (its start-up costs seconds) and one
+process group, as `python tests/test_kimik2_model.py workers OUT`.
 """
 import os
 import sys
@@ -35,7 +36,6 @@ def _dtensor_clip_worker(out_path):
     import muonclip
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
-    dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     config = _config(num_attention_heads=3, num_key_value_heads=3, qk_nope_head_dim=3, qk_rope_head_dim=2,
                      v_head_dim=4)
@@ -58,14 +58,27 @@ def _dtensor_clip_worker(out_path):
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             f.write("ok" if ok else "mismatch")
+
+
+def _workers(out_dir):
+    dist.init_process_group("gloo")  # one for both: one set up again after a teardown can read stale addresses
+    _dtensor_clip_worker(os.path.join(out_dir, "dtensor-clip"))
+    _router_bias_worker(out_dir)
+    dist.barrier()
     dist.destroy_process_group()
 
 
-def test_qk_clip_scales_only_local_rows_of_dim0_sharded_dtensor(tmp_path):
-    out = tmp_path / "result"
-    run = torchrun([HERE, "dtensor-clip", str(out)])
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The folder where the workers of one torchrun launch left their results."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    run = torchrun([HERE, "workers", str(out)])
     assert run.returncode == 0, run.stderr[-2000:]
-    assert out.read_text() == "ok"
+    return out
+
+
+def test_qk_clip_scales_only_local_rows_of_dim0_sharded_dtensor(two_ranks):
+    assert (two_ranks / "dtensor-clip").read_text() == "ok"
 
 
 def _rank_loads(rank, layer, E):
@@ -77,7 +90,6 @@ def _rank_loads(rank, layer, E):
 def _router_bias_worker(out_dir):
     """Each rank counts different expert loads; update_router_bias_ must act on their sum, the same
     on every rank."""
-    dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = KimiK2(_config())
@@ -86,13 +98,10 @@ def _router_bias_worker(out_dir):
     imbalance = model.update_router_bias_(0.01)
     biases = torch.stack([gate.e_score_correction_bias for gate in model.moe_gates()])
     torch.save({"imbalance": imbalance, "biases": biases}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
-def test_router_bias_update_sums_expert_loads_over_processes(tmp_path):
-    run = torchrun([HERE, "router-bias", str(tmp_path)])
-    assert run.returncode == 0, run.stderr[-2000:]
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+def test_router_bias_update_sums_expert_loads_over_processes(two_ranks):
+    results = [torch.load(two_ranks / f"rank{r}.pt") for r in range(2)]
     torch.manual_seed(0)
     model = KimiK2(_config())
     for i, gate in enumerate(model.moe_gates()):
@@ -107,4 +116,4 @@ def test_router_bias_update_sums_expert_loads_over_processes(tmp_path):
 
 
 if __name__ == "__main__":
-    {"dtensor-clip": _dtensor_clip_worker, "router-bias": _router_bias_worker}[sys.argv[1]](sys.argv[2])
+    {"workers": _workers}[sys.argv[1]](sys.argv[2])

@@ -5,10 +5,12 @@ DDP / FSDP2 against one process, gradient accumulation, divergence, the hf/ expo
 (--init-from), the run folder's invariants (train_run.py's docstring) and a fault-injection run.
 
 Runs on CPU in float32 with tiny settings (a 2-layer, 8-expert cut of the tiny preset; 8 steps of
-4 x 32 tokens). Training subprocesses run with one thread each: PyTorch's multi-threaded CPU kernels
-can differ in the last bit between two identical runs on a loaded machine, and exact resume is about
-train.py, not about them. Metrics of two such runs are compared bitwise: the same kernels run on the
-same inputs in the same order, which any CPU repeats.
+4 x 32 tokens). Training subprocesses run with one thread each, and so do the in-process runs compared
+with them: PyTorch's multi-threaded CPU kernels can differ in the last bit between two identical runs on
+a loaded machine, and exact resume is about train.py, not about them. Metrics of two such runs are
+compared bitwise: the same kernels run on the same inputs in the same order, which any CPU repeats.
+Process start-ups (torch's import, torchrun's rendezvous) are most of a tiny run's time: a test runs
+in this process wherever a subprocess proves nothing more, and the two-process runs share one launch.
 """
 import errno
 import importlib.util
@@ -17,6 +19,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 import data
 import train
@@ -52,14 +56,10 @@ def train_args(out, setup, *extra, config=True):
             "--sample-tokens", "8", "--dtype", "float32", "--device", "cpu", "--peak-flops", "1e9", *extra]
 
 
-def run_train(args, nproc=1, timeout=300):
-    """train.py ARGS in a subprocess (under torchrun for nproc 2), which must succeed."""
-    assert nproc in (1, 2)
-    if nproc == 1:
-        done = subprocess.run([sys.executable, "train.py", *args], cwd=HERE, capture_output=True,
-                              text=True, timeout=timeout, env=ENV)
-    else:
-        done = torchrun(["train.py", *args], env=ENV)
+def run_train(args, timeout=300):
+    """train.py ARGS in a subprocess, which must succeed."""
+    done = subprocess.run([sys.executable, "train.py", *args], cwd=HERE, capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -91,6 +91,31 @@ def train_reference(tmp_path_factory, train_setup):
     return out, run_train(train_args(out, train_setup)).stdout
 
 
+PLOT_METRICS = train_run.plot_metrics
+
+
+@pytest.fixture(autouse=True)
+def no_plot(monkeypatch):
+    """In-process runs here skip drawing plot.png (about a second a run, the slowest part of a tiny
+    run): the subprocess runs draw it, and the tests that look at it ask for `plot`."""
+    monkeypatch.setattr(train_run, "plot_metrics", lambda records, tau, folder: None)
+
+
+@pytest.fixture
+def plot(monkeypatch):
+    monkeypatch.setattr(train_run, "plot_metrics", PLOT_METRICS)
+
+
+@pytest.fixture
+def one_thread():
+    """An in-process run compared bitwise with a subprocess run (OMP_NUM_THREADS=1): one thread, so
+    that the same kernels run on the same inputs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_run_folder_holds_config_metrics_checkpoints_export(train_reference):
     out, stdout = train_reference
     config = json.load(open(os.path.join(out, "config.json")))
@@ -113,33 +138,6 @@ def test_run_folder_holds_config_metrics_checkpoints_export(train_reference):
     assert os.path.exists(os.path.join(out, "plot.png")) == HAVE_MATPLOTLIB
     assert (Path(out) / train_run.LOCK).read_text() == ""  # an orderly end lets go of the lock and its line
     assert "final val loss" in stdout and "unigram entropy" in stdout
-
-
-def test_resume_after_sigkill_logs_exactly_the_uninterrupted_metrics(tmp_path, train_setup, train_reference):
-    reference, _ = train_reference
-    # an arbitrary step between checkpoints, at least two steps before the end: the kill lands once a
-    # line follows that step's record, and must land before the final export even on a loaded machine
-    kill_after = random.Random(5).randint(3, STEPS - 3)
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "train.py", *train_args(out, train_setup)], cwd=HERE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    metrics, deadline = out / "metrics.jsonl", time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any('"loss"' in line and json.loads(line)["step"] >= kill_after
-                                    for line in metrics.read_text().splitlines()[:-1]):
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(out / "hf"), "killed too late"
-    for path in glob.glob(str(out / "ckpt_*.pt")):  # every checkpoint on disk is whole
-        assert train_run.load_checkpoint(path)["step"] >= 2
-    resumed = run_train(train_args(out, train_setup, "--resume"))
-    assert train_metrics(out) == train_metrics(reference)
-    # the killed run's lock is taken over, in one line naming the process that held it
-    assert f"--out {out}: the lock of pid {proc.pid} (" in resumed.stdout
-    assert "which has ended, is taken over" in resumed.stdout
 
 
 def test_checkpoint_is_never_half_written(tmp_path, monkeypatch):
@@ -168,20 +166,53 @@ def test_checkpoints_beyond_keep_are_removed_and_only_those_train_py_wrote(tmp_p
     assert sorted(json.loads((tmp_path / train_run.MANIFEST).read_text())["files"]) == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
 
 
-@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
-def test_two_processes_with_accumulation_match_one_process(tmp_path, train_setup, train_reference, mode):
+def _two_processes_worker(folder, cache, config):
+    """Under torchrun (2 ranks, OMP_NUM_THREADS=1): DDP, then FSDP2, each with 2 micro-steps, each run
+    then resumed in a copy of its folder from which its last checkpoint is removed. One launch serves
+    both tests, in one process group: one set up again after a teardown can read the stale addresses
+    that the last one left in torchrun's store, so train.main's set-up and teardown are skipped here."""
+    train_run.plot_metrics = lambda records, tau, folder: None  # plot.png: see `no_plot`
+    dist.init_process_group("gloo")
+    destroy, dist.init_process_group = dist.destroy_process_group, lambda *args, **kwargs: None
+    dist.destroy_process_group = dist.barrier
+    folder = Path(folder) / os.environ["TORCHELASTIC_RUN_ID"]  # a fresh folder if torchrun tries again
+    for mode in ("ddp", "fsdp"):
+        run, again = folder / mode, folder / f"{mode}-resumed"
+        argv = ["--grad-accum", "2", *(["--fsdp"] if mode == "fsdp" else [])]
+        train.main(train_args(run, (cache, config), *argv))
+        if os.environ["RANK"] == "0":
+            shutil.copytree(run, again)
+            os.remove(again / "ckpt_0000008.pt")
+        dist.barrier()
+        train.main(train_args(again, (cache, config), *argv, "--resume"))
+    if os.environ["RANK"] == "0":
+        (folder / "done").touch()
+    dist.barrier()  # drain gloo before the process group goes (see train.py)
+    destroy()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, train_setup):
+    """(the folder of the DDP and FSDP2 runs and their resumes, torchrun's stderr)."""
+    folder = tmp_path_factory.mktemp("two_processes")
+    done = torchrun([os.path.relpath(__file__, HERE), "two-processes", str(folder), *map(str, train_setup)],
+                    env=ENV, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return next(p for p in folder.iterdir() if (p / "done").exists()), done.stderr
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_with_accumulation_match_one_process(two_processes, train_reference, mode):
     """2 ranks x 2 micro-steps x 1 sequence is the reference's global batch of 4: same loss curve."""
     reference, _ = train_reference
-    done = run_train(train_args(tmp_path, train_setup, "--grad-accum", "2", *mode), nproc=2)
-    assert "FutureWarning" not in done.stderr, done.stderr  # DDP's broadcast_buffers deprecation, once per rank
-    ours, theirs = train_losses(tmp_path), train_losses(reference)
+    folder, stderr = two_processes
+    assert "FutureWarning" not in stderr, stderr  # DDP's broadcast_buffers deprecation, once per rank
+    ours, theirs = train_losses(folder / mode), train_losses(reference)
     assert [s for s, _ in ours] == [s for s, _ in theirs]
     assert max(abs(a - b) for (_, a), (_, b) in zip(ours, theirs)) < 1e-4
-    # Redo the last two steps from the step-6 checkpoint (FSDP: every rank's optimizer shard). DDP
+    # The last two steps redone from the step-6 checkpoint (FSDP: every rank's optimizer shard). DDP
     # repeats them bit for bit; FSDP2 to float32 rounding (2e-7 measured on the last val loss).
-    os.remove(tmp_path / "ckpt_0000008.pt")
-    run_train(train_args(tmp_path, train_setup, "--grad-accum", "2", *mode, "--resume"), nproc=2)
-    again = train_losses(tmp_path)
+    again = train_losses(folder / f"{mode}-resumed")
     assert [s for s, _ in again] == [s for s, _ in ours]
     assert max(abs(a - b) for (_, a), (_, b) in zip(again, ours)) < 1e-5
 
@@ -299,30 +330,6 @@ def test_rerun_without_resume_keeps_the_earlier_run(tmp_path, train_setup, train
     assert (run / "metrics.jsonl").read_text() == ""
 
 
-def test_sigint_checkpoints_then_resume_logs_exactly_the_uninterrupted_metrics(tmp_path, train_setup, train_reference):
-    reference, _ = train_reference
-    out = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, "train.py", *train_args(out, train_setup)], cwd=HERE, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
-    metrics, deadline = out / "metrics.jsonl", time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any('"loss"' in line and json.loads(line)["step"] >= 3
-                                    for line in metrics.read_text().splitlines()[:-1]):
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == train_run.INTERRUPTED, stderr
-    assert "Traceback" not in stderr and not os.path.exists(out / "hf")
-    stopped = int(re.search(r"stopped by SIGINT after step (\d+), checkpointed", stdout)[1])
-    assert stopped < STEPS and os.path.exists(out / f"ckpt_{stopped:07d}.pt")
-    command = stdout.rpartition("continue with: ")[2].split()
-    assert command[:2] == ["python", "train.py"] and command[-2:] == ["--resume", str(out / f"ckpt_{stopped:07d}.pt")]
-    run_train(command[2:])
-    assert train_metrics(out) == train_metrics(reference)
-
-
 @pytest.mark.parametrize("failure", ["torch.save", "fsync"])
 def test_full_disk_during_checkpoint_leaves_the_previous_one_and_no_temporary_file(tmp_path, monkeypatch, failure):
     folder = train_run.RunFolder(str(tmp_path))
@@ -407,7 +414,7 @@ def test_a_folder_with_files_train_py_did_not_write_is_refused_and_left_untouche
     assert snapshot(users) == before and not (users / train_run.LOCK).exists()
 
 
-def test_overwrite_deletes_what_train_py_wrote_and_nothing_else(tmp_path, train_setup, train_reference):
+def test_overwrite_deletes_what_train_py_wrote_and_nothing_else(tmp_path, train_setup, train_reference, plot):
     reference, _ = train_reference
     run = tmp_path / "run"
     shutil.copytree(reference, run)
@@ -416,7 +423,7 @@ def test_overwrite_deletes_what_train_py_wrote_and_nothing_else(tmp_path, train_
     cached = snapshot(cache)
     args = train_args(run, train_setup, "--overwrite", "--max-steps", "1", "--sample-tokens", "0", "--keep-ckpts", "1")
     args[args.index("--data-cache") + 1] = str(cache)
-    run_train(args)
+    train.main(args)
     assert snapshot(cache) == cached
     left = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and cache not in p.parents)
     plot = ["plot.png"] if HAVE_MATPLOTLIB else []  # matplotlib is optional (requirements.txt leaves it out)
@@ -438,23 +445,23 @@ def test_one_writer_per_run_folder_names_the_holder(tmp_path, train_setup, train
     first.send_signal(signal.SIGSTOP)  # holding the lock, wherever it is in its run
     try:
         before = snapshot(out)
-        second = subprocess.run([sys.executable, "train.py", *train_args(out, train_setup, "--seed", "7")], cwd=HERE,
-                                capture_output=True, text=True, timeout=120, env=ENV)
+        with pytest.raises(SystemExit) as second:  # a second run in this process (one thread, no subprocess)
+            train.main(train_args(out, train_setup, "--seed", "7"))
         job = torchrun(["train.py", *train_args(out, train_setup, "--seed", "7")], env=ENV)
         assert snapshot(out) == before
     finally:
         first.send_signal(signal.SIGCONT)
-    assert "Traceback" not in second.stderr
     assert 'train.py", line' not in job.stderr  # torchrun adds its own report of a failed worker, no train.py traceback
-    for refused in (second, job):
-        assert refused.returncode != 0
-        holder = f"train.py: error: --out {out} is in use by pid {first.pid} (python"
-        assert any(line.startswith(holder) and "train.py --out" in line for line in refused.stderr.splitlines()), refused.stderr
+    holder = f"train.py: error: --out {out} is in use by pid {first.pid} (python"
+    assert str(second.value).startswith(holder) and "train.py --out" in str(second.value), second.value
+    assert job.returncode != 0
+    assert any(line.startswith(holder) and "train.py --out" in line for line in job.stderr.splitlines()), job.stderr
     assert first.wait(timeout=240) == 0, first.stderr.read()
     assert train_metrics(out) == train_metrics(reference)
 
 
-def test_resume_from_an_older_checkpoint_keeps_the_newer_run_and_continues_its_own(tmp_path, train_setup, train_reference):
+def test_resume_from_an_older_checkpoint_keeps_the_newer_run_and_continues_its_own(tmp_path, train_setup, train_reference,
+                                                                                   one_thread, capsys):
     """--resume of ckpt 6 in a finished run: ckpt 8, its metrics, plot and export move aside (never deleted,
     never pruned); a SIGTERM's "continue with" resumes this run's newest checkpoint; metrics and the final
     loss are those of the uninterrupted run."""
@@ -481,10 +488,11 @@ def test_resume_from_an_older_checkpoint_keeps_the_newer_run_and_continues_its_o
     command = out.rpartition("continue with: ")[2].split()
     stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", out)[1])
     assert command[-2:] == ["--resume", str(run / f"ckpt_{stopped:07d}.pt")]
-    finished = run_train(command[2:])
+    capsys.readouterr()
+    train.main(command[2:])  # in this process, with one thread as the subprocesses: bitwise the same
     assert train_metrics(run) == train_metrics(reference)
     final = re.compile(r"final val loss [\d.]+")
-    assert final.search(finished.stdout)[0] == final.search(stdout)[0]
+    assert final.search(capsys.readouterr().out)[0] == final.search(stdout)[0]
     assert snapshot(aside) == kept
     # --keep-ckpts 1 of this run's own, and the one with the best validation loss (never pruned)
     val = {r["step"]: r["val_loss"] for r in train_metrics(run) if "val_loss" in r}
@@ -492,14 +500,15 @@ def test_resume_from_an_older_checkpoint_keeps_the_newer_run_and_continues_its_o
 
 
 def test_signals_during_a_checkpoint_write_exit_130_and_leave_it_whole(tmp_path, train_setup):
-    """Ctrl-C, Ctrl-C, SIGTERM, Ctrl-C while ckpt 2 is written (torch.save slowed so that they land in it):
-    the write completes, then the run stops with status 130 and one line, no traceback, no temporary file."""
+    """Ctrl-C, Ctrl-C, SIGTERM, Ctrl-C while ckpt 2 is written (torch.save slowed so that they land in
+    it: its ~420 writes take 5 ms each, 2 s in all, the signals 0.2 s): the write completes, then the
+    run stops with status 130 and one line, no traceback, no temporary file."""
     out = tmp_path / "run"
     slowed = ("import runpy, sys, time, torch\n"
               "save = torch.save\n"
               "class Slow:\n"
               "    def __init__(self, f): self.f = f\n"
-              "    def write(self, b): time.sleep(0.02); return self.f.write(b)\n"
+              "    def write(self, b): time.sleep(0.005); return self.f.write(b)\n"
               "    def flush(self): self.f.flush()\n"
               "torch.save = lambda obj, f: save(obj, Slow(f))\n"
               f"sys.argv = ['train.py', *{train_args(out, train_setup)!r}]\n"
@@ -528,13 +537,16 @@ def test_signals_during_a_checkpoint_write_exit_130_and_leave_it_whole(tmp_path,
     (lambda d: (d / "f").write_text("x"), ["--data-cache", "{d}/f", "--data", "{d}/f"], "--data-cache {d}/f/"),
     (lambda d: None, ["--resume", "--overwrite"], "argument --overwrite: not allowed with --resume"),
 ])
-def test_bad_run_folders_fail_in_one_line_naming_the_path(tmp_path, train_setup, make, argv, named):
+def test_bad_run_folders_fail_in_one_line_naming_the_path(tmp_path, train_setup, capsys, make, argv, named):
     make(tmp_path)
     argv = [a.format(d=tmp_path) for a in argv]
-    done = subprocess.run([sys.executable, "train.py", *train_args(tmp_path / "run", train_setup), *argv], cwd=HERE,
-                          capture_output=True, text=True, timeout=120, env=ENV)
-    assert done.returncode in (1, 2) and "Traceback" not in done.stderr
-    assert named.format(d=tmp_path) in done.stderr.strip().splitlines()[-1], done.stderr
+    with pytest.raises(SystemExit) as e:  # main inside the error boundary, as `python train.py` runs it
+        train_run.error_boundary(train.main, [*train_args(tmp_path / "run", train_setup), *argv])
+    stderr = capsys.readouterr().err
+    # a refusal's line is its SystemExit's (Python prints it, status 1); else the status and stderr's last line
+    line = e.value.code if isinstance(e.value.code, str) else stderr.strip().splitlines()[-1]
+    assert (isinstance(e.value.code, str) or e.value.code in (1, 2)) and "Traceback" not in stderr
+    assert named.format(d=tmp_path) in line and "\n" not in line, stderr
 
 
 def test_hf_export_loads_in_auto_tokenizer_and_generates_as_kimik2(train_reference):
@@ -652,7 +664,8 @@ def test_init_from_starts_a_new_run_with_the_checkpoints_weights_and_fresh_state
     assert sorted(p.name for p in out.glob("ckpt_*.pt")) == ["ckpt_0000002.pt"]
 
 
-def test_init_from_evaluates_the_checkpoints_model_and_resumes_exactly_without_its_source(tmp_path, train_setup, train_reference):
+def test_init_from_evaluates_the_checkpoints_model_and_resumes_exactly_without_its_source(tmp_path, train_setup, train_reference,
+                                                                                          one_thread):
     """The fine-tuning run's step-0 validation loss is the source run's at its step 8 (same weights,
     data, batches and kernels: bitwise); a resume of the fine-tuning run from its own checkpoint logs
     exactly its uninterrupted metrics, and no longer needs the source checkpoint."""
@@ -662,12 +675,12 @@ def test_init_from_evaluates_the_checkpoints_model_and_resumes_exactly_without_i
     source.write_bytes(Path(ref_out, "ckpt_0000008.pt").read_bytes())
     out = tmp_path / "finetune"
     args = train_args(out, train_setup, "--init-from", str(source), "--max-steps", "4", config=False)
-    run_train(args)
+    train.main(args)  # in this process, with one thread as the reference subprocess: bitwise the same
     whole = train_metrics(out)
     assert whole[0] == {"step": 0, "val_loss": next(r["val_loss"] for r in train_metrics(ref_out) if r["step"] == 8
                                                      and "val_loss" in r)}
     source.unlink()
-    run_train([*args, "--resume", str(out / "ckpt_0000002.pt")])
+    train.main([*args, "--resume", str(out / "ckpt_0000002.pt")])
     assert train_metrics(out) == whole
 
 
@@ -712,9 +725,24 @@ def test_init_from_keeps_settable_fields_and_refuses_a_model_source_or_folder(tm
 
 
 def test_train_py_runs_copied_alone_with_the_files_it_needs(tmp_path):
-    """train.py with train_run.py (its run folder) and the three card files it trains, nothing else."""
+    """train.py with the three card files it trains: `python train.py --help` answers, and a run asks in
+    one line for train_run.py (its run folder); with train_run.py beside them, it trains. Nothing else."""
     out = run_alone(tmp_path, ["train.py", "train_run.py", "kimik2.py", "muonclip.py", "data.py"], """
+import contextlib, importlib, io, os, runpy, sys
+os.rename("train_run.py", "train_run.py.away")  # first the card files alone
+sys.argv = ["train.py", "--help"]
+with contextlib.redirect_stdout(io.StringIO()) as printed, contextlib.suppress(SystemExit):
+    runpy.run_path("train.py", run_name="__main__")
+assert "--resume" in printed.getvalue() and "train_run" not in sys.modules
 import train
+try:
+    train.main(["--out", "run"])
+    raise AssertionError("train.py ran without its run folder")
+except SystemExit as e:
+    assert str(e) == "train.py: error: the run folder lives in train_run.py: copy it beside train.py", e
+assert not os.path.exists("run")
+os.rename("train_run.py.away", "train_run.py")
+importlib.invalidate_caches()
 with open("corpus.txt", "w") as f:
     f.write("a copied train.py trains on this line. " * 200)
 train.main(["--data", "corpus.txt", "--out", "run", "--set", "num_hidden_layers=1", "--max-steps", "2",
@@ -723,6 +751,14 @@ train.main(["--data", "corpus.txt", "--out", "run", "--set", "num_hidden_layers=
 assert sorted(__import__("os").listdir("run"))[:2] == ["ckpt_0000002.pt", "config.json"]
 """)
     assert out.strip().endswith("ok")
+
+
+def test_train_fail_and_its_twin_train_run_fail_refuse_alike():
+    """train.py keeps its own `fail` so that it copies without train_run.py: the two say the same."""
+    for fail in (train.fail, train_run.fail):
+        with pytest.raises(SystemExit) as e:
+            fail("--lr -1: must be positive")
+        assert e.value.code == "train.py: error: --lr -1: must be positive"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -857,20 +893,23 @@ def test_fault_injection_every_fault_ends_in_an_exact_resume_or_a_one_line_refus
     --resume; signals land during data preparation, in the loop and during the export; a full disk
     (RLIMIT_FSIZE: the kernel refuses the write) stops a checkpoint write; SIGKILL lands at random
     moments of real processes. Every run must end with the uninterrupted run's metrics, bit for bit
-    (after following what a refusal suggests, or rerunning), or in a one-line refusal naming the file.
-    In-process runs use one thread, as the reference subprocess does: the same kernels on the same
-    inputs, so the comparison is bitwise."""
+    (after following what a refusal suggests or a stop prints, or rerunning), or in a one-line refusal
+    naming the file. In-process runs use one thread, as the reference subprocess does: the same kernels
+    on the same inputs, so the comparison is bitwise."""
     rng, threads = random.Random(24), torch.get_num_threads()
     torch.set_num_threads(1)
-    monkeypatch.setattr(sys, "argv", ["train.py"])
     expected, outcomes = train_metrics(train_reference[0]), []
     forward_backward, export_hf, prepare = train.forward_backward, train_run.export_hf, data.prepare
     move = train_run.RunFolder.move
 
     def attempt(out, *extra):
         """(exit status, the one line printed or raised) of train.py in this process."""
+        return attempt_argv(train_args(out, train_setup, *extra))
+
+    def attempt_argv(argv):
+        monkeypatch.setattr(sys, "argv", ["train.py", *argv])  # what a stop's "continue with" repeats
         try:
-            train_run.error_boundary(train.main, train_args(out, train_setup, *extra))
+            train_run.error_boundary(train.main, argv)
             return 0, ""
         except SystemExit as e:
             if isinstance(e.code, str):  # a refusal
@@ -902,9 +941,14 @@ def test_fault_injection_every_fault_ends_in_an_exact_resume_or_a_one_line_refus
         monkeypatch.setattr(train_run.RunFolder, "move", move)
 
     def finish(out, code, line):
-        """After a stop, a kill or a full disk: continue (--resume, or the same command where no checkpoint
-        was written), then compare with the reference."""
-        if code:
+        """After a stop, a kill or a full disk: continue (with the command a stop prints; else --resume, or
+        the same command where no checkpoint was written), then compare with the reference."""
+        if code and (printed := re.search(r" with: (python train\.py .*)$", line)):
+            command = shlex.split(printed[1])
+            if stopped := re.search(r"after step (\d+), checkpointed", line):
+                assert command[-2:] == ["--resume", str(out / f"ckpt_{int(stopped[1]):07d}.pt")], line
+            code, line = attempt_argv(command[2:])
+        elif code:
             code, line = attempt(out, *(["--resume"] if list(out.glob("ckpt_*.pt")) else []))
         assert code == 0, line
         assert train_metrics(out) == expected, "a silent wrong result"
@@ -970,24 +1014,35 @@ def test_fault_injection_every_fault_ends_in_an_exact_resume_or_a_one_line_refus
         outcomes.append(("full disk (RLIMIT_FSIZE) at a checkpoint write", "refused naming it, exact resume"))
     finally:
         torch.set_num_threads(threads)
-    # SIGKILL at random moments of real processes
+    # SIGKILL in real processes: once between checkpoints, at least two steps before the end (the kill
+    # lands once a line follows that step's record); once at a random moment
     for trial in range(2):
-        run, after = tmp_path / f"killed{trial}", rng.randint(1, STEPS - 1)
+        run, after = tmp_path / f"killed{trial}", rng.randint(3, STEPS - 3) if trial == 0 else rng.randint(1, STEPS - 1)
         proc = subprocess.Popen([sys.executable, "train.py", *train_args(run, train_setup)], cwd=HERE,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None and not (
-                (run / "metrics.jsonl").exists() and f'"step": {after}, "loss"' in (run / "metrics.jsonl").read_text()):
+                (run / "metrics.jsonl").exists() and any('"loss"' in line and json.loads(line)["step"] >= after
+                                                         for line in (run / "metrics.jsonl").read_text().splitlines()[:-1])):
             time.sleep(0.01)
-        time.sleep(rng.random() * 0.5)
+        if trial == 0:
+            assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(rng.random() * 0.5 * trial)
         proc.kill()
         proc.wait()
+        assert trial or not (run / "hf").exists(), "killed too late"
+        for path in glob.glob(str(run / "ckpt_*.pt")):  # every checkpoint on disk is whole
+            assert train_run.load_checkpoint(path)["step"] >= 2
         resumable = bool(list(run.glob("ckpt_*.pt")))
         torch.set_num_threads(1)
+        capsys.readouterr()
         try:
             finish(run, 1, "killed")
         finally:
             torch.set_num_threads(threads)
+        # the killed run's lock is taken over, in one line naming the process that held it
+        resumed = capsys.readouterr().out
+        assert f"--out {run}: the lock of pid {proc.pid} (" in resumed and "which has ended, is taken over" in resumed
         outcomes.append((f"SIGKILL after step {after} + {'resume' if resumable else 'rerun'}", "exact"))
     print(f"\nfault injection: {len(outcomes)} runs")
     for fault, outcome in outcomes:
@@ -1053,7 +1108,7 @@ def test_a_closed_stdout_does_not_stop_the_run(tmp_path, train_setup):
     assert (out / "hf" / "model.safetensors").exists()
 
 
-def test_without_matplotlib_there_is_no_plot_and_one_line_says_why(tmp_path, monkeypatch, capsys):
+def test_without_matplotlib_there_is_no_plot_and_one_line_says_why(tmp_path, monkeypatch, capsys, plot):
     """matplotlib is optional (requirements.txt leaves it out): the run folder then has no plot.png."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     folder = train_run.RunFolder(str(tmp_path))
@@ -1072,3 +1127,7 @@ def test_a_kill_during_the_manifests_own_write_leaves_a_temporary_file_that_coun
     assert folder.ours(f".{train_run.MANIFEST}.2002.139646736808832.tmp")
     assert not folder.ours(train_run.MANIFEST)  # an unlisted manifest is still refused
     assert not folder.ours("notes.txt") and not folder.ours(".notes.txt.1.2.tmp")
+
+
+if __name__ == "__main__":  # a torchrun worker: python tests/test_train.py WORKER ARGS
+    {"two-processes": _two_processes_worker}[sys.argv[1]](*sys.argv[2:])
