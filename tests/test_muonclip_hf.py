@@ -252,13 +252,9 @@ def _muon_hf_fused_maps(kind):
     }.get(kind, {})
 
 
-@pytest.mark.parametrize("kind", sorted(_MUON_HF_KEY_HEADS))
-def test_hf_family_post_clip_logits_never_exceed_tau(kind):
-    """A clip-only step at tau between the heads' maxima: each layer replayed on the (padded) input
-    its max came from has logits scaled by sqrt(gamma_h * smallest gamma of the key group) (MLA:
-    gamma_h), so <= tau; only q/k weights (or OLMo2's q/k norm gains) move, v maps stay."""
-    model = _muon_hf_model(kind)
-    attach_qk_clip(model)
+def _clip_at_the_median_head(model):
+    """A clip-only step at the median head's max logit on a padded batch: (max logits before, after,
+    tau, the parameters before the step, the optimizer)."""
     idx, mask = _muon_hf_padding(3, 9, 2)
     adapter = _MuonHFAdapter(model, mask)
     inputs = _muon_record_attention_inputs(adapter, idx)
@@ -266,7 +262,17 @@ def test_hf_family_post_clip_logits_never_exceed_tau(kind):
     tau = float(before.median())
     weights = _muon_snapshot(model)
     _, opt = _muon_clip_only_step(adapter, idx, tau)
-    after = _muon_replay_max_logits(adapter, inputs)
+    return before, _muon_replay_max_logits(adapter, inputs), tau, weights, opt
+
+
+@pytest.mark.parametrize("kind", sorted(_MUON_HF_KEY_HEADS))
+def test_hf_family_post_clip_logits_never_exceed_tau(kind):
+    """A clip-only step at tau between the heads' maxima: each layer replayed on the (padded) input
+    its max came from has logits scaled by sqrt(gamma_h * smallest gamma of the key group) (MLA:
+    gamma_h), so <= tau; only q/k weights (or OLMo2's q/k norm gains) move, v maps stay."""
+    model = _muon_hf_model(kind)
+    attach_qk_clip(model)
+    before, after, tau, weights, opt = _clip_at_the_median_head(model)
     gamma, kv = qk_clip_gamma(before, tau), _MUON_HF_KEY_HEADS[kind]                   # (L, H)
     group_min = gamma.view(-1, kv, 4 // kv).amin(-1).repeat_interleave(4 // kv, -1)    # (L, H)
     factor = gamma if kind == "deepseek_v3" else (gamma * group_min).sqrt()
@@ -620,17 +626,9 @@ def _muon_peft(model, **lora):
 
 
 def _muon_lora_clip(model):
-    """A clip-only step at the median head's max logit on a padded batch: (max logits before, after,
-    tau, the logit factor each head should get (GQA: its own gamma times its group's smallest),
-    the parameters before the step)."""
-    idx, mask = _muon_hf_padding(3, 9, 2)
-    adapter = _MuonHFAdapter(model, mask)
-    inputs = _muon_record_attention_inputs(adapter, idx)
-    before = _muon_replay_max_logits(adapter, inputs)
-    tau = float(before.median())
-    weights = _muon_snapshot(model)
-    _muon_clip_only_step(adapter, idx, tau)
-    after = _muon_replay_max_logits(adapter, inputs)
+    """_clip_at_the_median_head's (before, after, tau), the logit factor each head should get (GQA: its
+    own gamma times its group's smallest), and the parameters before the step."""
+    before, after, tau, weights, _ = _clip_at_the_median_head(model)
     gamma = qk_clip_gamma(before, tau)
     group_min = gamma.view(-1, 2, 2).amin(-1).repeat_interleave(2, -1)
     return before, after, tau, gamma * group_min, weights
@@ -733,14 +731,7 @@ def test_gpt2_with_lora_on_the_fused_conv1d_clips_exactly():
     model = peft.get_peft_model(_muon_hf_model("gpt2"), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False))
     attach_qk_clip(model)
-    idx, mask = _muon_hf_padding(3, 9, 2)
-    adapter = _MuonHFAdapter(model, mask)
-    inputs = _muon_record_attention_inputs(adapter, idx)
-    before = _muon_replay_max_logits(adapter, inputs)
-    tau = float(before.median())
-    weights = _muon_snapshot(model)
-    _muon_clip_only_step(adapter, idx, tau)
-    after = _muon_replay_max_logits(adapter, inputs)
+    before, after, tau, weights, _ = _clip_at_the_median_head(model)
     assert (before > tau).any() and torch.allclose(after, before * qk_clip_gamma(before, tau), rtol=1e-5, atol=1e-6)
     for name, p in model.named_parameters():                  # D = 32: columns (rows of B) [q | k | v]
         clipped = bool((before[int(name.split(".h.")[1][0])] > tau).any()) if ".h." in name else False
