@@ -123,14 +123,8 @@ class _ShareOut:
     def _check_replicas(self):
         """Every process must step the same parameters (data-parallel replicas); checked once."""
         params = self._params()
-        signature = torch.tensor([len(params), sum(p.numel() for p in params)], device=params[0].device)
-        everyone = [torch.empty_like(signature) for _ in range(self.world)]
-        dist.all_gather(everyone, signature)
-        if any(not torch.equal(s, signature) for s in everyone):
-            raise RuntimeError(
-                f"MuonClip: the processes step different parameters ((tensors, elements) per rank: "
-                f"{[s.tolist() for s in everyone]}); sharing the step out needs data-parallel replicas "
-                "(DDP, FSDP2); for other layouts pass distribute=False")
+        _require_replicas([len(params), sum(p.numel() for p in params)], params[0].device, self.world,
+                          "parameters", "tensors", "sharing the step out")
 
     def muon_step(self, group, params):
         self.updated += params
@@ -200,6 +194,19 @@ class _ShareOut:
         params = self._params()
         shares = {i: self._share_of_state(params[int(i)], s) for i, s in state_dict["state"].items()}
         return {**state_dict, "state": {i: s for i, s in shares.items() if s is not None}}
+
+
+def _require_replicas(counts, device, world, what, unit, sharing):
+    """Every rank must step the same parameters (data-parallel replicas): compare this rank's counts
+    (tensors or units, elements) with every other rank's, and refuse in one line if they differ."""
+    signature = torch.tensor(counts, device=device)
+    everyone = [torch.empty_like(signature) for _ in range(world)]
+    dist.all_gather(everyone, signature)
+    if any(not torch.equal(s, signature) for s in everyone):
+        raise RuntimeError(
+            f"MuonClip: the processes step different {what} (({unit}, elements) per rank: "
+            f"{[s.tolist() for s in everyone]}); {sharing} needs data-parallel replicas (DDP, FSDP2); "
+            "for other layouts pass distribute=False")
 
 
 def _parts(x, layout):
@@ -330,14 +337,8 @@ class _ExchangePlan:
             pos = positions[i][j][k]
             return ((pos >= lo) & (pos < hi)).nonzero().flatten()
         # every rank must list the same units (data-parallel replicas); checked once per plan
-        signature = torch.tensor([len(self.units), sum(p.numel() for p in params)], device=device)
-        everyone = [torch.empty_like(signature) for _ in range(world)]
-        dist.all_gather(everyone, signature)
-        if any(not torch.equal(s, signature) for s in everyone):
-            raise RuntimeError(
-                f"MuonClip: the processes step different Muon parameters ((units, elements) per rank: "
-                f"{[s.tolist() for s in everyone]}); sharing Newton-Schulz out needs data-parallel "
-                "replicas (DDP, FSDP2); for other layouts pass distribute=False")
+        _require_replicas([len(self.units), sum(p.numel() for p in params)], device, world,
+                          "Muon parameters", "units", "sharing Newton-Schulz out")
         holders = [next((r for r in range(world) if held(u, r).numel() == math.prod(self.units[u][3])), -1)
                    if self.sharded[i] else -1 for u, (i, *_) in enumerate(self.units)]   # the rank holding u whole
         self.owners = _assign_owners([_ns_cost(shape) for *_, shape in self.units], holders, world)
