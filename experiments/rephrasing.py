@@ -450,8 +450,13 @@ def main(argv=None) -> int:
                 vars(args).update(SIZES["pilot"])
             return run(args)
         if args.command == "report":
-            result = json.loads((Path(args.out) / "scores.json").read_text())
-            print(report(result))
+            path = Path(args.out) / "scores.json"
+            try:
+                result = json.loads(path.read_text())
+                table = report(result)
+            except (ValueError, KeyError) as e:  # bytes changed, cut short, or another program's JSON
+                raise SystemExit(f"{path}: not a scores.json that `run` wrote ({type(e).__name__}: {e})")
+            print(table)
             if args.plot:
                 plot(result, args.plot)
             return 0

@@ -296,3 +296,13 @@ def test_exact_match_is_greedy_decoding_and_padding_changes_no_score():
     assert [exact for _, exact in alone] == [True, False, False] == [exact for _, exact in together]
     # a padded batch and one pair at a time run different kernels on different shapes: close, not bitwise
     assert [loss for loss, _ in together] == pytest.approx([loss for loss, _ in alone], rel=1e-4)
+
+
+def test_report_refuses_a_scores_json_that_run_did_not_write_in_one_line(tmp_path):
+    """Flipped bytes, a cut file and another program's JSON each end in one line naming the file."""
+    path = tmp_path / "scores.json"
+    for bad in (b'{"settings": {"people": 4\xdf', b'{"settings": {"peo', b'{"a": 1}'):
+        path.write_bytes(bad)
+        with pytest.raises(SystemExit) as stop:
+            rephrasing.main(["report", "--out", str(tmp_path)])
+        assert str(stop.value).startswith(f"{path}: not a scores.json that `run` wrote (") and "\n" not in str(stop.value)
