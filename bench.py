@@ -707,16 +707,25 @@ def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int, pha
     model(x, y)[1].backward()
     dtype = train_ns_dtype()
     opts = {"new": muonclip_for(raw, ns_dtype=dtype), "old": muonclip_for(raw, ns_dtype=dtype, distribute=False)}
+    if wrap == "ddp":                             # the floor: each process's share of the update, nothing sent
+        opts["floor"] = muonclip_for(raw, ns_dtype=dtype)
 
-    def timed(opt):
+    def timed(name, opt):
         def step():
+            import muonclip_dist
+            send = muonclip_dist._Runs.send
+            if name == "floor":                   # (the weights drift apart: this optimizer is only timed)
+                muonclip_dist._Runs.send = lambda runs, k: (lambda: None)
             if world > 1:
                 torch.distributed.barrier()
-            opt.step()
+            try:
+                opt.step()
+            finally:
+                muonclip_dist._Runs.send = send
             if world > 1:
                 torch.distributed.barrier()
         return step
-    t = race({name: timed(opt) for name, opt in opts.items()}, reps, 2)
+    t = race({name: timed(name, opt) for name, opt in opts.items()}, reps, 2)
     own = 0.0                                     # this rank's step time, without waiting at the barriers
     timer.on = True
     for _ in range(phase_steps):
@@ -1095,6 +1104,9 @@ def lines_distributed(r):
               f"new {r[wrap]['new_ms']:.1f} / {single:.1f} ms = {r[wrap]['new_ms'] / single:.2f}x; before "
               f"{r[wrap]['old_ms']:.1f} ms = {r[wrap]['old_ms'] / single:.2f}x (NS {r[wrap]['ns_dtype']})", None, None)
              for wrap in ("ddp", "fsdp")]
+    if "floor_ms" in r["ddp"]:
+        lines.insert(1, ("   DDP's floor: each share's update, nothing sent", f"{r['ddp']['floor_ms']:.1f} / {single:.1f} ms = "
+                         f"{r['ddp']['floor_ms'] / single:.2f}x (no exchange can go below it here)", None, None))
     lines.append(("   its phases, ms per step (mean of the ranks)", "1 proc / 2 procs DDP / 2 procs FSDP2", None, None))
     return lines + [(f"     {phase}", " / ".join(f"{r[w]['phases_ms'][phase]:.1f}" for w in ("single", "ddp", "fsdp")),
                      None, None) for phase in PHASE_NAMES]

@@ -6,10 +6,10 @@ for its (muon_step, adamw_step, share) whenever torch.distributed runs more than
 Without it every process orthogonalises everything (correct, said once).
 
 - Replicated parameters (DDP): ZeRO-1 (_ShareOut; Moonlight sec. 3 keeps each process's share of the
-  optimizer state alike). Each process owns a contiguous run of the Muon matrices (balanced by
-  Newton-Schulz FLOPs) and of the AdamW tensors (balanced by size), runs the whole update on them
-  alone (momentum, Newton-Schulz, weight decay, RMS scale; AdamW) and keeps only their state; one
-  all-to-all then hands every process the updated weights. state_dict() joins the shares (collective:
+  optimizer state alike). Each process owns an even part of every stack of matrices (as FSDP2 shards
+  it) and whole other tensors (balanced by Newton-Schulz cost, AdamW's by size), runs the whole update
+  on them alone (momentum, Newton-Schulz, weight decay, RMS scale; AdamW) and keeps only their state;
+  all-to-alls hand every process the updated weights, each part leaving as soon as it is updated. state_dict() joins the shares (collective:
   every process calls it, as train.py does), so a checkpoint loads on any number of processes. A
   trainer that saves one process's state_dict() alone (transformers' Trainer under DDP) needs
   MuonClip(distribute="newton_schulz"): every process then keeps the whole state and only
@@ -61,21 +61,22 @@ class _ShareOut:
     """ZeRO-1 (Moonlight sec. 3, each process keeping and updating only its share of the optimizer
     state) for replicated parameters, as under DDP: every process holds the same averaged gradients.
 
-    Each parameter, or each matrix of an (E, A, B) stack, belongs to one process: the Muon ones in
-    contiguous runs balanced by Newton-Schulz cost, the AdamW ones balanced by size, so a process owns
-    whole tensors except where a run ends inside a stack (a slice of its experts). A process runs the
-    whole Muon update (muon_update: momentum, Newton-Schulz, weight decay, RMS scale) and AdamW
-    (MuonClip._adamw_step) on what it owns only, then share() sends each process's updated weights to
-    every other in one all-to-all. Each process keeps the state of its share alone; state_dict() joins
-    them into the state one process keeps (collective: call it on every process, as train.py does), so
-    a checkpoint loads on any number of processes, and load_state_dict keeps this process's share."""
+    Each parameter, or each matrix of an (E, A, B) stack, belongs to one process (_share_out): a stack
+    is cut into even runs of matrices, one per process, other tensors go whole to one process. A
+    process runs the whole Muon update (muon_update: momentum, Newton-Schulz, weight decay, RMS scale)
+    and AdamW (MuonClip._adamw_step) on what it owns only, and sends its updated weights to every
+    other process in a few all-to-alls (_Runs), started as the parts are done and waited for in
+    share(). Each process keeps the state of its share alone; state_dict() joins them into the state
+    one process keeps (collective: call it on every process, as train.py does), so a checkpoint loads
+    on any number of processes, and load_state_dict keeps this process's share."""
 
     def __init__(self, optimizer):
         self.opt, self.rank, self.world = optimizer, dist.get_rank(), dist.get_world_size()
         self.rows = {}                            # parameter -> per rank: its rows (a slice) or None
         for group in optimizer.param_groups:
             self._share_out(group)
-        self.updated = []                         # parameters updated in this step, until share()
+        self.plans = {}                           # (kind, parameters) -> _Runs, built at the first step
+        self.in_flight = []                       # this step's all-to-alls, until share(): receive()
         self._check_replicas()
         optimizer.register_state_dict_post_hook(self._join_state)
         optimizer.register_load_state_dict_pre_hook(self._keep_share)
@@ -93,32 +94,30 @@ class _ShareOut:
         return [p for group in self.opt.param_groups for p in group["params"]]
 
     def _share_out(self, group):
-        """Per parameter of the group, the rows each rank updates: items (a tensor, or one matrix of a
-        non-fused stack) cut into `world` contiguous runs of equal cost, an item to the run its middle
-        falls in."""
-        items = []                                # (parameter, rows, cost)
+        """Per parameter of the group, the rows each rank updates. A stack of matrices (E, A, B) is cut
+        into `world` even runs of matrices, as FSDP2 shards it, so every process orthogonalises the
+        same mix of shapes and their times stay even whatever each shape runs at; every other tensor
+        goes whole to the least-loaded process, largest first (Newton-Schulz cost for Muon, size for
+        AdamW), so same-shape matrices alternate between processes."""
+        load, whole = [0.0] * self.world, []       # per rank: its cost so far; (tensor, cost) to place
         for p in group["params"]:
-            layout = self.opt._blocks.get(id(p))
+            layout, shares = self.opt._blocks.get(id(p)), [None] * self.world
+            self.rows[p] = shares
             if group["use_muon"] and p.ndim == 3 and layout is None:
-                items += [(p, 1, _ns_cost(p.shape[-2:]))] * p.shape[0]
+                ends = [p.shape[0] * r // self.world for r in range(self.world + 1)]
+                for r, (lo, hi) in enumerate(zip(ends, ends[1:])):
+                    if hi > lo:
+                        shares[r] = slice(None) if hi - lo == p.shape[0] else slice(lo, hi)
+                        load[r] += (hi - lo) * _ns_cost(p.shape[-2:])
             elif group["use_muon"]:
                 parts = _parts(torch.empty(p.shape, device="meta"), layout)
-                items.append((p, None, sum(math.prod(q.shape[:-2]) * _ns_cost(q.shape[-2:]) for q in parts)))
+                whole.append((p, sum(math.prod(q.shape[:-2]) * _ns_cost(q.shape[-2:]) for q in parts)))
             else:
-                items.append((p, None, p.numel()))
-        total, done = sum(cost for *_, cost in items) or 1, 0
-        for p, rows, cost in items:
-            owner = min(self.world - 1, int(self.world * (done + cost / 2) / total))
-            done += cost
-            shares = self.rows.setdefault(p, [None] * self.world)
-            if rows is None:
-                shares[owner] = slice(None)
-            else:                                 # one more matrix of a stack, after the ones before
-                start = sum(s.stop - s.start for s in shares if s is not None)
-                shares[owner] = slice(shares[owner].start if shares[owner] else start, start + 1)
-        for p, shares in self.rows.items():
-            if p.ndim == 3 and shares.count(None) == self.world - 1:
-                self.rows[p] = [s if s is None else slice(None) for s in shares]   # a whole stack
+                whole.append((p, p.numel()))
+        for p, cost in sorted(whole, key=lambda item: -item[1]):     # ties keep the model's order
+            owner = min(range(self.world), key=lambda r: (load[r], r))
+            self.rows[p][owner] = slice(None)
+            load[owner] += cost
 
     def _check_replicas(self):
         """Every process must step the same parameters (data-parallel replicas); checked once."""
@@ -127,38 +126,40 @@ class _ShareOut:
                           "parameters", "tensors", "sharing the step out")
 
     def muon_step(self, group, params):
-        self.updated += params
-        mine = [(p, self.rows[p][self.rank]) for p in params if self.rows[p][self.rank] is not None]
-        if not mine:
-            return
-        grads = [_share(p.grad, rows) for p, rows in mine]
-        for (p, _), g in zip(mine, grads):
-            if not self.opt.state[p]:
-                self.opt.state[p]["momentum_buffer"] = torch.zeros_like(g)
-        muon_update([_share(p, rows) for p, rows in mine], grads, [self.opt.state[p]["momentum_buffer"] for p, _ in mine],
-                    group["lr"], group["weight_decay"], group["momentum"], group["nesterov"],
-                    functools.partial(self.opt._newton_schulz, group), [self.opt._blocks.get(id(p)) for p, _ in mine],
-                    [p.shape for p, _ in mine])
+        """The Muon update of this process's share, in runs (_Runs): each run's updated weights start
+        travelling to the other processes while the next run is orthogonalised."""
+        runs = self._runs(params, True)
+        for k, run in enumerate(runs.mine):
+            if run:
+                grads = [_share(p.grad, rows) for p, rows in run]
+                for (p, _), g in zip(run, grads):
+                    if not self.opt.state[p]:
+                        self.opt.state[p]["momentum_buffer"] = torch.zeros_like(g)
+                muon_update([_share(p, rows) for p, rows in run], grads,
+                            [self.opt.state[p]["momentum_buffer"] for p, _ in run], group["lr"], group["weight_decay"],
+                            group["momentum"], group["nesterov"], functools.partial(self.opt._newton_schulz, group),
+                            [self.opt._blocks.get(id(p)) for p, _ in run], [p.shape for p, _ in run])
+            self.in_flight.append(runs.send(k))
 
     def adamw_step(self, group, params):
-        self.updated += params
         mine = [p for p in params if self.rows[p][self.rank] is not None]
         if mine:
             self.opt._adamw_step(group, mine)
+        runs = self._runs(params, False)
+        self.in_flight += [runs.send(k) for k in range(len(runs.runs))]
 
     def share(self):
-        """Every process's updated rows to every other process: one all-to-all per dtype."""
-        updated, self.updated = self.updated, []
-        for dtype in dict.fromkeys(p.dtype for p in updated):
-            # per rank, the rows it updated: views of this process's parameters, to send or to fill
-            shares = [[_share(p, self.rows[p][r]) for p in updated if p.dtype == dtype and self.rows[p][r] is not None]
-                      for r in range(self.world)]
-            send = [[] if r == self.rank else [t.reshape(-1) for t in shares[self.rank]] for r in range(self.world)]
-            sizes = [0 if r == self.rank else sum(t.numel() for t in ts) for r, ts in enumerate(shares)]
-            for r, buffer in enumerate(_exchange(send, sizes, dtype, updated[0].device)()):
-                if r != self.rank:
-                    for t, values in zip(shares[r], buffer.split([t.numel() for t in shares[r]])):
-                        t.copy_(values.view(t.shape))
+        """Every process's updated weights in place on every other: the runs' all-to-alls are waited
+        for, in the order they started, and their weights copied where they belong."""
+        in_flight, self.in_flight = self.in_flight, []
+        for receive in in_flight:
+            receive()
+
+    def _runs(self, params, muon):
+        key = (muon, *((id(p), p.dtype) for p in params))
+        if key not in self.plans:
+            self.plans[key] = _Runs(params, self.rows, self.rank, self.world, muon)
+        return self.plans[key]
 
     def _share_of_state(self, p, state):
         """Of p's whole state (as one process keeps it), what this process keeps: None if it updates
@@ -194,6 +195,54 @@ class _ShareOut:
         params = self._params()
         shares = {i: self._share_of_state(params[int(i)], s) for i, s in state_dict["state"].items()}
         return {**state_dict, "state": {i: s for i, s in shares.items() if s is not None}}
+
+
+class _Runs:
+    """How _ShareOut ships one parameter list's updated weights: per dtype, each process's share (its
+    (parameter, rows) pieces, in order) cut into `count` contiguous runs of about equal size, and run
+    k of every process travelling in the k-th all-to-all, so a process sends each run as soon as it
+    is updated (Muon: while it orthogonalises the next) and all runs are waited for at share(). Built
+    once per list."""
+
+    RUNS = 4                                      # Muon runs per dtype: transfers hidden behind the next run's work
+
+    def __init__(self, params, rows, rank, world, pipelined):
+        self.rank, self.world, self.device = rank, world, params[0].device
+        self.runs, self.dtypes = [], []           # per all-to-all: per rank, its [(parameter, rows)]
+        shapes = {s: i for i, s in enumerate(dict.fromkeys(tuple(p.shape[-2:]) for p in params))}
+        for dtype in dict.fromkeys(p.dtype for p in params):
+            # same-shape pieces side by side, so a run's Newton-Schulz stays a few batched calls
+            order = sorted(range(len(params)), key=lambda i: (shapes[tuple(params[i].shape[-2:])], i))
+            shares = [[(params[i], rows[params[i]][r]) for i in order
+                       if params[i].dtype == dtype and rows[params[i]][r] is not None] for r in range(world)]
+            count = min(self.RUNS, max(map(len, shares))) if pipelined else 1
+            cut = [[[] for _ in range(count)] for _ in range(world)]
+            for r, pieces in enumerate(shares):
+                sizes = [_share(p, s).numel() for p, s in pieces]
+                total, done = sum(sizes) or 1, 0
+                for piece, size in zip(pieces, sizes):
+                    cut[r][min(count - 1, int(count * (done + size / 2) / total))].append(piece)
+                    done += size
+            kept = [k for k in range(count) if any(cut[r][k] for r in range(world))]
+            self.runs += [[cut[r][k] for r in range(world)] for k in kept]
+            self.dtypes += [dtype] * len(kept)
+        self.mine = [run[rank] for run in self.runs]
+
+    def send(self, k):
+        """Start run k's all-to-all (this process's updated pieces to every other). Returns receive():
+        waits, then copies the other processes' pieces into this process's parameters."""
+        run, rank = self.runs[k], self.rank
+        mine = [_share(p, rows) for p, rows in run[rank]]
+        sizes = [0 if r == rank else sum(_share(p, rows).numel() for p, rows in run[r]) for r in range(self.world)]
+        wait = _exchange([[] if r == rank else mine for r in range(self.world)], sizes, self.dtypes[k], self.device)
+
+        def receive():
+            for r, buffer in enumerate(wait()):
+                if r != rank:
+                    views = [_share(p, rows) for p, rows in run[r]]
+                    for t, values in zip(views, buffer.split([t.numel() for t in views])):
+                        t.copy_(values.view(t.shape))
+        return receive
 
 
 def _require_replicas(counts, device, world, what, unit, sharing):
