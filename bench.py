@@ -681,21 +681,28 @@ PHASE_NAMES = list(dict.fromkeys(phase for *_, phase in PHASES)) + ["bookkeeping
 
 
 def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int, phase_steps: int = 5):
-    """Run under torchrun (or alone for 1 process), one thread per process: one forward + backward
-    of `preset` on this rank's share of the batch, then MuonClip steps on those gradients, timed
-    between barriers, round-robin between distribute=True (each process updating its share) and
-    distribute=False (every process orthogonalising every unit, the way before); then phase_steps
-    more distribute=True steps with PhaseTimer on, each phase's ms per step averaged over the ranks.
-    Rank 0 prints the result as one JSON line; every process then exits at once (os._exit)."""
+    """Run under torchrun, one thread per process: one forward + backward of `preset` on this rank's
+    share of the batch, then MuonClip steps on those gradients, timed between barriers, round-robin
+    between distribute=True (each process updating its share), distribute=False (every process
+    orthogonalising every unit, the way before), under DDP the floor (each share's update with
+    nothing sent), and one process alone: rank 0 steps a plain copy of the model on the whole
+    batch's gradients with torch.distributed hidden from muonclip, while the other processes wait
+    (passively) at the barrier. So the one-process step is timed in the same launch and in turn
+    with the others (on a shared machine separate launches differ by up to 30%), and every step
+    starts with the caches flushed, as after a backward. Then phase_steps
+    more steps with PhaseTimer on, alone (rank 0) and distribute=True (each phase's ms per step
+    averaged over the ranks). Rank 0 prints the result as one JSON line; every process then exits
+    at once (os._exit)."""
     torch.set_num_threads(1)
     timer = PhaseTimer()
-    timer.install()
-    world, rank = 1, 0
-    if wrap != "single":
-        torch.distributed.init_process_group("gloo")
-        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    model = build_kimik2(preset)
-    raw = model
+    timer.install()                               # (before muonclip_dist imports muonclip's functions)
+    import muonclip
+    import muonclip_dist
+    torch.distributed.init_process_group("gloo")
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    alone = build_kimik2(preset)                  # the one-process run: the whole batch, no wrapper
+    alone(*make_batch(alone.config, batch, seq_len))[1].backward()
+    model = raw = build_kimik2(preset)
     if wrap == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False)
     elif wrap == "fsdp":
@@ -706,43 +713,55 @@ def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int, pha
     x, y = make_batch(raw.config, batch // world, seq_len)
     model(x, y)[1].backward()
     dtype = train_ns_dtype()
-    opts = {"new": muonclip_for(raw, ns_dtype=dtype), "old": muonclip_for(raw, ns_dtype=dtype, distribute=False)}
+    opts = {"new": muonclip_for(raw, ns_dtype=dtype), "old": muonclip_for(raw, ns_dtype=dtype, distribute=False),
+            "alone": muonclip_for(alone, ns_dtype=dtype)}
     if wrap == "ddp":                             # the floor: each process's share of the update, nothing sent
         opts["floor"] = muonclip_for(raw, ns_dtype=dtype)
+    hidden = types.SimpleNamespace(is_available=lambda: False, is_initialized=lambda: False)
 
-    def timed(name, opt):
-        def step():
-            import muonclip_dist
-            send = muonclip_dist._Runs.send
-            if name == "floor":                   # (the weights drift apart: this optimizer is only timed)
-                muonclip_dist._Runs.send = lambda runs, k: (lambda: None)
-            if world > 1:
-                torch.distributed.barrier()
-            try:
-                opt.step()
-            finally:
-                muonclip_dist._Runs.send = send
-            if world > 1:
-                torch.distributed.barrier()
-        return step
-    t = race({name: timed(name, opt) for name, opt in opts.items()}, reps, 2)
-    own = 0.0                                     # this rank's step time, without waiting at the barriers
-    timer.on = True
-    for _ in range(phase_steps):
-        if world > 1:
+    def step(name):                               # this rank's part of a step of opts[name]
+        send, visible = muonclip_dist._Runs.send, muonclip.dist
+        if name == "floor":                       # (the weights drift apart: this optimizer is only timed)
+            muonclip_dist._Runs.send = lambda runs, k: (lambda: None)
+        if name == "alone":
+            muonclip.dist = hidden
+        try:
+            if name != "alone" or rank == 0:
+                opts[name].step()
+        finally:
+            muonclip_dist._Runs.send, muonclip.dist = send, visible
+
+    scratch = torch.zeros(16 << 20)               # 64 MiB, twice a large L3: written before every timed step,
+
+    def timed(name):                              # so each starts with the caches as cold as after a backward
+        def run():
+            scratch.add_(1.0)
             torch.distributed.barrier()
-        start = time.perf_counter()
-        opts["new"].step()
-        own += time.perf_counter() - start
-    timer.on = False
-    phases = torch.tensor([timer.seconds[p] for p in PHASE_NAMES[:-1]] + [own - sum(timer.seconds.values())],
+            step(name)
+            torch.distributed.barrier()
+        return run
+    t = race({name: timed(name) for name in opts}, reps, 2)
+    phases = {}
+    for name in ("alone", "new"):
+        own = 0.0                                 # this rank's step time, without waiting at the barriers
+        timer.seconds.clear()
+        timer.on = True
+        for _ in range(phase_steps):
+            scratch.add_(1.0)
+            torch.distributed.barrier()
+            start = time.perf_counter()
+            step(name)
+            own += time.perf_counter() - start
+        timer.on = False
+        ms = torch.tensor([timer.seconds[p] for p in PHASE_NAMES[:-1]] + [own - sum(timer.seconds.values())],
                           dtype=torch.float64) * 1e3 / phase_steps
-    if world > 1:
-        torch.distributed.all_reduce(phases)
-        phases /= world
+        if name == "new":
+            torch.distributed.all_reduce(ms)
+            ms /= world
+        phases[name] = dict(zip(PHASE_NAMES, ms.tolist()))
     res = dict(ns_dtype=str(dtype).removeprefix("torch."), world=world,
                ns_matrices=opts["new"].newton_schulz_matrices, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
-               phases_ms=dict(zip(PHASE_NAMES, phases.tolist())))
+               phases_ms=phases["new"], alone_phases_ms=phases["alone"])
     if rank == 0:
         print(json.dumps(res), flush=True)
     # gloo can deadlock a process at teardown while it frees a finished collective's tensors (PyTorch
@@ -752,12 +771,13 @@ def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int, pha
 
 def bench_distributed(args) -> dict:
     """Row 11: the optimizer step of `tiny` under torchrun --nproc_per_node 2 (DDP, FSDP2; gloo, one
-    thread per process) against the same model's step in one process with one thread."""
+    thread per process) against the same model's step in one process with one thread, timed in
+    turn in the same launch (dist_worker)."""
     def launch(wrap):
+        # 3x the repetitions: the steps are short, and the ratio is the noisiest figure on a shared machine
         worker = [os.path.abspath(__file__), "--dist-worker", wrap, "--preset", args.preset, "--batch-size",
-                  str(args.batch_size), "--seq-len", str(args.seq_len), "--reps", str(args.reps)]
-        cmd = ([sys.executable, *worker] if wrap == "single" else
-               [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *worker])
+                  str(args.batch_size), "--seq-len", str(args.seq_len), "--reps", str(3 * args.reps)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *worker]
         # gloo can deadlock a worker at interpreter exit after its work is done (PyTorch issue
         # 56297): a run whose result is printed counts, the hung launcher and workers are killed
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -771,7 +791,7 @@ def bench_distributed(args) -> dict:
         if not result:
             raise RuntimeError(f"distributed worker ({wrap}) failed: {stderr[-2000:]}")
         return json.loads(result[0])
-    res = {wrap: launch(wrap) for wrap in ("single", "ddp", "fsdp")}
+    res = {wrap: launch(wrap) for wrap in ("ddp", "fsdp")}
     res["load_average"] = os.getloadavg()
     return res
 
@@ -1099,17 +1119,19 @@ def lines_ns_variants(r):
 
 
 def lines_distributed(r):
-    single = r["single"]["new_ms"]
-    lines = [(f"11 opt step, 2 procs {wrap.upper()} / 1 proc (1 thread each)",
-              f"new {r[wrap]['new_ms']:.1f} / {single:.1f} ms = {r[wrap]['new_ms'] / single:.2f}x; before "
-              f"{r[wrap]['old_ms']:.1f} ms = {r[wrap]['old_ms'] / single:.2f}x (NS {r[wrap]['ns_dtype']})", None, None)
-             for wrap in ("ddp", "fsdp")]
-    if "floor_ms" in r["ddp"]:
-        lines.insert(1, ("   DDP's floor: each share's update, nothing sent", f"{r['ddp']['floor_ms']:.1f} / {single:.1f} ms = "
-                         f"{r['ddp']['floor_ms'] / single:.2f}x (no exchange can go below it here)", None, None))
+    def ratio(wrap, key):
+        return f"{r[wrap][key]:.1f} / {r[wrap]['alone_ms']:.1f} ms = {r[wrap][key] / r[wrap]['alone_ms']:.2f}x"
+    lines = []
+    for wrap in ("ddp", "fsdp"):
+        lines.append((f"11 opt step, 2 procs {wrap.upper()} / 1 proc (1 thread each)",
+                      f"new {ratio(wrap, 'new_ms')}; before {r[wrap]['old_ms']:.1f} ms = "
+                      f"{r[wrap]['old_ms'] / r[wrap]['alone_ms']:.2f}x (NS {r[wrap]['ns_dtype']})", None, None))
+        if "floor_ms" in r[wrap]:
+            lines.append((f"   {wrap.upper()}'s floor: each share's update, nothing sent",
+                          f"{ratio(wrap, 'floor_ms')} (no exchange can go below it here)", None, None))
     lines.append(("   its phases, ms per step (mean of the ranks)", "1 proc / 2 procs DDP / 2 procs FSDP2", None, None))
-    return lines + [(f"     {phase}", " / ".join(f"{r[w]['phases_ms'][phase]:.1f}" for w in ("single", "ddp", "fsdp")),
-                     None, None) for phase in PHASE_NAMES]
+    return lines + [(f"     {phase}", " / ".join(f"{p[phase]:.1f}" for p in (
+        r["ddp"]["alone_phases_ms"], r["ddp"]["phases_ms"], r["fsdp"]["phases_ms"])), None, None) for phase in PHASE_NAMES]
 
 
 def lines_cuda(r):
@@ -1310,7 +1332,7 @@ def parse_args(argv):
                    help="only run row 8's competing busy 2-thread process, until killed (to time anything beside it)")
     p.add_argument("--memory-worker", choices=("kimik2", "transformers"), help=argparse.SUPPRESS)
     p.add_argument("--step-worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--dist-worker", choices=("single", "ddp", "fsdp"), help=argparse.SUPPRESS)
+    p.add_argument("--dist-worker", choices=("ddp", "fsdp"), help=argparse.SUPPRESS)
     p.add_argument("--ns-variant-losses", type=int, metavar="STEPS",
                    help="only row 12: train.py cut to STEPS steps with each Newton-Schulz variant, its losses")
     return p.parse_args(argv)

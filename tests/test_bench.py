@@ -135,9 +135,10 @@ def test_every_phase_names_a_function_that_exists():
 
 def test_row_11_prints_every_phase_for_1_and_2_processes():
     phases = {phase: float(i) for i, phase in enumerate(bench.PHASE_NAMES)}
-    run = dict(new_ms=50.0, old_ms=90.0, ns_dtype="float32", phases_ms=phases)
-    lines = bench.ROW_LINES["distributed"](dict(single=dict(run, new_ms=100.0), ddp=dict(run, floor_ms=60.0), fsdp=run))
+    run = dict(new_ms=50.0, old_ms=90.0, alone_ms=100.0, ns_dtype="float32", phases_ms=phases, alone_phases_ms=phases)
+    lines = bench.ROW_LINES["distributed"](dict(ddp=dict(run, floor_ms=60.0), fsdp=dict(run, alone_ms=80.0)))
     text = {label.strip(): value for label, value, *_ in lines}
     assert "= 0.50x" in text["11 opt step, 2 procs DDP / 1 proc (1 thread each)"]
     assert "= 0.60x" in text["DDP's floor: each share's update, nothing sent"]
+    assert "50.0 / 80.0 ms = 0.62x" in text["11 opt step, 2 procs FSDP / 1 proc (1 thread each)"]   # its own launch's
     assert all(text[phase] == f"{i:.1f} / {i:.1f} / {i:.1f}" for i, phase in enumerate(bench.PHASE_NAMES))
