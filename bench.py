@@ -689,10 +689,10 @@ def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int, pha
     batch's gradients with torch.distributed hidden from muonclip, while the other processes wait
     (passively) at the barrier. So the one-process step is timed in the same launch and in turn
     with the others (on a shared machine separate launches differ by up to 30%), and every step
-    starts with the caches flushed, as after a backward. Then phase_steps
-    more steps with PhaseTimer on, alone (rank 0) and distribute=True (each phase's ms per step
-    averaged over the ranks). Rank 0 prints the result as one JSON line; every process then exits
-    at once (os._exit)."""
+    starts with the caches flushed, as after a backward. Then phase_steps more steps with PhaseTimer
+    on, alone (rank 0) and distribute=True (each phase's ms per step averaged over the ranks), and
+    the CPU time of each kind of step (every thread of the process: gloo's work shows there). Rank
+    0 prints the result as one JSON line; every process then exits at once (os._exit)."""
     torch.set_num_threads(1)
     timer = PhaseTimer()
     timer.install()                               # (before muonclip_dist imports muonclip's functions)
@@ -741,27 +741,27 @@ def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int, pha
             torch.distributed.barrier()
         return run
     t = race({name: timed(name) for name in opts}, reps, 2)
-    phases = {}
-    for name in ("alone", "new"):
-        own = 0.0                                 # this rank's step time, without waiting at the barriers
+    phases, cpu = {}, {}
+    for name in [name for name in ("alone", "new", "floor") if name in opts]:
+        own = used = 0.0                          # this rank's step time (without the barriers), and its CPU time
         timer.seconds.clear()
-        timer.on = True
+        timer.on = name != "floor"
         for _ in range(phase_steps):
             scratch.add_(1.0)
             torch.distributed.barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step(name)
-            own += time.perf_counter() - start
+            own, used = own + time.perf_counter() - start, used + time.process_time() - start_cpu
         timer.on = False
-        ms = torch.tensor([timer.seconds[p] for p in PHASE_NAMES[:-1]] + [own - sum(timer.seconds.values())],
+        ms = torch.tensor([timer.seconds[p] for p in PHASE_NAMES[:-1]] + [own - sum(timer.seconds.values()), used],
                           dtype=torch.float64) * 1e3 / phase_steps
-        if name == "new":
+        if name != "alone":
             torch.distributed.all_reduce(ms)
             ms /= world
-        phases[name] = dict(zip(PHASE_NAMES, ms.tolist()))
+        phases[name], cpu[name] = dict(zip(PHASE_NAMES, ms[:-1].tolist())), ms[-1].item()
     res = dict(ns_dtype=str(dtype).removeprefix("torch."), world=world,
                ns_matrices=opts["new"].newton_schulz_matrices, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
-               phases_ms=phases["new"], alone_phases_ms=phases["alone"])
+               phases_ms=phases["new"], alone_phases_ms=phases["alone"], cpu_ms=cpu)
     if rank == 0:
         print(json.dumps(res), flush=True)
     # gloo can deadlock a process at teardown while it frees a finished collective's tensors (PyTorch
@@ -1129,6 +1129,10 @@ def lines_distributed(r):
         if "floor_ms" in r[wrap]:
             lines.append((f"   {wrap.upper()}'s floor: each share's update, nothing sent",
                           f"{ratio(wrap, 'floor_ms')} (no exchange can go below it here)", None, None))
+        if "cpu_ms" in r[wrap]:                   # process time, every thread (gloo's too)
+            cpu = r[wrap]["cpu_ms"]
+            lines.append(("   CPU ms per step and process", f"1 proc {cpu['alone']:.1f}; 2 procs {cpu['new']:.1f}" + (
+                f", floor {cpu['floor']:.1f}" if "floor" in cpu else ""), None, None))
     lines.append(("   its phases, ms per step (mean of the ranks)", "1 proc / 2 procs DDP / 2 procs FSDP2", None, None))
     return lines + [(f"     {phase}", " / ".join(f"{p[phase]:.1f}" for p in (
         r["ddp"]["alone_phases_ms"], r["ddp"]["phases_ms"], r["fsdp"]["phases_ms"])), None, None) for phase in PHASE_NAMES]

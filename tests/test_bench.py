@@ -141,4 +141,6 @@ def test_row_11_prints_every_phase_for_1_and_2_processes():
     assert "= 0.50x" in text["11 opt step, 2 procs DDP / 1 proc (1 thread each)"]
     assert "= 0.60x" in text["DDP's floor: each share's update, nothing sent"]
     assert "50.0 / 80.0 ms = 0.62x" in text["11 opt step, 2 procs FSDP / 1 proc (1 thread each)"]   # its own launch's
+    lines = bench.ROW_LINES["distributed"](dict(ddp=dict(run, cpu_ms=dict(alone=98.0, new=61.0, floor=52.0)), fsdp=run))
+    assert ("   CPU ms per step and process", "1 proc 98.0; 2 procs 61.0, floor 52.0", None, None) in lines
     assert all(text[phase] == f"{i:.1f} / {i:.1f} / {i:.1f}" for i, phase in enumerate(bench.PHASE_NAMES))
