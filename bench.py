@@ -74,6 +74,7 @@ import collections
 import contextlib
 import functools
 import http.server
+import itertools
 import json
 import multiprocessing
 import platform
@@ -115,7 +116,8 @@ def _sync(device):
 
 
 def race(fns: dict, reps: int, warmup: int, device=torch.device("cpu"), budget_s=None, label=None) -> dict:
-    """Median seconds per call of each fn, timed round-robin (A B A B ...) after `warmup` rounds.
+    """Median seconds per call of each fn, timed round-robin (A B A B ...) after `warmup` rounds (a
+    fn that returns a float reports its own seconds: the time of work done in another process).
     With budget_s, no round starts once the rounds so far took that long, except one warm-up round
     (if any) and one timed round: a slow or busy machine gets fewer repetitions, not a longer wait.
     With label, a progress line (stderr) every PROGRESS_S seconds."""
@@ -127,10 +129,10 @@ def race(fns: dict, reps: int, warmup: int, device=torch.device("cpu"), budget_s
         for name, fn in fns.items():
             _sync(device)
             t0 = time.perf_counter()
-            fn()
+            took = fn()                            # a float: the seconds fn measured itself (elsewhere)
             _sync(device)
             if not warming:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(took if isinstance(took, float) else time.perf_counter() - t0)
         warm, timed = (warm + 1, timed) if warming else (warm, timed + 1)
         now = time.perf_counter()
         if budget_s is not None and now - start > budget_s:
@@ -680,28 +682,63 @@ PHASES = [("muonclip", "muon_update", "momentum and update"), ("muonclip", "newt
 PHASE_NAMES = list(dict.fromkeys(phase for *_, phase in PHASES)) + ["bookkeeping"]
 
 
-def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int, phase_steps: int = 5):
+SCRATCH_FLOATS = 16 << 20  # 64 MiB, twice a large L3: written before each timed step of row 11, so every
+#                            step starts with the caches as cold as a backward leaves them
+
+
+def _store(port):
+    import datetime
+    return torch.distributed.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=600))
+
+
+def alone_worker(port: int, preset: str, batch: int, seq_len: int):
+    """Row 11's one process: `preset` stepped by MuonClip on the whole batch's gradients, one thread,
+    in a process of its own (its own allocator and caches), each step when the 2-process launch's
+    rank 0 asks through the launcher's TCPStore ("go{i}": "time", "phases" or "stop"), so it is
+    timed in turn with the 2-process steps while their processes wait. Reports each step's wall
+    and CPU ms (and with "phases" PhaseTimer's) as "done{i}"."""
+    torch.set_num_threads(1)
+    timer = PhaseTimer()
+    timer.install()
+    store = _store(port)
+    model = build_kimik2(preset)
+    model(*make_batch(model.config, batch, seq_len))[1].backward()
+    opt, scratch = muonclip_for(model, ns_dtype=train_ns_dtype()), torch.zeros(SCRATCH_FLOATS)
+    for i in itertools.count():
+        store.wait([f"go{i}"])
+        what = store.get(f"go{i}").decode()
+        if what == "stop":
+            return
+        scratch.add_(1.0)
+        timer.seconds.clear()
+        timer.on = what == "phases"
+        start, start_cpu = time.perf_counter(), time.process_time()
+        opt.step()
+        took, used = time.perf_counter() - start, time.process_time() - start_cpu
+        timer.on = False
+        phases = {p: timer.seconds[p] * 1e3 for p in PHASE_NAMES[:-1]}
+        store.set(f"done{i}", json.dumps(dict(ms=took * 1e3, cpu_ms=used * 1e3,
+                                              phases_ms={**phases, PHASE_NAMES[-1]: took * 1e3 - sum(phases.values())})))
+
+
+def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int, alone_port: int, phase_steps: int = 5):
     """Run under torchrun, one thread per process: one forward + backward of `preset` on this rank's
     share of the batch, then MuonClip steps on those gradients, timed between barriers, round-robin
     between distribute=True (each process updating its share), distribute=False (every process
     orthogonalising every unit, the way before), under DDP the floor (each share's update with
-    nothing sent), and one process alone: rank 0 steps a plain copy of the model on the whole
-    batch's gradients with torch.distributed hidden from muonclip, while the other processes wait
-    (passively) at the barrier. So the one-process step is timed in the same launch and in turn
-    with the others (on a shared machine separate launches differ by up to 30%), and every step
-    starts with the caches flushed, as after a backward. Then phase_steps more steps with PhaseTimer
-    on, alone (rank 0) and distribute=True (each phase's ms per step averaged over the ranks), and
-    the CPU time of each kind of step (every thread of the process: gloo's work shows there). Rank
-    0 prints the result as one JSON line; every process then exits at once (os._exit)."""
+    nothing sent), and one process alone (alone_worker, asked by rank 0 while the processes here
+    wait: so it is timed in turn with them; on a shared machine separate launches of it differed by
+    up to 30%). Every step starts with the caches flushed, as after a backward. Then phase_steps
+    more steps with PhaseTimer on, alone and distribute=True (each phase's ms per step averaged
+    over the ranks), and the CPU time of each kind of step (every thread of the process: gloo's
+    work shows there). Rank 0 prints the result as one JSON line; every process then exits at once
+    (os._exit)."""
     torch.set_num_threads(1)
     timer = PhaseTimer()
     timer.install()                               # (before muonclip_dist imports muonclip's functions)
-    import muonclip
     import muonclip_dist
     torch.distributed.init_process_group("gloo")
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    alone = build_kimik2(preset)                  # the one-process run: the whole batch, no wrapper
-    alone(*make_batch(alone.config, batch, seq_len))[1].backward()
     model = raw = build_kimik2(preset)
     if wrap == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False)
@@ -713,36 +750,41 @@ def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int, pha
     x, y = make_batch(raw.config, batch // world, seq_len)
     model(x, y)[1].backward()
     dtype = train_ns_dtype()
-    opts = {"new": muonclip_for(raw, ns_dtype=dtype), "old": muonclip_for(raw, ns_dtype=dtype, distribute=False),
-            "alone": muonclip_for(alone, ns_dtype=dtype)}
+    opts = {"new": muonclip_for(raw, ns_dtype=dtype), "old": muonclip_for(raw, ns_dtype=dtype, distribute=False)}
     if wrap == "ddp":                             # the floor: each process's share of the update, nothing sent
         opts["floor"] = muonclip_for(raw, ns_dtype=dtype)
-    hidden = types.SimpleNamespace(is_available=lambda: False, is_initialized=lambda: False)
+    store, asked = (_store(alone_port) if rank == 0 else None), itertools.count()
+
+    def alone(what):                              # the step of the process alone, on rank 0's word
+        if rank != 0:
+            return None
+        i = next(asked)
+        store.set(f"go{i}", what)
+        if what != "stop":
+            store.wait([f"done{i}"])
+            return json.loads(store.get(f"done{i}"))
 
     def step(name):                               # this rank's part of a step of opts[name]
-        send, visible = muonclip_dist._Runs.send, muonclip.dist
+        send = muonclip_dist._Runs.send
         if name == "floor":                       # (the weights drift apart: this optimizer is only timed)
             muonclip_dist._Runs.send = lambda runs, k: (lambda: None)
-        if name == "alone":
-            muonclip.dist = hidden
         try:
-            if name != "alone" or rank == 0:
-                opts[name].step()
+            opts[name].step()
         finally:
-            muonclip_dist._Runs.send, muonclip.dist = send, visible
+            muonclip_dist._Runs.send = send
+    scratch = torch.zeros(SCRATCH_FLOATS)
 
-    scratch = torch.zeros(16 << 20)               # 64 MiB, twice a large L3: written before every timed step,
-
-    def timed(name):                              # so each starts with the caches as cold as after a backward
+    def timed(name):
         def run():
             scratch.add_(1.0)
             torch.distributed.barrier()
-            step(name)
+            took = step(name) if name != "alone" else alone("time")
             torch.distributed.barrier()
+            return took and took["ms"] / 1e3
         return run
-    t = race({name: timed(name) for name in opts}, reps, 2)
+    t = race({name: timed(name) for name in [*opts, "alone"]}, reps, 2)
     phases, cpu = {}, {}
-    for name in [name for name in ("alone", "new", "floor") if name in opts]:
+    for name in [name for name in ("new", "floor") if name in opts]:
         own = used = 0.0                          # this rank's step time (without the barriers), and its CPU time
         timer.seconds.clear()
         timer.on = name != "floor"
@@ -755,14 +797,17 @@ def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int, pha
         timer.on = False
         ms = torch.tensor([timer.seconds[p] for p in PHASE_NAMES[:-1]] + [own - sum(timer.seconds.values()), used],
                           dtype=torch.float64) * 1e3 / phase_steps
-        if name != "alone":
-            torch.distributed.all_reduce(ms)
-            ms /= world
+        torch.distributed.all_reduce(ms)
+        ms /= world
         phases[name], cpu[name] = dict(zip(PHASE_NAMES, ms[:-1].tolist())), ms[-1].item()
-    res = dict(ns_dtype=str(dtype).removeprefix("torch."), world=world,
-               ns_matrices=opts["new"].newton_schulz_matrices, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
-               phases_ms=phases["new"], alone_phases_ms=phases["alone"], cpu_ms=cpu)
     if rank == 0:
+        steps = [alone("phases") for _ in range(phase_steps)]
+        phases["alone"] = {p: statistics.mean(s["phases_ms"][p] for s in steps) for p in PHASE_NAMES}
+        cpu["alone"] = statistics.mean(s["cpu_ms"] for s in steps)
+        alone("stop")
+        res = dict(ns_dtype=str(dtype).removeprefix("torch."), world=world,
+                   ns_matrices=opts["new"].newton_schulz_matrices, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
+                   phases_ms=phases["new"], alone_phases_ms=phases["alone"], cpu_ms=cpu)
         print(json.dumps(res), flush=True)
     # gloo can deadlock a process at teardown while it frees a finished collective's tensors (PyTorch
     # issue 56297), here when DDP's reducer goes: the result is out, so leave without the teardown
@@ -771,25 +816,36 @@ def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int, pha
 
 def bench_distributed(args) -> dict:
     """Row 11: the optimizer step of `tiny` under torchrun --nproc_per_node 2 (DDP, FSDP2; gloo, one
-    thread per process) against the same model's step in one process with one thread, timed in
-    turn in the same launch (dist_worker)."""
-    def launch(wrap):
-        # 3x the repetitions: the steps are short, and the ratio is the noisiest figure on a shared machine
-        worker = [os.path.abspath(__file__), "--dist-worker", wrap, "--preset", args.preset, "--batch-size",
-                  str(args.batch_size), "--seq-len", str(args.seq_len), "--reps", str(3 * args.reps)]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *worker]
+    thread per process) against the same model's step in one process with one thread (alone_worker,
+    beside each launch and timed in turn with it)."""
+    import datetime
+
+    def run(cmd):
         # gloo can deadlock a worker at interpreter exit after its work is done (PyTorch issue
         # 56297): a run whose result is printed counts, the hung launcher and workers are killed
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def launch(wrap):
+        store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                           timeout=datetime.timedelta(seconds=600))
+        shape = ["--preset", args.preset, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+        alone = run([sys.executable, os.path.abspath(__file__), "--alone-worker", str(store.port), *shape])
+        # 3x the repetitions: the steps are short, and the ratio is the noisiest figure on a shared machine
+        proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.abspath(__file__), "--dist-worker", wrap, "--alone-port", str(store.port), *shape,
+                    "--reps", str(3 * args.reps)])
         try:
             stdout, stderr = proc.communicate(timeout=300)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             stdout, stderr = proc.communicate()
+        os.killpg(alone.pid, 9)                   # done ("stop"), or stuck if the launch failed
+        alone_err = alone.communicate()[1]
         result = [line for line in stdout.splitlines() if line.startswith("{")]
         if not result:
-            raise RuntimeError(f"distributed worker ({wrap}) failed: {stderr[-2000:]}")
+            raise RuntimeError(f"distributed worker ({wrap}) failed: {stderr[-2000:]}\n"
+                               f"one-process worker: {alone_err[-1000:]}")
         return json.loads(result[0])
     res = {wrap: launch(wrap) for wrap in ("ddp", "fsdp")}
     res["load_average"] = os.getloadavg()
@@ -1337,6 +1393,8 @@ def parse_args(argv):
     p.add_argument("--memory-worker", choices=("kimik2", "transformers"), help=argparse.SUPPRESS)
     p.add_argument("--step-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dist-worker", choices=("ddp", "fsdp"), help=argparse.SUPPRESS)
+    p.add_argument("--alone-worker", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    p.add_argument("--alone-port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--ns-variant-losses", type=int, metavar="STEPS",
                    help="only row 12: train.py cut to STEPS steps with each Newton-Schulz variant, its losses")
     return p.parse_args(argv)
@@ -1356,7 +1414,9 @@ def main(argv=None):
         print(json.dumps(step_worker(args.preset, args.batch_size, args.seq_len, args.reps)))
         return
     if args.dist_worker:
-        dist_worker(args.dist_worker, args.preset, args.batch_size, args.seq_len, args.reps)
+        dist_worker(args.dist_worker, args.preset, args.batch_size, args.seq_len, args.reps, args.alone_port)
+    if args.alone_worker:
+        return alone_worker(args.alone_worker, args.preset, args.batch_size, args.seq_len)
     if args.ns_variant_losses:
         res = bench_ns_variant_losses(args.ns_variant_losses)
         print(json.dumps(res, indent=2)) if args.json else print_ns_variant_losses(res)
