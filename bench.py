@@ -1254,7 +1254,8 @@ class Report:
         m["load_average_at_end"], m["wall_s"] = os.getloadavg(), time.perf_counter() - started
         busy = max(m["load_average_at_start"][0], m["load_average_at_end"][0]) > m["cores"]
         self.print(f"\n{m['wall_s']:.0f} s in all; load average {_load(m['load_average_at_end'])} at end"
-                   + (" (above the core count: other processes share the CPU and the figures are noisy)" if busy else ""))
+                   + (" (at start or end above the core count: other processes shared the CPU and the figures are noisy)"
+                      if busy else ""))
 
 
 def _load(avg) -> str:
