@@ -6,9 +6,9 @@ for its (muon_step, adamw_step, share) whenever torch.distributed runs more than
 Without it every process orthogonalises everything (correct, said once).
 
 - Replicated parameters (DDP): ZeRO-1 (_ShareOut; Moonlight sec. 3 keeps each process's share of the
-  optimizer state alike). Each process owns an even part of every stack of matrices (as FSDP2 shards
-  it) and whole other tensors (balanced by Newton-Schulz cost, AdamW's by size), runs the whole update
-  on them alone (momentum, Newton-Schulz, weight decay, RMS scale; AdamW) and keeps only their state;
+  optimizer state alike). Each process owns a contiguous run of the Muon matrices (balanced by
+  Newton-Schulz FLOPs) and of the AdamW tensors (balanced by size), runs the whole update on them
+  alone (momentum, Newton-Schulz, weight decay, RMS scale; AdamW) and keeps only their state;
   all-to-alls hand every process the updated weights, each part leaving as soon as it is updated. state_dict() joins the shares (collective:
   every process calls it, as train.py does), so a checkpoint loads on any number of processes. A
   trainer that saves one process's state_dict() alone (transformers' Trainer under DDP) needs
@@ -61,8 +61,9 @@ class _ShareOut:
     """ZeRO-1 (Moonlight sec. 3, each process keeping and updating only its share of the optimizer
     state) for replicated parameters, as under DDP: every process holds the same averaged gradients.
 
-    Each parameter, or each matrix of an (E, A, B) stack, belongs to one process (_share_out): a stack
-    is cut into even runs of matrices, one per process, other tensors go whole to one process. A
+    Each parameter, or each matrix of an (E, A, B) stack, belongs to one process (_share_out): the
+    Muon ones in contiguous runs balanced by Newton-Schulz cost, the AdamW ones balanced by size, so
+    a process owns whole tensors except where a run ends inside a stack (a slice of its experts). A
     process runs the whole Muon update (muon_update: momentum, Newton-Schulz, weight decay, RMS scale)
     and AdamW (MuonClip._adamw_step) on what it owns only, and sends its updated weights to every
     other process in a few all-to-alls (_Runs), started as the parts are done and waited for in
@@ -94,30 +95,32 @@ class _ShareOut:
         return [p for group in self.opt.param_groups for p in group["params"]]
 
     def _share_out(self, group):
-        """Per parameter of the group, the rows each rank updates. A stack of matrices (E, A, B) is cut
-        into `world` even runs of matrices, as FSDP2 shards it, so every process orthogonalises the
-        same mix of shapes and their times stay even whatever each shape runs at; every other tensor
-        goes whole to the least-loaded process, largest first (Newton-Schulz cost for Muon, size for
-        AdamW), so same-shape matrices alternate between processes."""
-        load, whole = [0.0] * self.world, []       # per rank: its cost so far; (tensor, cost) to place
+        """Per parameter of the group, the rows each rank updates: items (a tensor, or one matrix of a
+        non-fused stack) cut into `world` contiguous runs of equal cost, an item to the run its middle
+        falls in."""
+        items = []                                # (parameter, rows, cost)
         for p in group["params"]:
-            layout, shares = self.opt._blocks.get(id(p)), [None] * self.world
-            self.rows[p] = shares
+            layout = self.opt._blocks.get(id(p))
             if group["use_muon"] and p.ndim == 3 and layout is None:
-                ends = [p.shape[0] * r // self.world for r in range(self.world + 1)]
-                for r, (lo, hi) in enumerate(zip(ends, ends[1:])):
-                    if hi > lo:
-                        shares[r] = slice(None) if hi - lo == p.shape[0] else slice(lo, hi)
-                        load[r] += (hi - lo) * _ns_cost(p.shape[-2:])
+                items += [(p, 1, _ns_cost(p.shape[-2:]))] * p.shape[0]
             elif group["use_muon"]:
                 parts = _parts(torch.empty(p.shape, device="meta"), layout)
-                whole.append((p, sum(math.prod(q.shape[:-2]) * _ns_cost(q.shape[-2:]) for q in parts)))
+                items.append((p, None, sum(math.prod(q.shape[:-2]) * _ns_cost(q.shape[-2:]) for q in parts)))
             else:
-                whole.append((p, p.numel()))
-        for p, cost in sorted(whole, key=lambda item: -item[1]):     # ties keep the model's order
-            owner = min(range(self.world), key=lambda r: (load[r], r))
-            self.rows[p][owner] = slice(None)
-            load[owner] += cost
+                items.append((p, None, p.numel()))
+        total, done = sum(cost for *_, cost in items) or 1, 0
+        for p, rows, cost in items:
+            owner = min(self.world - 1, int(self.world * (done + cost / 2) / total))
+            done += cost
+            shares = self.rows.setdefault(p, [None] * self.world)
+            if rows is None:
+                shares[owner] = slice(None)
+            else:                                 # one more matrix of a stack, after the ones before
+                start = sum(s.stop - s.start for s in shares if s is not None)
+                shares[owner] = slice(shares[owner].start if shares[owner] else start, start + 1)
+        for p, shares in self.rows.items():
+            if p.ndim == 3 and shares.count(None) == self.world - 1:
+                self.rows[p] = [s if s is None else slice(None) for s in shares]   # a whole stack
 
     def _check_replicas(self):
         """Every process must step the same parameters (data-parallel replicas); checked once."""
