@@ -55,7 +55,10 @@ from data import (GENERAL_STYLES, MIN_SIMILARITY, RECORD_START, RULES, STYLES, B
 
 
 def _stderr(line: str):
-    print(line, file=sys.stderr, flush=True)
+    """One line on stderr in one write: print() writes the text and the newline apart, and a signal
+    raised between the two (error_boundary's KeyboardInterrupt) would glue the next line onto it."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -561,7 +564,7 @@ def run_rephrase(args) -> int:
     report = LoadReport()
     docs = load_documents(args.inputs, max_doc_chars=args.max_doc_chars, report=report)
     for problem in report.problems:
-        print(f"rephrase: {problem}", file=sys.stderr)
+        _stderr(f"rephrase: {problem}")
     pairs = [(doc, style) for doc in docs for style in (args.style or styles_for(doc, args.styles))]
     summary = rephrase_corpus(pairs, generate, args.out, concurrency=args.concurrency, model=model, shard=args.shard,
                               measure=measure, min_similarity=args.min_similarity,
@@ -577,7 +580,7 @@ def run_rephrase(args) -> int:
         print("rephrase: warning: no chunk was rewritten; check the endpoint, the model and --fidelity",
               file=sys.stderr)
     if summary["error"]:
-        print(f"rephrase: {summary['error']}\nrephrase: rerun the same command to resume", file=sys.stderr)
+        _stderr(f"rephrase: {summary['error']}\nrephrase: rerun the same command to resume")
         return 1
     return 0
 
@@ -698,7 +701,7 @@ def error_boundary(prog: str, run: Callable[[], int], secrets=()) -> int:
     def say(line):
         for secret in filter(None, secrets):
             line = line.replace(secret, "***")
-        print(f"{prog}: {line}", file=sys.stderr, flush=True)
+        _stderr(f"{prog}: {line}")
 
     handlers = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
     try:

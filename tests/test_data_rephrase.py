@@ -348,6 +348,16 @@ def test_a_second_rephrase_on_one_out_is_refused_naming_the_holder_and_a_dead_on
     assert not lock.exists()
 
 
+def test_a_line_goes_to_stderr_in_one_write(monkeypatch):
+    # print() writes the text and the newline apart: a signal between the two (the stop raised by
+    # error_boundary) glued "...ETA 00:00:02" and the "interrupted" line together (seen once in the
+    # test below); one write cannot be split
+    writes = []
+    monkeypatch.setattr(sys, "stderr", types.SimpleNamespace(write=writes.append, flush=lambda: None))
+    data_rephrase._stderr("rephrase: pairs 1/2")
+    assert writes == ["rephrase: pairs 1/2\n"]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_ends_a_rephrase_in_one_line_and_the_same_command_resumes(server, tmp_path, signum):
     write_docs(tmp_path / "docs", [f"Document {i} says {i}." for i in range(6)])
