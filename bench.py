@@ -72,6 +72,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import collections
 import contextlib
+import datetime
 import functools
 import http.server
 import itertools
@@ -687,7 +688,6 @@ SCRATCH_FLOATS = 16 << 20  # 64 MiB, twice a large L3: written before each timed
 
 
 def _store(port):
-    import datetime
     return torch.distributed.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=600))
 
 
@@ -818,8 +818,6 @@ def bench_distributed(args) -> dict:
     """Row 11: the optimizer step of `tiny` under torchrun --nproc_per_node 2 (DDP, FSDP2; gloo, one
     thread per process) against the same model's step in one process with one thread (alone_worker,
     beside each launch and timed in turn with it)."""
-    import datetime
-
     def run(cmd):
         # gloo can deadlock a worker at interpreter exit after its work is done (PyTorch issue
         # 56297): a run whose result is printed counts, the hung launcher and workers are killed

@@ -9,11 +9,11 @@ Without it every process orthogonalises everything (correct, said once).
   optimizer state alike). Each process owns a contiguous run of the Muon matrices (balanced by
   Newton-Schulz FLOPs) and of the AdamW tensors (balanced by size), runs the whole update on them
   alone (momentum, Newton-Schulz, weight decay, RMS scale; AdamW) and keeps only their state;
-  all-to-alls hand every process the updated weights, each part leaving as soon as it is updated. state_dict() joins the shares (collective:
-  every process calls it, as train.py does), so a checkpoint loads on any number of processes. A
-  trainer that saves one process's state_dict() alone (transformers' Trainer under DDP) needs
-  MuonClip(distribute="newton_schulz"): every process then keeps the whole state and only
-  Newton-Schulz is shared out, as under FSDP2 below.
+  all-to-alls hand every process the updated weights, each part leaving as soon as it is updated.
+  state_dict() joins the shares (collective: every process calls it, as train.py does), so a
+  checkpoint loads on any number of processes. A trainer that saves one process's state_dict()
+  alone (transformers' Trainer under DDP) needs MuonClip(distribute="newton_schulz"): every process
+  then keeps the whole state and only Newton-Schulz is shared out, as under FSDP2 below.
 - FSDP2 (DTensor parameters): each process already holds only its shard of each tensor, gradient and
   state. Units (a matrix, an expert of a stack, a block of a fused weight) go to processes by greedy
   bin-packing of their Newton-Schulz FLOPs (Megatron-Core's way); the rows travel in packed
@@ -108,10 +108,7 @@ class _ShareOut:
                 items.append((p, None, sum(math.prod(q.shape[:-2]) * _ns_cost(q.shape[-2:]) for q in parts)))
             else:
                 items.append((p, None, p.numel()))
-        total, done = sum(cost for *_, cost in items) or 1, 0
-        for p, rows, cost in items:
-            owner = min(self.world - 1, int(self.world * (done + cost / 2) / total))
-            done += cost
+        for (p, rows, _), owner in zip(items, _contiguous_runs([cost for *_, cost in items], self.world)):
             shares = self.rows.setdefault(p, [None] * self.world)
             if rows is None:
                 shares[owner] = slice(None)
@@ -132,7 +129,7 @@ class _ShareOut:
         """The Muon update of this process's share, in runs (_Runs): each run's updated weights start
         travelling to the other processes while the next run is orthogonalised."""
         runs = self._runs(params, True)
-        for k, run in enumerate(runs.mine):
+        for k, run in enumerate(run[self.rank] for run in runs.runs):
             if run:
                 grads = [_share(p.grad, rows) for p, rows in run]
                 for (p, _), g in zip(run, grads):
@@ -221,22 +218,20 @@ class _Runs:
             count = min(self.RUNS, max(map(len, shares))) if pipelined else 1
             cut = [[[] for _ in range(count)] for _ in range(world)]
             for r, pieces in enumerate(shares):
-                sizes = [_share(p, s).numel() for p, s in pieces]
-                total, done = sum(sizes) or 1, 0
-                for piece, size in zip(pieces, sizes):
-                    cut[r][min(count - 1, int(count * (done + size / 2) / total))].append(piece)
-                    done += size
+                for piece, k in zip(pieces, _contiguous_runs([_share(p, s).numel() for p, s in pieces], count)):
+                    cut[r][k].append(piece)
             kept = [k for k in range(count) if any(cut[r][k] for r in range(world))]
             self.runs += [[cut[r][k] for r in range(world)] for k in kept]
             self.dtypes += [dtype] * len(kept)
-        self.mine = [run[rank] for run in self.runs]
+        # elements per run and rank: what each all-to-all receives from each process
+        self.sizes = [[sum(_share(p, rows).numel() for p, rows in pieces) for pieces in run] for run in self.runs]
 
     def send(self, k):
         """Start run k's all-to-all (this process's updated pieces to every other). Returns receive():
         waits, then copies the other processes' pieces into this process's parameters."""
         run, rank = self.runs[k], self.rank
         mine = [_share(p, rows) for p, rows in run[rank]]
-        sizes = [0 if r == rank else sum(_share(p, rows).numel() for p, rows in run[r]) for r in range(self.world)]
+        sizes = [0 if r == rank else n for r, n in enumerate(self.sizes[k])]
         wait = _exchange([[] if r == rank else mine for r in range(self.world)], sizes, self.dtypes[k], self.device)
 
         def receive():
@@ -301,6 +296,16 @@ def _assign_owners(costs, holders, world):
             owners[u] = min(range(world), key=lambda r: (load[r], r))
             load[owners[u]] += costs[u]
     return owners
+
+
+def _contiguous_runs(costs, count):
+    """For items of these costs, in order, the run (0 .. count - 1) each belongs to: `count`
+    contiguous runs of about equal cost, an item to the run its middle falls in."""
+    total, done, runs = sum(costs) or 1, 0, []
+    for cost in costs:
+        runs.append(min(count - 1, int(count * (done + cost / 2) / total)))
+        done += cost
+    return runs
 
 
 def _ns_cost(shape):
