@@ -80,6 +80,7 @@ import json
 import multiprocessing
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -814,6 +815,29 @@ def dist_worker(wrap: str, preset: str, batch: int, seq_len: int, reps: int, alo
     os._exit(0)
 
 
+def kill_tree(pid):
+    """SIGKILL a process and every descendant, found by parent pid in /proc before any dies: torchrun
+    starts its workers in sessions of their own, so killing the launcher's group leaves them holding
+    its pipes, and communicate() would wait for good (conftest.torchrun uses it too)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def bench_distributed(args) -> dict:
     """Row 11: the optimizer step of `tiny` under torchrun --nproc_per_node 2 (DDP, FSDP2; gloo, one
     thread per process) against the same model's step in one process with one thread (alone_worker,
@@ -833,17 +857,22 @@ def bench_distributed(args) -> dict:
         proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     os.path.abspath(__file__), "--dist-worker", wrap, "--alone-port", str(store.port), *shape,
                     "--reps", str(3 * args.reps)])
-        try:
-            stdout, stderr = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        for _ in range(300):                      # at most 300 s, and no longer than the one-process worker lives:
+            try:                                  # rank 0 would wait for its answer until the store's timeout
+                stdout, stderr = proc.communicate(timeout=1)
+                break
+            except subprocess.TimeoutExpired:     # (a retried communicate() loses no output)
+                if alone.poll() not in (None, 0):
+                    break
+        if proc.poll() is None:
+            kill_tree(proc.pid)
             stdout, stderr = proc.communicate()
-        os.killpg(alone.pid, 9)                   # done ("stop"), or stuck if the launch failed
+        kill_tree(alone.pid)                      # done ("stop"), or stuck if the launch failed
         alone_err = alone.communicate()[1]
         result = [line for line in stdout.splitlines() if line.startswith("{")]
         if not result:
             raise RuntimeError(f"distributed worker ({wrap}) failed: {stderr[-2000:]}\n"
-                               f"one-process worker: {alone_err[-1000:]}")
+                               f"one-process worker (exit status {alone.returncode}): {alone_err[-1000:]}")
         return json.loads(result[0])
     res = {wrap: launch(wrap) for wrap in ("ddp", "fsdp")}
     res["load_average"] = os.getloadavg()

@@ -16,6 +16,8 @@ import sys
 
 from hypothesis import HealthCheck, settings
 
+from bench import kill_tree
+
 # Hypothesis profiles: "ci" is derandomized, so a red CI run reproduces; "dev" hunts wider.
 settings.register_profile("ci", max_examples=10, derandomize=True, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -43,7 +45,7 @@ def torchrun(args, timeout=120, env=None, nproc=2):
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_tree(proc.pid)  # the launcher and its workers (which torchrun starts in sessions of their own)
+            kill_tree(proc.pid)  # the launcher and its workers (which torchrun starts in sessions of their own)
             try:
                 stdout, stderr = proc.communicate(timeout=30)
             except subprocess.TimeoutExpired:  # something still holds the pipes: give up on its output
@@ -54,27 +56,6 @@ def torchrun(args, timeout=120, env=None, nproc=2):
         if done.returncode == 0 or not re.search(r"exitcode\s*:\s*-\d", stderr.rpartition("Root Cause")[2]):
             return done
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-
-
-def _kill_tree(pid):
-    """SIGKILL a process and every descendant, found by parent pid in /proc before any dies."""
-    children = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo.extend(children.get(tree[-1], []))
-    for p in tree:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def run_alone(tmp_path, filenames, script):
